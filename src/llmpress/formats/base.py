@@ -1,0 +1,61 @@
+"""The contract every block format follows.
+
+A GGUF tensor is a sequence of fixed-size blocks: `block_size` values stored in
+`type_size` bytes. A format class holds one pure pair:
+
+    quantize(values, importance)  float32 (n_blocks, block_size) -> uint8 (n_blocks, type_size)
+    dequantize(blocks)            uint8 (n_blocks, type_size)    -> float32 (n_blocks, block_size)
+
+vectorized over all blocks at once. `dequantize` is torch (it runs at model run time, on
+CPU or CUDA); `quantize` is numpy float32 (bit-exactness with ggml's C code needs control
+of every rounding). The base class does the reshaping and the shape/dtype checks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+
+class BlockFormat:
+    name: str
+    ggml_type: GGMLQuantizationType
+    block_size: int  # values per block
+    type_size: int  # bytes per block
+
+    # --- the pure pair each subclass implements -------------------------------------
+    def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError(f"quantizing to {self.name} is not implemented")
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- whole tensors ---------------------------------------------------------------
+    def row_bytes(self, row_length: int) -> int:
+        if row_length % self.block_size:
+            raise ValueError(f"{self.name} needs rows that are a multiple of {self.block_size}")
+        return row_length // self.block_size * self.type_size
+
+    def dequantize(self, raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """uint8 bytes of a whole tensor -> float32 tensor of `shape` (last dim = row)."""
+        n_values = int(np.prod(shape))
+        assert raw.dtype == torch.uint8 and raw.numel() * self.block_size == n_values * self.type_size
+        blocks = raw.reshape(-1, self.type_size)
+        return self.dequantize_blocks(blocks).reshape(shape)
+
+    def quantize(self, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """float32 (..., row) -> uint8 (..., row_bytes). `importance` is per column (row,)."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        row = values.shape[-1]
+        blocks = values.reshape(-1, self.block_size)
+        weights = None
+        if importance is not None:
+            importance = np.asarray(importance, dtype=np.float32)
+            assert importance.shape == (row,), f"importance must be ({row},)"
+            per_row = importance.reshape(-1, self.block_size)
+            weights = np.broadcast_to(per_row, (blocks.shape[0] // per_row.shape[0], *per_row.shape))
+            weights = weights.reshape(-1, self.block_size)
+        out = self.quantize_blocks(blocks, weights)
+        assert out.dtype == np.uint8 and out.shape == (blocks.shape[0], self.type_size)
+        return out.reshape(*values.shape[:-1], self.row_bytes(row))
