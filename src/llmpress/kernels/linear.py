@@ -1,0 +1,80 @@
+"""Linear and embedding layers whose weights stay in their GGUF block format.
+
+The packed bytes are the memory-mapped file pages themselves (no copy on the CPU), so a
+Q4 model occupies about Q4 memory while it runs. Two matmul paths:
+- exact: dequantize (exactly, in row chunks, so at most CHUNK_VALUES floats exist at once)
+  and multiply in float32 — the reference the fast path is measured against;
+- fast: the compiled CPU kernel multiplies packed blocks with float32 activations
+  directly (llmpress/kernels/qmatmul.c) for a few rows at a time; long prompts still
+  take the dequantize + GEMM path, where one dequantization serves many rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from llmpress.formats import get_format
+from llmpress.io.source import TensorRef
+from llmpress.kernels import cpu
+
+CHUNK_VALUES = 1 << 22  # dequantize at most 4M weights (16 MiB) at a time
+KERNEL_MAX_ROWS = 16  # above this many activation rows, dequantize + GEMM is faster
+
+
+def dense_tensor(ref: TensorRef, device) -> torch.Tensor:
+    """A small tensor (norm weight, bias) dequantized to float32."""
+    return get_format(ref.ggml_type).dequantize(ref.read_bytes(), ref.shape).to(device)
+
+
+def _packed_rows(ref: TensorRef, device) -> torch.Tensor:
+    rows = ref.read_bytes().view(ref.shape[0], -1)  # (out, row_bytes)
+    return rows if device.type == "cpu" else rows.to(device)
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, ref: TensorRef, mode: str, device: torch.device):
+        super().__init__()
+        self.name, self.ggml_type = ref.name, ref.ggml_type
+        self.out_features, self.in_features = ref.shape
+        self.format = get_format(ref.ggml_type)
+        self.rows = _packed_rows(ref, device)
+        self.dense = None
+        if ref.ggml_type == GGMLQuantizationType.F32:  # already float32: use the bytes as is
+            self.dense = self.rows.view(torch.float32)
+        self.use_kernel = (mode == "fast" and device.type == "cpu" and cpu.supports(self.ggml_type))
+
+    def dequantized(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        rows = self.rows[start:end]
+        return self.format.dequantize(rows.reshape(-1), (rows.shape[0], self.in_features))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dense is not None:
+            return F.linear(x, self.dense, bias)
+        flat = x.reshape(-1, self.in_features)
+        if self.use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS:
+            y = cpu.qmatmul(self.rows, flat, self.ggml_type)
+        else:
+            step = max(1, CHUNK_VALUES // self.in_features)
+            y = torch.cat([F.linear(flat, self.dequantized(r, r + step))
+                           for r in range(0, self.out_features, step)], dim=-1)
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding lookup that dequantizes only the rows it is asked for."""
+
+    def __init__(self, ref: TensorRef, device: torch.device):
+        super().__init__()
+        self.format = get_format(ref.ggml_type)
+        self.rows = _packed_rows(ref, device)
+        self.dim = ref.shape[1]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        picked = self.rows[tokens.reshape(-1)]  # (n, row_bytes)
+        values = self.format.dequantize(picked.reshape(-1), (picked.shape[0], self.dim))
+        return values.view(*tokens.shape, self.dim)

@@ -1,0 +1,207 @@
+/* Matrix times a few activation rows, with the weights left in their GGUF block format.
+ *
+ *   y[t][n] = sum_k W[n][k] * x[t][k]      W: N rows of K values, packed as ggml blocks
+ *
+ * Activations stay float32 (unlike ggml, which quantizes them to 8 bits), so the result
+ * differs from exact dequantize-then-multiply only in summation order. Each block's
+ * scale and offset factor out of its inner dot product:
+ *   sum_j (d*q_j + m) * x_j = d * sum_j q_j*x_j + m * sum_j x_j
+ * and sum_j x_j per block is computed once per call (block_sums).
+ * Rows of W are split across threads with OpenMP. Called from Python via ctypes.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <Python.h>
+
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#if defined(__F16C__)
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000 | (man << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (man) {  /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    } else bits = sign;
+    float f; memcpy(&f, &bits, 4); return f;
+}
+#endif
+
+static inline float read_half(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return half_to_float(h); }
+
+/* Sum of every 32-value block of each activation row: sums[t][b]. */
+static void block_sums(const float *x, int64_t K, int64_t T, float *sums) {
+    const int64_t nb = K / 32;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = x + t * K + b * 32;
+            float s = 0;
+            for (int j = 0; j < 32; j++) s += xb[j];
+            sums[t * nb + b] = s;
+        }
+}
+
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  /* ggml_type ids */
+enum { MAX_ROWS = 16 };  /* activation rows per call; the caller splits larger batches */
+
+static int64_t block_bytes(int type) {
+    switch (type) {
+    case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22;
+    case Q5_1: return 24; case Q8_0: return 34; default: return 0;
+    }
+}
+
+/* Unpack one block's integer codes to floats: w[j] = q_j, with the block's scale d and
+ * offset m returned so that value_j = d * q_j + m (Q4_0/Q5_0/Q8_0 fold their -8/-16/0
+ * zero point into m = -8d, -16d, 0). Fixed 32-wide loops, which the compiler vectorizes. */
+static inline void unpack_block(int type, const uint8_t *blk, float *w, float *d, float *m) {
+    const uint8_t *qs;
+    uint32_t qh = 0;
+    switch (type) {
+    case Q8_0:
+        *d = read_half(blk); *m = 0;
+        for (int j = 0; j < 32; j++) w[j] = (float)((const int8_t *)(blk + 2))[j];
+        return;
+    case Q4_0: *d = read_half(blk); *m = -8 * *d; qs = blk + 2; break;
+    case Q4_1: *d = read_half(blk); *m = read_half(blk + 2); qs = blk + 4; break;
+    case Q5_0: *d = read_half(blk); *m = -16 * *d; memcpy(&qh, blk + 2, 4); qs = blk + 6; break;
+    default:   *d = read_half(blk); *m = read_half(blk + 2); memcpy(&qh, blk + 4, 4); qs = blk + 8; break;
+    }
+    for (int j = 0; j < 16; j++) {
+        w[j] = (float)((qs[j] & 15) | (((qh >> j) & 1) << 4));
+        w[j + 16] = (float)((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+    }
+}
+
+/* One weight row against T activation rows: 32-wide vector accumulators per row of x,
+ * reduced once at the end; the offset terms m * sum(x_block) accumulate separately. */
+static void row_times(int type, const uint8_t *row, const float *x, const float *sums,
+                      int64_t K, int64_t T, float *out, int64_t out_stride) {
+    const int64_t nb = K / 32, bb = block_bytes(type);
+    float acc[MAX_ROWS][32], offset[MAX_ROWS];
+    memset(acc, 0, sizeof(float) * 32 * (size_t)T);
+    memset(offset, 0, sizeof(float) * (size_t)T);
+    for (int64_t b = 0; b < nb; b++) {
+        float w[32], d, m;
+        unpack_block(type, row + b * bb, w, &d, &m);
+        for (int j = 0; j < 32; j++) w[j] *= d;
+        for (int64_t t = 0; t < T; t++) {
+            const float *xb = x + t * K + b * 32;
+            for (int j = 0; j < 32; j++) acc[t][j] += w[j] * xb[j];
+            offset[t] += m * sums[t * nb + b];
+        }
+    }
+    for (int64_t t = 0; t < T; t++) {
+        float s = offset[t];
+        for (int j = 0; j < 32; j++) s += acc[t][j];
+        out[t * out_stride] = s;
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* Hand-vectorized rows for the common 4- and 8-bit types: a block's 32 codes become four
+ * 8-float vectors, scaled by d, multiplied into four accumulators per activation row. */
+static inline void unpack_block_avx2(int type, const uint8_t *blk, __m256 w[4], float *m) {
+    const float d = read_half(blk);
+    __m128i lo, hi;
+    if (type == Q8_0) {
+        *m = 0;
+        const __m128i a = _mm_loadu_si128((const __m128i *)(blk + 2));
+        const __m128i b = _mm_loadu_si128((const __m128i *)(blk + 18));
+        const __m256 dv = _mm256_set1_ps(d);
+        w[0] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)));
+        w[1] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8))));
+        w[2] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+        w[3] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))));
+        return;
+    }
+    const uint8_t *qs = blk + (type == Q4_0 ? 2 : 4);
+    *m = type == Q4_0 ? -8 * d : read_half(blk + 2);
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs), low4 = _mm_set1_epi8(15);
+    lo = _mm_and_si128(q, low4);
+    hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+    const __m256 dv = _mm256_set1_ps(d);
+    w[0] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)));
+    w[1] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))));
+    w[2] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)));
+    w[3] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))));
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static int row_times_avx2(int type, const uint8_t *row, const float *x, const float *sums,
+                          int64_t K, int64_t T, float *out, int64_t out_stride) {
+    if (type != Q4_0 && type != Q4_1 && type != Q8_0) return 0;
+    const int64_t nb = K / 32, bb = block_bytes(type);
+    if (T == 1) {  /* the decode case: accumulators stay in registers */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        float offset = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            __m256 w[4]; float m;
+            unpack_block_avx2(type, row + b * bb, w, &m);
+            const float *xb = x + b * 32;
+            a0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), a0);
+            a1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), a1);
+            a2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), a2);
+            a3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), a3);
+            offset += m * sums[b];
+        }
+        out[0] = offset + hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        return 1;
+    }
+    __m256 acc[MAX_ROWS];
+    float offset[MAX_ROWS];
+    for (int64_t t = 0; t < T; t++) { acc[t] = _mm256_setzero_ps(); offset[t] = 0; }
+    for (int64_t b = 0; b < nb; b++) {
+        __m256 w[4]; float m;
+        unpack_block_avx2(type, row + b * bb, w, &m);
+        for (int64_t t = 0; t < T; t++) {
+            const float *xb = x + t * K + b * 32;
+            __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+            s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), s);
+            s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), s);
+            acc[t] = _mm256_add_ps(acc[t], _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), s));
+            offset[t] += m * sums[t * nb + b];
+        }
+    }
+    for (int64_t t = 0; t < T; t++) out[t * out_stride] = offset[t] + hsum256(acc[t]);
+    return 1;
+}
+#else
+static int row_times_avx2(int type, const uint8_t *row, const float *x, const float *sums,
+                          int64_t K, int64_t T, float *out, int64_t out_stride) { return 0; }
+#endif
+
+/* y (T, N) = x (T, K) @ W(N, K)^T. Returns 0, or -1 for an unsupported type or shape. */
+int llmpress_qmatmul(int type, const uint8_t *w, const float *x, float *y,
+                     int64_t N, int64_t K, int64_t T, int n_threads) {
+    const int64_t bb = block_bytes(type);
+    if (!bb || K % 32 || T > MAX_ROWS) return -1;
+    const int64_t row_bytes = K / 32 * bb;
+    float *sums = malloc(sizeof(float) * (size_t)(T * (K / 32)));
+    if (!sums) return -1;
+    block_sums(x, K, T, sums);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        if (!row_times_avx2(type, w + n * row_bytes, x, sums, K, T, y + n, N))
+            row_times(type, w + n * row_bytes, x, sums, K, T, y + n, N);
+    free(sums);
+    return 0;
+}
+
+int llmpress_qmatmul_supports(int type) { return block_bytes(type) != 0; }
+
+/* Built as a Python extension only so that pip compiles it; it is loaded with ctypes. */
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qmatmul", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit__qmatmul(void) { return PyModule_Create(&module); }

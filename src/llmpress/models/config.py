@@ -1,0 +1,105 @@
+"""Model configuration read from GGUF-style metadata and the tensors' own shapes.
+
+Per-layer widths come from the weight shapes, not from the header, so a model whose heads
+or FFN channels were pruned layer by layer runs without special cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmpress.errors import LlmpressError
+from llmpress.io.source import ModelSource
+
+# Architectures of the Llama family and how each applies RoPE. llama.cpp's "norm" style
+# rotates adjacent pairs (x[2i], x[2i+1]); "neox" rotates (x[i], x[i + d/2]).
+ROPE_STYLE = {"llama": "norm", "mistral": "norm", "qwen2": "neox", "qwen3": "neox"}
+SUPPORTED_ARCHITECTURES = tuple(ROPE_STYLE)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    index: int  # blk.N in the file
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    architecture: str
+    vocab_size: int
+    dim: int
+    head_dim: int
+    rope_dim: int
+    rope_base: float
+    rope_style: str  # "norm" | "neox"
+    rope_scale: float  # linear position scaling (1.0 = none)
+    norm_eps: float
+    context_length: int
+    layers: tuple[LayerConfig, ...]
+    tied_output: bool
+    qkv_bias: bool
+    qk_norm: bool
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def _per_layer(value, n_layers: int) -> list[int]:
+    """GGUF allows per-layer arrays for head counts and FFN sizes."""
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return [int(value)] * n_layers
+
+
+def config_from_source(src: ModelSource) -> LlamaConfig:
+    arch = src.architecture
+    if arch not in ROPE_STYLE:
+        raise LlmpressError(f"{src.path}: architecture {arch!r} is not supported "
+                            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+    def need(key: str):
+        value = src.arch_key(key)
+        if value is None:
+            raise LlmpressError(f"{src.path}: metadata key {arch}.{key} is missing")
+        return value
+
+    dim = int(need("embedding_length"))
+    n_blocks = int(need("block_count"))
+    heads = _per_layer(need("attention.head_count"), n_blocks)
+    head_dim = int(src.arch_key("attention.key_length") or dim // heads[0])
+    if "token_embd.weight" not in src.tensors:
+        raise LlmpressError(f"{src.path}: tensor token_embd.weight is missing")
+    vocab = src.tensors["token_embd.weight"].shape[0]
+
+    layers = []
+    for i in range(n_blocks):
+        q, k, up = (src.tensors.get(f"blk.{i}.{n}.weight") for n in ("attn_q", "attn_k", "ffn_up"))
+        if q is None or k is None or up is None:
+            raise LlmpressError(f"{src.path}: layer {i} is missing attention or FFN weights")
+        layers.append(LayerConfig(i, q.shape[0] // head_dim, k.shape[0] // head_dim, up.shape[0]))
+
+    scaling = src.arch_key("rope.scaling.type")
+    rope_scale = 1.0
+    if scaling == "linear":
+        rope_scale = float(src.arch_key("rope.scaling.factor", 1.0))
+    elif scaling not in (None, "none"):
+        raise LlmpressError(f"{src.path}: RoPE scaling {scaling!r} is not supported")
+    return LlamaConfig(
+        architecture=arch,
+        vocab_size=vocab,
+        dim=dim,
+        head_dim=head_dim,
+        rope_dim=int(src.arch_key("rope.dimension_count") or head_dim),
+        rope_base=float(src.arch_key("rope.freq_base", 10000.0)),
+        rope_style=ROPE_STYLE[arch],
+        rope_scale=rope_scale,
+        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        context_length=int(src.arch_key("context_length", 2048)),
+        layers=tuple(layers),
+        tied_output="output.weight" not in src.tensors,
+        qkv_bias="blk.0.attn_q.bias" in src.tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in src.tensors,
+    )

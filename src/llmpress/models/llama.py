@@ -1,0 +1,173 @@
+"""The Llama family in one file: Llama 2/3, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k
+norm), SmolLM/SmolLM2, TinyLlama. Tensor names are GGUF's; weights stay packed in their
+block format and each Linear multiplies them with its own kernel (llmpress.kernels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmpress.io.source import ModelSource
+from llmpress.kernels.linear import QuantEmbedding, QuantLinear, dense_tensor
+from llmpress.models.config import LayerConfig, LlamaConfig, config_from_source
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class RotaryEmbedding:
+    """cos/sin tables for positions; optional per-frequency factors (llama3 rope_freqs)."""
+
+    def __init__(self, cfg: LlamaConfig, freq_factors: torch.Tensor | None, device):
+        half = cfg.rope_dim // 2
+        exponents = torch.arange(0, half, dtype=torch.float64, device=device) * 2 / cfg.rope_dim
+        inv_freq = 1.0 / (cfg.rope_base ** exponents)
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.to(device, torch.float64)
+        self.inv_freq = (inv_freq / cfg.rope_scale).float()
+        self.style, self.rope_dim = cfg.rope_style, cfg.rope_dim
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, rope_dim/2)
+        return angles.cos(), angles.sin()
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, H, hd). Rotates the first rope_dim dims of each head."""
+        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim:]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        if self.style == "norm":  # pairs (2i, 2i+1)
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        else:  # neox: pairs (i, i + d/2)
+            a, b = rot.chunk(2, dim=-1)
+            rotated = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+        return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+class KVCache:
+    """Per-layer key/value buffers, allocated for the whole context up front.
+
+    torch.empty only reserves address space: pages become resident as positions are
+    written, so memory grows with the tokens actually used, not with the context limit.
+    """
+
+    def __init__(self, cfg: LlamaConfig, max_tokens: int, batch: int = 1,
+                 dtype=torch.float32, device=None):
+        self.max_tokens = max_tokens
+        self.keys = [torch.empty(batch, lc.n_kv_heads, max_tokens, cfg.head_dim,
+                                 dtype=dtype, device=device) for lc in cfg.layers]
+        self.values = [torch.empty_like(k) for k in self.keys]
+        self.length = 0  # tokens stored so far
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class Attention(nn.Module):
+    def __init__(self, src: ModelSource, cfg: LlamaConfig, lc: LayerConfig, mode, device):
+        super().__init__()
+        p = f"blk.{lc.index}."
+        self.n_heads, self.n_kv, self.head_dim = lc.n_heads, lc.n_kv_heads, cfg.head_dim
+        self.wq, self.wk, self.wv, self.wo = (
+            QuantLinear(src.tensors[p + n + ".weight"], mode, device)
+            for n in ("attn_q", "attn_k", "attn_v", "attn_output"))
+        self.bq, self.bk, self.bv = (
+            dense_tensor(src.tensors[p + n + ".bias"], device) if cfg.qkv_bias else None
+            for n in ("attn_q", "attn_k", "attn_v"))
+        self.q_norm = dense_tensor(src.tensors[p + "attn_q_norm.weight"], device) if cfg.qk_norm else None
+        self.k_norm = dense_tensor(src.tensors[p + "attn_k_norm.weight"], device) if cfg.qk_norm else None
+        self.eps = cfg.norm_eps
+
+    def forward(self, x, rope: RotaryEmbedding, cos, sin, cache_k, cache_v, start: int):
+        B, T, _ = x.shape
+        q = self.wq(x, self.bq).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k = self.wk(x, self.bk).view(B, T, self.n_kv, self.head_dim)  # (B, T, KV, hd)
+        v = self.wv(x, self.bv).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: RMSNorm per head before RoPE
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        end = start + T
+        cache_k[:, :, start:end] = k.transpose(1, 2)
+        cache_v[:, :, start:end] = v.transpose(1, 2)
+        keys, values = cache_k[:, :, :end], cache_v[:, :, :end]  # (B, KV, S, hd)
+        q = q.transpose(1, 2)  # (B, H, T, hd)
+        mask = None
+        if T > 1:  # causal with an offset: query t sees keys up to start + t
+            qpos = torch.arange(start, end, device=x.device)[:, None]
+            mask = torch.arange(end, device=x.device)[None, :] <= qpos  # (T, S)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                             scale=1.0 / math.sqrt(self.head_dim),
+                                             enable_gqa=self.n_heads != self.n_kv)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, src: ModelSource, lc: LayerConfig, mode, device):
+        super().__init__()
+        p = f"blk.{lc.index}."
+        self.gate, self.up, self.down = (QuantLinear(src.tensors[p + n + ".weight"], mode, device)
+                                         for n in ("ffn_gate", "ffn_up", "ffn_down"))
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, src: ModelSource, cfg: LlamaConfig, lc: LayerConfig, mode, device):
+        super().__init__()
+        p = f"blk.{lc.index}."
+        self.attn_norm = dense_tensor(src.tensors[p + "attn_norm.weight"], device)
+        self.ffn_norm = dense_tensor(src.tensors[p + "ffn_norm.weight"], device)
+        self.attn = Attention(src, cfg, lc, mode, device)
+        self.ffn = FeedForward(src, lc, mode, device)
+        self.eps = cfg.norm_eps
+
+    def forward(self, x, rope, cos, sin, cache_k, cache_v, start):
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), rope, cos, sin,
+                          cache_k, cache_v, start)
+        return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
+
+
+class LlamaModel(nn.Module):
+    """forward(tokens (B, T), cache) -> logits (B, T', vocab) and advances the cache.
+
+    `mode` picks the matmul path of every Linear: "exact" dequantizes weights exactly and
+    multiplies in float32; "fast" uses the packed kernels where one exists for the type.
+    """
+
+    def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu"):
+        super().__init__()
+        self.cfg = config_from_source(src)
+        self.device = torch.device(device)
+        cfg = self.cfg
+        self.embed = QuantEmbedding(src.tensors["token_embd.weight"], self.device)
+        self.blocks = nn.ModuleList(Block(src, cfg, lc, mode, self.device) for lc in cfg.layers)
+        self.norm = dense_tensor(src.tensors["output_norm.weight"], self.device)
+        head = src.tensors["token_embd.weight" if cfg.tied_output else "output.weight"]
+        self.output = QuantLinear(head, mode, self.device)
+        freqs = src.tensors.get("rope_freqs.weight")
+        self.rope = RotaryEmbedding(cfg, dense_tensor(freqs, self.device) if freqs else None,
+                                    self.device)
+
+    def new_cache(self, max_tokens: int, batch: int = 1, dtype=torch.float32) -> KVCache:
+        return KVCache(self.cfg, max_tokens, batch, dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False):
+        B, T = tokens.shape
+        start = cache.length
+        if start + T > cache.max_tokens:
+            raise ValueError(f"{start + T} tokens exceed the cache of {cache.max_tokens}")
+        x = self.embed(tokens.to(self.device))  # (B, T, dim)
+        cos, sin = self.rope.cos_sin(torch.arange(start, start + T, device=self.device))
+        for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
+            x = block(x, self.rope, cos, sin, ck, cv, start)
+        cache.length = start + T
+        if last_only:
+            x = x[:, -1:]
+        return self.output(rms_norm(x, self.norm, self.cfg.norm_eps))  # (B, T', vocab)
