@@ -59,3 +59,18 @@ class BlockFormat:
         out = self.quantize_blocks(blocks, weights)
         assert out.dtype == np.uint8 and out.shape == (blocks.shape[0], self.type_size)
         return out.reshape(*values.shape[:-1], self.row_bytes(row))
+
+
+# --- helpers shared by the dequantizers ------------------------------------------------
+def read_f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 stored at byte `offset` of every block, as float32 (n_blocks, 1).
+
+    Viewing the two bytes as float16 then widening is exact (ggml's GGML_FP16_TO_FP32).
+    The copy makes the view legal whatever the alignment of the source buffer.
+    """
+    return blocks[:, offset : offset + 2].contiguous().view(torch.float16).float()
+
+
+def bit_shifts(step: int, count: int, device: torch.device) -> torch.Tensor:
+    """uint8 [0, step, 2*step, ...] (count values), for unpacking packed small integers."""
+    return torch.arange(0, step * count, step, dtype=torch.uint8, device=device)
