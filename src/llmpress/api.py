@@ -1,0 +1,173 @@
+"""The public Python API: `llmpress.load(...)` and what it returns.
+
+    import llmpress
+    lm = llmpress.load("smollm2")                       # a path or a pulled name
+    print(lm.generate("The capital of France is", max_tokens=16).text)
+    for piece in lm.stream(lm.chat_prompt([{"role": "user", "content": "Hi!"}])):
+        print(piece.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from llmpress import hub
+from llmpress.errors import LlmpressError
+from llmpress.io.chat_template import render_chat
+from llmpress.io.gguf import load_gguf
+from llmpress.io.source import ModelSource
+from llmpress.io.tokenizer import Tokenizer
+from llmpress.models.llama import LlamaModel
+from llmpress.runtime.generate import Chunk, GenerationConfig, stream
+from llmpress.runtime.sampling import SamplingConfig
+
+DEFAULT_CONTEXT = 4096  # like llama.cpp and Ollama: the file's limit is often far larger
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class TensorTypeSummary:
+    type_name: str
+    count: int
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    architecture: str
+    name: str
+    parameters: int
+    layers: int
+    heads: int
+    kv_heads: int
+    embedding: int
+    ffn: int
+    vocab: int
+    context_length: int
+    file_bytes: int
+    tensor_bytes: int
+    tensor_types: tuple[TensorTypeSummary, ...]
+    has_chat_template: bool
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.tensor_bytes * 8 / self.parameters
+
+
+def load_source(path: Path) -> ModelSource:
+    if path.is_dir():
+        from llmpress.io.hf import load_hf_dir  # only Hugging Face directories need it
+        return load_hf_dir(path)
+    return load_gguf(path)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer:
+    if source.path.is_dir():
+        return Tokenizer.from_hf_dir(source.path)
+    return Tokenizer.from_gguf_metadata(source.metadata)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LanguageModel:
+    """A loaded model with its tokenizer and chat template."""
+
+    def __init__(self, source: ModelSource, *, mode: str = "fast", device: str | None = None,
+                 ctx: int | None = None):
+        if mode not in ("fast", "exact"):
+            raise LlmpressError(f"mode must be 'fast' or 'exact', not {mode!r}")
+        self.source = source
+        self.mode = mode
+        self.device = device or default_device()
+        self.model = LlamaModel(source, mode=mode, device=self.device)
+        self.tokenizer = load_tokenizer(source)
+        self.context_length = ctx or min(DEFAULT_CONTEXT, self.model.cfg.context_length)
+        if self.context_length < 2:
+            raise LlmpressError("the context must hold at least 2 tokens")
+
+    # --- text in, text out ---------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        tok = self.tokenizer
+        return render_chat(tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=tok.bos_token, eos_token=tok.eos_token)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def stream(self, prompt: str | list[int], max_tokens: int = 256, stop: tuple[str, ...] = (),
+               **sampling) -> Iterator[Chunk]:
+        """Yield text chunks as they are generated; the last carries finish_reason."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        cfg = GenerationConfig(max_tokens=max_tokens, stop=tuple(stop),
+                               sampling=SamplingConfig(**sampling))
+        return stream(self.model, self.tokenizer, ids, cfg, self.context_length)
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 256,
+                 stop: tuple[str, ...] = (), **sampling) -> Completion:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        text, tokens, reason = [], [], "length"
+        for chunk in self.stream(ids, max_tokens, stop, **sampling):
+            text.append(chunk.text)
+            tokens.extend(chunk.token_ids)
+            reason = chunk.finish_reason or reason
+        if reason == "stop" and tokens and tokens[-1] in self.tokenizer.eos_ids:
+            tokens = tokens[:-1]  # the end-of-turn token is not part of the answer
+        return Completion("".join(text), tokens, reason, len(ids))
+
+    # --- numbers -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """float32 (len(token_ids), vocab): the model's next-token logits at every position."""
+        cache = self.model.new_cache(len(token_ids))
+        return self.model(torch.tensor([token_ids]), cache)[0].float()
+
+    def info(self) -> ModelInfo:
+        src, cfg = self.source, self.model.cfg
+        count, size = Counter(), Counter()
+        for ref in src.tensors.values():
+            count[ref.ggml_type.name] += 1
+            size[ref.ggml_type.name] += ref.n_bytes
+        params = sum(_numel(ref.shape) for ref in src.tensors.values())
+        return ModelInfo(
+            path=str(src.path), architecture=cfg.architecture,
+            name=str(src.metadata.get("general.name", src.path.stem)), parameters=params,
+            layers=cfg.n_layers, heads=cfg.layers[0].n_heads, kv_heads=cfg.layers[0].n_kv_heads,
+            embedding=cfg.dim, ffn=cfg.layers[0].ffn_dim, vocab=cfg.vocab_size,
+            context_length=cfg.context_length, file_bytes=src.file_bytes,
+            tensor_bytes=sum(size.values()),
+            tensor_types=tuple(TensorTypeSummary(t, count[t], size[t]) for t in sorted(count)),
+            has_chat_template=bool(self.tokenizer.chat_template),
+        )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def load(model: str | os.PathLike, *, mode: str = "fast", device: str | None = None,
+         ctx: int | None = None) -> LanguageModel:
+    """Load a GGUF file, a Hugging Face directory, or a pulled name ("smollm2")."""
+    return LanguageModel(load_source(hub.resolve(model)), mode=mode, device=device, ctx=ctx)

@@ -1,0 +1,113 @@
+"""Token-by-token generation with a KV cache: prefill the prompt, then decode one token
+at a time, streaming text as soon as it is complete UTF-8 and not a possible start of a
+stop string."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from llmpress.errors import LlmpressError
+from llmpress.runtime.sampling import Sampler, SamplingConfig
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 256
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if self.max_tokens < 0:
+            raise LlmpressError("max_tokens must be >= 0")
+
+
+@dataclass
+class Chunk:
+    """One streamed piece. The last chunk has finish_reason "stop" or "length"."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+class TextAssembler:
+    """Turns generated ids into text increments: holds back incomplete UTF-8 (a character
+    split over tokens) and any tail that could still grow into a stop string."""
+
+    def __init__(self, decode, stop: tuple[str, ...]):
+        self.decode, self.stop = decode, stop
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already handed out
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """-> (text now safe to emit, whether a stop string was reached)."""
+        self.ids.append(token_id)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more
+            return "", False
+        for s in self.stop:
+            hit = text.find(s, max(0, self.emitted - len(s)))
+            if hit >= 0:
+                piece = text[self.emitted:hit]
+                self.emitted = len(text)
+                return piece, True
+        safe = len(text) - self._held_back(text)
+        piece = text[self.emitted:safe]
+        self.emitted = max(self.emitted, safe)
+        return piece, False
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest tail of text that is a proper prefix of a stop string."""
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def flush(self) -> str:
+        text = self.decode(self.ids)
+        piece = text[self.emitted:]
+        self.emitted = len(text)
+        return piece
+
+
+def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
+           context_length: int) -> Iterator[Chunk]:
+    """Generate after prompt_ids. The context must hold the prompt plus one token."""
+    if not prompt_ids:
+        raise LlmpressError("the prompt is empty (no tokens)")
+    if len(prompt_ids) >= context_length:
+        raise LlmpressError(f"the prompt is {len(prompt_ids)} tokens but the context holds "
+                            f"{context_length}; shorten it or raise --ctx")
+    budget = min(cfg.max_tokens, context_length - len(prompt_ids))
+    cache = model.new_cache(len(prompt_ids) + budget)
+    sampler = Sampler(cfg.sampling)
+    assembler = TextAssembler(tokenizer.decode, cfg.stop)
+    history = list(prompt_ids)
+    logits = None
+    for start in range(0, len(prompt_ids), PREFILL_CHUNK):
+        chunk = torch.tensor([prompt_ids[start:start + PREFILL_CHUNK]])
+        logits = model(chunk, cache, last_only=True)
+    for _ in range(budget):
+        token = sampler(logits[0, -1], history)
+        history.append(token)
+        if cfg.stop_at_eos and token in tokenizer.eos_ids:
+            yield Chunk(assembler.flush(), [token], "stop")
+            return
+        text, stopped = assembler.push(token)
+        if stopped:
+            yield Chunk(text, [token], "stop")
+            return
+        yield Chunk(text, [token])
+        if len(history) - len(prompt_ids) == budget:
+            break
+        logits = model(torch.tensor([[token]]), cache)
+    yield Chunk(assembler.flush(), [], "length")

@@ -1,0 +1,89 @@
+"""Choosing the next token from logits, in llama.cpp's default order:
+repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw.
+Temperature 0 means greedy (argmax). A seeded torch.Generator makes draws reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmpress.errors import LlmpressError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.8
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1.0 = off
+    min_p: float = 0.05  # 0.0 = off
+    repeat_penalty: float = 1.0  # 1.0 = off
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LlmpressError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (llama.cpp's penalties sampler): positive logits of recently
+    seen tokens are divided by the penalty, negative ones multiplied."""
+    if penalty == 1.0 or not recent:
+        return logits
+    ids = torch.tensor(sorted(set(recent)), device=logits.device)
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def filter_candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (candidate token ids, their logits), sorted by logit, after top-k/top-p/min-p."""
+    k = cfg.top_k if 0 < cfg.top_k < logits.numel() else logits.numel()
+    values, ids = torch.topk(logits, k)  # sorted, descending
+    probs = torch.softmax(values, dim=-1)
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if cfg.top_p < 1.0:  # smallest prefix whose mass reaches top_p
+        before = torch.cumsum(probs, dim=-1) - probs
+        keep &= before < cfg.top_p
+    if cfg.min_p > 0:
+        keep &= probs >= cfg.min_p * probs[0]
+    keep[0] = True
+    return ids[keep], values[keep]
+
+
+class Sampler:
+    def __init__(self, cfg: SamplingConfig):
+        self.cfg = cfg
+        self.generator = torch.Generator()
+        if cfg.seed is not None:
+            self.generator.manual_seed(cfg.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        """logits: (vocab,) float32 for the next position; history: all tokens so far."""
+        cfg = self.cfg
+        logits = logits.float().cpu()
+        recent = history[-cfg.repeat_last_n:] if cfg.repeat_last_n else []
+        logits = apply_repeat_penalty(logits, recent, cfg.repeat_penalty)
+        if cfg.greedy:
+            return int(torch.argmax(logits))
+        ids, values = filter_candidates(logits, cfg)
+        probs = torch.softmax(values / cfg.temperature, dim=-1)
+        return int(ids[torch.multinomial(probs, 1, generator=self.generator)])
