@@ -40,7 +40,7 @@ class IQ4_NL(BlockFormat):
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = read_f16(blocks, 0)
-        return d * iq4_values(low_then_high_nibbles(blocks[:, 2:]))
+        return iq4_values(low_then_high_nibbles(blocks[:, 2:])).mul_(d)
 
 
 class IQ4_XS(BlockFormat):
@@ -63,4 +63,4 @@ class IQ4_XS(BlockFormat):
         scales = (low.reshape(n, 8) | (high.reshape(n, 8) << 4)).to(torch.int8) - 32
         scale = (d * scales.float()).unsqueeze(2)  # (n, 8, 1)
         q = low_then_high_nibbles(blocks[:, 8:].reshape(n, 8, 16))  # (n, 8, 32)
-        return (scale * iq4_values(q)).reshape(n, 256)
+        return iq4_values(q).mul_(scale).reshape(n, 256)

@@ -76,7 +76,7 @@ class Q2_K(_KQuant):
         shifts = bit_shifts(2, 4, blocks.device).view(1, 1, 4, 1)
         q = (qs.view(n, 2, 1, 32) >> shifts) & 0x03  # (n, half, pair, byte)
         q = q.reshape(n, 16, 16).float()  # groups of 16 share one scale
-        return (scale * q - offset).reshape(n, QK_K)
+        return q.mul_(scale).sub_(offset).reshape(n, QK_K)
 
 
 class Q3_K(_KQuant):
@@ -95,7 +95,7 @@ class Q3_K(_KQuant):
         # hmask bit (half*4 + pair) of byte l is the third bit; when it is clear, q -= 4.
         high = (hmask.view(n, 1, 32) >> bit_shifts(1, 8, device).view(1, 8, 1)) & 0x01
         q = low.reshape(n, 8, 32).to(torch.int8) - ((high ^ 1) << 2).to(torch.int8)
-        return (scale * q.view(n, 16, 16).float()).reshape(n, QK_K)
+        return q.view(n, 16, 16).float().mul_(scale).reshape(n, QK_K)
 
 
 class Q4_K(_KQuant):
@@ -113,7 +113,7 @@ class Q4_K(_KQuant):
         # 4 chunks of 32 bytes: low nibbles are sub-block 2c, high nibbles 2c + 1.
         qs = blocks[:, 16:144].reshape(n, 4, 32)
         q = torch.stack([qs & 0x0F, qs >> 4], dim=2)  # (n, chunk, nibble, 32)
-        return (scale * q.view(n, 8, 32).float() - offset).reshape(n, QK_K)
+        return q.view(n, 8, 32).float().mul_(scale).sub_(offset).reshape(n, QK_K)
 
 
 class Q5_K(_KQuant):
@@ -133,7 +133,7 @@ class Q5_K(_KQuant):
         # Bit s of qh[l] is the fifth bit of value l in sub-block s.
         high = (qh.view(n, 1, 32) >> bit_shifts(1, 8, blocks.device).view(1, 8, 1)) & 0x01
         q = low | (high << 4)
-        return (scale * q.float() - offset).reshape(n, QK_K)
+        return q.float().mul_(scale).sub_(offset).reshape(n, QK_K)
 
 
 class Q6_K(_KQuant):
@@ -154,4 +154,4 @@ class Q6_K(_KQuant):
         high = (qh.reshape(n, 2, 1, 32) >> bit_shifts(2, 4, device).view(1, 1, 4, 1)) & 0x03
         q = low.reshape(n, 2, 4, 32) | (high << 4)
         q = q.to(torch.int8) - 32
-        return (scale * q.view(n, 16, 16).float()).reshape(n, QK_K)
+        return q.view(n, 16, 16).float().mul_(scale).reshape(n, QK_K)

@@ -41,8 +41,8 @@ class Q4_0(BlockFormat):
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = read_f16(blocks, 0)
-        q = low_then_high_nibbles(blocks[:, 2:]).to(torch.int8) - 8
-        return q.float() * d
+        q = low_then_high_nibbles(blocks[:, 2:]).float()
+        return q.sub_(8).mul_(d)  # in place: one buffer, same roundings as (q - 8) * d
 
 
 class Q4_1(BlockFormat):
@@ -54,7 +54,7 @@ class Q4_1(BlockFormat):
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d, m = read_f16(blocks, 0), read_f16(blocks, 2)
         q = low_then_high_nibbles(blocks[:, 4:])
-        return q.float() * d + m
+        return q.float().mul_(d).add_(m)
 
 
 class Q5_0(BlockFormat):
@@ -66,7 +66,7 @@ class Q5_0(BlockFormat):
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = read_f16(blocks, 0)
         q = low_then_high_nibbles(blocks[:, 6:]) | high_bits_q5(blocks[:, 2:6])
-        return (q.to(torch.int8) - 16).float() * d
+        return q.float().sub_(16).mul_(d)
 
 
 class Q5_1(BlockFormat):
@@ -78,7 +78,7 @@ class Q5_1(BlockFormat):
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d, m = read_f16(blocks, 0), read_f16(blocks, 2)
         q = low_then_high_nibbles(blocks[:, 8:]) | high_bits_q5(blocks[:, 4:8])
-        return q.float() * d + m
+        return q.float().mul_(d).add_(m)
 
 
 class Q8_0(BlockFormat):
@@ -89,4 +89,4 @@ class Q8_0(BlockFormat):
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = read_f16(blocks, 0)
-        return blocks[:, 2:].view(torch.int8).float() * d
+        return blocks[:, 2:].view(torch.int8).float().mul_(d)
