@@ -1,0 +1,282 @@
+"""The `llmpress` command: a thin layer that parses arguments, calls the library and
+prints with rich. Every user error is one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.table import Table
+
+from llmpress.errors import LlmpressError
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# --- pull / info ------------------------------------------------------------------------
+def cmd_pull(args) -> None:
+    from llmpress import hub
+    with console.status(f"fetching {args.name} ..."):
+        path = hub.pull(args.name)
+    console.print(f"{args.name}: {path} ({_mib(path.stat().st_size)})")
+
+
+def _load(args, **overrides):
+    from llmpress.api import load
+    with console.status(f"loading {args.model} ...") if sys.stdout.isatty() else _nothing():
+        return load(args.model, mode=getattr(args, "mode", "fast"), ctx=getattr(args, "ctx", None),
+                    device=getattr(args, "device", None), **overrides)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cmd_info(args) -> None:
+    info = _load(args).info()
+    if args.json:
+        print(json.dumps(asdict(info) | {"bits_per_weight": info.bits_per_weight}, indent=2))
+        return
+    table = Table(title=f"{info.name}  ({info.path})", show_header=False)
+    rows = [
+        ("architecture", info.architecture), ("parameters", f"{info.parameters:,}"),
+        ("layers", info.layers), ("heads / KV heads", f"{info.heads} / {info.kv_heads}"),
+        ("embedding / FFN", f"{info.embedding} / {info.ffn}"), ("vocabulary", f"{info.vocab:,}"),
+        ("context length", f"{info.context_length:,}"), ("file size", _mib(info.file_bytes)),
+        ("bits per weight", f"{info.bits_per_weight:.2f}"),
+        ("chat template", "yes" if info.has_chat_template else "no"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+    types = Table(title="tensor types")
+    for col in ("type", "tensors", "bytes"):
+        types.add_column(col, justify="right" if col != "type" else "left")
+    for t in info.tensor_types:
+        types.add_row(t.type_name, str(t.count), _mib(t.n_bytes))
+    console.print(types)
+
+
+# --- run / chat -------------------------------------------------------------------------
+def _sampling(args) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def _print_stream(chunks) -> str:
+    text = []
+    for chunk in chunks:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        text.append(chunk.text)
+    sys.stdout.write("\n")
+    return "".join(text)
+
+
+def cmd_run(args) -> None:
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    lm = _load(args)
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if args.chat:
+        prompt = lm.chat_prompt([{"role": "user", "content": prompt}])
+    _print_stream(lm.stream(prompt, args.max_tokens, tuple(args.stop), **_sampling(args)))
+
+
+def cmd_chat(args) -> None:
+    lm = _load(args)
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    console.print(f"[bold]{lm.info().name}[/] — type a message; /reset clears history, "
+                  "/exit quits.", highlight=False)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            console.print("[dim](history cleared)[/]")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            answer = _print_stream(lm.stream(lm.chat_prompt(history), args.max_tokens,
+                                             **_sampling(args)))
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            print("\n(interrupted)")
+            history.pop()
+            continue
+        except LlmpressError as exc:  # e.g. the history outgrew the context
+            errors.print(f"error: {exc}", highlight=False)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer})
+
+
+# --- bench ------------------------------------------------------------------------------
+def cmd_bench(args) -> None:
+    from rich.progress import Progress
+
+    from llmpress.eval.speed import measure_speed
+    lm = _load(args)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("benchmark", total=args.repetitions * 2)
+
+        def step(description: str) -> None:
+            bar.update(task, description=description, advance=1)
+
+        result = measure_speed(lm.model, args.prompt_tokens, args.gen_tokens,
+                               args.repetitions, args.threads, step)
+    info = lm.info()
+    if args.json:
+        print(json.dumps(asdict(result) | {"model": info.path, "mode": lm.mode}, indent=2))
+        return
+    table = Table(title=f"{info.name}: {_mib(info.file_bytes)}, {info.bits_per_weight:.2f} bpw, "
+                        f"{lm.mode} mode, {result.threads} threads")
+    for col in ("test", "tok/s (median)", "runs"):
+        table.add_column(col, justify="right")
+    if result.prompt_tokens:
+        table.add_row(f"pp{result.prompt_tokens}", f"{result.prompt_tok_s:.1f}",
+                      " ".join(f"{r:.1f}" for r in result.prompt_runs))
+    if result.gen_tokens:
+        table.add_row(f"tg{result.gen_tokens}", f"{result.gen_tok_s:.1f}",
+                      " ".join(f"{r:.1f}" for r in result.gen_runs))
+    console.print(table)
+    console.print(f"peak RSS: {_mib(result.peak_rss_bytes)}")
+
+
+# --- demo / serve -----------------------------------------------------------------------
+def cmd_demo(args) -> None:
+    from llmpress import hub
+    path = hub.pull(hub.DEFAULT_MODEL)
+    args.model, args.json = str(path), False
+    cmd_info(args)
+    lm = _load(args)
+    question = "What is the capital of France? Answer in one sentence."
+    console.print(f"\n[bold]user:[/] {question}\n[bold]assistant:[/] ", end="")
+    _print_stream(lm.stream(lm.chat_prompt([{"role": "user", "content": question}]),
+                            max_tokens=64, temperature=0))
+
+
+def cmd_serve(args) -> None:
+    from llmpress.runtime.server import serve
+    serve(args.model, host=args.host, port=args.port, ctx=args.ctx,
+          api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"))
+
+
+# --- argument parsing -------------------------------------------------------------------
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a GGUF file, a Hugging Face directory, or a pulled name")
+    p.add_argument("--mode", choices=("fast", "exact"), default="fast",
+                   help="fast: packed kernels (default); exact: dequantize + float32 math")
+    p.add_argument("--ctx", type=int, default=None, help="context length (default 4096 "
+                   "or the model's limit if smaller)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmpress", description="Compress, measure and run "
+                                     "large language models locally.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pull", help="fetch a named model into the cache")
+    p.add_argument("name", help="smollm2, or hf:ORG/NAME[:FILE]")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("info", help="architecture, sizes and tensor types of a model")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="generate text for one prompt, streamed")
+    _add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text, or - for stdin")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat with history")
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="a system message")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="prompt and generation speed, like llama-bench")
+    _add_model_args(p)
+    p.add_argument("-p", "--prompt-tokens", type=int, default=512)
+    p.add_argument("-n", "--gen-tokens", type=int, default=128)
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="pull the default model, show it, and chat one prompt")
+    p.set_defaults(func=cmd_demo, mode="fast", ctx=None, device=None)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--ctx", type=int, default=None)
+    p.add_argument("--api-key", default=None, help="require this bearer token "
+                   "(or set LLMPRESS_API_KEY)")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LlmpressError as exc:
+        errors.print(f"error: {exc}", highlight=False, markup=False)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug of ours: still one line, the traceback on request
+        if os.environ.get("LLMPRESS_DEBUG"):
+            raise
+        errors.print(f"error: internal error ({type(exc).__name__}: {exc}); "
+                     "set LLMPRESS_DEBUG=1 for the traceback", highlight=False, markup=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Prompt-processing and generation speed, measured like llama-bench: pp = a prompt of
+random tokens processed in one pass, tg = tokens generated one at a time; each test is
+repeated and the median kept. Peak RSS is the process's high-water mark."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    prompt_tokens: int
+    gen_tokens: int
+    threads: int
+    prompt_tok_s: float  # median over repetitions
+    gen_tok_s: float
+    prompt_runs: tuple[float, ...]
+    gen_runs: tuple[float, ...]
+    peak_rss_bytes: int
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _random_tokens(n: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def time_prompt(model, n_tokens: int, seed: int) -> float:
+    tokens = _random_tokens(n_tokens, model.cfg.vocab_size, seed)
+    cache = model.new_cache(n_tokens)
+    start = time.perf_counter()
+    model(tokens, cache, last_only=True)
+    return n_tokens / (time.perf_counter() - start)
+
+
+def time_generation(model, n_tokens: int, seed: int) -> float:
+    """Decode n_tokens one at a time from an empty cache (llama-bench's tg test)."""
+    tokens = _random_tokens(n_tokens, model.cfg.vocab_size, seed)
+    cache = model.new_cache(n_tokens)
+    start = time.perf_counter()
+    for i in range(n_tokens):
+        model(tokens[:, i:i + 1], cache)
+    return n_tokens / (time.perf_counter() - start)
+
+
+def measure_speed(model, prompt_tokens: int = 512, gen_tokens: int = 128,
+                  repetitions: int = 3, threads: int | None = None, progress=None) -> SpeedResult:
+    """`model` is a LlamaModel. `progress(step_description)` is called before each run."""
+    if threads:
+        torch.set_num_threads(threads)
+    time_generation(model, 4, seed=0)  # warm-up: page in weights, build kernels' state
+    prompt_runs, gen_runs = [], []
+    for r in range(repetitions):
+        if prompt_tokens:
+            progress and progress(f"pp{prompt_tokens} run {r + 1}/{repetitions}")
+            prompt_runs.append(time_prompt(model, prompt_tokens, seed=r))
+        if gen_tokens:
+            progress and progress(f"tg{gen_tokens} run {r + 1}/{repetitions}")
+            gen_runs.append(time_generation(model, gen_tokens, seed=r))
+    return SpeedResult(
+        prompt_tokens, gen_tokens, torch.get_num_threads(),
+        statistics.median(prompt_runs) if prompt_runs else 0.0,
+        statistics.median(gen_runs) if gen_runs else 0.0,
+        tuple(prompt_runs), tuple(gen_runs), peak_rss_bytes(),
+    )
