@@ -1,0 +1,96 @@
+"""Speed and memory of llmpress next to llama.cpp on the same GGUF file, same machine,
+same run: pp (prompt tokens/s, one pass over random tokens) and tg (tokens generated one
+at a time), median of repetitions, and each engine's peak RSS in its own process.
+
+    python benchmarks/bench_runtime.py [MODEL] [--threads 2] [--repetitions 3]
+
+llama.cpp runs through llama-cpp-python (the same C code as llama-bench; its Python
+wrapper adds a little per-token overhead to tg).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+LLAMA_CPP_CHILD = r"""
+import json, random, resource, statistics, sys, time
+from llama_cpp import Llama
+path, threads, n_prompt, n_gen, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+llm = Llama(path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_threads=threads,
+            n_threads_batch=threads, verbose=False)
+vocab = llm.n_vocab()
+rng = random.Random(0)
+pp, tg = [], []
+llm.eval([rng.randrange(vocab) for _ in range(8)]); llm.reset()   # warm-up
+for r in range(reps):
+    tokens = [rng.randrange(vocab) for _ in range(n_prompt)]
+    start = time.perf_counter(); llm.eval(tokens); pp.append(n_prompt / (time.perf_counter() - start))
+    llm.reset()
+    start = time.perf_counter()
+    for i in range(n_gen):
+        llm.eval([rng.randrange(vocab)])
+    tg.append(n_gen / (time.perf_counter() - start))
+    llm.reset()
+print(json.dumps({"prompt_runs": pp, "gen_runs": tg,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run_llmpress(model: str, threads: int, n_prompt: int, n_gen: int, reps: int, mode: str):
+    cmd = [sys.executable, "-m", "llmpress.cli", "bench", model, "-t", str(threads), "-p",
+           str(n_prompt), "-n", str(n_gen), "-r", str(reps), "--mode", mode, "--json"]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def run_llama_cpp(model: str, threads: int, n_prompt: int, n_gen: int, reps: int):
+    cmd = [sys.executable, "-c", LLAMA_CPP_CHILD, model, str(threads), str(n_prompt),
+           str(n_gen), str(reps)]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    args = parser.parse_args()
+    from llmpress import hub
+    model = args.model or str(hub.pull(hub.DEFAULT_MODEL))
+    size = __import__("os").path.getsize(model)
+
+    console = Console()
+    runs = {}
+    with console.status("running llama.cpp, llmpress fast and exact (alternating) ..."):
+        started = time.time()
+        runs["llama.cpp"] = run_llama_cpp(model, args.threads, args.prompt_tokens,
+                                          args.gen_tokens, args.repetitions)
+        for mode in ("fast", "exact"):
+            runs[f"llmpress {mode}"] = run_llmpress(model, args.threads, args.prompt_tokens,
+                                                    args.gen_tokens, args.repetitions, mode)
+    ref_pp = statistics.median(runs["llama.cpp"]["prompt_runs"])
+    ref_tg = statistics.median(runs["llama.cpp"]["gen_runs"])
+    table = Table(title=f"{model} ({size / 2**20:.1f} MiB), {args.threads} threads, "
+                        f"median of {args.repetitions}, {time.time() - started:.0f} s")
+    for col in ("engine", f"pp{args.prompt_tokens} tok/s", "× llama.cpp",
+                f"tg{args.gen_tokens} tok/s", "× llama.cpp", "peak RSS MiB", "RSS / file"):
+        table.add_column(col, justify="right")
+    for name, r in runs.items():
+        pp, tg = statistics.median(r["prompt_runs"]), statistics.median(r["gen_runs"])
+        rss = r["peak_rss_bytes"]
+        table.add_row(name, f"{pp:.1f}", f"{pp / ref_pp:.2f}", f"{tg:.1f}", f"{tg / ref_tg:.2f}",
+                      f"{rss / 2**20:.0f}", f"{rss / size:.2f}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
