@@ -19,7 +19,7 @@ import torch
 
 from llmpress import hub
 from llmpress.errors import LlmpressError
-from llmpress.io.chat_template import render_chat
+from llmpress.formats import FORMATS, supported_names
 from llmpress.io.gguf import load_gguf
 from llmpress.io.source import ModelSource
 from llmpress.io.tokenizer import Tokenizer
@@ -75,8 +75,14 @@ class ModelInfo:
 def load_source(path: Path) -> ModelSource:
     if path.is_dir():
         from llmpress.io.hf import load_hf_dir  # only Hugging Face directories need it
-        return load_hf_dir(path)
-    return load_gguf(path)
+        source = load_hf_dir(path)
+    else:
+        source = load_gguf(path)
+    for ref in source.tensors.values():
+        if ref.ggml_type not in FORMATS:
+            raise LlmpressError(f"{path}: tensor {ref.name} has type {ref.ggml_type.name}, which "
+                                f"llmpress cannot read (it reads {', '.join(supported_names())})")
+    return source
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:
@@ -107,9 +113,12 @@ class LanguageModel:
 
     # --- text in, text out ---------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        from llmpress.io.chat_template import render_chat
         tok = self.tokenizer
+        bos = tok.token_to_piece(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.token_to_piece(tok.eos_id) if tok.eos_id is not None else ""
         return render_chat(tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=tok.bos_token, eos_token=tok.eos_token)
+                           bos_token=bos, eos_token=eos)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

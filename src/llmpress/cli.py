@@ -15,7 +15,6 @@ from rich.table import Table
 from llmpress.errors import LlmpressError
 
 console = Console()
-errors = Console(stderr=True)
 
 
 def _mib(n: int) -> str:
@@ -129,7 +128,7 @@ def cmd_chat(args) -> None:
             history.pop()
             continue
         except LlmpressError as exc:  # e.g. the history outgrew the context
-            errors.print(f"error: {exc}", highlight=False)
+            print(f"error: {exc}", file=sys.stderr)
             history.pop()
             continue
         history.append({"role": "assistant", "content": answer})
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LlmpressError as exc:
-        errors.print(f"error: {exc}", highlight=False, markup=False)
+        print("error: " + str(exc).replace("\n", " "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -272,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: still one line, the traceback on request
         if os.environ.get("LLMPRESS_DEBUG"):
             raise
-        errors.print(f"error: internal error ({type(exc).__name__}: {exc}); "
-                     "set LLMPRESS_DEBUG=1 for the traceback", highlight=False, markup=False)
+        print(f"error: internal error ({type(exc).__name__}: {exc}); "
+              "set LLMPRESS_DEBUG=1 for the traceback", file=sys.stderr)
         return 2
     return 0
 

@@ -44,7 +44,7 @@ class _Cursor:
 
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or self.pos + n > len(self.data):
-            raise self.fail(f"truncated or corrupt {what}: needs {n} bytes, "
+            raise self.fail(f"truncated or corrupt: {what} needs {n} bytes, "
                             f"{len(self.data) - self.pos} remain")
         view = self.data[self.pos:self.pos + n]
         self.pos += n
@@ -57,7 +57,7 @@ class _Cursor:
         """A u64 count, refused when the remaining bytes cannot possibly hold it."""
         n = self.scalar("<Q", what)
         if n * min_item_bytes > len(self.data) - self.pos:
-            raise self.fail(f"{what} {n} is larger than the file can hold")
+            raise self.fail(f"truncated or corrupt: {what} {n} is larger than the file can hold")
         return n
 
     def string(self, what: str) -> str:
