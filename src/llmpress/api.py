@@ -69,7 +69,7 @@ class ModelInfo:
 
     @property
     def bits_per_weight(self) -> float:
-        return self.tensor_bytes * 8 / self.parameters
+        return self.file_bytes * 8 / self.parameters  # as llama.cpp's tables count it
 
 
 def load_source(path: Path) -> ModelSource:

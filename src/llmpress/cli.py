@@ -49,8 +49,9 @@ def cmd_info(args) -> None:
     if args.json:
         print(json.dumps(asdict(info) | {"bits_per_weight": info.bits_per_weight}, indent=2))
         return
-    table = Table(title=f"{info.name}  ({info.path})", show_header=False)
+    table = Table(title=info.name, show_header=False)
     rows = [
+        ("file", info.path),
         ("architecture", info.architecture), ("parameters", f"{info.parameters:,}"),
         ("layers", info.layers), ("heads / KV heads", f"{info.heads} / {info.kv_heads}"),
         ("embedding / FFN", f"{info.embedding} / {info.ffn}"), ("vocabulary", f"{info.vocab:,}"),

@@ -10,6 +10,9 @@ from functools import lru_cache
 import torch
 from gguf import GGMLQuantizationType
 
+MAX_ROWS = 16  # activation rows per call (qmatmul.c)
+MAX_WEIGHTS = 8  # weights fused into one call
+
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
@@ -19,8 +22,8 @@ def _library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(spec.origin)
     lib.llmpress_qmatmul.restype = ctypes.c_int
     lib.llmpress_qmatmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                     ctypes.c_int64, ctypes.c_int]
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     return lib
 
 
@@ -33,14 +36,28 @@ def supports(ggml_type: GGMLQuantizationType) -> bool:
     return lib is not None and bool(lib.llmpress_qmatmul_supports(int(ggml_type)))
 
 
-def qmatmul(rows: torch.Tensor, x: torch.Tensor, ggml_type: GGMLQuantizationType) -> torch.Tensor:
-    """rows: uint8 (N, row_bytes) packed weights; x: (T, K) -> float32 (T, N)."""
+class FusedWeights:
+    """The ctypes argument arrays for a fixed list of packed weights, built once."""
+
+    def __init__(self, weights: list[tuple[torch.Tensor, GGMLQuantizationType]]):
+        n = len(weights)
+        assert 1 <= n <= MAX_WEIGHTS
+        self.rows = [rows for rows, _ in weights]  # keeps the tensors alive
+        self.count = n
+        self.types = (ctypes.c_int * n)(*(int(t) for _, t in weights))
+        self.pointers = (ctypes.c_void_p * n)(*(rows.data_ptr() for rows in self.rows))
+        self.sizes = (ctypes.c_int64 * n)(*(rows.shape[0] for rows in self.rows))
+        self.out_features = sum(rows.shape[0] for rows in self.rows)
+
+
+def qmatmul(weights: FusedWeights, x: torch.Tensor) -> torch.Tensor:
+    """x: (T, K) float32 with T <= MAX_ROWS -> float32 (T, sum of the weights' rows)."""
     x = x.float().contiguous()
     T, K = x.shape
-    N = rows.shape[0]
-    y = torch.empty(T, N, dtype=torch.float32)
-    status = _library().llmpress_qmatmul(int(ggml_type), rows.data_ptr(), x.data_ptr(),
-                                         y.data_ptr(), N, K, T, torch.get_num_threads())
+    y = torch.empty(T, weights.out_features, dtype=torch.float32)
+    status = _library().llmpress_qmatmul(weights.count, weights.types, weights.pointers,
+                                         weights.sizes, x.data_ptr(), y.data_ptr(), K, T,
+                                         torch.get_num_threads())
     if status:
-        raise RuntimeError(f"qmatmul refused type {ggml_type.name} with rows of {K}")
+        raise RuntimeError(f"qmatmul refused {T} rows of {K}")
     return y

@@ -44,7 +44,9 @@ class QuantLinear(nn.Module):
         self.dense = None
         if ref.ggml_type == GGMLQuantizationType.F32:  # already float32: use the bytes as is
             self.dense = self.rows.view(torch.float32)
-        self.use_kernel = (mode == "fast" and device.type == "cpu" and cpu.supports(self.ggml_type))
+        self.kernel = None
+        if mode == "fast" and device.type == "cpu" and cpu.supports(self.ggml_type):
+            self.kernel = cpu.FusedWeights([(self.rows, self.ggml_type)])
 
     def dequantized(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         rows = self.rows[start:end]
@@ -54,8 +56,8 @@ class QuantLinear(nn.Module):
         if self.dense is not None:
             return F.linear(x, self.dense, bias)
         flat = x.reshape(-1, self.in_features)
-        if self.use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS:
-            y = cpu.qmatmul(self.rows, flat, self.ggml_type)
+        if self.kernel is not None and flat.shape[0] <= KERNEL_MAX_ROWS:
+            y = cpu.qmatmul(self.kernel, flat)
         else:
             step = max(1, CHUNK_VALUES // self.in_features)
             y = torch.cat([F.linear(flat, self.dequantized(r, r + step))
@@ -63,6 +65,28 @@ class QuantLinear(nn.Module):
         if bias is not None:
             y = y + bias
         return y.view(*x.shape[:-1], self.out_features)
+
+
+class FusedLinear(nn.Module):
+    """Several Linears that read the same input (q/k/v, gate/up): one kernel call for all
+    of them when each has a kernel, else one call each."""
+
+    def __init__(self, linears: list[QuantLinear]):
+        super().__init__()
+        self.linears = nn.ModuleList(linears)
+        self.kernel = None
+        if all(lin.kernel is not None for lin in linears):
+            self.kernel = cpu.FusedWeights([(lin.rows, lin.ggml_type) for lin in linears])
+        self.splits = [lin.out_features for lin in linears]
+
+    def forward(self, x: torch.Tensor, biases=None) -> list[torch.Tensor]:
+        biases = biases or [None] * len(self.linears)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.kernel is None or flat.shape[0] > KERNEL_MAX_ROWS:
+            return [lin(x, b) for lin, b in zip(self.linears, biases)]
+        outputs = cpu.qmatmul(self.kernel, flat).split(self.splits, dim=-1)
+        return [(y if b is None else y + b).view(*x.shape[:-1], y.shape[-1])
+                for y, b in zip(outputs, biases)]
 
 
 class QuantEmbedding(nn.Module):

@@ -48,7 +48,7 @@ static void block_sums(const float *x, int64_t K, int64_t T, float *sums) {
 }
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  /* ggml_type ids */
-enum { MAX_ROWS = 16 };  /* activation rows per call; the caller splits larger batches */
+enum { MAX_ROWS = 16, MAX_WEIGHTS = 8 };  /* per call: activation rows, fused weights */
 
 static int64_t block_bytes(int type) {
     switch (type) {
@@ -183,19 +183,31 @@ static int row_times_avx2(int type, const uint8_t *row, const float *x, const fl
                           int64_t K, int64_t T, float *out, int64_t out_stride) { return 0; }
 #endif
 
-/* y (T, N) = x (T, K) @ W(N, K)^T. Returns 0, or -1 for an unsupported type or shape. */
-int llmpress_qmatmul(int type, const uint8_t *w, const float *x, float *y,
-                     int64_t N, int64_t K, int64_t T, int n_threads) {
-    const int64_t bb = block_bytes(type);
-    if (!bb || K % 32 || T > MAX_ROWS) return -1;
-    const int64_t row_bytes = K / 32 * bb;
+/* y (T, N_1 + ... + N_W) = x (T, K) @ [W_1; ...; W_W]^T. Several weights that share one
+ * input (q/k/v, gate/up) go in one call, so one thread team serves them all.
+ * Returns 0, or -1 for an unsupported type or shape. */
+int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
+                     const int64_t *Ns, const float *x, float *y, int64_t K, int64_t T,
+                     int n_threads) {
+    int64_t starts[MAX_WEIGHTS + 1], total = 0;
+    if (n_weights < 1 || n_weights > MAX_WEIGHTS || K % 32 || T < 1 || T > MAX_ROWS) return -1;
+    for (int i = 0; i < n_weights; i++) {
+        if (!block_bytes(types[i])) return -1;
+        starts[i] = total;
+        total += Ns[i];
+    }
+    starts[n_weights] = total;
     float *sums = malloc(sizeof(float) * (size_t)(T * (K / 32)));
     if (!sums) return -1;
     block_sums(x, K, T, sums);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        if (!row_times_avx2(type, w + n * row_bytes, x, sums, K, T, y + n, N))
-            row_times(type, w + n * row_bytes, x, sums, K, T, y + n, N);
+    for (int64_t n = 0; n < total; n++) {
+        int i = 0;
+        while (n >= starts[i + 1]) i++;
+        const uint8_t *row = ws[i] + (n - starts[i]) * (K / 32 * block_bytes(types[i]));
+        if (!row_times_avx2(types[i], row, x, sums, K, T, y + n, total))
+            row_times(types[i], row, x, sums, K, T, y + n, total);
+    }
     free(sums);
     return 0;
 }

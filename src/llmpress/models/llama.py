@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmpress.io.source import ModelSource
-from llmpress.kernels.linear import QuantEmbedding, QuantLinear, dense_tensor
+from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
 from llmpress.models.config import LayerConfig, LlamaConfig, config_from_source
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class RotaryEmbedding:
@@ -32,19 +32,20 @@ class RotaryEmbedding:
         self.inv_freq = (inv_freq / cfg.rope_scale).float()
         self.style, self.rope_dim = cfg.rope_style, cfg.rope_dim
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # (T, rope_dim/2)
-        return angles.cos(), angles.sin()
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """Unit complex numbers e^(i * pos * freq): (T, rope_dim/2)."""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        return torch.polar(torch.ones_like(angles), angles)
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, H, hd). Rotates the first rope_dim dims of each head."""
+    def apply(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, H, hd). Rotates the first rope_dim dims of each head as complex pairs."""
         rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim:]
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-        if self.style == "norm":  # pairs (2i, 2i+1)
-            a, b = rot[..., 0::2], rot[..., 1::2]
-            rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        if self.style == "norm":  # pairs (2i, 2i+1) are (real, imaginary)
+            pairs = torch.view_as_complex(rot.float().reshape(*rot.shape[:-1], -1, 2))
+            rotated = torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2)
         else:  # neox: pairs (i, i + d/2)
             a, b = rot.chunk(2, dim=-1)
+            cos, sin = rotation.real[:, None, :], rotation.imag[:, None, :]
             rotated = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
         return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
 
@@ -73,24 +74,24 @@ class Attention(nn.Module):
         super().__init__()
         p = f"blk.{lc.index}."
         self.n_heads, self.n_kv, self.head_dim = lc.n_heads, lc.n_kv_heads, cfg.head_dim
-        self.wq, self.wk, self.wv, self.wo = (
-            QuantLinear(src.tensors[p + n + ".weight"], mode, device)
-            for n in ("attn_q", "attn_k", "attn_v", "attn_output"))
-        self.bq, self.bk, self.bv = (
-            dense_tensor(src.tensors[p + n + ".bias"], device) if cfg.qkv_bias else None
-            for n in ("attn_q", "attn_k", "attn_v"))
+        self.qkv = FusedLinear([QuantLinear(src.tensors[p + n + ".weight"], mode, device)
+                                for n in ("attn_q", "attn_k", "attn_v")])
+        self.wo = QuantLinear(src.tensors[p + "attn_output.weight"], mode, device)
+        self.biases = [dense_tensor(src.tensors[p + n + ".bias"], device)
+                       for n in ("attn_q", "attn_k", "attn_v")] if cfg.qkv_bias else None
         self.q_norm = dense_tensor(src.tensors[p + "attn_q_norm.weight"], device) if cfg.qk_norm else None
         self.k_norm = dense_tensor(src.tensors[p + "attn_k_norm.weight"], device) if cfg.qk_norm else None
         self.eps = cfg.norm_eps
 
-    def forward(self, x, rope: RotaryEmbedding, cos, sin, cache_k, cache_v, start: int):
+    def forward(self, x, rope: RotaryEmbedding, rotation, cache_k, cache_v, start: int):
         B, T, _ = x.shape
-        q = self.wq(x, self.bq).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
-        k = self.wk(x, self.bk).view(B, T, self.n_kv, self.head_dim)  # (B, T, KV, hd)
-        v = self.wv(x, self.bv).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = self.qkv(x, self.biases)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, KV, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:  # Qwen3: RMSNorm per head before RoPE
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        q, k = rope.apply(q, rotation), rope.apply(k, rotation)
         end = start + T
         cache_k[:, :, start:end] = k.transpose(1, 2)
         cache_v[:, :, start:end] = v.transpose(1, 2)
@@ -110,11 +111,13 @@ class FeedForward(nn.Module):
     def __init__(self, src: ModelSource, lc: LayerConfig, mode, device):
         super().__init__()
         p = f"blk.{lc.index}."
-        self.gate, self.up, self.down = (QuantLinear(src.tensors[p + n + ".weight"], mode, device)
-                                         for n in ("ffn_gate", "ffn_up", "ffn_down"))
+        self.gate_up = FusedLinear([QuantLinear(src.tensors[p + n + ".weight"], mode, device)
+                                    for n in ("ffn_gate", "ffn_up")])
+        self.down = QuantLinear(src.tensors[p + "ffn_down.weight"], mode, device)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -127,8 +130,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(src, lc, mode, device)
         self.eps = cfg.norm_eps
 
-    def forward(self, x, rope, cos, sin, cache_k, cache_v, start):
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), rope, cos, sin,
+    def forward(self, x, rope, rotation, cache_k, cache_v, start):
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), rope, rotation,
                           cache_k, cache_v, start)
         return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
 
@@ -164,9 +167,9 @@ class LlamaModel(nn.Module):
         if start + T > cache.max_tokens:
             raise ValueError(f"{start + T} tokens exceed the cache of {cache.max_tokens}")
         x = self.embed(tokens.to(self.device))  # (B, T, dim)
-        cos, sin = self.rope.cos_sin(torch.arange(start, start + T, device=self.device))
+        rotation = self.rope.rotation(torch.arange(start, start + T, device=self.device))
         for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
-            x = block(x, self.rope, cos, sin, ck, cv, start)
+            x = block(x, self.rope, rotation, ck, cv, start)
         cache.length = start + T
         if last_only:
             x = x[:, -1:]
