@@ -55,7 +55,9 @@ def ggml_row_size(type_name: str, n_per_row: int) -> int:
     return int(_ggml().ggml_row_size(GGMLQuantizationType[type_name].value, n_per_row))
 
 
-def ggml_quantize(type_name: str, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+def ggml_quantize(
+    type_name: str, values: np.ndarray, importance: np.ndarray | None = None
+) -> np.ndarray:
     """Quantize float32 `values` (nrows, n_per_row) with ggml -> uint8 (nrows, row_bytes).
 
     `importance` is the imatrix: one float32 weight per column, (n_per_row,), as

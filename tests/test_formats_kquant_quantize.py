@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ggml_ref import ggml_quantize
 from gguf import GGUFReader
 from gguf.quants import dequantize
-from ggml_ref import ggml_quantize
 
 from llmpress.errors import LlmpressError
 from llmpress.formats import kquant_quantize as kq
@@ -34,7 +34,9 @@ def _ours(type_name: str, values: np.ndarray, importance: np.ndarray | None) -> 
     rows, n_per_row = values.shape
     weights = None
     if importance is not None:
-        weights = np.broadcast_to(importance.reshape(1, -1, block), (rows, n_per_row // block, block))
+        weights = np.broadcast_to(
+            importance.reshape(1, -1, block), (rows, n_per_row // block, block)
+        )
         weights = weights.reshape(-1, block)
     return quantize(values.reshape(-1, block), weights).reshape(rows, -1)
 
@@ -101,11 +103,13 @@ def real_tensors(default_model_path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("type_name", list(TYPES))
 def test_real_tensors_match_ggml(type_name: str, real_tensors: dict[str, np.ndarray]) -> None:
     rng = np.random.default_rng(7)
-    for name, values in real_tensors.items():
+    for values in real_tensors.values():
         if values.shape[1] % TYPES[type_name][1]:
             continue
         # an imatrix-like importance: mean squared activation per column, heavy-tailed
-        importance = (rng.standard_normal(values.shape[1]) * np.exp(rng.standard_normal(values.shape[1]))) ** 2
+        importance = (
+            rng.standard_normal(values.shape[1]) * np.exp(rng.standard_normal(values.shape[1]))
+        ) ** 2
         for imp in (None, importance.astype(np.float32)):
             _assert_identical(type_name, values, imp)
 

@@ -38,10 +38,20 @@ QK_K = 256
 QK4_NL = 32
 GROUP_MAX_EPS = F32(1e-15)
 # ggml-common.h kvalues_iq4nl: the 16 non-linear levels of IQ4_NL / IQ4_XS.
-IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+IQ4_LEVELS = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
+)
 _IQ4_LEVELS_F32 = IQ4_LEVELS.astype(F32)
 
-TYPE_SIZES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_NL": 18, "IQ4_XS": 136}
+TYPE_SIZES = {
+    "Q2_K": 84,
+    "Q3_K": 110,
+    "Q4_K": 144,
+    "Q5_K": 176,
+    "Q6_K": 210,
+    "IQ4_NL": 18,
+    "IQ4_XS": 136,
+}
 # Blocks quantized per pass: bounds the search arrays to a few MB each.
 _CHUNK_VALUES = 1 << 18
 
@@ -98,7 +108,9 @@ def _ungroup(levels: np.ndarray, n_blocks: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- scale searches
-def _make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _make_qx_quants(
+    x: np.ndarray, nmax: int, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants with rmse_type 1: symmetric levels 0..2*nmax-1, weight x^2 or `weights`.
 
     x (n, G) -> (scale (G,), levels (n, G) int32)."""
@@ -193,7 +205,9 @@ def _make_qkx_quants(
     best = error(scale, minimum, levels)
     for step in range(nstep + 1):
         # ggml moves `min` to the best fit so far, and the next candidates start from it
-        level = levels_for(((F32(rmin) + F32(rdelta) * F32(step)) + F32(nmax)) / (hi - minimum), minimum)
+        level = levels_for(
+            ((F32(rmin) + F32(rdelta) * F32(step)) + F32(nmax)) / (hi - minimum), minimum
+        )
         lf = level.astype(F32)
         wl = w * lf
         sum_l = _sequential_sum(wl)
@@ -261,14 +275,36 @@ def _make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray
     return np.where(zero, F32(0), scale), np.where(zero, 0, stored)
 
 
+# Bracketing levels of v, looked up by k = floor(clip(v, -127, 112.5)) + 127: the levels
+# are integers, so level <= v exactly when level <= floor(v).
+_IQ4_LOWER = np.zeros(256, dtype=np.int8)
+_IQ4_LOWER[:241] = (
+    np.searchsorted(IQ4_LEVELS.astype(np.int64), np.arange(-127, 114), side="right") - 1
+)
+_IQ4_LOWER = np.minimum(_IQ4_LOWER, 14)
+_IQ4_BELOW = _IQ4_LEVELS_F32[_IQ4_LOWER]
+_IQ4_ABOVE = _IQ4_LEVELS_F32[_IQ4_LOWER + 1]
+
+
+def _nearest_iq4(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """best_index_int8 over kvalues_iq4nl -> (index, level): the nearest level, ties up.
+
+    Same float32 test as the C binary search (`x - val[mu-1] < val[mu] - x`); values past
+    either end land on the end levels through that same test; NaN goes to 15 as in C."""
+    k = (np.clip(v, F32(-127), F32(112.5)) + F32(127)).astype(np.uint8)
+    below = _IQ4_BELOW[k]
+    above = _IQ4_ABOVE[k]
+    take_below = v - below < above - v
+    index = np.where(take_below, _IQ4_LOWER[k], _IQ4_LOWER[k] + 1)
+    level = np.where(take_below, below, above)
+    nan = np.isnan(v)
+    if nan.any():  # only from 1/0 scales on all-but-zero data
+        index, level = np.where(nan, 15, index), np.where(nan, _IQ4_LEVELS_F32[15], level)
+    return index, level
+
+
 def _best_index_iq4(v: np.ndarray) -> np.ndarray:
-    """best_index_int8 over kvalues_iq4nl: the nearest level, ties going up."""
-    upper = np.clip(np.searchsorted(_IQ4_LEVELS_F32, v, side="right"), 1, 15)
-    below = _IQ4_LEVELS_F32[upper - 1]
-    above = _IQ4_LEVELS_F32[upper]
-    index = np.where(v - below < above - v, upper - 1, upper)
-    index = np.where(v <= _IQ4_LEVELS_F32[0], 0, index)
-    return np.where(v >= _IQ4_LEVELS_F32[15], 15, index)
+    return _nearest_iq4(v)[0]
 
 
 # --------------------------------------------------------------------------- packing
@@ -353,7 +389,9 @@ def _blockwise(block_size: int, type_size: int):
                 weights = np.ascontiguousarray(np.broadcast_to(weights, values.shape), dtype=F32)
             out = np.empty((values.shape[0], type_size), dtype=np.uint8)
             step = max(1, _CHUNK_VALUES // block_size)
-            with np.errstate(all="ignore"):  # like the C code, we divide by zero in groups we then discard
+            with np.errstate(
+                all="ignore"
+            ):  # like the C code, we divide by zero in groups we then discard
                 for start in range(0, values.shape[0], step):
                     stop = start + step
                     part_w = None if weights is None else weights[start:stop]
@@ -392,15 +430,27 @@ def quantize_q6_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.n
     q_scales = np.minimum(127, _nearest_int(iscale[:, None] * scales))
     q_scales = ((q_scales + 128) & 0xFF) - 128  # int8_t
     group_d = d[:, None] * q_scales.astype(F32)
-    levels = _requantize(values.reshape(n, 16, 16), group_d, None, -32, 31, _ungroup(levels, n).reshape(n, 16, 16))
+    levels = _requantize(
+        values.reshape(n, 16, 16), group_d, None, -32, 31, _ungroup(levels, n).reshape(n, 16, 16)
+    )
 
     lv = levels.reshape(n, 2, 4, 32).astype(np.uint8)  # (block, half, quarter, 32)
     ql = np.concatenate(
-        [(lv[:, :, 0] & 0xF) | ((lv[:, :, 2] & 0xF) << 4), (lv[:, :, 1] & 0xF) | ((lv[:, :, 3] & 0xF) << 4)],
+        [
+            (lv[:, :, 0] & 0xF) | ((lv[:, :, 2] & 0xF) << 4),
+            (lv[:, :, 1] & 0xF) | ((lv[:, :, 3] & 0xF) << 4),
+        ],
         axis=2,
     ).reshape(n, 128)
-    qh = ((lv[:, :, 0] >> 4) | ((lv[:, :, 1] >> 4) << 2) | ((lv[:, :, 2] >> 4) << 4) | ((lv[:, :, 3] >> 4) << 6))
-    out = np.concatenate([ql, qh.reshape(n, 64), q_scales.astype(np.uint8), _fp16_bytes(d_bits)], axis=1)
+    qh = (
+        (lv[:, :, 0] >> 4)
+        | ((lv[:, :, 1] >> 4) << 2)
+        | ((lv[:, :, 2] >> 4) << 4)
+        | ((lv[:, :, 3] >> 4) << 6)
+    )
+    out = np.concatenate(
+        [ql, qh.reshape(n, 64), q_scales.astype(np.uint8), _fp16_bytes(d_bits)], axis=1
+    )
     out[amax < GROUP_MAX_EPS] = 0  # ggml memsets an all-zero block
     return out
 
@@ -426,7 +476,9 @@ def _affine_k4(values: np.ndarray, weights: np.ndarray | None, nmax: int) -> tup
         lm = np.minimum(63, _nearest_int(inv_min[:, None] * mins) & 0xFF)
         d_value, dmin_value = max_scale / F32(63), max_min / F32(63)
     else:  # quantize_row_q{4,5}_K_impl
-        w = _imatrix_weights(x, _groups(weights, 32), F32(2) * _block_sum_x2(values, 32) / F32(QK_K))
+        w = _imatrix_weights(
+            x, _groups(weights, 32), F32(2) * _block_sum_x2(values, 32) / F32(QK_K)
+        )
         sw = _sequential_sum(w)
         scales, mins, levels = _make_qkx_quants(x, w, nmax, -0.9, 0.05, 36, False)
         sw = sw.reshape(n, 8).T
@@ -440,7 +492,11 @@ def _affine_k4(values: np.ndarray, weights: np.ndarray | None, nmax: int) -> tup
     dmin_bits, dmin = _to_fp16(dmin_value)
     sc, mn = _unpack_scale_min_k4(scale_bytes)
     levels = _requantize(
-        values.reshape(n, 8, 32), d[:, None] * sc.astype(F32), dmin[:, None] * mn.astype(F32), 0, nmax,
+        values.reshape(n, 8, 32),
+        d[:, None] * sc.astype(F32),
+        dmin[:, None] * mn.astype(F32),
+        0,
+        nmax,
         _ungroup(levels, n).reshape(n, 8, 32),
     )
     return d_bits, dmin_bits, scale_bytes, levels.reshape(n, QK_K)
@@ -450,7 +506,10 @@ def _affine_k4(values: np.ndarray, weights: np.ndarray | None, nmax: int) -> tup
 def quantize_q4_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Q4_K: 8 groups of 32, levels 0..15, 6-bit scales and mins, fp16 d and dmin."""
     d_bits, dmin_bits, scale_bytes, levels = _affine_k4(values, weights, 15)
-    return np.concatenate([_fp16_bytes(d_bits), _fp16_bytes(dmin_bits), scale_bytes, _pack_nibbles(levels, 32)], axis=1)
+    return np.concatenate(
+        [_fp16_bytes(d_bits), _fp16_bytes(dmin_bits), scale_bytes, _pack_nibbles(levels, 32)],
+        axis=1,
+    )
 
 
 @_blockwise(QK_K, 176)
@@ -463,7 +522,14 @@ def quantize_q5_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.n
     for pair in range(4):
         qh |= ((lv[:, pair, 0] >> 4) << (2 * pair)) | ((lv[:, pair, 1] >> 4) << (2 * pair + 1))
     return np.concatenate(
-        [_fp16_bytes(d_bits), _fp16_bytes(dmin_bits), scale_bytes, qh, _pack_nibbles(levels & 0xF, 32)], axis=1
+        [
+            _fp16_bytes(d_bits),
+            _fp16_bytes(dmin_bits),
+            scale_bytes,
+            qh,
+            _pack_nibbles(levels & 0xF, 32),
+        ],
+        axis=1,
     )
 
 
@@ -495,7 +561,9 @@ def quantize_q3_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.n
         scale_bytes = _pack_scales_q3(scale_levels.T)
     d_bits, d = _to_fp16(d_value)
     group_d = d[:, None] * _unpack_scales_q3(scale_bytes).astype(F32)
-    levels = _requantize(values.reshape(n, 16, 16), group_d, None, -4, 3, _ungroup(levels, n).reshape(n, 16, 16))
+    levels = _requantize(
+        values.reshape(n, 16, 16), group_d, None, -4, 3, _ungroup(levels, n).reshape(n, 16, 16)
+    )
     levels = levels.reshape(n, 8, 32)  # hmask bit b of byte m is value 32*b + m
     hmask = np.zeros((n, 32), dtype=np.uint8)
     for bit in range(8):
@@ -537,7 +605,9 @@ def quantize_q2_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.n
     dmin_bits, dmin = _to_fp16(dmin_value)
     group_d = d[:, None] * (scale_bytes & 0xF).astype(F32)
     group_m = dmin[:, None] * (scale_bytes >> 4).astype(F32)
-    levels = _requantize(values.reshape(n, 16, 16), group_d, group_m, 0, 3, _ungroup(levels, n).reshape(n, 16, 16))
+    levels = _requantize(
+        values.reshape(n, 16, 16), group_d, group_m, 0, 3, _ungroup(levels, n).reshape(n, 16, 16)
+    )
     qs = _pack_2bit(levels.reshape(n, QK_K))
     return np.concatenate([scale_bytes, qs, _fp16_bytes(d_bits), _fp16_bytes(dmin_bits)], axis=1)
 
@@ -550,7 +620,7 @@ def _iq4_group_scales(x: np.ndarray, w: np.ndarray, ntry: int = 7) -> np.ndarray
     amax, signed_max = _first_abs_max(x)
 
     def trial(inv_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = _IQ4_LEVELS_F32[_best_index_iq4(inv_d * x)]
+        q = _nearest_iq4(inv_d * x)[1]
         return _sequential_sum((w * q) * x), _sequential_sum((w * q) * q)
 
     sumqx, sumq2 = trial(F32(1) / (-signed_max / _IQ4_LEVELS_F32[0]))
@@ -575,7 +645,6 @@ def _iq4_weights(values: np.ndarray, weights: np.ndarray | None, x: np.ndarray) 
 @_blockwise(QK4_NL, 18)
 def quantize_iq4_nl(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """IQ4_NL: blocks of 32 on the kvalues_iq4nl grid with one fp16 scale (quantize_iq4_nl)."""
-    n = values.shape[0]
     x = _groups(values, 32)
     scale = _iq4_group_scales(x, _iq4_weights(values, weights, x))
     d_bits, _ = _to_fp16(scale)
