@@ -31,6 +31,16 @@ class BlockFormat:
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def quantize_row_blocks(
+        self, values: np.ndarray, weights: np.ndarray | None, row_length: int
+    ) -> np.ndarray:
+        """quantize_blocks for blocks that tile whole rows of `row_length` values, in order.
+
+        Some ggml quantizers use a statistic of the whole row (the legacy types' imatrix
+        path scales weights by the row's mean square); those formats override this.
+        """
+        return self.quantize_blocks(values, weights)
+
     # --- whole tensors ---------------------------------------------------------------
     def row_bytes(self, row_length: int) -> int:
         if row_length % self.block_size:
@@ -56,7 +66,7 @@ class BlockFormat:
             per_row = importance.reshape(-1, self.block_size)
             weights = np.broadcast_to(per_row, (blocks.shape[0] // per_row.shape[0], *per_row.shape))
             weights = weights.reshape(-1, self.block_size)
-        out = self.quantize_blocks(blocks, weights)
+        out = self.quantize_row_blocks(blocks, weights, row)
         assert out.dtype == np.uint8 and out.shape == (blocks.shape[0], self.type_size)
         return out.reshape(*values.shape[:-1], self.row_bytes(row))
 

@@ -22,6 +22,19 @@ class F32(BlockFormat):
         return blocks.contiguous().view(torch.float32)
 
 
+def float32_to_fp16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> fp16 bit patterns (uint16), as ggml_compute_fp32_to_fp16 (ggml-impl.h).
+
+    Round to nearest even (numpy's cast does that, overflow going to inf); every NaN
+    becomes the canonical quiet NaN 0x7E00 with its sign, where numpy would keep payload bits.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        bits = values.astype(np.float16).view(np.uint16)
+    sign = (values.view(np.uint32) >> np.uint32(16)).astype(np.uint16) & np.uint16(0x8000)
+    return np.where(np.isnan(values), sign | np.uint16(0x7E00), bits)
+
+
 class F16(BlockFormat):
     name = "F16"
     ggml_type = GGMLQuantizationType.F16
@@ -29,10 +42,7 @@ class F16(BlockFormat):
     type_size = 2
 
     def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        # numpy's float32 -> float16 cast rounds to nearest even, like ggml's
-        # GGML_FP32_TO_FP16 (F16C / the portable fp32_to_fp16 bit trick).
-        half = np.ascontiguousarray(values, dtype=np.float32).astype(np.float16)
-        return half.view(np.uint8).reshape(-1, 2)
+        return float32_to_fp16_bits(values).view(np.uint8).reshape(-1, 2)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         return blocks.contiguous().view(torch.float16).float()
