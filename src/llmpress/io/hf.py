@@ -1,0 +1,320 @@
+"""Hugging Face model directories (config.json + *.safetensors) as a ModelSource.
+
+The directory is converted on the fly into what convert_hf_to_gguf.py would write: GGUF
+tensor names and metadata keys (llmpress.models.names), q/k rows permuted for llama.cpp's
+RoPE layout, and llama3 RoPE scaling turned into a `rope_freqs.weight` tensor. Nothing is
+read up front but the safetensors headers: each tensor's bytes are read (and permuted)
+when its read_bytes() is called. F32/F16/BF16 stay in their own type.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from gguf import GGMLQuantizationType
+from safetensors import safe_open
+
+from llmpress.errors import LlmpressError
+from llmpress.io.source import ModelSource, TensorRef
+from llmpress.models import names
+
+# safetensors dtype -> (GGML type, torch dtype). Other dtypes (F64, int, FP8) are refused.
+SAFETENSORS_TYPES = {
+    "F32": (GGMLQuantizationType.F32, torch.float32),
+    "F16": (GGMLQuantizationType.F16, torch.float16),
+    "BF16": (GGMLQuantizationType.BF16, torch.bfloat16),
+}
+
+# Block tensors every layer must have, and those the runtime takes when all layers have them.
+REQUIRED_BLOCK_TENSORS = frozenset({
+    "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+    "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+    "ffn_down.weight",
+})
+OPTIONAL_BLOCK_TENSORS = frozenset({
+    "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight",
+})
+
+
+# --- config.json -> GGUF metadata --------------------------------------------------------
+def read_config(path: Path) -> dict[str, Any]:
+    config_path = path / "config.json"
+    if not path.is_dir():
+        raise LlmpressError(f"{path}: not a directory")
+    if not config_path.is_file():
+        raise LlmpressError(f"{path}: no config.json; a Hugging Face model directory needs "
+                            "config.json next to its *.safetensors files")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LlmpressError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise LlmpressError(f"{config_path}: expected a JSON object")
+    return config
+
+
+def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """config.json with defaults filled in and types checked; keys stay HF's."""
+    model_type = config.get("model_type")
+    if model_type not in names.HF_MODEL_TYPE_TO_ARCH:
+        supported = ", ".join(names.HF_MODEL_TYPE_TO_ARCH)
+        raise LlmpressError(f"{where}: model_type {model_type!r} is not supported "
+                            f"(supported: {supported})")
+    missing = [k for k in names.HF_REQUIRED_CONFIG_KEYS if config.get(k) is None]
+    if missing:
+        raise LlmpressError(f"{where}: config.json lacks {', '.join(missing)}")
+    hp = dict(names.HF_CONFIG_DEFAULTS[model_type])
+    hp.update({k: v for k, v in config.items() if v is not None})
+    hp.setdefault("num_key_value_heads", hp["num_attention_heads"])
+    hp.setdefault("head_dim", hp["hidden_size"] // hp["num_attention_heads"])
+    for key in (*names.HF_REQUIRED_CONFIG_KEYS, "num_key_value_heads", "head_dim"):
+        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] <= 0:
+            raise LlmpressError(f"{where}: config.json {key} must be a positive integer, "
+                                f"not {hp[key]!r}")
+    if hp["num_attention_heads"] % hp["num_key_value_heads"]:
+        raise LlmpressError(f"{where}: num_attention_heads {hp['num_attention_heads']} is not "
+                            f"a multiple of num_key_value_heads {hp['num_key_value_heads']}")
+    act = hp.get("hidden_act", "silu")
+    if act != "silu":
+        raise LlmpressError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+    rope = rope_parameters(hp)
+    hp["rope_theta"] = float(rope.get("rope_theta", hp["rope_theta"]))
+    hp["rope"] = rope
+    return hp
+
+
+def rope_parameters(hp: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings from transformers 5 `rope_parameters` or 4.x `rope_scaling`."""
+    rope = hp.get("rope_parameters") or hp.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        return {"rope_type": "default"}
+    rope = dict(rope)
+    rope["rope_type"] = str(rope.get("rope_type", rope.get("type", "default"))).lower()
+    return rope
+
+
+def gguf_metadata(hp: dict[str, Any], arch: str, name: str, where: Path) -> dict[str, Any]:
+    """The GGUF keys convert_hf_to_gguf writes for this architecture (tokenizer aside)."""
+    meta: dict[str, Any] = {"general.architecture": arch, "general.name": name}
+    for hf_key, gguf_key in names.HF_CONFIG_TO_GGUF.items():
+        meta[f"{arch}.{gguf_key}"] = hp[hf_key]
+    meta[f"{arch}.attention.value_length"] = hp["head_dim"]
+    meta[f"{arch}.rope.dimension_count"] = hp["head_dim"]
+    meta[f"{arch}.rope.freq_base"] = float(hp["rope_theta"])
+    meta[f"{arch}.attention.layer_norm_rms_epsilon"] = float(hp["rms_norm_eps"])
+    rope_type = hp["rope"]["rope_type"]
+    if rope_type == "linear":
+        meta[f"{arch}.rope.scaling.type"] = "linear"
+        meta[f"{arch}.rope.scaling.factor"] = float(hp["rope"]["factor"])
+    elif rope_type == "llama3":
+        if arch != "llama":
+            raise LlmpressError(f"{where}: llama3 RoPE scaling on a {arch} model is not supported")
+    elif rope_type != "default":
+        raise LlmpressError(f"{where}: RoPE scaling {rope_type!r} is not supported "
+                            "(default, linear and llama3 are)")
+    return meta
+
+
+def llama3_rope_factors(hp: dict[str, Any]) -> torch.Tensor:
+    """Per-frequency divisors for llama3 RoPE scaling, float32 (head_dim/2,).
+
+    As convert_hf_to_gguf's LlamaModel.generate_extra_tensors: high frequencies keep 1,
+    low ones get `factor`, and the band between blends smoothly; ggml_rope_ext divides each
+    frequency by its factor.
+    """
+    rope, dim = hp["rope"], hp["head_dim"]
+    factor = float(rope.get("factor", 8.0))
+    low = float(rope.get("low_freq_factor", 1.0))
+    high = float(rope.get("high_freq_factor", 4.0))
+    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (hp["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    factors = torch.where(wavelen > old_context / low, torch.full_like(freqs, factor), blended)
+    return torch.where(wavelen < old_context / high, torch.ones_like(freqs), factors)
+
+
+# --- q/k layout --------------------------------------------------------------------------
+def permute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF (x[i], x[i+d/2]) rotary pairs -> llama.cpp (x[2i], x[2i+1]) pairs, per head.
+
+    convert_hf_to_gguf's LlamaModel.permute: rows of each head go from [half A, half B] to
+    interleaved A0 B0 A1 B1 ... Works for weights (rows, in) and biases (rows,).
+    """
+    rows = weight.shape[0]
+    return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of permute_qk (GGUF llama layout -> HF layout)."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+# --- safetensors files -------------------------------------------------------------------
+def safetensors_files(path: Path) -> tuple[dict[str, Path], dict[Path, Any]]:
+    """(HF tensor name -> the file holding it, file -> open safe_open handle).
+
+    The index decides where there is one; otherwise every *.safetensors file is listed.
+    Each handle memory-maps its file once; the closures of read_bytes() keep it open.
+    """
+    index_path = path / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            located = {str(name): path / str(file) for name, file in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise LlmpressError(f"{index_path}: not a valid safetensors index ({exc})") from None
+        for file in set(located.values()):
+            if not file.is_file():
+                raise LlmpressError(f"{index_path}: lists {file.name}, which is missing "
+                                    "(incomplete download?)")
+        return located, {file: _open(file) for file in set(located.values())}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        hint = " (PyTorch .bin checkpoints are not supported)" if any(path.glob("*.bin")) else ""
+        raise LlmpressError(f"{path}: no *.safetensors files{hint}")
+    handles = {file: _open(file) for file in files}
+    located = {}
+    for file, handle in handles.items():
+        for name in handle.keys():
+            if name in located:
+                raise LlmpressError(f"{path}: tensor {name} is in both {located[name].name} "
+                                    f"and {file.name}")
+            located[name] = file
+    return located, handles
+
+
+def _open(file: Path) -> Any:
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise LlmpressError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
+def _tensor_reader(handle: Any, hf_name: str, permute_heads: int | None
+                   ) -> Callable[[], torch.Tensor]:
+    def read_bytes() -> torch.Tensor:
+        tensor = handle.get_tensor(hf_name)
+        if permute_heads:
+            tensor = permute_qk(tensor, permute_heads)
+        return tensor.contiguous().view(torch.uint8).reshape(-1)
+    return read_bytes
+
+
+# --- the expected tensors ----------------------------------------------------------------
+def expected_shapes(hp: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor the runtime takes (block tensors as "blk.*.x") -> the torch-order shape
+    config.json implies."""
+    dim, hd, vocab, ffn = hp["hidden_size"], hp["head_dim"], hp["vocab_size"], \
+        hp["intermediate_size"]
+    q_rows, kv_rows = hp["num_attention_heads"] * hd, hp["num_key_value_heads"] * hd
+    block = {
+        "attn_norm.weight": (dim,), "ffn_norm.weight": (dim,),
+        "attn_q.weight": (q_rows, dim), "attn_q.bias": (q_rows,),
+        "attn_k.weight": (kv_rows, dim), "attn_k.bias": (kv_rows,),
+        "attn_v.weight": (kv_rows, dim), "attn_v.bias": (kv_rows,),
+        "attn_output.weight": (dim, q_rows),
+        "attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,),
+        "ffn_gate.weight": (ffn, dim), "ffn_up.weight": (ffn, dim), "ffn_down.weight": (dim, ffn),
+    }
+    shapes = {f"blk.*.{k}": v for k, v in block.items()}
+    shapes.update({"token_embd.weight": (vocab, dim), "output.weight": (vocab, dim),
+                   "output_norm.weight": (dim,)})
+    return shapes
+
+
+def _generic_name(gguf_name: str) -> tuple[str, int | None]:
+    """"blk.3.ffn_up.weight" -> ("blk.*.ffn_up.weight", 3); globals -> (name, None)."""
+    if gguf_name.startswith("blk."):
+        _, block, rest = gguf_name.split(".", 2)
+        return f"blk.*.{rest}", int(block)
+    return gguf_name, None
+
+
+def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Path) -> None:
+    """Every layer has the same tensors (the required ones at least); globals are there."""
+    per_layer: list[set[str]] = [set() for _ in range(hp["num_hidden_layers"])]
+    for name in tensors:
+        generic, block = _generic_name(name)
+        if block is not None:
+            per_layer[block].add(generic)
+    wanted = set().union(*per_layer) | {f"blk.*.{n}" for n in REQUIRED_BLOCK_TENSORS}
+    for i, have in enumerate(per_layer):
+        if missing := sorted(wanted - have):
+            hf = [names.hf_tensor_name(m.replace("*", str(i))) for m in missing]
+            raise LlmpressError(f"{where}: tensor {', '.join(hf)} is missing "
+                                "(incomplete checkpoint?)")
+    for name in ("token_embd.weight", "output_norm.weight"):
+        if name not in tensors:
+            raise LlmpressError(f"{where}: tensor {names.hf_tensor_name(name)} is missing")
+    if not hp["tie_word_embeddings"] and "output.weight" not in tensors:
+        raise LlmpressError(f"{where}: tensor lm_head.weight is missing and config.json "
+                            "does not tie it to the embeddings")
+
+
+# --- the loader --------------------------------------------------------------------------
+def load_hf_dir(path: str | Path) -> ModelSource:
+    """A Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3) as a lazy ModelSource."""
+    path = Path(path)
+    hp = hyperparameters(read_config(path), path)
+    arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
+    metadata = gguf_metadata(hp, arch, path.resolve().name, path)
+    shapes = expected_shapes(hp)
+    # convert_hf_to_gguf permutes q with the query head count and k with the KV head count.
+    permute_heads = ({"attn_q": hp["num_attention_heads"], "attn_k": hp["num_key_value_heads"]}
+                     if arch in names.PERMUTED_QK_ARCHS else {})
+
+    located, handles = safetensors_files(path)
+    tensors: dict[str, TensorRef] = {}
+    for hf_name, file in located.items():
+        if hf_name.endswith(names.HF_IGNORED_SUFFIXES):
+            continue
+        gguf_name = names.gguf_tensor_name(hf_name)
+        if gguf_name is None:
+            raise LlmpressError(f"{file}: tensor {hf_name} has no GGUF equivalent for "
+                                f"{hp['model_type']} models")
+        if gguf_name == "output.weight" and hp["tie_word_embeddings"]:
+            continue  # tied: the runtime reuses token_embd, as llama.cpp does
+        generic, block = _generic_name(gguf_name)
+        if generic not in shapes:
+            raise LlmpressError(f"{file}: tensor {hf_name} is not supported by the llmpress "
+                                "runtime (biases on o_proj or the MLP?)")
+        if block is not None and block >= hp["num_hidden_layers"]:
+            raise LlmpressError(f"{file}: tensor {hf_name} belongs to layer {block}, but "
+                                f"config.json has {hp['num_hidden_layers']} layers")
+        try:
+            info = handles[file].get_slice(hf_name)
+        except Exception:
+            raise LlmpressError(f"{file}: tensor {hf_name} is listed in the index "
+                                "but not in this file") from None
+        dtype_name, shape = info.get_dtype(), tuple(info.get_shape())
+        if dtype_name not in SAFETENSORS_TYPES:
+            raise LlmpressError(f"{file}: tensor {hf_name} has dtype {dtype_name}; "
+                                "only F32, F16 and BF16 are supported")
+        if shape != shapes[generic]:
+            raise LlmpressError(f"{file}: tensor {hf_name} has shape {list(shape)}, but "
+                                f"config.json implies {list(shapes[generic])}")
+        ggml_type, torch_dtype = SAFETENSORS_TYPES[dtype_name]
+        heads = permute_heads.get(generic.split(".")[2]) if block is not None else None
+        tensors[gguf_name] = TensorRef(
+            name=gguf_name, ggml_type=ggml_type, shape=shape,
+            n_bytes=math.prod(shape) * torch_dtype.itemsize,
+            read_bytes=_tensor_reader(handles[file], hf_name, heads))
+    check_complete(tensors, hp, path)
+
+    if hp["rope"]["rope_type"] == "llama3":
+        factors = llama3_rope_factors(hp)  # (head_dim/2,) float32
+        tensors["rope_freqs.weight"] = TensorRef(
+            name="rope_freqs.weight", ggml_type=GGMLQuantizationType.F32,
+            shape=tuple(factors.shape), n_bytes=factors.numel() * 4,
+            read_bytes=lambda: factors.view(torch.uint8))
+    file_bytes = sum(file.stat().st_size for file in handles)
+    return ModelSource(path=path, metadata=metadata, tensors=tensors, file_bytes=file_bytes)
