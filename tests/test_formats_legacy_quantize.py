@@ -138,3 +138,13 @@ def test_imatrix_lowers_weighted_error(type_name: str) -> None:
         return float((importance * (restored.numpy() - values) ** 2).sum())
 
     assert weighted_error(fmt.quantize(values, importance)) < weighted_error(fmt.quantize(values))
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
+def test_kquant_and_iq4_classes_reach_their_search_functions(type_name: str) -> None:
+    """The k-quant/IQ4 classes hand blocks to kquant_quantize; the bytes are ggml's."""
+    fmt = get_format(type_name)
+    values = awkward_matrix(rows=8, row_length=512, seed=8)
+    for importance in (None, random_importance(512, seed=9)):
+        reference = ggml_quantize(type_name, values, importance)
+        assert_same_blocks(fmt.quantize(values, importance), reference, fmt.type_size)
