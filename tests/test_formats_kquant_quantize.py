@@ -94,9 +94,9 @@ def real_tensors(default_model_path) -> dict[str, np.ndarray]:
 
     attn_q = load("blk.7.attn_q.weight")  # (576, 576)
     return {
-        "ffn_down": load("blk.3.ffn_down.weight")[:192],  # (192, 1536)
-        "attn_q_as_256": attn_q[:320].reshape(-1, 256),  # rows of 576 do not split into 256
-        "attn_q": attn_q[:128],  # for IQ4_NL, whose blocks are 32
+        "ffn_down": load("blk.3.ffn_down.weight")[:96],  # (96, 1536)
+        "attn_q_as_256": attn_q[:192].reshape(-1, 256),  # rows of 576 do not split into 256
+        "attn_q": attn_q[:64],  # for IQ4_NL, whose blocks are 32
     }
 
 

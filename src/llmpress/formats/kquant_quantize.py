@@ -203,16 +203,17 @@ def _make_qkx_quants(
     minimum = lo
     levels = levels_for(iscale, minimum)
     best = error(scale, minimum, levels)
+    terms = np.empty((x.shape[0], 3, *x.shape[1:]), dtype=F32)
     for step in range(nstep + 1):
         # ggml moves `min` to the best fit so far, and the next candidates start from it
         level = levels_for(
             ((F32(rmin) + F32(rdelta) * F32(step)) + F32(nmax)) / (hi - minimum), minimum
         )
         lf = level.astype(F32)
-        wl = w * lf
-        sum_l = _sequential_sum(wl)
-        sum_l2 = _sequential_sum(wl * lf)
-        sum_xl = _sequential_sum(wl * x)
+        np.multiply(w, lf, out=terms[:, 0])  # w*l
+        np.multiply(terms[:, 0], lf, out=terms[:, 1])  # w*l*l
+        np.multiply(terms[:, 0], x, out=terms[:, 2])  # w*l*x
+        sum_l, sum_l2, sum_xl = _sequential_sum(terms)  # the three sums in one pass
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
