@@ -11,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from llmpress.formats.base import BlockFormat, bit_shifts, read_f16
+from llmpress.formats.kquants import search_function
 from llmpress.formats.legacy import low_then_high_nibbles
 
 # kvalues_iq4nl from ggml-common.h.
@@ -23,12 +24,6 @@ def iq4_values(indices: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, indices.reshape(-1).to(torch.int32)).view(indices.shape)
 
 
-def _quantizer(function_name: str):
-    from llmpress.formats import kquant_quantize
-
-    return getattr(kquant_quantize, function_name)
-
-
 class IQ4_NL(BlockFormat):
     name = "IQ4_NL"
     ggml_type = GGMLQuantizationType.IQ4_NL
@@ -36,7 +31,7 @@ class IQ4_NL(BlockFormat):
     type_size = 18  # d: f16, qs: 16 bytes of two 4-bit indices
 
     def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        return _quantizer("quantize_iq4_nl")(values, importance)
+        return search_function("quantize_iq4_nl")(values, importance)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = read_f16(blocks, 0)
@@ -50,7 +45,7 @@ class IQ4_XS(BlockFormat):
     type_size = 136  # d: f16, scales_h: u16, scales_l: 4 bytes, qs: 128 bytes
 
     def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        return _quantizer("quantize_iq4_xs")(values, importance)
+        return search_function("quantize_iq4_xs")(values, importance)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]

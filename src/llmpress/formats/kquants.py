@@ -18,8 +18,9 @@ from llmpress.formats.base import BlockFormat, bit_shifts, read_f16
 QK_K = 256
 
 
-def _kquant_quantizer(function_name: str):
-    """Look up a search function in kquant_quantize.py at call time (imported lazily)."""
+def search_function(function_name: str):
+    """A quantizer of kquant_quantize.py, imported at call time (the searches are heavy
+    and only quantizing needs them)."""
     from llmpress.formats import kquant_quantize
 
     return getattr(kquant_quantize, function_name)
@@ -30,7 +31,7 @@ class _KQuant(BlockFormat):
     quantizer_name: str
 
     def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        return _kquant_quantizer(self.quantizer_name)(values, importance)
+        return search_function(self.quantizer_name)(values, importance)
 
 
 def unpack_scales_mins_k4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

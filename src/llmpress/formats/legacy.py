@@ -250,6 +250,7 @@ class _LegacyQuant(BlockFormat):
     """
 
     block_size = 32
+    uses_importance = True  # ggml's Q8_0 ignores the imatrix
 
     def quantize_blocks(self, values: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         return self.quantize_row_blocks(values, weights, values.size)
@@ -258,7 +259,7 @@ class _LegacyQuant(BlockFormat):
         self, values: np.ndarray, weights: np.ndarray | None, row_length: int
     ) -> np.ndarray:
         values = np.ascontiguousarray(values, dtype=F32)
-        if weights is None:
+        if weights is None or not self.uses_importance:
             return self.quantize_reference(values)
         weights = np.ascontiguousarray(weights, dtype=F32)
         sigma2 = row_mean_square(values, row_length)
@@ -268,7 +269,7 @@ class _LegacyQuant(BlockFormat):
         raise NotImplementedError
 
     def quantize_weighted(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return self.quantize_reference(x)
+        raise NotImplementedError
 
 
 def _truncate_to_int8(values: np.ndarray) -> np.ndarray:
@@ -380,6 +381,7 @@ class Q8_0(_LegacyQuant):
     name = "Q8_0"
     ggml_type = GGMLQuantizationType.Q8_0
     type_size = 34  # d: f16, qs: 32 int8
+    uses_importance = False
 
     def quantize_reference(self, x: np.ndarray) -> np.ndarray:
         # quantize_row_q8_0_ref (ggml ignores importance weights for Q8_0).
