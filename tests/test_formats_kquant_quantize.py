@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ggml_ref import ggml_quantize
-from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from llmpress.errors import LlmpressError
 from llmpress.formats import kquant_quantize as kq
+from llmpress.io.gguf import read_gguf_header, tensor_nbytes
 
 TYPES = {  # name -> (our function, values per block, bytes per block)
     "Q6_K": (kq.quantize_q6_k, 256, 210),
@@ -84,13 +84,18 @@ def test_random_tensors_match_ggml(type_name: str) -> None:
 
 @pytest.fixture(scope="module")
 def real_tensors(default_model_path) -> dict[str, np.ndarray]:
-    """float32 weights of the default model: ffn_down rows are 1536 long, the others 576."""
-    reader = GGUFReader(default_model_path)
-    by_name = {t.name: t for t in reader.tensors}
+    """float32 weights of the default model: ffn_down rows are 1536 long, the others 576.
+
+    Bytes come from our header parser (gguf-py's GGUFReader takes seconds on the
+    vocabulary); gguf-py's dequantize turns them into floats."""
+    _, infos, data_start, mapped = read_gguf_header(default_model_path)
+    by_name = {name: (ggml_type, dims, offset) for name, ggml_type, dims, offset in infos}
 
     def load(name: str) -> np.ndarray:
-        tensor = by_name[name]
-        return dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        ggml_type, dims, offset = by_name[name]
+        n_bytes = tensor_nbytes(ggml_type, dims, name)
+        raw = np.asarray(mapped[data_start + offset : data_start + offset + n_bytes])
+        return dequantize(raw, ggml_type).reshape(tuple(reversed(dims))).astype(np.float32)
 
     attn_q = load("blk.7.attn_q.weight")  # (576, 576)
     return {
