@@ -113,12 +113,8 @@ class LanguageModel:
 
     # --- text in, text out ---------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        from llmpress.io.chat_template import render_chat
-        tok = self.tokenizer
-        bos = tok.token_to_piece(tok.bos_id) if tok.bos_id is not None else ""
-        eos = tok.token_to_piece(tok.eos_id) if tok.eos_id is not None else ""
-        return render_chat(tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos, eos_token=eos)
+        """messages rendered with the model's chat template (ChatML when it has none)."""
+        return self.tokenizer.chat_prompt(messages, add_generation_prompt)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

@@ -97,13 +97,20 @@ class Attention(nn.Module):
         cache_v[:, :, start:end] = v.transpose(1, 2)
         keys, values = cache_k[:, :, :end], cache_v[:, :, :end]  # (B, KV, S, hd)
         q = q.transpose(1, 2)  # (B, H, T, hd)
-        mask = None
-        if T > 1:  # causal with an offset: query t sees keys up to start + t
-            qpos = torch.arange(start, end, device=x.device)[:, None]
-            mask = torch.arange(end, device=x.device)[None, :] <= qpos  # (T, S)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                             scale=1.0 / math.sqrt(self.head_dim),
-                                             enable_gqa=self.n_heads != self.n_kv)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if T == 1:  # decode: three small ops beat SDPA's parallel kernel for one query
+            group = self.n_heads // self.n_kv
+            qg = q.reshape(B, self.n_kv, group, self.head_dim)  # (B, KV, G, hd)
+            probs = torch.softmax(qg @ keys.transpose(-1, -2) * scale, dim=-1)  # (B, KV, G, S)
+            out = (probs @ values).reshape(B, self.n_heads, 1, self.head_dim)
+        else:  # causal; with earlier tokens cached, query t sees keys up to start + t
+            mask = None
+            if start:
+                qpos = torch.arange(start, end, device=x.device)[:, None]
+                mask = torch.arange(end, device=x.device)[None, :] <= qpos  # (T, S)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 is_causal=mask is None, scale=scale,
+                                                 enable_gqa=self.n_heads != self.n_kv)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
