@@ -21,10 +21,10 @@ class OptionalBuildExt(build_ext):
 
 kernel = Extension(
     "llmpress.kernels._qmatmul",
-    sources=["src/llmpress/kernels/qmatmul.c"],
+    sources=["src/llmpress/kernels/qmatmul.c", "src/llmpress/kernels/decode.c"],
     # native: the kernel is built on the machine that runs it; fast-math lets the
     # compiler vectorize the per-block reductions (the sums' order is ours to choose).
     extra_compile_args=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-    extra_link_args=["-fopenmp"],
+    extra_link_args=["-fopenmp", "-lm"],  # -lm: the vectorized expf of -ffast-math
 )
 setup(ext_modules=[kernel], cmdclass={"build_ext": OptionalBuildExt})

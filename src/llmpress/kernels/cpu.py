@@ -19,7 +19,10 @@ def _library() -> ctypes.CDLL | None:
     spec = importlib.util.find_spec("llmpress.kernels._qmatmul")
     if spec is None or spec.origin is None:
         return None
-    lib = ctypes.CDLL(spec.origin)
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:  # a broken build: the exact torch path still works
+        return None
     lib.llmpress_qmatmul.restype = ctypes.c_int
     lib.llmpress_qmatmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,

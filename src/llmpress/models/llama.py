@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmpress.io.source import ModelSource
+from llmpress.kernels.decode import FusedDecoder, can_decode
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
 from llmpress.models.config import LayerConfig, LlamaConfig, config_from_source
 
@@ -59,7 +60,7 @@ class KVCache:
 
     def __init__(self, cfg: LlamaConfig, max_tokens: int, batch: int = 1,
                  dtype=torch.float32, device=None):
-        self.max_tokens = max_tokens
+        self.max_tokens, self.dtype = max_tokens, dtype
         self.keys = [torch.empty(batch, lc.n_kv_heads, max_tokens, cfg.head_dim,
                                  dtype=dtype, device=device) for lc in cfg.layers]
         self.values = [torch.empty_like(k) for k in self.keys]
@@ -160,6 +161,9 @@ class LlamaModel(nn.Module):
         self.norm = dense_tensor(src.tensors["output_norm.weight"], self.device)
         head = src.tensors["token_embd.weight" if cfg.tied_output else "output.weight"]
         self.output = QuantLinear(head, mode, self.device)
+        # fast mode on the CPU: one C call per generated token when every type has a kernel
+        self.decoder = (FusedDecoder(self) if mode == "fast" and self.device.type == "cpu"
+                        and can_decode(self) else None)
         freqs = src.tensors.get("rope_freqs.weight")
         self.rope = RotaryEmbedding(cfg, dense_tensor(freqs, self.device) if freqs else None,
                                     self.device)
@@ -175,8 +179,11 @@ class LlamaModel(nn.Module):
             raise ValueError(f"{start + T} tokens exceed the cache of {cache.max_tokens}")
         x = self.embed(tokens.to(self.device))  # (B, T, dim)
         rotation = self.rope.rotation(torch.arange(start, start + T, device=self.device))
-        for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
-            x = block(x, self.rope, rotation, ck, cv, start)
+        if self.decoder is not None and B == 1 and T == 1 and cache.dtype == torch.float32:
+            x = self.decoder.step(x[0, 0], cache, rotation[0]).view(1, 1, -1)
+        else:
+            for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
+                x = block(x, self.rope, rotation, ck, cv, start)
         cache.length = start + T
         if last_only:
             x = x[:, -1:]
