@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require this bearer token "
                    "(or set LLMPRESS_API_KEY)")
     p.set_defaults(func=cmd_serve)
+
+    from llmpress.cli_quantize import add_quantize_parser
+    add_quantize_parser(sub)
     return parser
 
 

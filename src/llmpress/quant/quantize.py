@@ -1,0 +1,411 @@
+"""`quantize_model`: a model in, a GGUF of another type mix out, like llama-quantize.
+
+    report = quantize_model(QuantizeConfig("f32.gguf", "q4km.gguf", "Q4_K_M",
+                                           imatrix="imatrix.gguf"))
+
+Follows llama.cpp's llama_model_quantize_impl (src/llama-quant.cpp): the same tensor
+order, metadata (input KVs, then general.quantization_version and general.file_type,
+then the quantize.imatrix.* keys), type mix (quant/mix.py), importance per tensor and
+padding, so for the same input our file is byte-identical to llama-quantize's wherever
+the block quantizers are. Each tensor is dequantized exactly, quantized and streamed to
+the output before the next one is read: peak memory is the (mapped) input plus a few
+copies of the largest tensor.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType
+
+from llmpress.errors import LlmpressError
+from llmpress.formats import FORMATS, dequantize_tensor, get_format
+from llmpress.io.gguf import load_gguf
+from llmpress.io.gguf_write import GGUFStreamWriter, MetadataValue, TensorSlot, plan_gguf
+from llmpress.io.source import ModelSource, TensorRef
+from llmpress.quant.mix import (
+    FLOAT_TYPES,
+    MixOptions,
+    TensorChoice,
+    choose_types,
+    file_type,
+    model_facts,
+    tensors_of,
+)
+
+GGML_QNT_VERSION = 2  # ggml.h: written to general.quantization_version
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")  # removed, as llama.cpp does
+IMATRIX_STRING_LIMIT = 127  # llama_model_kv_override.val_str holds 128 bytes
+_u32 = GGUFValueType.UINT32  # gguf_set_val_u32
+
+
+# --- configuration and report ----------------------------------------------------------
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything `llmpress quantize` takes; validated on construction."""
+
+    input: Path | str | ModelSource
+    output: Path | str
+    type: str  # a file type: Q4_K_M, Q8_0, F16 ... (quant.mix.FILE_TYPES)
+    imatrix: Path | str | None = None  # llama.cpp imatrix GGUF, or the legacy .dat
+    allow_requantize: bool = False
+    tensor_types: tuple[tuple[str, str], ...] = ()  # (regex, type): --tensor-type
+    output_type: str | None = None
+    embedding_type: str | None = None
+    pure: bool = False
+    error_rows: int = 256  # rows per tensor dequantized back to report the error; 0: none
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output", Path(self.output))
+        object.__setattr__(self, "tensor_types", tuple(tuple(p) for p in self.tensor_types))
+        self.mix_options(has_imatrix=False)  # validates type names and patterns
+        if self.imatrix is not None and not Path(self.imatrix).is_file():
+            raise LlmpressError(f"{self.imatrix}: no such importance matrix file")
+        if not isinstance(self.input, ModelSource) and not Path(self.input).exists():
+            raise LlmpressError(f"{self.input}: no such model file or directory")
+        if not isinstance(self.input, ModelSource) and (
+                Path(self.input).resolve() == self.output.resolve()):
+            raise LlmpressError(f"{self.output}: the output would overwrite the input; "
+                                "choose another output file")
+
+    def mix_options(self, has_imatrix: bool) -> MixOptions:
+        return MixOptions(self.type, has_imatrix=has_imatrix, tensor_types=self.tensor_types,
+                          output_type=self.output_type, embedding_type=self.embedding_type,
+                          pure=self.pure)
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    shape: tuple[int, ...]
+    source_type: str
+    type: str
+    n_bytes: int
+    # sum(w (x - q)^2) / sum(w x^2), w = the imatrix column weight (1 without one), over
+    # up to QuantizeConfig.error_rows evenly spaced rows; 0 for a copied tensor, None when
+    # not measured
+    error: float | None
+    used_imatrix: bool
+    fell_back: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    input: str
+    output: str
+    file_type: str
+    tensors: tuple[TensorReport, ...]
+    file_bytes: int
+    n_params: int
+    seconds: float
+    imatrix_entries: int
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """File bytes * 8 / parameters, as the reference tables and `llmpress info` count it
+        (llama-quantize's own "BPW" line counts tensor bytes only)."""
+        return self.file_bytes * 8 / max(self.n_params, 1)
+
+
+ProgressCallback = Callable[[int, int, TensorReport], None]  # (done, total, last tensor)
+
+
+# --- importance matrix -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ImportanceMatrix:
+    """Per-tensor mean squared input activation, as llama-quantize's load_imatrix gives it."""
+
+    label: str  # the path as given: written to quantize.imatrix.file
+    entries: Mapping[str, np.ndarray] = field(repr=False)  # name -> float32 (n_expert * row,)
+    datasets: tuple[str, ...] = ()
+    chunk_count: int = 0
+
+
+def load_imatrix(path: Path | str) -> ImportanceMatrix:
+    """Read llama.cpp's imatrix GGUF (`<name>.in_sum2` / `<name>.counts`) or legacy .dat."""
+    path_obj = Path(path)
+    if not path_obj.is_file():
+        raise LlmpressError(f"{path}: no such importance matrix file")
+    with open(path_obj, "rb") as f:
+        magic = f.read(4)
+    entries, datasets, chunks = (_read_imatrix_gguf(path_obj) if magic == b"GGUF"
+                                 else _read_imatrix_legacy(path_obj))
+    for name, values in entries.items():
+        if not np.isfinite(values).all():
+            raise LlmpressError(f"{path}: importance matrix entry {name} has non-finite values")
+    return ImportanceMatrix(str(path), entries, tuple(datasets), chunks)
+
+
+def _read_imatrix_gguf(path: Path) -> tuple[dict, list[str], int]:
+    """common_imatrix_load + load_imatrix: mean = in_sum2 / count per expert (count 0 -> 1)."""
+    source = load_gguf(path)
+    sums, counts = {}, {}
+    for name, ref in source.tensors.items():
+        for suffix, table in ((".in_sum2", sums), (".counts", counts)):
+            if name.endswith(suffix):
+                if ref.ggml_type != T.F32:
+                    raise LlmpressError(f"{path}: imatrix tensor {name} must be F32")
+                table[name[: -len(suffix)]] = ref.read_bytes().numpy().view(np.float32)
+    if not sums and not counts:
+        raise LlmpressError(f"{path}: no importance matrix data (no .in_sum2 tensors)")
+    entries = {}
+    for name in sorted(set(sums) | set(counts)):
+        if name not in sums or name not in counts:
+            raise LlmpressError(f"{path}: importance matrix {name} lacks its sums or counts")
+        total, count = sums[name], counts[name]
+        if count.size == 0 or total.size % count.size:
+            raise LlmpressError(f"{path}: importance matrix {name}: {total.size} sums do not "
+                                f"split into {count.size} experts")
+        per_expert = total.reshape(count.size, -1)
+        n = np.round(count.astype(np.float64)).astype(np.float32)[:, None]  # std::lround
+        safe = np.where(n > 0, n, np.float32(1))
+        entries[name] = np.where(n > 0, per_expert / safe, np.float32(1)).astype(np.float32).ravel()
+    meta = source.metadata
+    datasets = [str(d) for d in meta.get("imatrix.datasets", []) or []]
+    return entries, datasets, int(meta.get("imatrix.chunk_count", 0) or 0)
+
+
+def _read_imatrix_legacy(path: Path) -> tuple[dict, list[str], int]:
+    """The .dat format: n, then (name length, name, ncall, nval, nval floats) * n, then
+    optionally the chunk count and the dataset name (common_imatrix_load_legacy)."""
+    data = path.read_bytes()
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if n < 0 or pos + n > len(data):
+            raise LlmpressError(f"{path}: not an importance matrix file (truncated at byte {pos})")
+        pos += n
+        return data[pos - n: pos]
+
+    (n_entries,) = struct.unpack("<i", take(4))
+    if n_entries < 1:
+        raise LlmpressError(f"{path}: not an importance matrix file (no entries)")
+    entries = {}
+    for _ in range(n_entries):
+        (name_len,) = struct.unpack("<i", take(4))
+        name = take(name_len).decode("utf-8", errors="replace")
+        ncall, nval = struct.unpack("<ii", take(8))
+        if nval < 1:
+            raise LlmpressError(f"{path}: importance matrix entry {name} has {nval} values")
+        sums = np.frombuffer(take(4 * nval), dtype="<f4").astype(np.float32)
+        # stored as mean * ncall; llama-quantize divides by ncall in float
+        entries[name] = sums / np.float32(ncall) if ncall > 0 else sums
+    chunks, datasets = 0, []
+    if len(data) - pos >= 4:
+        (chunks,) = struct.unpack("<i", take(4))
+        if len(data) - pos >= 4:
+            (length,) = struct.unpack("<i", take(4))
+            if 0 < length <= len(data) - pos:
+                datasets.append(take(length).split(b"\0")[0].decode("utf-8", errors="replace"))
+    return entries, datasets, chunks
+
+
+# --- planning --------------------------------------------------------------------------
+def load_source(model: Path | str | ModelSource) -> ModelSource:
+    if isinstance(model, ModelSource):
+        return model
+    path = Path(model)
+    if path.is_dir():
+        from llmpress.io.hf import load_hf_dir  # Hugging Face directories only
+        return load_hf_dir(path)
+    return load_gguf(path)
+
+
+def output_metadata(source_metadata: Mapping[str, Any], ftype_number: int,
+                    imatrix: ImportanceMatrix | None) -> dict[str, Any]:
+    """The output's KVs in llama-quantize's order: the input's (split keys dropped), then
+    quantization version and file type, then the imatrix keys (gguf_set_val_* appends)."""
+    appended: dict[str, Any] = {
+        "general.quantization_version": MetadataValue(_u32, GGML_QNT_VERSION),
+        "general.file_type": MetadataValue(_u32, ftype_number),
+    }
+    if imatrix is not None:
+        appended["quantize.imatrix.file"] = imatrix.label[:IMATRIX_STRING_LIMIT]
+        if imatrix.datasets:
+            appended["quantize.imatrix.dataset"] = imatrix.datasets[0][:IMATRIX_STRING_LIMIT]
+        appended["quantize.imatrix.entries_count"] = MetadataValue(_u32, len(imatrix.entries))
+        if imatrix.chunk_count > 0:
+            appended["quantize.imatrix.chunks_count"] = MetadataValue(_u32, imatrix.chunk_count)
+    kept = {k: v for k, v in source_metadata.items()
+            if k not in appended and k not in SPLIT_KEYS}
+    return kept | appended
+
+
+@dataclass(frozen=True)
+class QuantizePlan:
+    source: ModelSource
+    choices: tuple[TensorChoice, ...]  # in output order
+    metadata: dict[str, Any]
+
+    @property
+    def layout(self):
+        return plan_gguf(self.metadata, [TensorSlot(c.name, c.target_type, c.shape)
+                                         for c in self.choices])
+
+
+def plan_quantization(source: ModelSource, config: QuantizeConfig,
+                      imatrix: ImportanceMatrix | None = None) -> QuantizePlan:
+    """Types, metadata and layout of the output, from names, shapes and metadata only."""
+    options = config.mix_options(has_imatrix=imatrix is not None)
+    choices = choose_types(tensors_of(source.tensors.values()), model_facts(source.metadata),
+                           options)
+    for c in choices:
+        if c.target_type not in FORMATS:
+            raise LlmpressError(f"tensor {c.name}: llmpress cannot write type {c.target_type.name}")
+        row = c.shape[-1] if c.shape else 1
+        block = get_format(c.target_type).block_size
+        if row % block:
+            raise LlmpressError(f"tensor {c.name}: rows of {row} values do not fit "
+                                f"{c.target_type.name} blocks of {block}; choose another type")
+        if (c.source_type != c.target_type and c.source_type not in FLOAT_TYPES
+                and not config.allow_requantize):
+            raise LlmpressError(
+                f"{source.path}: tensor {c.name} is already quantized ({c.source_type.name}); "
+                "requantizing loses quality, pass --allow-requantize to do it anyway")
+        if c.source_type not in FORMATS:
+            raise LlmpressError(f"tensor {c.name}: llmpress cannot read type {c.source_type.name}")
+    metadata = output_metadata(source.metadata, options.ftype.number, imatrix)
+    return QuantizePlan(source, tuple(choices), metadata)
+
+
+# --- one tensor ------------------------------------------------------------------------
+def dequantize_ref(ref: TensorRef) -> np.ndarray:
+    """The tensor as float32 numpy, exactly (ggml's to_float)."""
+    raw = ref.read_bytes()
+    if ref.ggml_type == T.F32:
+        return raw.numpy().view(np.float32).reshape(ref.shape)
+    return dequantize_tensor(raw, ref.ggml_type, ref.shape).numpy()
+
+
+def quantize_tensor(values: np.ndarray, target: T, importance: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """float32 (..., rows, row) -> uint8 GGUF bytes of `target`.
+
+    `importance` is (row,) or, for a stack of experts, (n_expert * row,): each expert's
+    rows get their own slice (llama_tensor_quantize_impl's imatrix_for_row).
+    """
+    fmt = get_format(target)
+    row = values.shape[-1]
+    matrices = values.reshape(-1, *values.shape[-2:]) if values.ndim >= 2 else values[None, None]
+    if importance is not None:
+        importance = np.asarray(importance, dtype=np.float32).reshape(-1, row)
+        if importance.shape[0] != matrices.shape[0]:
+            raise LlmpressError(f"importance has {importance.shape[0]} rows of {row}, the tensor "
+                                f"{matrices.shape[0]} matrices")
+    parts = [fmt.quantize(m, None if importance is None else importance[i])
+             for i, m in enumerate(matrices)]
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return out.reshape(-1)
+
+
+def _relative_error(values: np.ndarray, raw: np.ndarray, target: T,
+                    importance: np.ndarray | None, max_rows: int) -> float:
+    """sum(w (x - q)^2) / sum(w x^2) over up to `max_rows` evenly spaced rows (all rows
+    when there are fewer), w = the row's importance (1 without an imatrix)."""
+    row = values.shape[-1]
+    x = values.reshape(-1, row)
+    picked = np.unique(np.linspace(0, x.shape[0] - 1, min(x.shape[0], max_rows)).astype(np.int64))
+    stored = raw.reshape(x.shape[0], -1)[picked]
+    restored = dequantize_tensor(torch.from_numpy(np.ascontiguousarray(stored)), target,
+                                 (len(picked), row)).numpy().astype(np.float64)
+    x = x[picked].astype(np.float64)
+    w = np.ones((1, row))
+    if importance is not None:  # each expert's rows have their own weights
+        per_expert = np.asarray(importance, dtype=np.float64).reshape(-1, row)
+        rows_per_expert = values.reshape(-1, row).shape[0] // per_expert.shape[0]
+        w = per_expert[picked // rows_per_expert]
+    signal = float((w * x * x).sum())
+    noise = float((w * (x - restored) ** 2).sum())
+    return noise / signal if signal > 0 else noise
+
+
+def _importance_for(choice: TensorChoice, imatrix: ImportanceMatrix | None) -> np.ndarray | None:
+    """The entry llama-quantize passes for this tensor, with its size checks."""
+    if imatrix is None or choice.name not in imatrix.entries:
+        return None
+    entry = imatrix.entries[choice.name]
+    row = choice.shape[-1]
+    n_expert = choice.shape[0] if len(choice.shape) >= 3 else 1
+    if entry.size == row * n_expert:
+        return entry
+    if choice.name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return None  # always mismatched in old files; llama.cpp ignores it
+    raise LlmpressError(f"{imatrix.label}: importance for {choice.name} has {entry.size} values, "
+                        f"the tensor needs {row * n_expert}; was it made for another model?")
+
+
+# --- the whole model -------------------------------------------------------------------
+def quantize_model(config: QuantizeConfig, progress: ProgressCallback | None = None
+                   ) -> QuantizeReport:
+    started = time.perf_counter()
+    source = load_source(config.input)
+    imatrix = load_imatrix(config.imatrix) if config.imatrix is not None else None
+    plan = plan_quantization(source, config, imatrix)
+    layout = plan.layout
+    protect = [source.path]
+    if source.path.is_dir():
+        protect += [p for p in source.path.iterdir() if p.is_file()]
+    reports = []
+    with GGUFStreamWriter(config.output, layout, protect=protect) as writer:
+        for done, choice in enumerate(plan.choices, 1):
+            report, data = _convert(source.tensors[choice.name], choice, imatrix,
+                                    config.error_rows)
+            writer.write_tensor(choice.name, data)
+            del data
+            reports.append(report)
+            if progress is not None:
+                progress(done, len(plan.choices), report)
+    n_params = sum(int(np.prod(c.shape)) for c in plan.choices)
+    return QuantizeReport(
+        input=str(source.path), output=str(config.output), file_type=plan_file_type(config),
+        tensors=tuple(reports), file_bytes=layout.file_bytes, n_params=n_params,
+        seconds=time.perf_counter() - started,
+        imatrix_entries=len(imatrix.entries) if imatrix else 0,
+    )
+
+
+def plan_file_type(config: QuantizeConfig) -> str:
+    return file_type(config.type).name
+
+
+def _convert(ref: TensorRef, choice: TensorChoice, imatrix: ImportanceMatrix | None,
+             error_rows: int) -> tuple[TensorReport, Any]:
+    """One tensor: copied when its type stays, else dequantized and quantized."""
+    t0 = time.perf_counter()
+    importance = None
+    if choice.target_type == choice.source_type:
+        data, error = ref.read_bytes(), 0.0
+    else:
+        importance = _importance_for(choice, imatrix)
+        values = dequantize_ref(ref)
+        data = quantize_tensor(values, choice.target_type, importance)
+        error = (_relative_error(values, data, choice.target_type, importance, error_rows)
+                 if error_rows > 0 else None)
+    report = TensorReport(
+        name=choice.name, shape=choice.shape, source_type=choice.source_type.name,
+        type=choice.target_type.name, n_bytes=int(data.numel() if isinstance(data, torch.Tensor)
+                                                  else data.nbytes),
+        error=error, used_imatrix=importance is not None, fell_back=choice.fell_back,
+        seconds=time.perf_counter() - t0,
+    )
+    return report, data
+
+
+__all__ = [
+    "ImportanceMatrix", "QuantizeConfig", "QuantizePlan", "QuantizeReport", "TensorReport",
+    "load_imatrix", "plan_quantization", "quantize_model", "quantize_tensor",
+]
