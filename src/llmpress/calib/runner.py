@@ -30,7 +30,7 @@ attn_v, attn_output, ffn_gate, ffn_up, ffn_down.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -133,16 +133,24 @@ class LayerStep:
         lin.dense = weight.to(lin.dense.device, torch.float32).contiguous()
         self._outputs = None
 
-    def collect(self, names: Iterable[str], init: Init, accumulate: Accumulate) -> dict:
+    def collect(self, names: Iterable[str] | Mapping[str, tuple[Init, Accumulate]],
+                init: Init | None = None, accumulate: Accumulate | None = None) -> dict:
         """One pass over all inputs with hooks on the named Linears; returns {name: stats}
         where stats = accumulate(...accumulate(init(in_features, device), x1)..., xn) over
-        the Linear's inputs (tokens, in_features). The pass also yields the outputs."""
-        stats = {n: init(self.linears[n].in_features, self.inputs.device) for n in names}
+        the Linear's inputs (tokens, in_features). `names` may instead map each name to its
+        own (init, accumulate) pair, e.g. {"attn_output": (init_gram, accumulate_gram),
+        "ffn_down": (init_moments, accumulate_moments)}. The pass also yields the outputs."""
+        pairs = (dict(names) if isinstance(names, Mapping)
+                 else {n: (init, accumulate) for n in names})
+        stats = {n: make(self.linears[n].in_features, self.inputs.device)
+                 for n, (make, _) in pairs.items()}
 
         def hook_for(name):
+            add = pairs[name][1]
+
             def hook(module, args, output):
                 x = args[0]
-                stats[name] = accumulate(stats[name], x.reshape(-1, x.shape[-1]))
+                stats[name] = add(stats[name], x.reshape(-1, x.shape[-1]))
             return hook
 
         handles = [self.linears[n].register_forward_hook(hook_for(n)) for n in stats]
