@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(or set LLMPRESS_API_KEY)")
     p.set_defaults(func=cmd_serve)
 
+    from llmpress.cli_calibrated import add_calibrated_parsers
+    add_calibrated_parsers(sub)
+
     from llmpress.cli_quantize import add_quantize_parser
     add_quantize_parser(sub)
     return parser
