@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType
+from tiny import greedy, quantized, save_tiny_hf_model
 
-from llmpress.formats import get_format
 from llmpress.io.hf import load_hf_dir
-from llmpress.io.source import ModelSource, TensorRef
 from llmpress.models.llama import LlamaModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -19,43 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    import transformers
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      vocab_size=512, max_position_embeddings=256,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    directory = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(directory)
-    return directory
-
-
-def quantized(src: ModelSource, ggml_type: GGMLQuantizationType) -> ModelSource:
-    """Every matmul weight of src requantized to ggml_type, in memory."""
-    fmt = get_format(ggml_type)
-    tensors = dict(src.tensors)
-    for name, ref in src.tensors.items():
-        if len(ref.shape) != 2 or name == "token_embd.weight":
-            continue
-        values = get_format(ref.ggml_type).dequantize(ref.read_bytes(), ref.shape).numpy()
-        packed = torch.from_numpy(fmt.quantize(values).reshape(-1))
-        tensors[name] = TensorRef(name, ggml_type, ref.shape, packed.numel(),
-                                  lambda p=packed: p)
-    return ModelSource(src.path, src.metadata, tensors, src.file_bytes)
-
-
-def greedy(model: LlamaModel, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[int]]:
-    cache = model.new_cache(prompt.shape[1] + steps)
-    logits = model(prompt, cache)
-    first_logits, tokens = logits[0].cpu(), []
-    for _ in range(steps):
-        tokens.append(int(logits[0, -1].argmax()))
-        logits = model(torch.tensor([[tokens[-1]]]), cache)
-    return first_logits, tokens
+    return save_tiny_hf_model(tmp_path_factory.mktemp("tiny"))
 
 
 def test_float_model_on_cuda_equals_cpu(tiny_dir):
