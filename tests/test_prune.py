@@ -267,3 +267,73 @@ def test_bad_structured_requests_are_errors(kwargs, message):
 def test_bad_configs_are_errors(kwargs):
     with pytest.raises(LlmpressError):
         PruneConfig(**kwargs)
+
+
+# --- distillation ----------------------------------------------------------------------------------
+from llmpress.prune.distill import (  # noqa: E402
+    DistillConfig, Student, batch_indices, distill, kd_loss, save_loss_curve,
+)
+
+
+def test_student_forward_equals_the_runtime_model():
+    src = tiny_llama(n_layers=2)
+    tokens = random_tokens(2, 12)
+    student = Student(src, "cpu")
+    with torch.no_grad():
+        got = student(tokens)
+    torch.testing.assert_close(got, logits_of(src, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_kd_loss_is_kl_divergence():
+    t, s = torch.randn(3, 7), torch.randn(3, 7)
+    expected = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
+                                          log_target=True, reduction="batchmean")
+    assert kd_loss(s, t).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kd_loss(t, t).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_distillation_lowers_the_loss_keeps_zeros_and_resumes(tmp_path):
+    teacher_src = tiny_llama(n_layers=3)
+    teacher = LlamaModel(teacher_src, mode="exact")
+    pruned = prune_model(teacher_src, PruneConfig(method="magnitude", sparsity=0.5))
+    tokens = random_tokens(8, 24)
+    ckpt = tmp_path / "kd.pt"
+    cfg = DistillConfig(steps=12, lr=3e-3, batch_size=4, warmup=1, checkpoint=ckpt,
+                        save_every=4)
+    full = distill(pruned.source, teacher, tokens, cfg, masks=pruned.masks)
+    assert full.losses[-1] < 0.7 * full.losses[0]
+    w = full.weights["blk.1.ffn_up.weight"]
+    assert ((w == 0) == ~pruned.masks["blk.1.ffn_up.weight"]).all()
+    # interrupted after 9 steps (last checkpoint: step 8), then resumed: the same weights
+    ckpt.unlink()
+
+    def interrupt(step, steps, loss):
+        if step == 9:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(pruned.source, teacher, tokens, cfg, masks=pruned.masks, progress=interrupt)
+    resumed = distill(pruned.source, teacher, tokens, cfg, masks=pruned.masks)
+    assert resumed.resumed_from == 8 and len(resumed.losses) == 12
+    torch.testing.assert_close(resumed.weights["blk.2.attn_q.weight"],
+                               full.weights["blk.2.attn_q.weight"], rtol=1e-5, atol=1e-6)
+    png = save_loss_curve(resumed.losses, tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    teacher = LlamaModel(tiny_llama(n_layers=2), mode="exact")
+    tokens = random_tokens(4, 16)
+    ckpt = tmp_path / "kd.pt"
+    cfg = DistillConfig(steps=1, checkpoint=ckpt)
+    distill(tiny_llama(n_layers=2, seed=5), teacher, tokens, cfg)
+    with pytest.raises(LlmpressError, match="another model"):
+        distill(tiny_llama(n_layers=2, seed=6), teacher, tokens, cfg)
+    ckpt.write_bytes(b"junk")
+    with pytest.raises(LlmpressError, match="not a readable"):
+        distill(tiny_llama(n_layers=2, seed=6), teacher, tokens, cfg)
+
+
+def test_batches_cover_every_sequence_each_epoch():
+    picks = torch.cat([batch_indices(s, 6, 2, seed=0) for s in range(3)])
+    assert sorted(picks.tolist()) == list(range(6))
