@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ class LanguageModel:
         for ref in src.tensors.values():
             count[ref.ggml_type.name] += 1
             size[ref.ggml_type.name] += ref.n_bytes
-        params = sum(_numel(ref.shape) for ref in src.tensors.values())
+        params = sum(math.prod(ref.shape) for ref in src.tensors.values())
         return ModelInfo(
             path=str(src.path), architecture=cfg.architecture,
             name=str(src.metadata.get("general.name", src.path.stem)), parameters=params,
@@ -163,13 +164,6 @@ class LanguageModel:
             tensor_types=tuple(TensorTypeSummary(t, count[t], size[t]) for t in sorted(count)),
             has_chat_template=bool(self.tokenizer.chat_template),
         )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def load(model: str | os.PathLike, *, mode: str = "fast", device: str | None = None,
