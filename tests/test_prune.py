@@ -337,3 +337,54 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 def test_batches_cover_every_sequence_each_epoch():
     picks = torch.cat([batch_indices(s, 6, 2, seed=0) for s in range(3)])
     assert sorted(picks.tolist()) == list(range(6))
+
+
+# --- output ----------------------------------------------------------------------------------------
+from gguf import GGUFReader  # noqa: E402
+
+from llmpress.io.gguf import load_gguf  # noqa: E402
+from llmpress.prune.prune import write_pruned  # noqa: E402
+
+
+def test_width_pruned_model_written_in_input_types_reads_back(tmp_path):
+    src = tiny_llama(n_layers=2, ffn=128, quant_type="Q8_0")
+    result = prune_model(src, PruneConfig(method="width", ratio=0.5, n_sequences=4, seq_len=32),
+                         FakeTokenizer())
+    out = tmp_path / "pruned.gguf"
+    report = write_pruned(result, out)
+    reader = GGUFReader(out)  # gguf-py, the independent reader
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    assert shapes["blk.0.ffn_down.weight"] == (64, result.widths[0][2])
+    assert shapes["blk.1.attn_q.weight"] == (result.widths[1][0] * 16, 64)
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("_q.weight")} == {"Q8_0"}
+    assert int(reader.fields["llama.attention.key_length"].parts[-1][0]) == 16
+    assert report.file_bytes == out.stat().st_size and report.zeros_kept is None
+    written = load_gguf(out)
+    tokens = random_tokens(1, 10)
+    # Q8_0 of the sliced float weights: close to the in-memory pruned model
+    torch.testing.assert_close(logits_of(written, tokens), logits_of(result.source, tokens),
+                               rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("quant_type, exact", [("Q8_0", True), ("Q4_1", False)])
+def test_sparse_zeros_after_requantizing(tmp_path, quant_type, exact):
+    src = tiny_llama(n_layers=1, quant_type=quant_type)
+    result = prune_model(src, PruneConfig(method="magnitude", sparsity=0.5))
+    report = write_pruned(result, tmp_path / "sparse.gguf")
+    assert report.types[quant_type] >= 7
+    if exact:  # symmetric blocks store 0 exactly
+        assert report.zeros_kept == 1.0
+    else:  # a block minimum offsets every value: zeros survive only approximately
+        assert 0 <= report.zeros_kept < 1.0
+
+
+def test_layer_removed_then_quantized(tmp_path):
+    src = tiny_llama(n_layers=3)
+    result = prune_model(src, PruneConfig(method="layers", n_layers=1, n_sequences=2,
+                                          seq_len=16), FakeTokenizer())
+    report = write_pruned(result, tmp_path / "q.gguf", then_quantize="Q8_0")
+    written = load_gguf(tmp_path / "q.gguf")
+    assert written.metadata["llama.block_count"] == 2 and "blk.2.attn_q.weight" not in written.tensors
+    assert report.types["Q8_0"] == 2 * 7 + 2  # and token_embd, output
+    with pytest.raises(LlmpressError, match="overwrite the input"):
+        write_pruned(result, src.path)

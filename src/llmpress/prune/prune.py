@@ -397,3 +397,96 @@ def _prune_width(source, cfg, config, tokens, progress) -> PruneResult:
     scores = [float(s.mean()) for s in group_scores]
     return PruneResult(pruned, source, config, count_params(source), params, params, changed,
                        layer_scores=scores, widths=list(zip(heads, kvs, ffns)))
+
+
+# --- output ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WriteReport:
+    path: Path
+    file_bytes: int
+    types: dict[str, int]  # type name -> tensor count
+    fell_back: tuple[str, ...]  # tensors whose input type did not fit their new rows
+    zeros_kept: float | None  # of the pruned weights, the fraction still exactly 0 in the file
+
+
+def output_type(name: str, values_shape: tuple[int, ...], wanted: GGMLQuantizationType
+                ) -> tuple[GGMLQuantizationType, bool]:
+    """`wanted` if the rows still fill whole blocks, else llama.cpp's fallback for it
+    (tensor_type_fallback: e.g. Q4_K -> Q5_0), else F16."""
+    from llmpress.quant.mix import FALLBACK
+    row = values_shape[-1]
+    if row % GGML_QUANT_SIZES[wanted][0] == 0:
+        return wanted, False
+    fallback = FALLBACK.get(wanted, GGMLQuantizationType.F16)
+    if row % GGML_QUANT_SIZES[fallback][0]:
+        fallback = GGMLQuantizationType.F16
+    return fallback, True
+
+
+def write_pruned(result: PruneResult, output: str | Path, then_quantize: str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> WriteReport:
+    """Write the pruned model as GGUF. Without then_quantize each tensor keeps its input
+    type (changed tensors are quantized back to it; unchanged ones are copied byte for
+    byte); with it, the whole model goes through the quantizer as `llmpress quantize
+    --type TYPE` would (allow-requantize implied). Block formats with a per-block minimum
+    or offset (Q4_1, Q5_1, K-quants) cannot always store an exact zero: `zeros_kept`
+    says how many pruned weights are still exactly zero after the round trip."""
+    from llmpress.io.gguf_write import GGUFStreamWriter, TensorSlot, plan_gguf
+    from llmpress.quant.quantize import QuantizeConfig, quantize_model, quantize_tensor
+
+    output = Path(output)
+    src = result.source
+    if then_quantize is not None:
+        def each(done, total, _report):
+            if progress:
+                progress(done, total)
+        quantize_model(QuantizeConfig(src, output, then_quantize, allow_requantize=True),
+                       each)
+    else:
+        changed = set(result.changed)
+        slots, fell_back = [], []
+        for name, ref in src.tensors.items():
+            wanted = ref.ggml_type
+            if name in changed and name in result.original.tensors:
+                wanted = result.original.tensors[name].ggml_type
+            target, fell = output_type(name, ref.shape, wanted)
+            if fell:
+                fell_back.append(name)
+            slots.append(TensorSlot(name, target, ref.shape))
+        layout = plan_gguf(src.metadata, slots)
+        with GGUFStreamWriter(output, layout, protect=[result.original.path]) as writer:
+            for done, slot in enumerate(slots, 1):
+                ref = src.tensors[slot.name]
+                if slot.ggml_type == ref.ggml_type:
+                    data = ref.read_bytes()
+                else:
+                    data = quantize_tensor(read_float(ref).numpy(), slot.ggml_type)
+                writer.write_tensor(slot.name, data)
+                if progress:
+                    progress(done, len(slots))
+    return _written_report(result, output, tuple(fell_back) if then_quantize is None else ())
+
+
+def _written_report(result: PruneResult, output: Path, fell_back: tuple[str, ...]) -> WriteReport:
+    from llmpress.io.gguf import load_gguf
+    written = load_gguf(output)
+    types: dict[str, int] = {}
+    for ref in written.tensors.values():
+        types[ref.ggml_type.name] = types.get(ref.ggml_type.name, 0) + 1
+    zeros_kept = None
+    if result.masks:
+        pruned = kept = 0
+        for name, mask in result.masks.items():
+            values = read_float(written.tensors[name])
+            pruned += int((~mask).sum())
+            kept += int(((values == 0) & ~mask).sum())
+        zeros_kept = kept / max(pruned, 1)
+    return WriteReport(output, written.file_bytes, types, fell_back, zeros_kept)
+
+
+def with_weights(result: PruneResult, weights: Mapping[str, torch.Tensor]) -> PruneResult:
+    """The result with some tensors replaced (e.g. by distillation)."""
+    tensors = {**result.source.tensors, **weights}
+    source = in_memory_source(result.source.path, result.source.metadata, tensors)
+    changed = tuple(dict.fromkeys([*result.changed, *weights]))
+    return PruneResult(**{**result.__dict__, "source": source, "changed": changed})
