@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from llmpress.cli_quantize import add_quantize_parser
     add_quantize_parser(sub)
+
+    from llmpress.cli_eval import add_eval_parsers  # eval, compare, sweep
+    add_eval_parsers(sub)
     return parser
 
 

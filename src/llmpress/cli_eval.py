@@ -1,0 +1,467 @@
+"""`llmpress eval`, `compare` and `sweep`: what compression cost, in numbers.
+
+Quality is measured in exact mode by default (weights dequantized exactly, float32 math),
+so differences between files come from the files, not from the arithmetic; `--mode fast`
+uses the packed kernels. Speed and memory are measured in fast mode, each model in a
+process of its own so that its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from llmpress.errors import LlmpressError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)  # progress and notes: stdout stays clean for --json
+
+DEFAULT_CTX = 512  # llama-perplexity's default
+DEFAULT_BUDGET = 0.05
+
+
+# --- progress ----------------------------------------------------------------------------
+class WindowProgress:
+    """A progress bar on stderr whose text is the running estimate."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label, self.enabled = label, enabled and err.is_terminal
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=err, transient=True)
+        self.task = None
+
+    def __enter__(self) -> Callable[[int, int, str], None]:
+        if self.enabled:
+            self.bar.start()
+
+        def update(done: int, total: int, estimate: str) -> None:
+            if not self.enabled:
+                return
+            if self.task is None:
+                self.task = self.bar.add_task(self.label, total=total)
+            self.bar.update(self.task, completed=done, description=f"{self.label}  {estimate}")
+        return update
+
+    def __exit__(self, *exc) -> bool:
+        if self.enabled:
+            self.bar.stop()
+        return False
+
+
+def _load(model: str, mode: str, device: str | None, ctx: int):
+    from llmpress.api import load
+    with err.status(f"loading {model} ...") if err.is_terminal else _Quiet():
+        return load(model, mode=mode, device=device, ctx=ctx)
+
+
+class _Quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _text_tokens(lm, text_path: str | None, ctx: int, chunks: int | None):
+    from llmpress.eval.perplexity import plan_windows, read_text, tokenize_for_perplexity
+    if text_path is None:
+        raise LlmpressError("give the evaluation text with --text FILE (e.g. WikiText-2's "
+                            "wiki.test.raw)")
+    text = read_text(text_path)
+    with err.status("tokenizing ...") if err.is_terminal else _Quiet():
+        tokens = tokenize_for_perplexity(lm.tokenizer, text)
+    return tokens, plan_windows(len(tokens), ctx, chunks, source=str(text_path))
+
+
+def _check_same_tokens(tokens_a, tokens_b, n: int, what: str) -> None:
+    a, b = np.asarray(tokens_a[:n]), np.asarray(tokens_b[:n])
+    if a.shape != b.shape or not np.array_equal(a, b):
+        at = int(np.argmax(a[:min(len(a), len(b))] != b[:min(len(a), len(b))])) \
+            if len(a) and len(b) else 0
+        raise LlmpressError(f"{what} tokenize the text differently (first at token {at}); "
+                            "KL divergence needs one tokenizer")
+
+
+# --- eval --------------------------------------------------------------------------------
+def _model_record(lm) -> dict[str, Any]:
+    info = lm.info()
+    return {"path": info.path, "name": info.name, "file_bytes": info.file_bytes,
+            "bits_per_weight": info.bits_per_weight, "mode": lm.mode}
+
+
+def cmd_eval(args) -> None:
+    from llmpress.eval import kld as K
+    from llmpress.eval.perplexity import evaluate_perplexity, perplexity_with_error
+
+    if args.base and args.base_logits:
+        raise LlmpressError("give either --base MODEL or --base-logits FILE, not both")
+    if args.save_base and (args.base or args.base_logits):
+        raise LlmpressError("--save-base writes this model's log-probs as a base; it does not "
+                            "combine with --base or --base-logits")
+    if args.text is None and not args.base_logits:
+        raise LlmpressError("give the evaluation text with --text FILE (e.g. WikiText-2's "
+                            "wiki.test.raw)")
+    if args.text is not None and not Path(args.text).is_file():
+        raise LlmpressError(f"{args.text}: no such text file; give --text a UTF-8 text file")
+    result: dict[str, Any] = {}
+    if args.base_logits:
+        base = K.load_base(args.base_logits)
+        if args.ctx is not None and args.ctx != base.n_ctx:
+            raise LlmpressError(f"{args.base_logits} holds windows of {base.n_ctx} tokens; "
+                                f"drop --ctx or give --ctx {base.n_ctx}")
+        base = _first_windows(base, args.chunks)
+        lm = _load(args.model, args.mode, args.device, base.n_ctx)
+        K.check_vocabulary(lm, base.n_vocab, f"{args.base_logits}")
+        if args.text:
+            tokens, _ = _text_tokens(lm, args.text, base.n_ctx, None)
+            _check_same_tokens(tokens, base.tokens, base.plan.n_tokens,
+                               f"{args.model} and {args.base_logits}")
+        with WindowProgress("KLD", not args.json) as progress:
+            kld = K.kld_against_base(lm, base, progress)
+        result = {"base": {"logits_file": str(args.base_logits), "source": base.source,
+                           "mode": base.mode}}
+    elif args.base:
+        ctx = args.ctx or DEFAULT_CTX
+        base_lm = _load(args.base, args.mode, args.device, ctx)
+        lm = _load(args.model, args.mode, args.device, ctx)
+        K.check_vocabulary(lm, base_lm.model.cfg.vocab_size, f"the base {args.base}")
+        tokens, plan = _text_tokens(base_lm, args.text, ctx, args.chunks)
+        own, _ = _text_tokens(lm, args.text, ctx, args.chunks)
+        _check_same_tokens(tokens, own, plan.n_tokens, f"{args.base} and {args.model}")
+        with WindowProgress("KLD", not args.json) as progress:
+            kld = K.kld_against_model(lm, base_lm, tokens, plan, progress)
+        result = {"base": _model_record(base_lm)}
+    else:
+        kld = None
+        ctx = args.ctx or DEFAULT_CTX
+        lm = _load(args.model, args.mode, args.device, ctx)
+        tokens, plan = _text_tokens(lm, args.text, ctx, args.chunks)
+        with WindowProgress("perplexity", not args.json) as progress:
+            if args.save_base:
+                base, nll = K.record_base(lm, tokens, plan, progress)
+                estimate, window_ppl = perplexity_with_error(nll), _running_ppl(nll, plan)
+            else:
+                ppl = evaluate_perplexity(lm, tokens, plan, progress)
+                estimate, window_ppl = ppl.estimate, list(ppl.window_ppl)
+        result = {"ppl": estimate.ppl, "ppl_error": estimate.error, "window_ppl": window_ppl}
+        if args.save_base:
+            size = K.save_base(base, args.save_base)
+            result["saved_base"] = {"path": str(args.save_base), "bytes": size}
+    if kld is not None:
+        plan = kld.plan
+        result |= {"ppl": kld.summary.ppl, "ppl_error": kld.summary.ppl_error,
+                   "kld": asdict(kld.summary)}
+    result = {"model": _model_record(lm), "ctx": plan.n_ctx, "windows": plan.n_windows,
+              "scored_tokens": plan.n_scored, "text": args.text} | result
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    _print_eval(result)
+
+
+def _first_windows(base, chunks: int | None):
+    """The base restricted to its first `chunks` windows (--chunks with --base-logits)."""
+    if chunks is None or chunks >= base.n_windows:
+        return base
+    if chunks < 1:
+        raise LlmpressError(f"--chunks {chunks}: give at least 1 window")
+    per = base.plan.scored_per_window
+    return replace(base, n_windows=chunks, tokens=base.tokens[:chunks * base.n_ctx],
+                   rows=base.rows.rows(0, chunks * per))
+
+
+def _running_ppl(nll: np.ndarray, plan) -> list[float]:
+    ends = np.arange(1, plan.n_windows + 1) * plan.scored_per_window
+    return [float(np.exp(nll[:e].mean())) for e in ends]
+
+
+def _percentile_name(name: str) -> str:
+    return {"max": "Maximum", "min": "Minimum", "median": "Median"}.get(name, name + "%")
+
+
+def _print_eval(r: dict) -> None:
+    m = r["model"]
+    out.print(f"[bold]{m['name']}[/]: {m['path']} ({m['file_bytes'] / 2**20:.1f} MiB, "
+              f"{m['bits_per_weight']:.2f} bpw), {m['mode']} mode")
+    out.print(f"text {r['text'] or '(tokens of the base file)'}: {r['windows']} windows of "
+              f"{r['ctx']} tokens, {r['scored_tokens']} tokens scored (the second half of each)")
+    out.print(f"Final estimate: PPL = {r['ppl']:.4f} +/- {r['ppl_error']:.5f}")
+    if "saved_base" in r:
+        s = r["saved_base"]
+        out.print(f"base log-probs written to {s['path']} ({s['bytes'] / 2**20:.1f} MiB)")
+    if "kld" not in r:
+        return
+    k = r["kld"]
+    base = r["base"]
+    out.print(f"base: {base.get('path') or base.get('logits_file')}")
+    table = Table(show_header=False, title="against the base")
+    pm = "±"
+    rows = [
+        ("Mean PPL(Q)", f"{k['ppl']:.6f} {pm} {k['ppl_error']:.6f}"),
+        ("Mean PPL(base)", f"{k['ppl_base']:.6f} {pm} {k['ppl_base_error']:.6f}"),
+        ("Cor(ln(PPL(Q)), ln(PPL(base)))", f"{100 * k['ln_ppl_correlation']:.2f}%"),
+        ("Mean ln(PPL(Q)/PPL(base))", f"{k['ln_ppl_ratio']:.6f} {pm} {k['ln_ppl_ratio_error']:.6f}"),
+        ("Mean PPL(Q)/PPL(base)", f"{k['ppl_ratio']:.6f} {pm} {k['ppl_ratio_error']:.6f}"),
+        ("Mean PPL(Q)-PPL(base)", f"{k['ppl_diff']:.6f} {pm} {k['ppl_diff_error']:.6f}"),
+        ("Mean KLD", f"{k['kld_mean']:.6f} {pm} {k['kld_error']:.6f}"),
+    ]
+    rows += [(f"{_percentile_name(n)} KLD", f"{v:.6f}") for n, v in k["kld_percentiles"].items()]
+    rows += [("Mean Δp", f"{100 * k['p_diff_mean']:.3f} {pm} {100 * k['p_diff_error']:.3f} %")]
+    rows += [(f"{_percentile_name(n)} Δp", f"{100 * v:.3f}%")
+             for n, v in k["p_diff_percentiles"].items()]
+    rows += [("RMS Δp", f"{100 * k['p_diff_rms']:.3f} {pm} {100 * k['p_diff_rms_error']:.3f} %"),
+             ("Same top p", f"{100 * k['same_top']:.3f} {pm} {100 * k['same_top_error']:.3f} %")]
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+
+
+# --- speed in a process of its own -----------------------------------------------------------
+@dataclass(frozen=True)
+class BenchSettings:
+    prompt_tokens: int = 256
+    gen_tokens: int = 64
+    repetitions: int = 2
+    threads: int | None = None
+
+
+def _speed_worker(path: str, device: str | None, bench: BenchSettings) -> dict:
+    from llmpress.api import load
+    from llmpress.eval.speed import measure_speed
+    lm = load(path, mode="fast", device=device, ctx=max(bench.prompt_tokens, bench.gen_tokens))
+    return asdict(measure_speed(lm.model, bench.prompt_tokens, bench.gen_tokens,
+                                bench.repetitions, bench.threads))
+
+
+def measure_speed_isolated(path: str, device: str | None, bench: BenchSettings) -> dict:
+    """measure_speed in a fresh process, so peak RSS is this model's alone."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_speed_worker, path, device, bench).result()
+
+
+# --- compare -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompareConfig:
+    base: str
+    candidates: tuple[str, ...]
+    text: str | None
+    ctx: int = DEFAULT_CTX
+    chunks: int | None = None
+    mode: str = "exact"
+    device: str | None = None
+    base_logits: str | None = None  # reuse a --save-base file instead of running the base
+    bench: BenchSettings | None = BenchSettings()
+    labels: tuple[str, ...] = ()  # one per candidate; default: the file names
+
+    def __post_init__(self) -> None:
+        from llmpress import hub
+        if not self.candidates:
+            raise LlmpressError("compare needs at least one candidate model after the base")
+        if self.text is None and self.base_logits is None:
+            raise LlmpressError("give the evaluation text with --text FILE (or --base-logits)")
+        for path in (self.base, *self.candidates):
+            hub.resolve(path)  # a clear error for a missing file, before any work
+        if self.labels and len(self.labels) != len(self.candidates):
+            raise LlmpressError("give one --label per candidate")
+
+
+def _row_from_kld(label: str, lm, kld) -> Any:
+    from llmpress.eval.report import ModelRow
+    info, s = lm.info(), kld.summary
+    return ModelRow(label=label, path=info.path, file_bytes=info.file_bytes,
+                    bits_per_weight=info.bits_per_weight, ppl=s.ppl, ppl_error=s.ppl_error,
+                    delta_ppl=s.ppl - s.ppl_base, kld_mean=s.kld_mean, kld_error=s.kld_error,
+                    kld_p99=s.kld_percentiles["99"], same_top=s.same_top)
+
+
+def compare_models(cfg: CompareConfig, show_progress: bool = True) -> tuple[list, dict]:
+    """Rows for the base and each candidate, base log-probs computed once (or read)."""
+    from llmpress.eval import kld as K
+    from llmpress.eval.perplexity import perplexity_with_error
+    from llmpress.eval.report import ModelRow
+
+    base_lm = _load(cfg.base, cfg.mode, cfg.device, cfg.ctx)
+    if cfg.base_logits:
+        base = _first_windows(K.load_base(cfg.base_logits), cfg.chunks)
+        K.check_vocabulary(base_lm, base.n_vocab, cfg.base_logits)
+        base_nll = -base.rows.target_log_prob
+    else:
+        tokens, plan = _text_tokens(base_lm, cfg.text, cfg.ctx, cfg.chunks)
+        with WindowProgress(f"base {Path(cfg.base).name}", show_progress) as progress:
+            base, base_nll = K.record_base(base_lm, tokens, plan, progress)
+    estimate = perplexity_with_error(base_nll)
+    info = base_lm.info()
+    rows = [ModelRow(label=Path(info.path).name, path=info.path, file_bytes=info.file_bytes,
+                     bits_per_weight=info.bits_per_weight, ppl=estimate.ppl,
+                     ppl_error=estimate.error, delta_ppl=0.0, kld_mean=0.0, kld_error=0.0,
+                     kld_p99=0.0, same_top=1.0, is_base=True)]
+    del base_lm
+    labels = cfg.labels or tuple(Path(c).name for c in cfg.candidates)
+    for label, candidate in zip(labels, cfg.candidates):
+        lm = _load(candidate, cfg.mode, cfg.device, base.n_ctx)
+        with WindowProgress(label, show_progress) as progress:
+            rows.append(_row_from_kld(label, lm, K.kld_against_base(lm, base, progress)))
+        del lm
+    if cfg.bench is not None:
+        for i, row in enumerate(rows):
+            with err.status(f"speed of {row.label} ...") if show_progress and err.is_terminal \
+                    else _Quiet():
+                speed = measure_speed_isolated(row.path, cfg.device, cfg.bench)
+            rows[i] = replace(row, prompt_tok_s=speed["prompt_tok_s"],
+                              gen_tok_s=speed["gen_tok_s"], peak_rss_bytes=speed["peak_rss_bytes"])
+    settings = {"base": cfg.base, "text": cfg.text, "base_logits": cfg.base_logits,
+                "ctx": base.n_ctx, "windows": base.n_windows,
+                "scored_tokens": base.plan.n_scored, "quality_mode": cfg.mode,
+                "speed": None if cfg.bench is None else asdict(cfg.bench) | {"mode": "fast"}}
+    return rows, settings
+
+
+def _write_outputs(rows, settings: dict, out_dir: Path, stem: str, budget: float,
+                   title: str) -> dict[str, str]:
+    from llmpress.eval import report as R
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv",
+             "png": out_dir / f"{stem}.png"}
+    R.write_json(R.report_dict(rows, settings, budget) | {"files": {k: str(v) for k, v in
+                                                                    paths.items()}}, paths["json"])
+    R.write_csv(rows, paths["csv"])
+    R.plot_size_vs_kld(rows, paths["png"], title)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _show_report(rows, settings: dict, files: dict, budget: float, as_json: bool,
+                 title: str) -> None:
+    from llmpress.eval import report as R
+    if as_json:
+        print(json.dumps(R.report_dict(rows, settings, budget) | {"files": files}, indent=2))
+        return
+    out.print(R.comparison_table(rows, title))
+    out.print(f"[dim]quality: {settings['quality_mode']} mode, ctx {settings['ctx']}, "
+              f"{settings['windows']} windows ({settings['scored_tokens']} tokens scored); "
+              "speed: fast mode, one process per model; * = on the Pareto front of size "
+              "and mean KLD[/]")
+    out.print(R.recommendation_line(rows, budget))
+    out.print(f"written: {files['json']}, {files['csv']}, {files['png']}")
+
+
+def _bench_settings(args) -> BenchSettings | None:
+    if args.no_bench:
+        return None
+    return BenchSettings(args.bench_prompt, args.bench_gen, args.bench_reps, args.threads)
+
+
+def cmd_compare(args) -> None:
+    cfg = CompareConfig(args.base, tuple(args.candidates), args.text, args.ctx or DEFAULT_CTX,
+                        args.chunks, args.mode, args.device, args.base_logits,
+                        _bench_settings(args))
+    rows, settings = compare_models(cfg, show_progress=not args.json)
+    title = f"compared with {Path(args.base).name}"
+    files = _write_outputs(rows, settings, Path(args.out), "compare", args.budget, title)
+    _show_report(rows, settings, files, args.budget, args.json, title)
+
+
+# --- sweep -----------------------------------------------------------------------------------
+def cmd_sweep(args) -> None:
+    from llmpress import hub
+    from llmpress.quant.quantize import QuantizeConfig, quantize_model
+
+    model = hub.resolve(args.model)
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    if not types:
+        raise LlmpressError("--types: give a comma-separated list such as Q8_0,Q6_K,Q4_K_M")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    suffix = ".imatrix" if args.imatrix else ""
+    configs = [QuantizeConfig(model, work / f"{model.stem}.{t}{suffix}.gguf", t,
+                              imatrix=args.imatrix, allow_requantize=True) for t in types]
+    outputs = []
+    for config in configs:
+        with err.status(f"quantizing to {config.type} ...") if err.is_terminal and not args.json \
+                else _Quiet():
+            report = quantize_model(config)
+        if not args.json:
+            err.print(f"{config.type}: {report.output} ({report.file_bytes / 2**20:.1f} MiB, "
+                      f"{report.seconds:.1f} s)")
+        outputs.append(str(report.output))
+    cfg = CompareConfig(str(model), tuple(outputs), args.text, args.ctx or DEFAULT_CTX,
+                        args.chunks, args.mode, args.device, args.base_logits,
+                        _bench_settings(args), labels=tuple(types))
+    rows, settings = compare_models(cfg, show_progress=not args.json)
+    settings |= {"types": types, "imatrix": args.imatrix, "work_dir": str(work)}
+    title = f"{model.name}: quantization sweep" + (" (imatrix)" if args.imatrix else "")
+    files = _write_outputs(rows, settings, work, "sweep", args.budget, title)
+    _show_report(rows, settings, files, args.budget, args.json, title)
+
+
+# --- argument parsing ------------------------------------------------------------------------
+def _add_quality_args(p: argparse.ArgumentParser, text_required: bool = False) -> None:
+    p.add_argument("--text", required=text_required, default=None,
+                   help="evaluation text, read as UTF-8 bytes (e.g. wiki.test.raw)")
+    p.add_argument("--ctx", type=int, default=None, help=f"window length (default {DEFAULT_CTX})")
+    p.add_argument("--chunks", type=int, default=None,
+                   help="evaluate only the first N windows (default: all the text fills)")
+    p.add_argument("--mode", choices=("exact", "fast"), default="exact",
+                   help="exact (default): dequantized weights, float32 math; fast: packed kernels")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-logits", default=None,
+                   help="reuse base log-probs written by `eval --save-base` (same windows)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                   help=f"mean KLD the recommendation may cost (default {DEFAULT_BUDGET})")
+    p.add_argument("--no-bench", action="store_true", help="skip the speed and memory runs")
+    p.add_argument("--bench-prompt", type=int, default=BenchSettings.prompt_tokens,
+                   help="prompt tokens of the speed run")
+    p.add_argument("--bench-gen", type=int, default=BenchSettings.gen_tokens,
+                   help="generated tokens of the speed run")
+    p.add_argument("--bench-reps", type=int, default=BenchSettings.repetitions)
+    p.add_argument("-t", "--threads", type=int, default=None)
+
+
+def add_eval_parsers(sub) -> None:
+    """Register eval, compare and sweep on the `llmpress` subcommand parser."""
+    p = sub.add_parser("eval", help="perplexity and KL divergence, as llama-perplexity measures "
+                       "them")
+    p.add_argument("model", help="a GGUF file, a Hugging Face directory, or a pulled name")
+    _add_quality_args(p)
+    p.add_argument("--base", default=None, help="KL divergence against this model (run here)")
+    p.add_argument("--base-logits", default=None,
+                   help="KL divergence against log-probs saved with --save-base")
+    p.add_argument("--save-base", default=None,
+                   help="also write this model's compact log-probs, a base for later runs")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="size, quality and speed of models against a base: "
+                       "table, PNG plot, JSON, CSV")
+    p.add_argument("base", help="the reference model (e.g. the F32 or F16 original)")
+    p.add_argument("candidates", nargs="+", help="compressed models to measure")
+    _add_quality_args(p)
+    _add_compare_args(p)
+    p.add_argument("--out", default="llmpress-compare",
+                   help="directory for compare.json/.csv/.png (default ./llmpress-compare)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="quantize to several types and compare them: which "
+                       "quant to pick")
+    p.add_argument("model", help="the model to quantize (the base of the comparison)")
+    p.add_argument("--types", required=True, help="comma-separated: Q8_0,Q6_K,Q4_K_M,...")
+    p.add_argument("--imatrix", default=None, help="importance matrix for every type")
+    _add_quality_args(p)
+    _add_compare_args(p)
+    p.add_argument("--work-dir", default="llmpress-sweep",
+                   help="where the quantized files and sweep.json/.csv/.png go")
+    p.set_defaults(func=cmd_sweep)
+
