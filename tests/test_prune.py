@@ -388,3 +388,38 @@ def test_layer_removed_then_quantized(tmp_path):
     assert report.types["Q8_0"] == 2 * 7 + 2  # and token_embd, output
     with pytest.raises(LlmpressError, match="overwrite the input"):
         write_pruned(result, src.path)
+
+
+# --- the command ---------------------------------------------------------------------------------
+from llmpress.cli import main  # noqa: E402
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    """A tiny random model as a Q8_0 GGUF file (magnitude pruning needs no tokenizer)."""
+    src = tiny_llama(n_layers=2, quant_type="Q8_0")
+    path = tmp_path / "tiny.gguf"
+    dense = prune_model(src, PruneConfig(method="magnitude", sparsity=0.01))
+    write_pruned(dense, path)
+    return path
+
+
+def test_cli_prune_prints_the_summary(tiny_gguf, tmp_path, capsys):
+    out = tmp_path / "sparse.gguf"
+    assert main(["prune", str(tiny_gguf), "-o", str(out), "--method", "magnitude",
+                 "--pattern", "2:4"]) == 0
+    printed = capsys.readouterr().out
+    assert "50.00%" in printed and "ffn_down" in printed and "still 0" in printed
+    w = read_float(load_gguf(out).tensors["blk.1.attn_v.weight"])
+    assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--method", "magnitude", "--sparsity", "1.5"], "between 0 and 1"),
+    (["--method", "magnitude", "--pattern", "3:7"], "do not divide"),
+    (["--method", "width"], "needs --ratio"),
+])
+def test_cli_bad_input_is_one_error_line(tiny_gguf, tmp_path, capsys, args, words):
+    assert main(["prune", str(tiny_gguf), "-o", str(tmp_path / "x.gguf"), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err

@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llmpress.cli_quantize import add_quantize_parser
     add_quantize_parser(sub)
 
+    from llmpress.cli_prune import add_prune_parser
+    add_prune_parser(sub)
+
     from llmpress.cli_eval import add_eval_parsers  # eval, compare, sweep
     add_eval_parsers(sub)
     return parser
