@@ -1,0 +1,829 @@
+"""An OpenAI-compatible HTTP server for one local model: `llmpress serve MODEL`.
+
+    GET  /health                 {"status": "ok", ...}; never needs the key
+    GET  /v1/models              the one model (id: the file's stem)
+    POST /v1/chat/completions    messages through the model's chat template
+    POST /v1/completions         raw text (or token ids) in, text out
+
+Both POST routes stream server-sent events with `"stream": true`, in the chunk shapes of
+OpenAI's API, ending with `data: [DONE]`. Errors have OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, and its status codes.
+
+The model is not thread-safe, so one worker thread runs every generation, in arrival
+order; requests wait in a bounded queue. Tokens travel from that thread to the request's
+coroutine through an asyncio.Queue. A client that goes away cancels its job: a queued job
+is skipped, a running one stops after its current token and frees the worker.
+
+Starlette (the ASGI toolkit under FastAPI) on uvicorn: the request bodies are checked by
+hand here so that every error, a type error included, comes back in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import jinja2
+
+from llmpress.errors import LlmpressError
+
+try:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError as exc:  # an optional extra: say how to get it
+    raise LlmpressError(f"the server needs {exc.name}: pip install 'llmpress[serve]'") from None
+
+from llmpress.runtime.generate import Chunk, GenerationConfig, stream
+from llmpress.runtime.sampling import SamplingConfig
+
+log = logging.getLogger("llmpress.server")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits a context; stops memory abuse
+DEFAULT_MAX_QUEUE = 64  # waiting requests; more get 503 instead of an unbounded backlog
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
+DISCONNECT_POLL_S = 0.25
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256  # OpenAI takes 4 stop strings
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+# --- errors -----------------------------------------------------------------------------
+class ApiError(Exception):
+    """An error the client caused (or a server fault), as OpenAI reports it."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _json_type(value: Any) -> str:
+    """How OpenAI's messages name a JSON value's type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not 1
+
+
+_EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "integer": (_is_int, "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "boolean": (lambda v: isinstance(v, bool), "a boolean"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def missing(name: str) -> ApiError:
+    return ApiError(400, f"Missing required parameter: '{name}'.", param=name,
+                    code="missing_required_parameter")
+
+
+def wrong_type(name: str, expected: str, value: Any) -> ApiError:
+    return ApiError(400, f"Invalid type for '{name}': expected {expected}, but got "
+                         f"{_json_type(value)} instead.", param=name, code="invalid_type")
+
+
+def field_value(body: dict, name: str, kind: str, *, required: bool = False,
+                minimum: float | None = None, maximum: float | None = None,
+                default: Any = None) -> Any:
+    """body[name] checked against a JSON type and a range. null counts as absent."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise missing(name)
+        return default
+    check, expected = _EXPECTED[kind]
+    if not check(value):
+        raise wrong_type(name, expected, value)
+    if minimum is not None and value < minimum:
+        raise ApiError(400, f"Invalid '{name}': {value} is below the minimum value of "
+                            f"{minimum}.", param=name, code="invalid_value")
+    if maximum is not None and value > maximum:
+        raise ApiError(400, f"Invalid '{name}': {value} is above the maximum value of "
+                            f"{maximum}.", param=name, code="invalid_value")
+    return value
+
+
+def parse_json_body(raw: bytes) -> dict:
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"The request body is {len(raw)} bytes; this server takes at most "
+                            f"{MAX_BODY_BYTES}.", code="request_too_large")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
+        raise ApiError(400, f"We could not parse the JSON body of your request ({exc}). "
+                            "Send a JSON object with Content-Type: application/json.",
+                       code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"The request body must be a JSON object, not {_json_type(body)}.",
+                       code="invalid_json")
+    return body
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# --- request bodies -> plain options ----------------------------------------------------
+@dataclass(frozen=True)
+class RequestOptions:
+    """What both POST routes share, checked."""
+
+    model: str
+    max_tokens: int | None  # None: until the context is full
+    stop: tuple[str, ...]
+    sampling: SamplingConfig
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool  # llama.cpp's server extension; lets a client force a long answer
+
+
+def parse_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise wrong_type("stop", "a string or an array of strings", value)
+    if len(value) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in value):
+        # each generated token is matched against every stop string: keep that cheap
+        raise ApiError(400, f"Invalid 'stop': at most {MAX_STOP_STRINGS} strings of at most "
+                            f"{MAX_STOP_CHARS} characters each.", param="stop",
+                       code="invalid_value")
+    return tuple(s for s in value if s)
+
+
+def parse_sampling(body: dict) -> SamplingConfig:
+    """OpenAI's sampling fields plus llama.cpp's (top_k, min_p, repeat_penalty); what a
+    request leaves out keeps llama.cpp's defaults (SamplingConfig)."""
+    options: dict[str, Any] = {}
+    for name, kind, low, high in (("temperature", "number", 0, 2), ("top_p", "number", 0, 1),
+                                  ("top_k", "integer", 0, None), ("min_p", "number", 0, 1),
+                                  ("repeat_penalty", "number", 0, None),
+                                  ("seed", "integer", -(1 << 63), (1 << 64) - 1)):
+        value = field_value(body, name, kind, minimum=low, maximum=high)
+        if value is not None:
+            options[name] = value
+    if options.get("top_p") == 0:  # OpenAI allows 0: only the most likely token is left
+        options["top_p"] = 1e-9
+    if options.get("repeat_penalty") == 0:
+        raise ApiError(400, "Invalid 'repeat_penalty': it must be above 0.",
+                       param="repeat_penalty", code="invalid_value")
+    return SamplingConfig(**options)
+
+
+def parse_options(body: dict, *, default_max_tokens: int | None) -> RequestOptions:
+    model = field_value(body, "model", "string", required=True)
+    n = field_value(body, "n", "integer", default=1)
+    if n != 1:
+        raise ApiError(400, f"Invalid 'n': {n}. This server generates one choice per request; "
+                            "send n=1 (or leave it out) and repeat the request for more.",
+                       param="n", code="unsupported_value")
+    logprobs = body.get("logprobs")
+    if logprobs not in (None, False):
+        raise ApiError(400, "'logprobs' is not supported by this server; leave it out.",
+                       param="logprobs", code="unsupported_parameter")
+    max_tokens = field_value(body, "max_completion_tokens", "integer", minimum=1)
+    if max_tokens is None:
+        max_tokens = field_value(body, "max_tokens", "integer", minimum=1,
+                                 default=default_max_tokens)
+    stream_options = field_value(body, "stream_options", "object", default={})
+    return RequestOptions(
+        model=model, max_tokens=max_tokens, stop=parse_stop(body.get("stop")),
+        sampling=parse_sampling(body),
+        stream=field_value(body, "stream", "boolean", default=False),
+        include_usage=field_value(stream_options, "include_usage", "boolean", default=False),
+        ignore_eos=field_value(body, "ignore_eos", "boolean", default=False),
+    )
+
+
+def parse_messages(value: Any) -> list[dict]:
+    """OpenAI messages -> [{"role", "content": str}] for the chat template. Content may be
+    a string or an array of text parts; "developer" is OpenAI's new name for "system"."""
+    if value is None:
+        raise missing("messages")
+    if not isinstance(value, list):
+        raise wrong_type("messages", "an array", value)
+    if not value:
+        raise ApiError(400, "Invalid 'messages': empty array. Expected an array with minimum "
+                            "length 1, but got an empty array instead.", param="messages",
+                       code="empty_array")
+    return [_parse_message(m, f"messages[{i}]") for i, m in enumerate(value)]
+
+
+def _parse_message(message: Any, where: str) -> dict:
+    if not isinstance(message, dict):
+        raise wrong_type(where, "an object", message)
+    role = message.get("role")
+    if role is None:
+        raise missing(f"{where}.role")
+    if role not in ROLES:
+        raise ApiError(400, f"Invalid value for '{where}.role': {role!r}. Supported values are: "
+                            f"{', '.join(map(repr, ROLES))}.", param=f"{where}.role",
+                       code="invalid_value")
+    content = message.get("content")
+    if content is None and role != "assistant":  # an assistant turn may hold only tool calls
+        raise missing(f"{where}.content")
+    return {"role": "system" if role == "developer" else role,
+            "content": _message_text(content, f"{where}.content")}
+
+
+def _message_text(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise wrong_type(where, "a string or an array of content parts", content)
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" \
+                or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"Invalid '{where}[{i}]': this server takes only text parts "
+                                '({"type": "text", "text": "..."}).', param=f"{where}[{i}]",
+                           code="invalid_value")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def parse_prompt(value: Any, vocab_size: int) -> str | list[int]:
+    """The completions prompt: a string, an array of token ids, or a one-element array of
+    either. Several prompts (OpenAI's batch form) are refused: one choice per request."""
+    if value is None:
+        raise missing("prompt")
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+        bad = [t for t in value if not 0 <= t < vocab_size]
+        if bad:
+            raise ApiError(400, f"Invalid 'prompt': token id {bad[0]} is outside the "
+                                f"vocabulary (0..{vocab_size - 1}).", param="prompt",
+                           code="invalid_value")
+        return list(value)
+    if isinstance(value, list) and len(value) > 1:
+        raise ApiError(400, "Invalid 'prompt': this server takes one prompt per request "
+                            "(a string or an array of token ids).", param="prompt",
+                       code="unsupported_value")
+    raise wrong_type("prompt", "a string or an array of token ids", value)
+
+
+# --- the generation worker ----------------------------------------------------------------
+_DONE = object()  # end of a job's item stream
+
+
+@dataclass
+class Job:
+    """One generation: inputs, and the way back to the request's event loop."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    loop: asyncio.AbstractEventLoop
+    items: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, item: Any) -> None:
+        """Called from the worker thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server is going down
+            self.cancelled.set()
+
+
+class GenerationWorker:
+    """One thread that runs every generation in arrival order (the model and its caches
+    are not thread-safe). A cancelled job is skipped or stopped between two tokens."""
+
+    def __init__(self, lm, max_queue: int = DEFAULT_MAX_QUEUE):
+        self.lm, self.max_queue = lm, max_queue
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.busy = False
+        self.thread = threading.Thread(target=self._run, name="llmpress-generate", daemon=True)
+        self.thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return self.jobs.qsize()
+
+    def submit(self, job: Job) -> None:
+        if self.jobs.qsize() >= self.max_queue:
+            raise ApiError(503, f"The server is busy: {self.max_queue} requests are already "
+                                "waiting. Retry later.", code="server_overloaded")
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if not job.cancelled.is_set():
+                self.busy = True
+                try:
+                    self._generate(job)
+                finally:
+                    self.busy = False
+            job.emit(_DONE)
+
+    def _generate(self, job: Job) -> None:
+        lm = self.lm
+        chunks = stream(lm.model, lm.tokenizer, job.prompt_ids, job.config, lm.context_length)
+        try:
+            for chunk in chunks:
+                job.emit(chunk)
+                if job.cancelled.is_set():
+                    return
+        except LlmpressError as exc:
+            job.emit(ApiError(400, str(exc)))
+        except Exception as exc:  # a bug of ours: report it, keep serving
+            log.exception("generation failed")
+            job.emit(ApiError(500, f"The generation failed: {type(exc).__name__}: {exc}"))
+        finally:
+            chunks.close()
+
+
+async def job_chunks(job: Job) -> AsyncIterator[Chunk]:
+    """Yield a submitted job's chunks as the worker produces them."""
+    try:
+        while (item := await job.items.get()) is not _DONE:
+            if isinstance(item, ApiError):
+                raise item
+            yield item
+    finally:
+        job.cancelled.set()  # a no-op after the end; stops the work when the client left
+
+
+async def watch_disconnect(request: Request, cancelled: threading.Event) -> None:
+    """Cancel the job when the client closes the connection (queued or mid-stream)."""
+    while not cancelled.is_set():
+        if await request.is_disconnected():
+            cancelled.set()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+# --- response bodies ----------------------------------------------------------------------
+@dataclass
+class Tally:
+    """Token counts for `usage` and the request log."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def add(self, chunk: Chunk, eos_ids) -> None:
+        self.completion_tokens += len(chunk.token_ids)
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+            # the end-of-turn token ends the answer but is not part of it (as lm.generate)
+            if chunk.finish_reason == "stop" and chunk.token_ids \
+                    and chunk.token_ids[-1] in eos_ids:
+                self.completion_tokens -= 1
+
+
+def chat_chunk(head: dict, delta: dict, finish_reason: str | None = None) -> dict:
+    return {**head, "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                         "finish_reason": finish_reason}]}
+
+
+def completion_chunk(head: dict, text: str, finish_reason: str | None = None) -> dict:
+    return {**head, "object": "text_completion",
+            "choices": [{"index": 0, "text": text, "logprobs": None,
+                         "finish_reason": finish_reason}]}
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
+                                                                 separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+# --- the app ------------------------------------------------------------------------------
+@dataclass
+class ServerState:
+    lm: Any  # llmpress.api.LanguageModel
+    model_id: str
+    aliases: frozenset[str]
+    worker: GenerationWorker
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, name: str) -> str:
+        if name not in self.aliases:
+            raise ApiError(404, f"The model `{name}` does not exist or you do not have access "
+                                f"to it. This server has `{self.model_id}`.", param="model",
+                           code="model_not_found")
+        return self.model_id
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created,
+                "owned_by": "llmpress", "context_length": self.lm.context_length}
+
+
+def _usage_slot(request: Request) -> dict:
+    return request.scope.setdefault("llmpress.usage", {})
+
+
+def endpoint(handler: Callable) -> Callable:
+    """Every failure becomes an OpenAI-shaped error response; none reaches uvicorn."""
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request, request.app.state.llmpress)
+        except ApiError as exc:
+            return exc.response()
+        except LlmpressError as exc:
+            return ApiError(400, str(exc)).response()
+        except Exception as exc:
+            log.exception("request failed")
+            return ApiError(500, f"Internal error: {type(exc).__name__}: {exc}").response()
+    return wrapped
+
+
+async def health(request: Request, state: ServerState) -> Response:
+    return JSONResponse({"status": "ok", "model": state.model_id,
+                         "busy": state.worker.busy, "waiting": state.worker.waiting})
+
+
+async def list_models(request: Request, state: ServerState) -> Response:
+    return JSONResponse({"object": "list", "data": [state.model_card()]})
+
+
+async def get_model(request: Request, state: ServerState) -> Response:
+    state.check_model(request.path_params["model"])
+    return JSONResponse(state.model_card())
+
+
+async def chat_completions(request: Request, state: ServerState) -> Response:
+    body = parse_json_body(await request.body())
+    options = parse_options(body, default_max_tokens=None)
+    model = state.check_model(options.model)
+    messages = parse_messages(body.get("messages"))
+
+    def encode() -> list[int]:
+        try:
+            return state.lm.encode(state.lm.chat_prompt(messages))
+        except jinja2.TemplateError as exc:  # the template refused these messages
+            raise ApiError(400, f"The model's chat template rejected the messages: {exc}",
+                           param="messages", code="invalid_value") from None
+
+    prompt_ids = await asyncio.to_thread(encode)
+    return await generate_response(request, state, "chat", model, options, prompt_ids,
+                                   param="messages")
+
+
+async def completions(request: Request, state: ServerState) -> Response:
+    body = parse_json_body(await request.body())
+    options = parse_options(body, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+    model = state.check_model(options.model)
+    prompt = parse_prompt(body.get("prompt"), state.lm.model.cfg.vocab_size)
+    if body.get("suffix"):
+        raise ApiError(400, "'suffix' (fill in the middle) is not supported by this server.",
+                       param="suffix", code="unsupported_parameter")
+    echo = field_value(body, "echo", "boolean", default=False)
+    if isinstance(prompt, str):
+        prompt_ids = await asyncio.to_thread(state.lm.encode, prompt)
+        prompt_text = prompt
+    else:
+        prompt_ids, prompt_text = prompt, state.lm.tokenizer.decode(prompt)
+    return await generate_response(request, state, "text", model, options, prompt_ids,
+                                   param="prompt", echo=prompt_text if echo else "")
+
+
+async def generate_response(request: Request, state: ServerState, kind: str, model: str,
+                            options: RequestOptions, prompt_ids: list[int], *, param: str,
+                            echo: str = "") -> Response:
+    """Check the prompt against the context, queue the job, answer (streamed or not)."""
+    limit = state.lm.context_length
+    if not prompt_ids:
+        raise ApiError(400, f"The {param} gave no tokens; send some text.", param=param,
+                       code="invalid_value")
+    if len(prompt_ids) >= limit:
+        raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, "
+                            f"your {param} resulted in {len(prompt_ids)} tokens. Please reduce "
+                            f"the length of the {param} (or restart the server with a larger "
+                            "--ctx).", param=param, code="context_length_exceeded")
+    # more than the context leaves is clamped (llama.cpp's server does so): finish "length"
+    max_tokens = limit - len(prompt_ids) if options.max_tokens is None else options.max_tokens
+    config = GenerationConfig(max_tokens=max_tokens, sampling=options.sampling,
+                              stop=options.stop, stop_at_eos=not options.ignore_eos)
+    job = Job(prompt_ids, config, asyncio.get_running_loop())
+    tally = Tally(len(prompt_ids))
+    _usage_slot(request)["tally"] = tally
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": model}
+    eos_ids = state.lm.tokenizer.eos_ids
+    state.worker.submit(job)  # before any answer: a full queue is still a plain 503
+    if options.stream:
+        events = stream_events(request, job, kind, head, options, tally, eos_ids, echo)
+        return JobStream(job, events)
+    watcher = asyncio.create_task(watch_disconnect(request, job.cancelled))
+    texts = [echo]
+    try:
+        async for chunk in job_chunks(job):
+            texts.append(chunk.text)
+            tally.add(chunk, eos_ids)
+    finally:
+        watcher.cancel()
+    text, reason = "".join(texts), tally.finish_reason
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text,
+                                          "refusal": None},
+                  "logprobs": None, "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    return JSONResponse({**head, "object": "chat.completion" if kind == "chat"
+                         else "text_completion", "choices": [choice], "usage": tally.usage()})
+
+
+class JobStream(StreamingResponse):
+    """An SSE response that cancels its job however it ends, even before the first event."""
+
+    def __init__(self, job: Job, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled.set()
+
+
+async def stream_events(request: Request, job: Job, kind: str, head: dict,
+                        options: RequestOptions, tally: Tally, eos_ids,
+                        echo: str) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk shapes; `data: [DONE]` at the end."""
+    if options.include_usage:
+        head = {**head, "usage": None}  # OpenAI: null on every chunk but the last
+
+    def piece(text: str, finish: str | None = None) -> dict:
+        if kind == "chat":
+            return chat_chunk(head, {"content": text} if text or not finish else {}, finish)
+        return completion_chunk(head, text, finish)
+
+    watcher = asyncio.create_task(watch_disconnect(request, job.cancelled))
+    try:
+        if kind == "chat":
+            yield sse(chat_chunk(head, {"role": "assistant", "content": ""}))
+        elif echo:
+            yield sse(piece(echo))
+        try:
+            async for chunk in job_chunks(job):
+                tally.add(chunk, eos_ids)
+                if chunk.text:
+                    yield sse(piece(chunk.text))
+        except ApiError as exc:  # the headers are gone: report in the stream, as OpenAI does
+            yield sse(exc.body())
+            return
+        yield sse(piece("", tally.finish_reason))
+        if options.include_usage:
+            yield sse({**head, "object": "chat.completion.chunk" if kind == "chat"
+                       else "text_completion", "choices": [], "usage": tally.usage()})
+        yield sse("[DONE]")
+    finally:
+        watcher.cancel()
+        job.cancelled.set()
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    """Unknown paths and wrong methods, in OpenAI's shape."""
+    code = "unknown_url" if exc.status_code == 404 else "method_not_allowed"
+    return ApiError(exc.status_code, f"Invalid URL ({request.method} {request.url.path}): "
+                                     f"{exc.detail}.", code=code).response()
+
+
+# --- middleware: key check and one log line per request -----------------------------------
+class BearerAuth:
+    """With a key, every route but /health needs `Authorization: Bearer KEY`."""
+
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if not header:
+            error = ApiError(401, "You didn't provide an API key. You need to provide your API "
+                                  "key in an Authorization header using Bearer auth (i.e. "
+                                  "Authorization: Bearer YOUR_KEY).", code="invalid_api_key")
+        elif scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            error = ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        else:
+            return await self.app(scope, receive, send)
+        await error.response()(scope, receive, send)
+
+
+class RequestLog:
+    """One line per request: client, method, path, status, tokens, time (to the last byte)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+        slot = scope.setdefault("llmpress.usage", {})
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            log.info(request_log_line(scope, status[0], slot.get("tally"),
+                                      time.perf_counter() - started))
+
+
+def request_log_line(scope: dict, status: int, tally: Tally | None, seconds: float) -> str:
+    client = scope.get("client") or ("-", 0)
+    tokens = "-"
+    if tally is not None:
+        tokens = f"{tally.prompt_tokens}+{tally.completion_tokens} tokens " \
+                 f"({tally.finish_reason or 'cancelled'})"
+    return f"{client[0]} {scope['method']} {scope['path']} {status} {tokens} {seconds:.2f}s"
+
+
+def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset(), *,
+               api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> Starlette:
+    """The ASGI app around a loaded model (llmpress.api.LanguageModel)."""
+    worker = GenerationWorker(lm, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.stop()
+
+    routes = [
+        Route("/health", endpoint(health), methods=["GET"]),
+        Route("/v1/models", endpoint(list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", endpoint(get_model), methods=["GET"]),
+        Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
+        Route("/v1/completions", endpoint(completions), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error})
+    app.state.llmpress = ServerState(lm, model_id, frozenset({model_id, *aliases}), worker)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(RequestLog)  # added last = outermost: it also logs the 401s
+    return app
+
+
+# --- serve --------------------------------------------------------------------------------
+def model_names(path: Path, given: str) -> tuple[str, frozenset[str]]:
+    """-> (the model id: the file's stem, other names a request may use: the file name,
+    the name given, and the pulled name ("smollm2") when the file is that download)."""
+    from llmpress import hub
+
+    model_id = path.name if path.is_dir() else path.stem
+    pulled = {name for name in hub.CATALOG if hub.cached_path(name).resolve() == path.resolve()}
+    return model_id, frozenset({model_id, path.name, str(given), *pulled})
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback
+                               for i in infos)
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when others on the network could use the model without a key."""
+    if api_key or is_loopback(host):
+        return None
+    return (f"warning: listening on {host} without an API key: anyone who can reach this "
+            "machine can use the model; set --api-key or LLMPRESS_API_KEY")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen before uvicorn starts, so a busy port is one clear error line."""
+    if not 0 <= port <= 65535:
+        raise LlmpressError(f"port {port} is not a TCP port; pick one in 1..65535 with --port")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise LlmpressError(f"cannot resolve host {host!r} ({exc.strerror}); "
+                            "use an address such as 127.0.0.1 with --host") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise LlmpressError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another "
+                            "--port (or stop what is using it)") from None
+    return sock
+
+
+def server_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
+          port: int = DEFAULT_PORT, ctx: int | None = None, api_key: str | None = None, *,
+          mode: str = "fast", device: str | None = None,
+          max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+    """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY."""
+    from llmpress.api import load  # the public API sits above runtime; only serve needs it
+
+    if api_key is None:
+        api_key = os.environ.get("LLMPRESS_API_KEY") or None
+    lm = load(model_path_or_name, ctx=ctx, mode=mode, device=device)
+    model_id, aliases = model_names(Path(lm.source.path), str(model_path_or_name))
+    sock = bind_socket(host, port)
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    app = create_app(lm, model_id, aliases, api_key=api_key, max_queue=max_queue)
+    url = server_url(sock)
+    print(f"llmpress: serving {model_id} (context {lm.context_length} tokens, {lm.device}) "
+          f"at {url}/v1{' (API key required)' if api_key else ''}", flush=True)
+    if warning := exposure_warning(host, api_key):
+        print(warning, file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=3)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llmpress.runtime.server MODEL [--host] [--port] [--ctx] [--api-key]`."""
+    parser = argparse.ArgumentParser(prog="python -m llmpress.runtime.server")
+    parser.add_argument("model")
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--ctx", type=int, default=None)
+    parser.add_argument("--api-key", default=None)
+    args = parser.parse_args(argv)
+    try:
+        serve(args.model, args.host, args.port, args.ctx, args.api_key)
+    except LlmpressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The OpenAI-compatible server, as a client sees it: the real server process on a free
+loopback port, the official `openai` client for good requests, raw HTTP for bad ones.
+Answers are checked against the library itself (llmpress.load(...).generate, greedy) in
+this process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+import llmpress
+from llmpress.runtime.server import exposure_warning, is_loopback
+
+CTX = 512  # small, so that an over-long prompt is cheap to send
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+TEXT_PROMPT = "The capital of France is"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m llmpress.runtime.server MODEL` on a free port, until closed."""
+
+    def __init__(self, model: Path, log_dir: Path, api_key: str | None = None):
+        self.base = f"http://127.0.0.1:{free_port()}"
+        env = {k: v for k, v in os.environ.items() if k != "LLMPRESS_API_KEY"}
+        # one thread: on a busy shared CPU, OpenMP teams stall on each other at every layer
+        env["OMP_NUM_THREADS"] = "1"
+        if api_key:
+            env["LLMPRESS_API_KEY"] = api_key
+        self.out, self.err = log_dir / "stdout.txt", log_dir / "stderr.txt"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "llmpress.runtime.server", str(model),
+                 "--port", self.base.rsplit(":", 1)[1], "--ctx", str(CTX)],
+                stdout=out, stderr=err, env=env)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, self.err.read_text()
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=api_key, max_retries=0,
+                             timeout=120)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(default_model_path, tmp_path_factory):
+    proc = ServerProcess(default_model_path, tmp_path_factory.mktemp("server"))
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def lm(default_model_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server: the CPU is shared (see ServerProcess)
+    yield llmpress.load(default_model_path, ctx=CTX)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chat_reference(lm):
+    return lm.generate(lm.chat_prompt(CHAT), max_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def text_reference(lm):
+    return lm.generate(TEXT_PROMPT, max_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def chat_answer(server):
+    return server.client().chat.completions.create(
+        model="smollm2", messages=CHAT, temperature=0, seed=7, max_tokens=8)
+
+
+def test_startup_line_names_address_and_model(server, default_model_path):
+    first = server.out.read_text().splitlines()[0]
+    assert default_model_path.stem in first and server.base + "/v1" in first
+
+
+def test_models_list(server, default_model_path):
+    models = server.client().models.list().data
+    assert [m.id for m in models] == [default_model_path.stem]
+    assert server.client().models.retrieve(default_model_path.stem).id == default_model_path.stem
+
+
+def test_chat_completion_equals_library_greedy(chat_answer, chat_reference, lm):
+    choice = chat_answer.choices[0]
+    assert chat_answer.object == "chat.completion"
+    assert choice.message.role == "assistant"
+    assert choice.message.content == chat_reference.text
+    assert choice.finish_reason == chat_reference.finish_reason
+    usage = chat_answer.usage
+    assert usage.prompt_tokens == len(lm.encode(lm.chat_prompt(CHAT)))
+    assert usage.completion_tokens == chat_reference.completion_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_streamed_chat_arrives_in_pieces_and_equals_non_streamed(server, chat_answer):
+    pieces, times, finish, usage = [], [], None, None
+    for chunk in server.client().chat.completions.create(
+            model="smollm2", messages=CHAT, temperature=0, seed=7, max_tokens=8,
+            stream=True, stream_options={"include_usage": True}):
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+                times.append(time.perf_counter())
+            finish = choice.finish_reason or finish
+    assert len(pieces) >= 3
+    assert times[-1] - times[0] > 0.02  # sent as generated, not all at the end
+    assert "".join(pieces) == chat_answer.choices[0].message.content
+    assert finish == chat_answer.choices[0].finish_reason
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [getattr(usage, c) for c in counts] == [getattr(chat_answer.usage, c) for c in counts]
+
+
+def test_completion_equals_library_greedy(server, text_reference, default_model_path):
+    answer = server.client().completions.create(
+        model=default_model_path.stem, prompt=TEXT_PROMPT, max_tokens=8, temperature=0)
+    assert answer.choices[0].text == text_reference.text
+    assert answer.choices[0].finish_reason == text_reference.finish_reason
+    assert answer.usage.prompt_tokens == text_reference.prompt_tokens
+    assert answer.usage.completion_tokens == text_reference.completion_tokens
+
+
+def test_stop_string(server, text_reference, lm):
+    stop = text_reference.text.split()[1]  # a word the greedy answer reaches
+    expected = text_reference.text[:text_reference.text.find(stop)]
+    assert lm.generate(TEXT_PROMPT, 10, (stop,), temperature=0).text == expected
+    answer = server.client().completions.create(
+        model="smollm2", prompt=TEXT_PROMPT, max_tokens=8, temperature=0, stop=[stop, "@@"])
+    assert answer.choices[0].text == expected
+    assert answer.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_gives_length(server):
+    answer = server.client().chat.completions.create(
+        model="smollm2", messages=CHAT, temperature=0, max_completion_tokens=3)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 3
+
+
+def test_concurrent_clients_each_get_their_own_answer(server, lm):
+    prompts = ["The capital of France is", "One, two, three,", "Water is made of"]
+    expected = [lm.generate(p, max_tokens=4, temperature=0).text for p in prompts]
+
+    async def ask_all() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="unused",
+                                    max_retries=0, timeout=120)
+
+        async def ask(prompt: str) -> str:
+            pieces = []
+            async for chunk in await client.completions.create(
+                    model="smollm2", prompt=prompt, max_tokens=4, temperature=0, stream=True):
+                pieces.extend(c.text for c in chunk.choices)
+            return "".join(pieces)
+
+        return await asyncio.gather(*(ask(p) for p in prompts))
+
+    assert asyncio.run(ask_all()) == expected
+
+
+def test_disconnect_stops_the_generation(server):
+    body = {"model": "smollm2", "prompt": TEXT_PROMPT, "max_tokens": 400, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.base, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            events = 0
+            for line in response.iter_lines():
+                events += line.startswith("data: ")
+                if events == 4:
+                    break  # leave mid-stream: closing the response drops the connection
+        deadline = time.monotonic() + 20  # 400 tokens would take far longer on this CPU
+        while http.get("/health").json()["busy"]:
+            assert time.monotonic() < deadline, "the generation went on after the disconnect"
+            time.sleep(0.1)
+    time.sleep(0.3)
+    assert re.search(r"POST /v1/completions 200 \d+\+\d+ tokens \(cancelled\)",
+                     server.err.read_text())
+
+
+BAD_REQUESTS = [
+    # (name, path, raw body or JSON, status, code, param)
+    ("malformed JSON", "/v1/chat/completions", b'{"model": "smollm2", "messages": [', 400,
+     "invalid_json", None),
+    ("invalid UTF-8", "/v1/completions", b'{"model": "\xff\xfe"}', 400, "invalid_json", None),
+    ("NaN", "/v1/completions", b'{"model": "smollm2", "prompt": "a", "temperature": NaN}',
+     400, "invalid_json", None),
+    ("absurd nesting", "/v1/completions", b"[" * 100_000, 400, "invalid_json", None),
+    ("not an object", "/v1/chat/completions", [1, 2], 400, "invalid_json", None),
+    ("no messages", "/v1/chat/completions", {"model": "smollm2"}, 400,
+     "missing_required_parameter", "messages"),
+    ("no model", "/v1/chat/completions", {"messages": CHAT}, 400,
+     "missing_required_parameter", "model"),
+    ("messages not an array", "/v1/chat/completions", {"model": "smollm2", "messages": "hi"},
+     400, "invalid_type", "messages"),
+    ("message without content", "/v1/chat/completions",
+     {"model": "smollm2", "messages": [{"role": "user"}]}, 400, "missing_required_parameter",
+     "messages[0].content"),
+    ("unknown role", "/v1/chat/completions",
+     {"model": "smollm2", "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+     "invalid_value", "messages[0].role"),
+    ("max_tokens a string", "/v1/chat/completions",
+     {"model": "smollm2", "messages": CHAT, "max_tokens": "10"}, 400, "invalid_type",
+     "max_tokens"),
+    ("max_tokens a boolean", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "max_tokens": True}, 400, "invalid_type",
+     "max_tokens"),
+    ("max_tokens zero", "/v1/completions", {"model": "smollm2", "prompt": "a", "max_tokens": 0},
+     400, "invalid_value", "max_tokens"),
+    ("temperature too high", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "temperature": 5}, 400, "invalid_value",
+     "temperature"),
+    ("stop a number", "/v1/completions", {"model": "smollm2", "prompt": "a", "stop": 3}, 400,
+     "invalid_type", "stop"),
+    ("too many stop strings", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "stop": ["x"] * 100}, 400, "invalid_value", "stop"),
+    ("stream a string", "/v1/completions", {"model": "smollm2", "prompt": "a", "stream": "yes"},
+     400, "invalid_type", "stream"),
+    ("n above 1", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "n": 2}, 400,
+     "unsupported_value", "n"),
+    ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": CHAT}, 404,
+     "model_not_found", "model"),
+    ("no prompt", "/v1/completions", {"model": "smollm2"}, 400, "missing_required_parameter",
+     "prompt"),
+    ("token id out of range", "/v1/completions", {"model": "smollm2", "prompt": [1, 10**9]},
+     400, "invalid_value", "prompt"),
+    ("several prompts", "/v1/completions", {"model": "smollm2", "prompt": ["a", "b"]}, 400,
+     "unsupported_value", "prompt"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,code,param", BAD_REQUESTS,
+                         ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_gets_openai_error(server, name, path, body, status, code, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    response = httpx.post(server.base + path, timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert (error["code"], error["param"]) == (code, param)
+
+
+def test_prompt_longer_than_context(server, lm):
+    messages = [{"role": "user", "content": "word " * (CTX + 50)}]
+    n_tokens = len(lm.encode(lm.chat_prompt(messages)))
+    response = httpx.post(server.base + "/v1/chat/completions", timeout=30,
+                          json={"model": "smollm2", "messages": messages})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert str(n_tokens) in error["message"] and str(CTX) in error["message"]
+    with pytest.raises(openai.BadRequestError):  # the client sees it as OpenAI's would be
+        server.client().completions.create(model="smollm2", prompt="word " * CTX)
+
+
+def test_unknown_paths_and_methods(server):
+    for method, path, status in (("GET", "/v1/engines", 404),
+                                 ("GET", "/v1/chat/completions", 405)):
+        response = httpx.request(method, server.base + path, timeout=10)
+        assert response.status_code == status
+        assert response.json()["error"]["message"]
+
+
+def test_server_survives_bad_requests_and_logs_each(server):
+    """Runs after the bad-input tests: the process is up and answers a good request."""
+    answer = server.client().completions.create(model="smollm2", prompt="Hi", max_tokens=2,
+                                                temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert server.proc.poll() is None
+    log = server.err.read_text()
+    assert re.search(r"POST /v1/completions 200 \d+\+\d+ tokens \((stop|length)\) "
+                     r"\d+\.\d\ds", log)
+    assert re.search(r"POST /v1/chat/completions 400 - \d+\.\d\ds", log)
+    assert "Traceback" not in log
+
+
+def test_api_key(default_model_path, tmp_path):
+    key = "sk-test-" + os.urandom(6).hex()
+    server = ServerProcess(default_model_path, tmp_path, api_key=key)
+    try:
+        assert "API key required" in server.out.read_text()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            response = httpx.get(server.base + "/v1/models", headers=headers, timeout=10)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            server.client("wrong").models.list()
+        client = server.client(key)
+        assert client.models.list().data[0].id == default_model_path.stem
+        answer = client.completions.create(model="smollm2", prompt="Hi", max_tokens=1)
+        assert answer.object == "text_completion"
+        assert httpx.get(server.base + "/health", timeout=10).status_code == 200
+    finally:
+        server.close()
+
+
+def test_exposure_warning():
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0")
+    assert exposure_warning("127.0.0.1", None) is None
+    assert exposure_warning("0.0.0.0", "key") is None
+    assert "without an API key" in exposure_warning("0.0.0.0", None)
