@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import defaultdict
 
@@ -46,6 +47,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--summary", action="store_true",
                    help="print the per-type summary only, not every tensor")
     p.set_defaults(func=cmd_quantize)
+    from llmpress.cli_calibrated import add_method_options
+    add_method_options(p)  # --method gptq|awq|awq+gptq, --calib, --calib-tokens
 
 
 def _mib(n: int) -> str:
@@ -91,11 +94,12 @@ def _print_report(report, per_tensor: bool) -> None:
     for t in report.tensors:
         by_type[t.type].append(t)
     summary = Table(title="by type")
-    for col in ("type", "tensors", "size", "mean rel. error"):
+    for col in ("type", "tensors", "size", "rel. error (weighted by size)"):
         summary.add_column(col, justify="left" if col == "type" else "right")
     for name, items in sorted(by_type.items(), key=lambda kv: -sum(t.n_bytes for t in kv[1])):
-        errors = [t.error for t in items if t.error is not None]
-        mean = sum(errors) / len(errors) if errors else None
+        measured = [(t.error, math.prod(t.shape)) for t in items if t.error is not None]
+        weight = sum(n for _, n in measured)
+        mean = sum(e * n for e, n in measured) / weight if weight else None
         summary.add_row(name, str(len(items)), _mib(sum(t.n_bytes for t in items)), _error(mean))
     console.print(summary)
     imatrix = f", imatrix: {report.imatrix_entries} entries" if report.imatrix_entries else ""

@@ -18,6 +18,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,13 @@ from gguf import GGUFValueType
 from llmpress.errors import LlmpressError
 from llmpress.formats import FORMATS, dequantize_tensor, get_format
 from llmpress.io.gguf import load_gguf
-from llmpress.io.gguf_write import GGUFStreamWriter, MetadataValue, TensorSlot, plan_gguf
+from llmpress.io.gguf_write import (
+    GGUFLayout,
+    GGUFStreamWriter,
+    MetadataValue,
+    TensorSlot,
+    plan_gguf,
+)
 from llmpress.io.source import ModelSource, TensorRef
 from llmpress.quant.mix import (
     FLOAT_TYPES,
@@ -234,9 +241,9 @@ def output_metadata(source_metadata: Mapping[str, Any], ftype_number: int,
         "general.file_type": MetadataValue(_u32, ftype_number),
     }
     if imatrix is not None:
-        appended["quantize.imatrix.file"] = imatrix.label[:IMATRIX_STRING_LIMIT]
+        appended["quantize.imatrix.file"] = _truncated(imatrix.label)
         if imatrix.datasets:
-            appended["quantize.imatrix.dataset"] = imatrix.datasets[0][:IMATRIX_STRING_LIMIT]
+            appended["quantize.imatrix.dataset"] = _truncated(imatrix.datasets[0])
         appended["quantize.imatrix.entries_count"] = MetadataValue(_u32, len(imatrix.entries))
         if imatrix.chunk_count > 0:
             appended["quantize.imatrix.chunks_count"] = MetadataValue(_u32, imatrix.chunk_count)
@@ -245,14 +252,19 @@ def output_metadata(source_metadata: Mapping[str, Any], ftype_number: int,
     return kept | appended
 
 
+def _truncated(text: str) -> str:
+    """What strncpy into llama_model_kv_override.val_str keeps: 127 bytes."""
+    return text.encode("utf-8")[:IMATRIX_STRING_LIMIT].decode("utf-8", errors="ignore")
+
+
 @dataclass(frozen=True)
 class QuantizePlan:
     source: ModelSource
     choices: tuple[TensorChoice, ...]  # in output order
     metadata: dict[str, Any]
 
-    @property
-    def layout(self):
+    @cached_property
+    def layout(self) -> GGUFLayout:
         return plan_gguf(self.metadata, [TensorSlot(c.name, c.target_type, c.shape)
                                          for c in self.choices])
 
