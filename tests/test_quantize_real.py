@@ -162,6 +162,38 @@ def test_cli_quantizes_and_reports(tmp_path, capsys):
     assert "would overwrite the input" in errors[1]
 
 
+def test_hugging_face_directory_quantizes_like_its_gguf_view(tmp_path):
+    """IN may be a Hugging Face directory: F16 weights copied unchanged give the same
+    logits as running the directory itself; Q8_0 gives the bytes of quantizing its view."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmpress.io.hf import load_hf_dir
+    from llmpress.models.llama import LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    hf_dir = tmp_path / "tiny-llama"
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(hf_dir)
+    report = quantize_model(QuantizeConfig(hf_dir, tmp_path / "tiny-f16.gguf", "F16"))
+    assert {t.type for t in report.tensors} == {"F16", "F32"}
+    ids = torch.tensor([[1, 5, 9, 200, 3, 77]])
+
+    def logits(source):
+        model = LlamaModel(source, mode="exact", device="cpu")
+        return model(ids, model.new_cache(8))[0]
+
+    assert torch.equal(logits(load_gguf(tmp_path / "tiny-f16.gguf")), logits(load_hf_dir(hf_dir)))
+    quantize_model(QuantizeConfig(hf_dir, tmp_path / "tiny-q8.gguf", "Q8_0"))
+    written, view = load_gguf(tmp_path / "tiny-q8.gguf"), load_hf_dir(hf_dir)
+    for name, ref in written.tensors.items():
+        if ref.ggml_type.name == "Q8_0":
+            expected = quantize_tensor(dequantize_ref(view.tensors[name]), ref.ggml_type)
+            assert bytes(ref.read_bytes().numpy()) == expected.tobytes(), name
+
+
 # --- the default model's F32 original ---------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:

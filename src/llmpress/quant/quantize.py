@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -275,6 +275,8 @@ def plan_quantization(source: ModelSource, config: QuantizeConfig,
     options = config.mix_options(has_imatrix=imatrix is not None)
     choices = choose_types(tensors_of(source.tensors.values()), model_facts(source.metadata),
                            options)
+    if source.path.is_dir():  # a Hugging Face directory: converted on the way
+        choices = [_converted_type(c) for c in choices]
     for c in choices:
         if c.target_type not in FORMATS:
             raise LlmpressError(f"tensor {c.name}: llmpress cannot write type {c.target_type.name}")
@@ -292,6 +294,16 @@ def plan_quantization(source: ModelSource, config: QuantizeConfig,
             raise LlmpressError(f"tensor {c.name}: llmpress cannot read type {c.source_type.name}")
     metadata = output_metadata(source.metadata, options.ftype.number, imatrix)
     return QuantizePlan(source, tuple(choices), metadata)
+
+
+def _converted_type(choice: TensorChoice) -> TensorChoice:
+    """convert_hf_to_gguf stores 1-D tensors and norms as F32 whatever the output type
+    (ModelBase.prepare_tensors); the mix then keeps them, as llama-quantize would."""
+    kept = choice.target_type == choice.source_type
+    if kept and choice.source_type in (T.F16, T.BF16) and (
+            len(choice.shape) <= 1 or choice.name.endswith("_norm.weight")):
+        return replace(choice, target_type=T.F32)
+    return choice
 
 
 # --- one tensor ------------------------------------------------------------------------
