@@ -38,10 +38,10 @@ class Case:
     shard: str | None = None  # save_pretrained max_shard_size: several files + index
 
 
-BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
-            rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-            initializer_range=0.1)
+BASE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "bos_token_id": None,
+        "eos_token_id": None, "pad_token_id": None, "initializer_range": 0.1}
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 256}
@@ -97,6 +97,16 @@ def build_hf_model(case: Case, directory: Path, seed: int = 0):
         for p in model.parameters():
             p.copy_(p.to(case.dtype).float())
     return model, directory
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are all overhead: with several threads torch spends its time waking them
+    (5x slower on a busy 2-core machine), so this module runs single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -385,6 +395,9 @@ def _edit_weights(directory: Path, edit) -> None:
     ("extra_layer", "belongs to layer 3"),
     ("no_weights", "no *.safetensors files"),
     ("rope", "RoPE scaling 'yarn' is not supported"),
+    ("corrupt", "not a readable safetensors file"),
+    ("theta", "rope_theta must be a positive number, not 'big'"),
+    ("index", "model.layers.0.mlp.gate.weight in model.safetensors, which does not hold it"),
 ])
 def test_bad_directories_raise_one_line(hf_models, tmp_path, breakage, message):
     d = _copy_model(hf_models("llama")[1], tmp_path / "model")
@@ -415,6 +428,14 @@ def test_bad_directories_raise_one_line(hf_models, tmp_path, breakage, message):
         (d / "model.safetensors").unlink()
     elif breakage == "rope":
         _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0})
+    elif breakage == "theta":
+        _edit_config(d, rope_parameters={"rope_type": "default", "rope_theta": "big"})
+    elif breakage == "corrupt":
+        (d / "model.safetensors").write_bytes(b"\xff" * 64)
+    elif breakage == "index":
+        weight_map = dict.fromkeys(load_file(d / "model.safetensors"), "model.safetensors")
+        weight_map["model.layers.0.mlp.gate.weight"] = "model.safetensors"
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(LlmpressError) as info:
         load_hf_dir(d)
     text = str(info.value)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from gguf import GGMLQuantizationType
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource, TensorRef
@@ -71,7 +72,8 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
     hp.update({k: v for k, v in config.items() if v is not None})
     hp.setdefault("num_key_value_heads", hp["num_attention_heads"])
     hp.setdefault("head_dim", hp["hidden_size"] // hp["num_attention_heads"])
-    for key in (*names.HF_REQUIRED_CONFIG_KEYS, "num_key_value_heads", "head_dim"):
+    for key in (*names.HF_REQUIRED_CONFIG_KEYS, "num_key_value_heads", "head_dim",
+                "max_position_embeddings"):
         if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] <= 0:
             raise LlmpressError(f"{where}: config.json {key} must be a positive integer, "
                                 f"not {hp[key]!r}")
@@ -82,9 +84,22 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
     if act != "silu":
         raise LlmpressError(f"{where}: hidden_act {act!r} is not supported (only silu)")
     rope = rope_parameters(hp)
-    hp["rope_theta"] = float(rope.get("rope_theta", hp["rope_theta"]))
+    hp["rope_theta"] = positive_number(rope.get("rope_theta", hp["rope_theta"]), "rope_theta",
+                                       where)
+    hp["rms_norm_eps"] = positive_number(hp["rms_norm_eps"], "rms_norm_eps", where)
+    for key in ("factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings"):
+        if key in rope:
+            rope[key] = positive_number(rope[key], f"rope_parameters.{key}", where)
     hp["rope"] = rope
     return hp
+
+
+def positive_number(value: Any, key: str, where: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise LlmpressError(f"{where}: config.json {key} must be a positive number, "
+                            f"not {value!r}")
+    return float(value)
 
 
 def rope_parameters(hp: dict[str, Any]) -> dict[str, Any]:
@@ -104,12 +119,12 @@ def gguf_metadata(hp: dict[str, Any], arch: str, name: str, where: Path) -> dict
         meta[f"{arch}.{gguf_key}"] = hp[hf_key]
     meta[f"{arch}.attention.value_length"] = hp["head_dim"]
     meta[f"{arch}.rope.dimension_count"] = hp["head_dim"]
-    meta[f"{arch}.rope.freq_base"] = float(hp["rope_theta"])
-    meta[f"{arch}.attention.layer_norm_rms_epsilon"] = float(hp["rms_norm_eps"])
     rope_type = hp["rope"]["rope_type"]
     if rope_type == "linear":
+        if "factor" not in hp["rope"]:
+            raise LlmpressError(f"{where}: linear RoPE scaling without a factor in config.json")
         meta[f"{arch}.rope.scaling.type"] = "linear"
-        meta[f"{arch}.rope.scaling.factor"] = float(hp["rope"]["factor"])
+        meta[f"{arch}.rope.scaling.factor"] = hp["rope"]["factor"]
     elif rope_type == "llama3":
         if arch != "llama":
             raise LlmpressError(f"{where}: llama3 RoPE scaling on a {arch} model is not supported")
@@ -176,7 +191,13 @@ def safetensors_files(path: Path) -> tuple[dict[str, Path], dict[Path, Any]]:
             if not file.is_file():
                 raise LlmpressError(f"{index_path}: lists {file.name}, which is missing "
                                     "(incomplete download?)")
-        return located, {file: _open(file) for file in set(located.values())}
+        handles = {file: _open(file) for file in sorted(set(located.values()))}
+        stored = {file: set(handle.keys()) for file, handle in handles.items()}
+        for name, file in located.items():
+            if name not in stored[file]:
+                raise LlmpressError(f"{index_path}: lists tensor {name} in {file.name}, "
+                                    "which does not hold it")
+        return located, handles
     files = sorted(path.glob("*.safetensors"))
     if not files:
         hint = " (PyTorch .bin checkpoints are not supported)" if any(path.glob("*.bin")) else ""
@@ -184,7 +205,7 @@ def safetensors_files(path: Path) -> tuple[dict[str, Path], dict[Path, Any]]:
     handles = {file: _open(file) for file in files}
     located = {}
     for file, handle in handles.items():
-        for name in handle.keys():
+        for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             if name in located:
                 raise LlmpressError(f"{path}: tensor {name} is in both {located[name].name} "
                                     f"and {file.name}")
@@ -195,7 +216,7 @@ def safetensors_files(path: Path) -> tuple[dict[str, Path], dict[Path, Any]]:
 def _open(file: Path) -> Any:
     try:
         return safe_open(str(file), framework="pt")
-    except Exception as exc:  # safetensors raises its own SafetensorError
+    except (SafetensorError, OSError) as exc:
         raise LlmpressError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
@@ -264,7 +285,11 @@ def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Pat
 def load_hf_dir(path: str | Path) -> ModelSource:
     """A Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3) as a lazy ModelSource."""
     path = Path(path)
-    hp = hyperparameters(read_config(path), path)
+    config = read_config(path)
+    if config.get("quantization_config") or (path / "quantize_config.json").is_file():
+        from llmpress.io.gptq_checkpoint import load_quantized_hf_dir  # GPTQ, AWQ, ...
+        return load_quantized_hf_dir(path)
+    hp = hyperparameters(config, path)
     arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
     metadata = gguf_metadata(hp, arch, path.resolve().name, path)
     shapes = expected_shapes(hp)
@@ -290,11 +315,7 @@ def load_hf_dir(path: str | Path) -> ModelSource:
         if block is not None and block >= hp["num_hidden_layers"]:
             raise LlmpressError(f"{file}: tensor {hf_name} belongs to layer {block}, but "
                                 f"config.json has {hp['num_hidden_layers']} layers")
-        try:
-            info = handles[file].get_slice(hf_name)
-        except Exception:
-            raise LlmpressError(f"{file}: tensor {hf_name} is listed in the index "
-                                "but not in this file") from None
+        info = handles[file].get_slice(hf_name)
         dtype_name, shape = info.get_dtype(), tuple(info.get_shape())
         if dtype_name not in SAFETENSORS_TYPES:
             raise LlmpressError(f"{file}: tensor {hf_name} has dtype {dtype_name}; "

@@ -1,0 +1,234 @@
+"""The real default model (SmolLM2-135M-Instruct, Q4_1) against two independent references.
+
+- transformers: a LlamaForCausalLM whose weights are gguf-py's dequantization of the file,
+  mapped and un-permuted by transformers' own GGUF code (TensorProcessor and name map from
+  transformers.modeling_gguf_pytorch_utils; `from_pretrained(gguf_file=...)` itself would
+  need the accelerate package, which this project does not depend on).
+- llama.cpp (llama-cpp-python): the same file dequantized to F32 and written with
+  gguf.GGUFWriter, which reproduces llama-quantize's F32 tensors bit for bit (checked
+  against the SHA-256 table in shared/reference).
+
+Each test prints the numbers it measured (`pytest -s` shows them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import REFERENCE
+
+from llmpress.io.gguf import load_gguf
+from llmpress.kernels.linear import KERNEL_MAX_ROWS
+from llmpress.models.llama import LlamaModel
+
+transformers = pytest.importorskip("transformers")
+llama_cpp = pytest.importorskip("llama_cpp")
+gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+
+pytestmark = pytest.mark.slow
+
+WINDOW, N_WINDOWS = 512, 4  # llama.cpp comparison: 2,048 WikiText tokens
+HF_TOKENS, PROMPT, GREEDY_STEPS = 128, 32, 64
+FAST_TOKENS = 64
+
+
+# --- references --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dequantized(default_model_path):
+    """gguf-py's reading of the file: (reader, {name: float32 array in torch order})."""
+    reader = gguf.GGUFReader(default_model_path)
+    arrays = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+              for t in reader.tensors}
+    return reader, arrays
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(dequantized, tmp_path_factory):
+    """The default model dequantized to F32, every metadata field copied."""
+    reader, arrays = dequantized
+    path = tmp_path_factory.mktemp("f32") / "SmolLM2-135M-Instruct.F32.gguf"
+    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue  # the writer writes the header and architecture itself
+        vtype = gguf.GGUFValueType(field.types[0])
+        is_array = vtype == gguf.GGUFValueType.ARRAY
+        sub_type = gguf.GGUFValueType(field.types[-1]) if is_array else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for name, values in arrays.items():
+        writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_model(dequantized):
+    """transformers' LlamaForCausalLM holding the dequantized weights, via its GGUF code."""
+    reader, arrays = dequantized
+    arch = reader.fields["general.architecture"].contents()
+    config = {hf_key: reader.fields[f"{arch}.{key}"].contents()
+              for key, hf_key in gguf_utils.GGUF_CONFIG_MAPPING[arch].items()
+              if hf_key and f"{arch}.{key}" in reader.fields}
+    config.setdefault("vocab_size", arrays["token_embd.weight"].shape[0])
+    config["tie_word_embeddings"] = "output.weight" not in arrays
+    hf_config = transformers.LlamaConfig(**config)
+    hf_config._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf_config)
+    processor = gguf_utils.TENSOR_PROCESSORS.get(arch, gguf_utils.TensorProcessor)(config=config)
+    gguf_to_hf = gguf_utils.get_gguf_hf_weights_map(model, processor)
+    state = {}
+    for name, values in arrays.items():
+        converted = processor.process(weights=values, name=name)  # reverse q/k permutation
+        weights = np.require(converted.weights, requirements=["C", "W"])
+        state[gguf_to_hf[converted.name]] = torch.from_numpy(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    model.tie_weights()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_config)  # off the meta device
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def wikitext_ids(default_model_path, wikitext_bytes) -> list[int]:
+    """WikiText-2 test text tokenized by llama.cpp's own tokenizer."""
+    vocab = llama_cpp.Llama(str(default_model_path), vocab_only=True, verbose=False)
+    ids = vocab.tokenize(wikitext_bytes[:24_000], add_bos=False, special=False)
+    assert len(ids) >= WINDOW * N_WINDOWS
+    return ids
+
+
+@pytest.fixture(scope="module")
+def exact_windows(default_model_path, wikitext_ids) -> torch.Tensor:
+    """Our exact mode on the Q4_1 file: logits (N_WINDOWS, WINDOW, vocab) of the WikiText
+    windows, run as one batch so the weights are dequantized once."""
+    model = LlamaModel(load_gguf(default_model_path), mode="exact")
+    windows = torch.tensor(wikitext_ids[:WINDOW * N_WINDOWS]).view(N_WINDOWS, WINDOW)
+    return model(windows, model.new_cache(WINDOW, batch=N_WINDOWS))
+
+
+# --- helpers -----------------------------------------------------------------------------
+def kl_and_top1(base_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(base || other) per token and top-1 agreement, in float64 as
+    llama-perplexity's --kl-divergence computes them (base = the reference)."""
+    base = base_logits.double().log_softmax(-1)
+    other = logits.double().log_softmax(-1)
+    kld = (base.exp() * (base - other)).sum(-1).mean().item()
+    top1 = (base.argmax(-1) == other.argmax(-1)).double().mean().item()
+    return kld, top1
+
+
+def max_diff_and_scale(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max |ours - ref|, max |ref|)."""
+    return (ours - ref).abs().max().item(), ref.abs().max().item()
+
+
+@torch.no_grad()
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+
+
+# --- tests -------------------------------------------------------------------------------
+def test_f32_file_equals_llama_quantize_f32(f32_gguf):
+    """Our F32 reference file holds exactly the tensors of `llama-quantize ... F32`."""
+    expected = json.loads((REFERENCE / "smollm2-135m-llamacpp-tensors.json").read_text())["F32"]
+    src = load_gguf(f32_gguf)
+    hashes = {n: [r.ggml_type.name, hashlib.sha256(r.read_bytes().numpy()).hexdigest()]
+              for n, r in src.tensors.items()}
+    assert hashes == expected["tensors"]
+    print(f"\nF32 file: {len(hashes)} tensors identical to llama-quantize's; "
+          f"{src.file_bytes} bytes (llama-quantize: {expected['file_bytes']})")
+
+
+def test_exact_logits_match_transformers(exact_windows, hf_model, wikitext_ids):
+    ref = hf_logits(hf_model, wikitext_ids[:HF_TOKENS])
+    ours = exact_windows[0, :HF_TOKENS]  # causal: the first positions of window 0
+    diff, scale = max_diff_and_scale(ours, ref)
+    kld, top1 = kl_and_top1(ref, ours)
+    print(f"\nexact vs transformers, {HF_TOKENS} tokens: max |diff| {diff:.3g} "
+          f"(logit scale {scale:.3g}), mean KLD {kld:.3g}, top-1 {top1:.2%}")
+    assert diff <= 1e-4 * scale
+    assert top1 == 1.0
+
+
+def test_greedy_tokens_match_transformers(default_model_path, f32_gguf, hf_model, wikitext_ids):
+    """64 greedy steps. We decode with the KV cache (fast mode: the packed kernel, one
+    token at a time); then one forward pass of transformers, and one of our exact math,
+    over prompt + continuation must pick each next token the same way: the teacher-forced
+    argmax at every step is exactly what greedy decoding takes, so this proves that
+    transformers' greedy decoding and our exact one give these same 64 tokens, at the
+    cost of one forward instead of 64. Exact math runs on the F32 file (the same values
+    as exact mode on Q4_1, without dequantizing again)."""
+    fast = LlamaModel(load_gguf(default_model_path), mode="fast")
+    prompt = wikitext_ids[:PROMPT]
+    cache = fast.new_cache(PROMPT + GREEDY_STEPS)
+    for start in range(0, PROMPT, KERNEL_MAX_ROWS):  # small chunks keep the packed kernel
+        logits = [fast(torch.tensor([prompt[start:start + KERNEL_MAX_ROWS]]), cache)[0, -1:]]
+    tokens: list[int] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one-token steps: waking a second thread costs more than it saves
+    try:
+        for _ in range(GREEDY_STEPS):
+            tokens.append(int(logits[-1][-1].argmax()))
+            logits.append(fast(torch.tensor([tokens[-1:]]), cache)[0])
+    finally:
+        torch.set_num_threads(threads)
+    fast_logits = torch.cat(logits[:-1])  # (GREEDY_STEPS, vocab): what chose each token
+
+    sequence = prompt + tokens
+    steps = slice(PROMPT - 1, PROMPT - 1 + GREEDY_STEPS)  # positions that chose the tokens
+    ref = hf_logits(hf_model, sequence)[steps]
+    exact_f32 = LlamaModel(load_gguf(f32_gguf), mode="exact")
+    exact = exact_f32(torch.tensor([sequence]), exact_f32.new_cache(len(sequence)))[0][steps]
+    hf_greedy, exact_greedy = ref.argmax(-1).tolist(), exact.argmax(-1).tolist()
+    agree = sum(a == b for a, b in zip(tokens, hf_greedy))
+    diff, scale = max_diff_and_scale(exact, ref)
+    kld_fast, _ = kl_and_top1(exact, fast_logits)
+    print(f"\ngreedy: {agree} of {GREEDY_STEPS} tokens as transformers picks them; exact vs "
+          f"transformers max |diff| {diff:.3g} (scale {scale:.3g}); fast decode vs exact "
+          f"mean KLD {kld_fast:.3g}")
+    assert tokens == hf_greedy == exact_greedy
+    assert diff <= 1e-4 * scale
+    assert kld_fast <= 0.0028
+
+
+def test_exact_matches_llama_cpp(f32_gguf, exact_windows, wikitext_ids):
+    """llama.cpp on the F32 file vs our exact mode on the Q4_1 file: 4 windows of 512."""
+    llm = llama_cpp.Llama(str(f32_gguf), logits_all=True, n_ctx=WINDOW, n_batch=WINDOW,
+                          n_threads=2, verbose=False,
+                          type_k=0, type_v=0)  # F32 KV cache: float math against float math
+    klds, top1s = [], []
+    for w in range(N_WINDOWS):
+        llm.reset()
+        llm.eval(wikitext_ids[w * WINDOW:(w + 1) * WINDOW])
+        ref = torch.from_numpy(np.array(llm.scores[:WINDOW], dtype=np.float32))
+        kld, top1 = kl_and_top1(ref, exact_windows[w])
+        klds.append(kld)
+        top1s.append(top1)
+    kld, top1 = float(np.mean(klds)), float(np.mean(top1s))
+    print(f"\nexact vs llama.cpp F32, {WINDOW * N_WINDOWS} tokens: mean KLD {kld:.3g} "
+          f"(per window {', '.join(f'{k:.2g}' for k in klds)}), top-1 {top1:.3%}")
+    assert top1 >= 0.995
+    assert kld <= 1e-4
+
+
+def test_fast_mode_close_to_exact(default_model_path, exact_windows, wikitext_ids):
+    """Fast mode's packed kernel in chunks of 16 rows (its largest) vs exact mode."""
+    fast = LlamaModel(load_gguf(default_model_path), mode="fast")
+    ids = torch.tensor([wikitext_ids[:FAST_TOKENS]])
+    cache = fast.new_cache(FAST_TOKENS)
+    ours = torch.cat([fast(ids[:, s:s + KERNEL_MAX_ROWS], cache)[0]
+                      for s in range(0, FAST_TOKENS, KERNEL_MAX_ROWS)])
+    kld, top1 = kl_and_top1(exact_windows[0, :FAST_TOKENS], ours)
+    print(f"\nfast (Q4_1 kernel) vs exact, {FAST_TOKENS} tokens: mean KLD {kld:.3g}, "
+          f"top-1 {top1:.3%} (llama.cpp's own Q4_1 vs F32: KLD 0.002843, top-1 96.588%)")
+    assert kld <= 0.0028
