@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llmpress.cli_quantize import add_quantize_parser
     add_quantize_parser(sub)
 
+    from llmpress.cli_fit import add_fit_parser
+    add_fit_parser(sub)
+
     from llmpress.cli_prune import add_prune_parser
     add_prune_parser(sub)
 
