@@ -27,7 +27,7 @@ def _random_log_probs(n: int, vocab: int, seed: int, sharpness: float = 3.0) -> 
     return _log_probs(sharpness * torch.randn(n, vocab, generator=g, dtype=torch.float64))
 
 
-# --- KL divergence ---------------------------------------------------------------------------
+# --- KL divergence ------------------------------------------------------------------------
 def test_kld_of_identical_distributions_is_zero():
     lp = _random_log_probs(50, 1000, seed=0)
     assert torch.equal(K.kl_divergence(lp, lp), torch.zeros(50, dtype=torch.float64))
@@ -78,7 +78,7 @@ def test_token_stats_p_diff_and_top1():
     assert stats.same_top.tolist() == [True, False]
 
 
-# --- perplexity and its errors ----------------------------------------------------------------
+# --- perplexity and its errors ------------------------------------------------------------
 @pytest.mark.parametrize("vocab", [2, 7, 49152])
 def test_perplexity_of_uniform_model_is_vocabulary_size(vocab):
     lp = _log_probs(torch.zeros(20, vocab))
@@ -134,7 +134,7 @@ def test_summary_errors_match_direct_computation():
     assert s.same_top_error == pytest.approx(math.sqrt(same.mean() * (1 - same.mean()) / (n - 1)))
 
 
-# --- windows ----------------------------------------------------------------------------------
+# --- windows ------------------------------------------------------------------------------
 def test_window_plan_counts_like_llama_perplexity():
     plan = P.plan_windows(n_tokens=5000, n_ctx=512)
     assert (plan.n_windows, plan.first, plan.scored_per_window) == (9, 256, 255)
@@ -245,7 +245,7 @@ def test_read_text_errors(tmp_path):
     assert P.read_text(crlf) == "a\r\nb\r\n"
 
 
-# --- compact base log-probs -----------------------------------------------------------------------
+# --- compact base log-probs ---------------------------------------------------------------
 def test_compact_round_trip_within_stated_error(tmp_path):
     vocab, n = 3000, 40
     lp = _random_log_probs(n, vocab, seed=5)
@@ -255,14 +255,16 @@ def test_compact_round_trip_within_stated_error(tmp_path):
     values, ids = torch.sort(lp, dim=-1, descending=True)
     assert np.array_equal(c.top_ids, ids[:, :64].numpy())
     decoded = K.dequantize_uint16(c.top_codes, c.top_scale, c.top_offset)
-    assert (decoded - values[:, :64]).abs().max() <= torch.from_numpy(c.top_scale).max() / 2 + 1e-12
+    top_step = torch.from_numpy(c.top_scale).max()
+    assert (decoded - values[:, :64]).abs().max() <= top_step / 2 + 1e-12
     np.testing.assert_allclose(c.tail_mass, (1 - values[:, :64].exp().sum(-1)).numpy(), rtol=1e-9)
     np.testing.assert_array_equal(c.target_log_prob, lp.gather(-1, targets[:, None])[:, 0].numpy())
     # tail samples are tail tokens and carry their own log-probs
     assert not (c.tail_ids[:, :, None] == c.top_ids[:, None, :]).any()
     tail_decoded = K.dequantize_uint16(c.tail_codes, c.tail_scale, c.tail_offset)
     tail_true = lp.gather(-1, torch.from_numpy(c.tail_ids.astype(np.int64)))
-    assert (tail_decoded - tail_true).abs().max() <= torch.from_numpy(c.tail_scale).max() / 2 + 1e-12
+    tail_step = torch.from_numpy(c.tail_scale).max()
+    assert (tail_decoded - tail_true).abs().max() <= tail_step / 2 + 1e-12
     # the file: same arrays back, stated size
     base = K.BaseLogProbs(np.arange(3 * 16, dtype=np.int32) % vocab, n_ctx=16, n_windows=3,
                           n_vocab=vocab, bos_id=None, rows=c.rows(0, 21), source="x")
@@ -359,7 +361,7 @@ def test_base_file_errors(tmp_path):
         K.load_base(tmp_path / "bad.safetensors")
 
 
-# --- report -----------------------------------------------------------------------------------------
+# --- report -------------------------------------------------------------------------------
 def _row(label, size, kld, base=False, ppl=10.0):
     return R.ModelRow(label, f"/m/{label}.gguf", size, size * 8 / 1e6, ppl, 0.1, ppl - 10.0, kld,
                       kld / 10, kld * 5, 1 - kld, is_base=base, gen_tok_s=50.0,

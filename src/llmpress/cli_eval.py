@@ -119,7 +119,7 @@ def cmd_eval(args) -> None:
         if args.ctx is not None and args.ctx != base.n_ctx:
             raise LlmpressError(f"{args.base_logits} holds windows of {base.n_ctx} tokens; "
                                 f"drop --ctx or give --ctx {base.n_ctx}")
-        base = _first_windows(base, args.chunks)
+        base = base.first_windows(args.chunks)
         lm = _load(args.model, args.mode, args.device, base.n_ctx)
         K.check_vocabulary(lm, base.n_vocab, f"{args.base_logits}")
         if args.text:
@@ -169,17 +169,6 @@ def cmd_eval(args) -> None:
     _print_eval(result)
 
 
-def _first_windows(base, chunks: int | None):
-    """The base restricted to its first `chunks` windows (--chunks with --base-logits)."""
-    if chunks is None or chunks >= base.n_windows:
-        return base
-    if chunks < 1:
-        raise LlmpressError(f"--chunks {chunks}: give at least 1 window")
-    per = base.plan.scored_per_window
-    return replace(base, n_windows=chunks, tokens=base.tokens[:chunks * base.n_ctx],
-                   rows=base.rows.rows(0, chunks * per))
-
-
 def _running_ppl(nll: np.ndarray, plan) -> list[float]:
     ends = np.arange(1, plan.n_windows + 1) * plan.scored_per_window
     return [float(np.exp(nll[:e].mean())) for e in ends]
@@ -210,7 +199,8 @@ def _print_eval(r: dict) -> None:
         ("Mean PPL(Q)", f"{k['ppl']:.6f} {pm} {k['ppl_error']:.6f}"),
         ("Mean PPL(base)", f"{k['ppl_base']:.6f} {pm} {k['ppl_base_error']:.6f}"),
         ("Cor(ln(PPL(Q)), ln(PPL(base)))", f"{100 * k['ln_ppl_correlation']:.2f}%"),
-        ("Mean ln(PPL(Q)/PPL(base))", f"{k['ln_ppl_ratio']:.6f} {pm} {k['ln_ppl_ratio_error']:.6f}"),
+        ("Mean ln(PPL(Q)/PPL(base))",
+         f"{k['ln_ppl_ratio']:.6f} {pm} {k['ln_ppl_ratio_error']:.6f}"),
         ("Mean PPL(Q)/PPL(base)", f"{k['ppl_ratio']:.6f} {pm} {k['ppl_ratio_error']:.6f}"),
         ("Mean PPL(Q)-PPL(base)", f"{k['ppl_diff']:.6f} {pm} {k['ppl_diff_error']:.6f}"),
         ("Mean KLD", f"{k['kld_mean']:.6f} {pm} {k['kld_error']:.6f}"),
@@ -293,7 +283,7 @@ def compare_models(cfg: CompareConfig, show_progress: bool = True) -> tuple[list
 
     base_lm = _load(cfg.base, cfg.mode, cfg.device, cfg.ctx)
     if cfg.base_logits:
-        base = _first_windows(K.load_base(cfg.base_logits), cfg.chunks)
+        base = K.load_base(cfg.base_logits).first_windows(cfg.chunks)
         K.check_vocabulary(base_lm, base.n_vocab, cfg.base_logits)
         base_nll = -base.rows.target_log_prob
     else:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -383,6 +383,16 @@ class BaseLogProbs:
     @property
     def n_bytes(self) -> int:
         return self.tokens.nbytes + self.rows.n_bytes
+
+    def first_windows(self, n: int | None) -> BaseLogProbs:
+        """The same base cut to its first n windows (--chunks with a base file)."""
+        if n is None or n >= self.n_windows:
+            return self
+        if n < 1:
+            raise LlmpressError(f"--chunks {n}: give at least 1 window")
+        per = self.plan.scored_per_window
+        return replace(self, n_windows=n, tokens=self.tokens[:n * self.n_ctx],
+                       rows=self.rows.rows(0, n * per))
 
 
 def save_base(base: BaseLogProbs, path: str | Path) -> int:
