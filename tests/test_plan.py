@@ -146,16 +146,20 @@ def _machine(ram: str, vram: str = "0") -> machine.Machine:
 def test_placements_follow_the_memory():
     spec70 = estimate.spec_from_catalog("Llama-3.1-70B")
     est = estimate.estimate(spec70, "Q4_K_M", 4096)
-    mem = est.llama_cpp
-    assert advise.place(mem, _machine("256GB", "80GB")).kind == "gpu"
-    hybrid = advise.place(mem, _machine("64GB", "24GB"))
+    mem = (est.llama_cpp, est.llama_cpp_gpu)
+    assert advise.place(*mem, _machine("256GB", "80GB")).kind == "gpu"
+    hybrid = advise.place(*mem, _machine("64GB", "24GB"))
     assert hybrid.kind == "hybrid" and 0 < hybrid.gpu_layers < spec70.n_layers
     assert hybrid.gpu_bytes <= 24 * 2**30 and hybrid.ram_bytes <= 64 * 2**30
-    more = advise.place(mem, _machine("64GB", "40GB"))
+    more = advise.place(*mem, _machine("64GB", "40GB"))
     assert more.gpu_layers > hybrid.gpu_layers
-    assert advise.place(mem, _machine("64GB")).kind == "ram"
-    assert advise.place(mem, _machine("16GB")).kind == "disk"
-    assert advise.place(mem, _machine("200MB")).kind == "none"
+    assert advise.place(*mem, _machine("64GB")).kind == "ram"
+    assert advise.place(*mem, _machine("16GB")).kind == "disk"
+    assert advise.place(*mem, _machine("200MB")).kind == "none"
+    # llmpress runs a model on one device: GPU or CPU, never split
+    llmpress = (est.llmpress, est.llmpress_gpu)
+    assert advise.place(*llmpress, _machine("256GB", "80GB")).kind == "gpu"
+    assert advise.place(*llmpress, _machine("64GB", "24GB")).kind == "ram"
 
 
 def test_max_context_is_the_edge_of_fitting():
@@ -165,7 +169,7 @@ def test_max_context_is_the_edge_of_fitting():
     for runtime in advise.RUNTIMES:
         largest = advise.max_context(spec8, w, runtime, "f16", box)
         assert 0 < largest < spec8.context_length
-        fits = [advise.place(advise._memory_at(spec8, w, runtime, c, "f16"), box).fits
+        fits = [advise.place(*advise._memory_at(spec8, w, runtime, c, "f16"), box).fits
                 for c in (largest, largest + 256)]
         assert fits == [True, False]
     # a quantized cache holds more tokens in the same memory

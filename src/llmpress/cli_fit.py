@@ -108,6 +108,8 @@ def report_dict(report) -> dict:
             "type": o.ftype, "file_bytes": est.weights.file_bytes,
             "bits_per_weight": round(est.bits_per_weight, 3), "tensor_types": est.weights.types,
             "llama_cpp": _memory_dict(est.llama_cpp), "llmpress": _memory_dict(est.llmpress),
+            "llama_cpp_gpu": _memory_dict(est.llama_cpp_gpu),
+            "llmpress_gpu": _memory_dict(est.llmpress_gpu),
             "runtime": o.runtime, "placement": o.placement.kind,
             "placement_text": PLACEMENTS[o.placement.kind],
             "gpu_layers": o.placement.gpu_layers, "gpu_bytes": o.placement.gpu_bytes,
@@ -135,8 +137,9 @@ def _memory_dict(mem) -> dict:
 
 
 def _machine_line(m) -> str:
-    ram = (f"RAM {_gib(m.ram_total)}" if m.overridden
-           else f"RAM {_gib(m.ram_total)} ({_gib(m.ram_available)} available)")
+    ram = f"RAM {_gib(m.ram_total)}"
+    if m.ram_available != m.ram_total:
+        ram += f" ({_gib(m.ram_available)} available)"
     gpu = f"{m.gpu_name or 'GPU'} {_gib(m.vram_total)}" if m.has_gpu else "no GPU"
     speed = f"{m.ram_bandwidth / 1e9:.1f} GB/s RAM"
     if m.has_gpu:
@@ -160,8 +163,11 @@ def _show_report(report) -> None:
              f"{spec.n_layers} layers, trained context {spec.context_length:,}")
     table = Table(title=title)
     kv_title = f"KV {report.ctx:,} {report.cache}"
-    for col in ("type", "file", "bpw", kv_title, "llama.cpp", "llmpress",
-                f"{report.runtime}: fit", "max ctx", "tok/s", "mean KLD"):
+    gpu = report.machine.has_gpu
+    columns = ["type", "file", "bpw", kv_title, "llama.cpp", "llmpress",
+               *([f"{report.runtime} on GPU"] if gpu else []),
+               f"{report.runtime}: fit", "max ctx", "tok/s", "mean KLD"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("type",) or "fit" in col else "right")
     for o in report.options:
         est = o.estimate
@@ -169,16 +175,18 @@ def _show_report(report) -> None:
             else o.ftype
         if o is report.recommended:
             label = f"[bold green]{label} *[/]"
+        on_gpu = [_gib(est.runtime(report.runtime, gpu=True).total)] if gpu else []
         table.add_row(label, _gib(est.weights.file_bytes), f"{est.bits_per_weight:.2f}",
                       _gib(est.llama_cpp.kv_cache), _gib(est.llama_cpp.total),
-                      _gib(est.llmpress.total), _placement_text(o),
+                      _gib(est.llmpress.total), *on_gpu, _placement_text(o),
                       f"{o.max_ctx:,}" if o.max_ctx else "-", _speed(o.tok_s),
                       "-" if o.kld is None else f"{o.kld:.4f}")
     console.print(table)
     console.print(f"[dim]{_machine_line(report.machine)}[/]", highlight=False)
-    notes = ["totals: weights + KV cache + compute buffers + runtime overhead; llmpress "
-             "caches float32 and counts torch's ~258 MiB",
+    notes = ["llama.cpp / llmpress: RAM each needs on the CPU (weights + KV cache + compute "
+             "buffers + runtime overhead; llmpress caches float32 and counts torch's ~258 MiB)",
              "tok/s: bandwidth / bytes read per token with the context full (an upper bound)",
+             *(["on GPU: VRAM with every layer offloaded, CUDA context included"] if gpu else []),
              f"quality: {report.quality.source}"]
     if not spec.header_exact:
         notes.append("file sizes include an estimate of the tokenizer's metadata")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from llmpress.errors import LlmpressError
 from llmpress.plan.estimate import (
-    CUDA_CONTEXT,
     LLAMA_CPP_KV_PAD,
     Estimate,
     ModelSpec,
@@ -24,7 +23,9 @@ from llmpress.plan.estimate import (
     Weights,
     cache_type,
     estimate,
+    llama_cpp_gpu_memory,
     llama_cpp_memory,
+    llmpress_gpu_memory,
     llmpress_memory,
     mix_types,
     weights,
@@ -111,45 +112,46 @@ class Placement:
         return self.kind in ("gpu", "hybrid", "ram")
 
 
-def place(mem: RuntimeMemory, machine: Machine) -> Placement:
-    """The best place for this runtime's memory on the machine."""
+def place(cpu: RuntimeMemory, gpu: RuntimeMemory, machine: Machine) -> Placement:
+    """The best place on the machine for a runtime whose memory is `cpu` when it runs on
+    the CPU and `gpu` when everything is on the GPU."""
     if machine.has_gpu:
-        on_gpu = mem.weights + mem.kv_cache + mem.compute + CUDA_CONTEXT
-        if on_gpu <= machine.vram_free:
-            return Placement("gpu", len(mem.layer_weights), on_gpu, mem.overhead)
-        if mem.runtime == "llama.cpp":  # llmpress puts a model on one device only
-            split = _hybrid(mem, machine)
+        if gpu.total <= machine.vram_free:
+            return Placement("gpu", len(gpu.layer_weights), gpu.total, cpu.overhead)
+        if cpu.runtime == "llama.cpp":  # llmpress puts a model on one device only
+            split = _hybrid(cpu, gpu, machine)
             if split is not None:
                 return split
-    if mem.total <= machine.ram_available:
-        return Placement("ram", 0, 0, mem.total)
+    if cpu.total <= machine.ram_available:
+        return Placement("ram", 0, 0, cpu.total)
     # the weights stay in the page cache as far as they fit, the rest is read from disk
-    if mem.total - mem.weights <= machine.ram_available:
+    if cpu.total - cpu.weights <= machine.ram_available:
         return Placement("disk", 0, 0, machine.ram_available)
-    return Placement("none", 0, 0, mem.total)
+    return Placement("none", 0, 0, cpu.total)
 
 
-def _hybrid(mem: RuntimeMemory, machine: Machine) -> Placement | None:
-    """The most blocks llama.cpp can offload (weights and their KV cache on the GPU, the
-    compute buffer on both), with the rest in RAM."""
-    budget = machine.vram_free - CUDA_CONTEXT - mem.compute
+def _hybrid(cpu: RuntimeMemory, gpu: RuntimeMemory, machine: Machine) -> Placement | None:
+    """The most blocks llama.cpp can offload (-ngl N: their weights and KV cache on the
+    GPU, a compute buffer on each device), with the rest in RAM."""
+    budget = machine.vram_free - gpu.overhead - gpu.compute
     used, n = 0, 0
-    for layer_w, layer_kv in zip(mem.layer_weights, mem.layer_kv):
+    for layer_w, layer_kv in zip(gpu.layer_weights, gpu.layer_kv):
         if used + layer_w + layer_kv > budget:
             break
         used, n = used + layer_w + layer_kv, n + 1
     if n == 0:
         return None
-    in_ram = mem.total - used  # the CPU keeps its own compute buffer
+    in_ram = cpu.total - used
     if in_ram > machine.ram_available:
         return None
-    return Placement("hybrid", n, used + mem.compute + CUDA_CONTEXT, in_ram)
+    return Placement("hybrid", n, used + gpu.compute + gpu.overhead, in_ram)
 
 
 def tokens_per_second(w: Weights, mem: RuntimeMemory, placement: Placement,
                       machine: Machine) -> float:
-    """Bandwidth bound on generation speed at the end of the context."""
-    per_token = w.read_per_token + mem.kv_read_per_token
+    """Bandwidth bound on generation speed at the end of the context; `mem` is the
+    memory of the placement (the GPU one for "gpu")."""
+    per_token = w.read_per_token + mem.kv_read_per_token + mem.extra_read_per_token
     if placement.kind == "gpu":
         return machine.gpu_bandwidth / per_token
     if placement.kind == "hybrid":
@@ -181,14 +183,16 @@ class Option:
 
     @property
     def memory(self) -> RuntimeMemory:
-        return self.estimate.runtime(self.runtime)
+        """The memory of its placement: all on the GPU, or the CPU's."""
+        return self.estimate.runtime(self.runtime, gpu=self.placement.kind == "gpu")
 
 
 def _memory_at(spec: ModelSpec, w: Weights, runtime: str, ctx: int, cache: str
-               ) -> RuntimeMemory:
+               ) -> tuple[RuntimeMemory, RuntimeMemory]:
+    """(on the CPU, all on the GPU) at a context."""
     if runtime == "llmpress":
-        return llmpress_memory(spec, w, ctx)
-    return llama_cpp_memory(spec, w, ctx, cache)
+        return llmpress_memory(spec, w, ctx), llmpress_gpu_memory(spec, w, ctx)
+    return llama_cpp_memory(spec, w, ctx, cache), llama_cpp_gpu_memory(spec, w, ctx, cache)
 
 
 def max_context(spec: ModelSpec, w: Weights, runtime: str, cache: str,
@@ -196,7 +200,7 @@ def max_context(spec: ModelSpec, w: Weights, runtime: str, cache: str,
     """Largest context, in steps of 256 up to the model's trained context, at which the
     option still runs from memory; 0 when not even 256 tokens fit."""
     def fits(ctx: int) -> bool:
-        return place(_memory_at(spec, w, runtime, ctx, cache), machine).fits
+        return place(*_memory_at(spec, w, runtime, ctx, cache), machine).fits
 
     step = LLAMA_CPP_KV_PAD
     low, high = 0, max(1, spec.context_length // step)
@@ -212,8 +216,8 @@ def option(spec: ModelSpec, ftype: str, ctx: int, machine: Machine, runtime: str
            cache: str = "f16", quality: Quality | None = None,
            has_imatrix: bool = False) -> Option:
     est = estimate(spec, ftype, ctx, cache, has_imatrix)
-    mem = est.runtime(runtime)
-    placement = place(mem, machine)
+    placement = place(est.runtime(runtime), est.runtime(runtime, gpu=True), machine)
+    mem = est.runtime(runtime, gpu=placement.kind == "gpu")
     w = est.weights
     kld = option_quality(spec, est.ftype, quality) if quality is not None else None
     return Option(est, runtime, placement, max_context(spec, w, runtime, cache, machine),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,11 @@ LOADER_PER_VOCAB_ENTRY = 875  # bytes: parsed vocabulary and merges + the BPE to
 PREFILL_CHUNK = 512  # runtime/generate.py PREFILL_CHUNK
 CHUNK_VALUES = 1 << 22  # kernels/linear.py CHUNK_VALUES: weights dequantized at once
 SDPA_SCRATCH = 3 * MIB  # torch's CPU flash-attention buffers (measured, 2 threads)
-CUDA_CONTEXT = 512 * MIB  # CUDA context + cuBLAS workspace, a stated allowance
+# GPU: the CUDA context a process holds once torch initialises CUDA (measured: 687 MiB on
+# an H200, torch 2.11 + CUDA 13; llama.cpp's is of the same order), and the float32 copies
+# alive while llmpress dequantizes a weight chunk on the GPU (measured: ~5.5 chunks).
+CUDA_CONTEXT = 700 * MIB
+GPU_DEQUANT_COPIES = 5.5
 
 # Header bytes a tokenizer adds to a GGUF that config.json cannot tell: tokens, token types
 # and merges, ~36 bytes per vocabulary entry (SmolLM2's 49152-entry BPE vocabulary: 1.74 MB),
@@ -487,6 +491,23 @@ def llmpress_workspace_bytes(spec: ModelSpec, ctx: int) -> int:
     return ffn + attention
 
 
+def llmpress_gpu_workspace_bytes(spec: ModelSpec, ctx: int) -> int:
+    """GPU memory of `llmpress run --device cuda` beyond weights and cache, at its peak
+    (torch.cuda.max_memory_allocated). There every matmul dequantizes its weight chunk by
+    chunk (the packed kernels are CPU code), and the prefill's masked SDPA with grouped KV
+    heads takes the math path: (heads, T, ctx) float32 scores and their softmax for the
+    last 512-token chunk. (torch's caching allocator keeps the smaller score blocks of
+    earlier chunks reserved, 3 GiB at 8192 tokens for SmolLM2, but hands them back before
+    it would fail, so the allocated peak is what must fit.) Calibrated on an H200 with
+    SmolLM2-135M at 512, 2048 and 8192 tokens: within 10% of the measured peak.
+    """
+    tokens = min(ctx, PREFILL_CHUNK)
+    matrices = [math.prod(t.shape) for t in spec.tensors if len(t.shape) == 2]
+    dequantized = GPU_DEQUANT_COPIES * 4 * min(CHUNK_VALUES, max(matrices, default=0))
+    scores = 2 * 4 * max(spec.n_heads) * tokens * ctx
+    return int(dequantized + scores)
+
+
 def llmpress_loader_bytes(spec: ModelSpec) -> int:
     return LOADER_FIXED + LOADER_PER_VOCAB_ENTRY * spec.vocab
 
@@ -504,6 +525,7 @@ class RuntimeMemory:
     layer_weights: tuple[int, ...]  # per block, for splitting layers over devices
     layer_kv: tuple[int, ...]
     kv_read_per_token: int  # KV bytes one token at the end of the context reads
+    extra_read_per_token: int = 0  # traffic beyond weights and cache (dequantized copies)
 
     @property
     def total(self) -> int:
@@ -516,16 +538,20 @@ class Estimate:
     ctx: int
     cache_type: str  # llama.cpp's KV type (llmpress always caches float32)
     weights: Weights
-    llama_cpp: RuntimeMemory
+    llama_cpp: RuntimeMemory  # on the CPU: what must fit in RAM
     llmpress: RuntimeMemory
+    llama_cpp_gpu: RuntimeMemory  # everything on the GPU: what must fit in VRAM
+    llmpress_gpu: RuntimeMemory
     parameters: int
 
     @property
     def bits_per_weight(self) -> float:
         return self.weights.file_bytes * 8 / max(self.parameters, 1)
 
-    def runtime(self, name: str) -> RuntimeMemory:
-        return self.llmpress if name == "llmpress" else self.llama_cpp
+    def runtime(self, name: str, gpu: bool = False) -> RuntimeMemory:
+        if name == "llmpress":
+            return self.llmpress_gpu if gpu else self.llmpress
+        return self.llama_cpp_gpu if gpu else self.llama_cpp
 
 
 def llama_cpp_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f16",
@@ -550,6 +576,25 @@ def llmpress_memory(spec: ModelSpec, w: Weights, ctx: int) -> RuntimeMemory:
                          tuple(layer_kv), sum(layer_kv))
 
 
+def llama_cpp_gpu_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f16"
+                         ) -> RuntimeMemory:
+    """Every layer and the output offloaded (-ngl all): the same buffers in VRAM (the CUDA
+    compute buffer is taken as the CPU one), plus the CUDA context."""
+    return replace(llama_cpp_memory(spec, w, ctx, cache), overhead=CUDA_CONTEXT)
+
+
+def llmpress_gpu_memory(spec: ModelSpec, w: Weights, ctx: int) -> RuntimeMemory:
+    """`llmpress run --device cuda`: packed weights copied to the GPU, the float32 cache
+    allocated there for the whole context, the GPU workspace and the CUDA context. Each
+    token also writes and reads every weight dequantized to float32 (8 bytes a value)."""
+    layer_kv = kv_cache_layers(spec, [ctx] * spec.n_layers, T.F32)
+    values = sum(math.prod(t.shape) for t in spec.tensors
+                 if len(t.shape) == 2 and (t.name != "token_embd.weight" or spec.tied_output))
+    return RuntimeMemory("llmpress", w.data_bytes, sum(layer_kv),
+                         llmpress_gpu_workspace_bytes(spec, ctx), CUDA_CONTEXT, w.layer_bytes,
+                         tuple(layer_kv), sum(layer_kv), extra_read_per_token=8 * values)
+
+
 def estimate(spec: ModelSpec, ftype: str, ctx: int, cache: str = "f16",
              has_imatrix: bool = False) -> Estimate:
     """Both runtimes' memory for `spec` quantized to `ftype`, at a context of ctx tokens."""
@@ -558,4 +603,5 @@ def estimate(spec: ModelSpec, ftype: str, ctx: int, cache: str = "f16",
     name = "file" if ftype == "file" else file_type(ftype).name
     w = weights(spec, mix_types(spec, name, has_imatrix))
     return Estimate(name, ctx, cache, w, llama_cpp_memory(spec, w, ctx, cache),
-                    llmpress_memory(spec, w, ctx), spec.parameters)
+                    llmpress_memory(spec, w, ctx), llama_cpp_gpu_memory(spec, w, ctx, cache),
+                    llmpress_gpu_memory(spec, w, ctx), spec.parameters)

@@ -121,11 +121,13 @@ def detect_machine(ram: str | int | None = None, vram: str | int | None = None,
                    DEFAULT_DISK_BANDWIDTH, source, ram is not None or vram is not None)
 
 
-def measure_bandwidth(seconds: float = 2.0, n_bytes: int = 256 * 2**20,
+def measure_bandwidth(seconds: float = 2.0, n_bytes: int | None = None,
                       device: str = "cpu") -> float:
     """Read bandwidth in bytes/s: sum a buffer larger than the caches for `seconds`,
     keeping the best pass (what token generation streams through: reads)."""
     import torch
+    if n_bytes is None:  # far beyond the caches; a GPU pass must outlast a kernel launch
+        n_bytes = 2**30 if device.startswith("cuda") else 256 * 2**20
     buffer = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     buffer.sum()  # first touch and warm-up
