@@ -10,7 +10,6 @@ from functools import lru_cache
 import torch
 from gguf import GGMLQuantizationType
 
-MAX_ROWS = 16  # activation rows per call (qmatmul.c)
 MAX_WEIGHTS = 8  # weights fused into one call
 
 
@@ -54,7 +53,7 @@ class FusedWeights:
 
 
 def qmatmul(weights: FusedWeights, x: torch.Tensor) -> torch.Tensor:
-    """x: (T, K) float32 with T <= MAX_ROWS -> float32 (T, sum of the weights' rows)."""
+    """x: (T, K) float32 -> float32 (T, sum of the weights' rows)."""
     x = x.float().contiguous()
     T, K = x.shape
     y = torch.empty(T, weights.out_features, dtype=torch.float32)

@@ -48,7 +48,7 @@ static void block_sums(const float *x, int64_t K, int64_t T, float *sums) {
 }
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  /* ggml_type ids */
-enum { MAX_ROWS = 16, MAX_WEIGHTS = 8 };  /* per call: activation rows, fused weights */
+enum { MAX_ROWS = 16, MAX_WEIGHTS = 8 };  /* activation rows per pass over a weight row; fused weights */
 
 static int64_t block_bytes(int type) {
     switch (type) {
@@ -190,7 +190,7 @@ int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
                      const int64_t *Ns, const float *x, float *y, int64_t K, int64_t T,
                      int n_threads) {
     int64_t starts[MAX_WEIGHTS + 1], total = 0;
-    if (n_weights < 1 || n_weights > MAX_WEIGHTS || K % 32 || T < 1 || T > MAX_ROWS) return -1;
+    if (n_weights < 1 || n_weights > MAX_WEIGHTS || K % 32 || T < 1) return -1;
     for (int i = 0; i < n_weights; i++) {
         if (!block_bytes(types[i])) return -1;
         starts[i] = total;
@@ -205,8 +205,12 @@ int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
         int i = 0;
         while (n >= starts[i + 1]) i++;
         const uint8_t *row = ws[i] + (n - starts[i]) * (K / 32 * block_bytes(types[i]));
-        if (!row_times_avx2(types[i], row, x, sums, K, T, y + n, total))
-            row_times(types[i], row, x, sums, K, T, y + n, total);
+        for (int64_t t = 0; t < T; t += MAX_ROWS) {  /* activation rows in chunks */
+            const int64_t rows = T - t < MAX_ROWS ? T - t : MAX_ROWS;
+            const float *xt = x + t * K, *st = sums + t * (K / 32);
+            if (!row_times_avx2(types[i], row, xt, st, K, rows, y + t * total + n, total))
+                row_times(types[i], row, xt, st, K, rows, y + t * total + n, total);
+        }
     }
     free(sums);
     return 0;
