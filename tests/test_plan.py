@@ -203,6 +203,18 @@ def test_sweep_results_set_the_quality_order(tmp_path):
         advise.quality_from_sweep(sweep)
 
 
+def test_flash_attention_setting():
+    """Without flash attention llama.cpp materialises the attention scores: the compute
+    buffer grows with the context; a quantized V cache requires flash attention."""
+    spec8 = estimate.spec_from_catalog("Llama-3.1-8B")
+    w = estimate.weights(spec8, estimate.mix_types(spec8, "Q4_K_M"))
+    with_fa = estimate.llama_cpp_memory(spec8, w, 32768, "f16", flash_attn=True)
+    without = estimate.llama_cpp_memory(spec8, w, 32768, "f16", flash_attn=False)
+    assert without.compute - with_fa.compute > 32 * 32768 * 512 * 4 * 0.9  # heads x ctx x ubatch
+    with pytest.raises(LlmpressError, match="flash attention"):
+        estimate.llama_cpp_memory(spec8, w, 4096, "q8_0", flash_attn=False)
+
+
 def test_grid_maps_sizes_to_catalog_models():
     rows = advise.size_grid(["7B", "70B"], 4096)
     assert [r.model for r in rows] == ["Llama-2-7B", "Llama-3.1-70B"]

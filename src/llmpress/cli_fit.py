@@ -53,6 +53,9 @@ def add_fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", metavar="FILE", default=None,
                    help="quality order from a `llmpress sweep` sweep.json instead of "
                    "llama.cpp's published KLD table")
+    p.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
+                   help="llama.cpp without flash attention (llama-cpp-python's default): its "
+                   "compute buffer then holds heads x ctx x 512 attention scores")
     p.add_argument("--imatrix", action="store_true",
                    help="the quantization will use an importance matrix (changes the mix)")
     p.add_argument("--table", metavar="SIZES", default=None,
@@ -82,7 +85,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
             else _Quiet():
         machine = detect_machine(args.ram, args.vram, args.measure)
     report = plan_fit(spec, machine, args.ctx, types, args.runtime, args.cache_type, quality,
-                      args.imatrix)
+                      args.imatrix, args.flash_attn)
     if args.json:
         print(json.dumps(report_dict(report), indent=2))
     else:
@@ -123,6 +126,7 @@ def report_dict(report) -> dict:
                   "layers": spec.n_layers, "context_length": spec.context_length,
                   "file_type": spec.file_type, "header_exact": spec.header_exact},
         "machine": asdict(m), "ctx": report.ctx, "cache_type": report.cache,
+        "flash_attn": report.flash_attn,
         "runtime": report.runtime, "quality_source": report.quality.source,
         "options": options,
         "recommended": None if best is None else {
@@ -231,9 +235,10 @@ def _show_grid(args: argparse.Namespace) -> None:
     labels = [s.strip() for s in args.table.split(",") if s.strip()]
     if not labels:
         raise LlmpressError("--table: give sizes such as 7B,13B,32B,70B")
-    rows = size_grid(labels, args.ctx, GRID_TYPES, args.cache_type)
+    rows = size_grid(labels, args.ctx, GRID_TYPES, args.cache_type, args.flash_attn)
     if args.json:
         print(json.dumps({"ctx": args.ctx, "cache_type": args.cache_type, "runtime": "llama.cpp",
+                          "flash_attn": args.flash_attn,
                           "rows": [asdict(r) for r in rows]}, indent=2))
         return
     table = Table(title=f"memory llama.cpp needs at {args.ctx:,} tokens of context (GiB)")
@@ -242,8 +247,13 @@ def _show_grid(args: argparse.Namespace) -> None:
     for t in GRID_TYPES:
         table.add_column(t, justify="right")
     for r in rows:
-        table.add_row(r.label, r.model, *(f"{r.total_bytes[t] / GIB:.1f}" for t in GRID_TYPES))
+        model = r.model + (" †" if args.ctx > r.context_length else "")
+        table.add_row(r.label, model, *(f"{r.total_bytes[t] / GIB:.1f}" for t in GRID_TYPES))
     console.print(table)
+    if any(args.ctx > r.context_length for r in rows):
+        console.print(f"[dim]† trained for fewer than {args.ctx:,} tokens: the memory such a "
+                      "context would take, not a context it handles well[/]", highlight=False)
+    attention = "flash attention" if args.flash_attn else "no flash attention"
     console.print(f"[dim]weights (the llama-quantize type mix) + {args.cache_type} KV cache at "
-                  f"{args.ctx:,} tokens + compute buffers + overhead; the OS and other programs "
-                  "need their share on top[/]", highlight=False)
+                  f"{args.ctx:,} tokens + compute buffers ({attention}) + overhead; the OS and "
+                  "other programs need their share on top[/]", highlight=False)

@@ -187,20 +187,21 @@ class Option:
         return self.estimate.runtime(self.runtime, gpu=self.placement.kind == "gpu")
 
 
-def _memory_at(spec: ModelSpec, w: Weights, runtime: str, ctx: int, cache: str
-               ) -> tuple[RuntimeMemory, RuntimeMemory]:
+def _memory_at(spec: ModelSpec, w: Weights, runtime: str, ctx: int, cache: str,
+               flash_attn: bool = True) -> tuple[RuntimeMemory, RuntimeMemory]:
     """(on the CPU, all on the GPU) at a context."""
     if runtime == "llmpress":
         return llmpress_memory(spec, w, ctx), llmpress_gpu_memory(spec, w, ctx)
-    return llama_cpp_memory(spec, w, ctx, cache), llama_cpp_gpu_memory(spec, w, ctx, cache)
+    return (llama_cpp_memory(spec, w, ctx, cache, flash_attn),
+            llama_cpp_gpu_memory(spec, w, ctx, cache, flash_attn))
 
 
 def max_context(spec: ModelSpec, w: Weights, runtime: str, cache: str,
-                machine: Machine) -> int:
+                machine: Machine, flash_attn: bool = True) -> int:
     """Largest context, in steps of 256 up to the model's trained context, at which the
     option still runs from memory; 0 when not even 256 tokens fit."""
     def fits(ctx: int) -> bool:
-        return place(*_memory_at(spec, w, runtime, ctx, cache), machine).fits
+        return place(*_memory_at(spec, w, runtime, ctx, cache, flash_attn), machine).fits
 
     step = LLAMA_CPP_KV_PAD
     low, high = 0, max(1, spec.context_length // step)
@@ -214,13 +215,14 @@ def max_context(spec: ModelSpec, w: Weights, runtime: str, cache: str,
 
 def option(spec: ModelSpec, ftype: str, ctx: int, machine: Machine, runtime: str,
            cache: str = "f16", quality: Quality | None = None,
-           has_imatrix: bool = False) -> Option:
-    est = estimate(spec, ftype, ctx, cache, has_imatrix)
+           has_imatrix: bool = False, flash_attn: bool = True) -> Option:
+    est = estimate(spec, ftype, ctx, cache, has_imatrix, flash_attn)
     placement = place(est.runtime(runtime), est.runtime(runtime, gpu=True), machine)
     mem = est.runtime(runtime, gpu=placement.kind == "gpu")
     w = est.weights
     kld = option_quality(spec, est.ftype, quality) if quality is not None else None
-    return Option(est, runtime, placement, max_context(spec, w, runtime, cache, machine),
+    return Option(est, runtime, placement,
+                  max_context(spec, w, runtime, cache, machine, flash_attn),
                   tokens_per_second(w, mem, placement, machine), kld)
 
 
@@ -251,11 +253,12 @@ class FitReport:
     quality: Quality
     options: tuple[Option, ...]
     recommended: Option | None
+    flash_attn: bool = True  # llama.cpp's
 
 
 def plan_fit(spec: ModelSpec, machine: Machine, ctx: int, types: Sequence[str] = DEFAULT_TYPES,
              runtime: str | None = None, cache: str = "f16", quality: Quality | None = None,
-             has_imatrix: bool = False) -> FitReport:
+             has_imatrix: bool = False, flash_attn: bool = True) -> FitReport:
     """Every type's fit on the machine and the recommendation. A GGUF input also gets a
     row for the file as it is ("file")."""
     runtime = runtime or default_runtime(spec)
@@ -271,9 +274,10 @@ def plan_fit(spec: ModelSpec, machine: Machine, ctx: int, types: Sequence[str] =
     names = [file_type(t).name for t in types]
     if spec.origin == "gguf" and "file" not in names:
         names = ["file", *names]
-    options = tuple(option(spec, t, ctx, machine, runtime, cache, quality, has_imatrix)
-                    for t in dict.fromkeys(names))
-    return FitReport(spec, machine, ctx, cache, runtime, quality, options, recommend(options))
+    options = tuple(option(spec, t, ctx, machine, runtime, cache, quality, has_imatrix,
+                           flash_attn) for t in dict.fromkeys(names))
+    return FitReport(spec, machine, ctx, cache, runtime, quality, options, recommend(options),
+                     flash_attn)
 
 
 def recommend(options: Sequence[Option]) -> Option | None:
@@ -315,6 +319,8 @@ def run_commands(report: FitReport, chosen: Option) -> list[str]:
         flags = f" -ngl {ngl.get(chosen.placement.kind, 0)}"
         if report.cache != "f16":
             flags += f" -fa on -ctk {report.cache} -ctv {report.cache}"
+        elif not report.flash_attn:
+            flags += " -fa off"
         commands.append(f"llama-cli -m {model} -c {ctx}{flags}")
     return commands
 
@@ -327,10 +333,11 @@ class GridRow:
     parameters: int
     total_bytes: dict[str, int]  # file type -> llama.cpp's total at the grid's context
     file_bytes: dict[str, int]
+    context_length: int  # the model's trained context (the grid's may exceed it)
 
 
 def size_grid(labels: Sequence[str], ctx: int = 4096, types: Sequence[str] = GRID_TYPES,
-              cache: str = "f16") -> list[GridRow]:
+              cache: str = "f16", flash_attn: bool = True) -> list[GridRow]:
     """Memory llama.cpp needs for each size and type (weights + KV + compute + overhead)."""
     from llmpress.plan.catalog import entry_for_size
     from llmpress.plan.estimate import spec_from_catalog
@@ -341,7 +348,8 @@ def size_grid(labels: Sequence[str], ctx: int = 4096, types: Sequence[str] = GRI
         totals, files = {}, {}
         for t in types:
             w = weights(spec, mix_types(spec, file_type(t).name))
-            totals[t] = llama_cpp_memory(spec, w, ctx, cache).total
+            totals[t] = llama_cpp_memory(spec, w, ctx, cache, flash_attn).total
             files[t] = w.file_bytes
-        rows.append(GridRow(label.strip().upper(), entry.name, spec.parameters, totals, files))
+        rows.append(GridRow(label.strip().upper(), entry.name, spec.parameters, totals, files,
+                            spec.context_length))
     return rows

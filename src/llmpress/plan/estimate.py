@@ -555,9 +555,12 @@ class Estimate:
 
 
 def llama_cpp_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f16",
-                     flash_attn: bool | None = None) -> RuntimeMemory:
-    """Quantized V caches need flash attention in llama.cpp, so they imply it."""
-    fa = cache_type(cache) not in (T.F16, T.F32, T.BF16) if flash_attn is None else flash_attn
+                     flash_attn: bool = True) -> RuntimeMemory:
+    """llama.cpp's own tools default to flash attention (-fa auto, on where the device has
+    it: CPU and CUDA); llama-cpp-python defaults to none. A quantized V cache needs it."""
+    if not flash_attn and cache_type(cache) not in (T.F16, T.F32, T.BF16):
+        raise LlmpressError(f"a {cache} KV cache needs flash attention in llama.cpp")
+    fa = flash_attn
     layer_kv = kv_cache_layers(spec, llama_cpp_cells(spec, ctx), cache_type(cache))
     compute = llama_cpp_compute_bytes(spec, ctx, fa) + llama_cpp_output_bytes(spec)
     read_kv = sum(kv_cache_layers(spec, [min(c, ctx) for c in llama_cpp_cells(spec, ctx)],
@@ -576,11 +579,11 @@ def llmpress_memory(spec: ModelSpec, w: Weights, ctx: int) -> RuntimeMemory:
                          tuple(layer_kv), sum(layer_kv))
 
 
-def llama_cpp_gpu_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f16"
-                         ) -> RuntimeMemory:
+def llama_cpp_gpu_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f16",
+                         flash_attn: bool = True) -> RuntimeMemory:
     """Every layer and the output offloaded (-ngl all): the same buffers in VRAM (the CUDA
     compute buffer is taken as the CPU one), plus the CUDA context."""
-    return replace(llama_cpp_memory(spec, w, ctx, cache), overhead=CUDA_CONTEXT)
+    return replace(llama_cpp_memory(spec, w, ctx, cache, flash_attn), overhead=CUDA_CONTEXT)
 
 
 def llmpress_gpu_memory(spec: ModelSpec, w: Weights, ctx: int) -> RuntimeMemory:
@@ -596,12 +599,13 @@ def llmpress_gpu_memory(spec: ModelSpec, w: Weights, ctx: int) -> RuntimeMemory:
 
 
 def estimate(spec: ModelSpec, ftype: str, ctx: int, cache: str = "f16",
-             has_imatrix: bool = False) -> Estimate:
+             has_imatrix: bool = False, flash_attn: bool = True) -> Estimate:
     """Both runtimes' memory for `spec` quantized to `ftype`, at a context of ctx tokens."""
     if ctx < 1:
         raise LlmpressError(f"context {ctx}: must be at least 1 token")
     name = "file" if ftype == "file" else file_type(ftype).name
     w = weights(spec, mix_types(spec, name, has_imatrix))
-    return Estimate(name, ctx, cache, w, llama_cpp_memory(spec, w, ctx, cache),
-                    llmpress_memory(spec, w, ctx), llama_cpp_gpu_memory(spec, w, ctx, cache),
+    return Estimate(name, ctx, cache, w, llama_cpp_memory(spec, w, ctx, cache, flash_attn),
+                    llmpress_memory(spec, w, ctx),
+                    llama_cpp_gpu_memory(spec, w, ctx, cache, flash_attn),
                     llmpress_gpu_memory(spec, w, ctx), spec.parameters)
