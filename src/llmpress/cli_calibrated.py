@@ -52,6 +52,75 @@ def cmd_imatrix(args) -> None:
                   f"of {imatrix.chunk_size}", highlight=False)
 
 
+# --- quantize --method ------------------------------------------------------------------------
+def cmd_quantize_calibrated(args) -> None:
+    from rich.table import Table
+
+    from llmpress.cli_quantize import _print_report
+    from llmpress.quant.calibrated import CalibrationConfig, calibrated_quantize
+    from llmpress.quant.gptq import GPTQConfig
+    from llmpress.quant.quantize import QuantizeConfig
+
+    config = QuantizeConfig(
+        input=args.input, output=args.output, type=args.type, imatrix=args.imatrix,
+        allow_requantize=args.allow_requantize, tensor_types=tuple(args.tensor_type),
+        output_type=args.output_type, embedding_type=args.embedding_type, pure=args.pure,
+    )
+    calib = CalibrationConfig(method=args.method, text=args.calib, tokens=args.calib_tokens,
+                              seq_len=args.calib_ctx, awq_grid=args.awq_grid, device=args.device,
+                              gptq=GPTQConfig(damp=args.damp, act_order=args.act_order))
+    if args.calib is None:
+        console.print("no --calib given: calibrating on the built-in text, Python's "
+                      "pydoc_data.topics", highlight=False)
+    with _progress_bar(args.method) as bar:
+        task = bar.add_task(f"{args.method}: layers", total=None)
+        report = calibrated_quantize(
+            config, calib,
+            layer_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    table = Table(title=f"{args.method}: output error per Linear on the calibration inputs, "
+                  "‖(W−Ŵ)X‖²/‖WX‖²")
+    for col in ("tensor", "type", "rounding", args.method, "ratio", "AWQ α"):
+        table.add_column(col, justify="left" if col in ("tensor", "type") else "right")
+    for e in report.linears:
+        ratio = e.error / e.rtn_error if e.rtn_error > 0 else float("nan")
+        table.add_row(e.name, e.type, f"{e.rtn_error:.3e}", f"{e.error:.3e}", f"{ratio:.2f}",
+                      "-" if e.awq_alpha is None else f"{e.awq_alpha:.2f}")
+    if report.linears:
+        Console().print(table)
+        mean = sum(e.error / e.rtn_error for e in report.linears if e.rtn_error > 0) / \
+            max(1, sum(e.rtn_error > 0 for e in report.linears))
+        console.print(f"mean error ratio {args.method}/rounding: {mean:.3f} over "
+                      f"{len(report.linears)} Linears, {report.calib_tokens:,} calibration "
+                      f"tokens, {report.seconds:.0f} s", highlight=False)
+    _print_report(report.quantize, per_tensor=False)
+
+
+def add_method_options(p) -> None:
+    """--method and the calibration options on `llmpress quantize` (its parser calls this);
+    --method rtn (the default) leaves the command as it was."""
+    from llmpress.quant.calibrated import METHODS
+
+    group = p.add_argument_group("calibration-aware quantization")
+    group.add_argument("--method", choices=METHODS, default="rtn",
+                       help="rtn: plain rounding (default); gptq: GPTQ into the GGUF types; "
+                       "awq: AWQ scales then rounding; awq+gptq: both")
+    group.add_argument("--calib", metavar="TEXT", default=None, help="calibration text file "
+                       "(default: the built-in text, Python's pydoc_data.topics)")
+    group.add_argument("--calib-tokens", type=int, default=32768,
+                       help="calibration tokens (default 32768)")
+    group.add_argument("--calib-ctx", type=int, default=512,
+                       help="tokens per calibration sequence (default 512)")
+    group.add_argument("--act-order", action="store_true",
+                       help="GPTQ: columns by decreasing activation energy, static block scales")
+    group.add_argument("--damp", type=float, default=0.01,
+                       help="GPTQ: damping, a fraction of the Hessian's mean diagonal (0.01)")
+    group.add_argument("--awq-grid", type=int, default=20, help="AWQ: α values tried (20)")
+    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    plain = p.get_default("func")
+    p.set_defaults(func=lambda args: plain(args) if args.method == "rtn"
+                   else cmd_quantize_calibrated(args))
+
+
 def add_calibrated_parsers(sub) -> None:
     """Register `imatrix` on the CLI's subparsers."""
     p = sub.add_parser("imatrix", help="importance matrix of a model on calibration text "

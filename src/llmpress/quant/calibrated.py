@@ -186,20 +186,35 @@ def quantize_layer(step, plan: LayerPlan, config: CalibrationConfig, n_heads: in
             weights[consumer] = weights[consumer] * s
             col_scale[consumer] = col_scale[consumer] * s
 
+    def scaled_importance(n) -> np.ndarray:
+        return (imp(n) / (col_scale[n].double().cpu().numpy() ** 2)).astype(np.float32)
+
+    new_weights: dict[str, torch.Tensor] = {}
+    if config.uses_gptq:  # Linears with one input and one type: one GPTQ run, rows stacked
+        for group in INPUT_GROUPS:
+            by_type: dict[T, list[str]] = {}
+            for n in group:
+                if n in quantizable:
+                    by_type.setdefault(plan.types[n], []).append(n)
+            for ggml_type, names in by_type.items():
+                lead = names[0]
+                stacked = torch.cat([weights[n] for n in names])
+                data, result = gptq_gguf(stacked, awq.scaled_hessian(hessians[lead], col_scale[lead]),
+                                         ggml_type, scaled_importance(lead), config.gptq)
+                sizes = [weights[n].shape[0] for n in names]
+                for n, d, w in zip(names, np.split(data, np.cumsum(sizes)[:-1]),
+                                   result.weight.split(sizes)):
+                    plan.data[n], new_weights[n] = d, w
+
     for n in source:
         ggml_type = plan.types[n]
-        scaled_h = awq.scaled_hessian(hessians[n], col_scale[n])
-        importance = imp(n) / (col_scale[n].double().cpu().numpy() ** 2)
-        importance = importance.astype(np.float32)
         if n not in quantizable:
             new = weights[n]
             plan.data[n] = get_format(ggml_type).quantize(new.float().cpu().numpy())
-        elif config.uses_gptq:
-            plan.data[n], result = gptq_gguf(weights[n], scaled_h, ggml_type, importance,
-                                             config.gptq)
-            new = result.weight
+        elif n in new_weights:
+            new = new_weights[n]
         else:
-            plan.data[n], new = round_to_nearest(weights[n], ggml_type, importance)
+            plan.data[n], new = round_to_nearest(weights[n], ggml_type, scaled_importance(n))
         effective = new * row_scale[n][:, None] / col_scale[n][None, :]
         if n in quantizable:
             _, rtn = round_to_nearest(original[n], ggml_type, imp(n))
@@ -302,4 +317,93 @@ def calibrated_quantize(config, calib: CalibrationConfig,
         seconds=time.perf_counter() - started,
         imatrix_entries=len(imatrix.entries) if imatrix else 0)
     return CalibratedReport(calib.method, report, tuple(errors), int(tokens.numel()),
+                            time.perf_counter() - started)
+
+
+# --- GPTQ into a Hugging Face checkpoint (integer grid) ------------------------------------
+@dataclass(frozen=True)
+class CheckpointReport:
+    output: str
+    format: str
+    linears: tuple[LinearError, ...]
+    calib_tokens: int
+    seconds: float
+
+
+def gptq_checkpoint(source_dir: str | Path, out_dir: str | Path, grid, fmt: str = "gptq",
+                    calib: CalibrationConfig | None = None,
+                    calibration: torch.Tensor | None = None,
+                    layer_progress: Callable[[int, int], None] | None = None
+                    ) -> CheckpointReport:
+    """GPTQ of every decoder Linear of a float Hugging Face directory onto `grid`
+    (quant.gptq.IntGrid), written as a GPTQ or compressed-tensors pack-quantized
+    directory (io.gptq_checkpoint); embeddings, norms and lm_head stay as they are."""
+    from llmpress.api import default_device, load_tokenizer
+    from llmpress.calib.data import calibration_tokens, read_calibration_text
+    from llmpress.calib.runner import run_layers
+    from llmpress.io import gptq_checkpoint as ckpt
+    from llmpress.io.hf import load_hf_dir, unpermute_qk
+    from llmpress.models.llama import LlamaModel
+    from llmpress.models.names import PERMUTED_QK_ARCHS, hf_tensor_name
+    from llmpress.quant.gptq import IntGridTarget, gptq_quantize, rtn_quantize
+
+    started = time.perf_counter()
+    calib = calib or CalibrationConfig(method="gptq")
+    if fmt not in ("gptq", "compressed-tensors"):
+        raise LlmpressError(f"unknown checkpoint format {fmt!r} (gptq or compressed-tensors)")
+    if grid.bits not in ckpt.PACKABLE_BITS:
+        raise LlmpressError(f"{grid.bits}-bit checkpoints cannot be written (bits "
+                            f"{', '.join(map(str, ckpt.PACKABLE_BITS))} can)")
+    if Path(out_dir).exists():
+        raise LlmpressError(f"{out_dir} exists; choose a new directory for the checkpoint")
+    source = load_hf_dir(source_dir)
+    model = LlamaModel(source, mode="exact", device=calib.device or default_device())
+    tokens = calibration
+    if tokens is None:
+        tokens = calibration_tokens(load_tokenizer(source), read_calibration_text(calib.text),
+                                    calib.n_sequences, calib.seq_len)
+    permuted = source.architecture in PERMUTED_QK_ARCHS
+    linears: dict[str, ckpt.IntLinear] = {}
+    errors: list[LinearError] = []
+
+    def per_layer(step) -> None:
+        observed = [group[0] for group in INPUT_GROUPS]
+        stats = step.collect(observed, awq.init_activation_stats,
+                             awq.accumulate_activation_stats)
+        lc = model.cfg.layers[step.index]
+        for group in INPUT_GROUPS:
+            hessian = stats[group[0]].hessian()
+            weights = [step.weight(n) for n in group]
+            target = IntGridTarget(grid, weights[0].shape[1])
+            result = gptq_quantize(torch.cat(weights), hessian, target, calib.gptq)
+            sizes = [w.shape[0] for w in weights]
+            stacked = ckpt.int_linear_from_gptq(result, grid.bits)
+            start = 0
+            for n, w, rows in zip(group, weights, sizes):
+                part = ckpt.IntLinear(stacked.codes[start:start + rows],
+                                      stacked.scales[start:start + rows],
+                                      stacked.zeros[start:start + rows],
+                                      stacked.group_index, grid.bits)
+                start += rows
+                name = f"blk.{step.gguf_index}.{n}.weight"
+                new = part.dequantize()
+                rtn = rtn_quantize(w, target).weight
+                errors.append(LinearError(name, f"int{grid.bits}", output_error(w, rtn, hessian),
+                                          output_error(w, new, hessian)))
+                step.set_weight(n, new)
+                heads = {"attn_q": lc.n_heads, "attn_k": lc.n_kv_heads}.get(n)
+                if permuted and heads:  # back to the checkpoint's row order
+                    part = part.permute_rows(lambda t, h=heads: unpermute_qk(t, h))
+                linears[hf_tensor_name(name)[: -len(".weight")]] = part
+
+    run_layers(model, tokens, per_layer, batch_size=calib.batch_size, progress=layer_progress)
+    del model
+    if fmt == "gptq":
+        config = ckpt.gptq_config(grid.bits, grid.group_size, grid.symmetric,
+                                  calib.gptq.act_order, calib.gptq.damp)
+    else:
+        config = ckpt.compressed_tensors_config(grid.bits, grid.group_size, grid.symmetric,
+                                                ["lm_head"])
+    ckpt.write_quantized_dir(source_dir, out_dir, linears, fmt, config)
+    return CheckpointReport(str(out_dir), fmt, tuple(errors), int(tokens.numel()),
                             time.perf_counter() - started)

@@ -198,11 +198,13 @@ class GPTQResult:
 
 
 def output_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian: torch.Tensor) -> float:
-    """‖(W - Ŵ)X‖² / ‖WX‖² computed through H ∝ XᵀX: tr(D H Dᵀ) / tr(W H Wᵀ)."""
-    h = hessian.double()
-    diff = (weight.double() - new_weight.double())
-    signal = float(((weight.double() @ h) * weight.double()).sum())
-    noise = float(((diff @ h) * diff).sum())
+    """‖(W - Ŵ)X‖² / ‖WX‖² computed through H ∝ XᵀX: tr(D H Dᵀ) / tr(W H Wᵀ) (float32
+    products, float64 sums: a figure to report, not to optimize on)."""
+    h = hessian.float()
+    weight = weight.float()
+    diff = weight - new_weight.float()
+    signal = float(((weight @ h) * weight).sum(dtype=torch.float64))
+    noise = float(((diff @ h) * diff).sum(dtype=torch.float64))
     return noise / signal if signal > 0 else noise
 
 
@@ -258,11 +260,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, target: Target,
                   config: GPTQConfig = GPTQConfig()) -> GPTQResult:
     """GPTQ of `weight` (out, in) given H (in, in) onto `target`'s grid."""
     with _one_cpu_thread(weight.device):
-        return _gptq(weight, hessian, target, config)
+        return _gptq(weight, hessian, target, config, measure=True)
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, target: Target,
-          config: GPTQConfig) -> GPTQResult:
+          config: GPTQConfig, measure: bool) -> GPTQResult:
     _check_shapes(weight, hessian)
     out_features, n = weight.shape
     device = weight.device
@@ -308,8 +310,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, target: Target,
     inverse = torch.argsort(order)
     quantized, codes = quantized[:, inverse], codes[:, inverse]
     group_index = torch.arange(n, device=device) // group_size
-    return GPTQResult(quantized, codes, params, group_index, order,
-                      output_error(original, quantized, hessian.to(device)))
+    error = output_error(original, quantized, hessian.to(device)) if measure else float("nan")
+    return GPTQResult(quantized, codes, params, group_index, order, error)
 
 
 def rtn_quantize(weight: torch.Tensor, target: Target,
@@ -367,7 +369,8 @@ def gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: GGMLQuanti
         raise LlmpressError(f"importance has shape {np.asarray(importance).shape}, the weight "
                             f"{weight.shape[1]} input columns")
     target = gguf_target(weight, ggml_type, importance)
-    result = gptq_quantize(weight, hessian, target, config)
+    with _one_cpu_thread(weight.device):
+        result = _gptq(weight, hessian, target, config, measure=False)
     data = gguf_bytes(result, ggml_type)
     # the truth is what the bytes decode to (the grid points are equal up to rounding)
     decoded = gguf_grid.dequantize_blocks(data.reshape(-1, target.format.type_size), ggml_type)

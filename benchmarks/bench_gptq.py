@@ -1,0 +1,169 @@
+"""GPTQ into GGUF against plain rounding with the same importance matrix, at equal file size.
+
+For each type mix (default Q4_0, Q4_K_M, Q3_K_M) the default model (SmolLM2-135M-Instruct,
+its Q4_1 weights dequantized exactly = llama.cpp's F32 original) is quantized twice:
+  rounding  `llmpress quantize --imatrix` (our quantizers are bit-exact with llama-quantize:
+            the per-tensor SHA-256 are checked against shared/reference's `TYPE.yes`)
+  gptq      `llmpress quantize --method gptq`, calibrated on the built-in pydoc text,
+            block scales from the same imatrix
+Both files have the same tensor types and bytes. Each is scored by the same evaluator
+(ours, exact mode: llama-perplexity's statistics) for KL divergence against the F32
+original on WikiText-2 test (ctx 512, --chunks windows, scored like llama-perplexity);
+calibration text (pydoc) and evaluation text (WikiText) are different. Finally llama.cpp
+(llama-cpp-python) loads each GPTQ file and predicts one WikiText window, and its top-1
+agreement with our exact mode on the same file is printed.
+
+    python benchmarks/bench_gptq.py [--types Q4_0 Q4_K_M Q3_K_M] [--chunks 40]
+        [--calib-tokens 16384] [--out DIR]
+
+Quantized files are kept in --out and reused when the script runs again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+REFERENCE_IMATRIX = SHARED / "reference" / "smollm2-135m-imatrix-pydoc.gguf"
+REFERENCE_TENSORS = SHARED / "reference" / "smollm2-135m-llamacpp-tensors.json"
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def rounding_matches_llama_cpp(path: Path, type_name: str) -> str:
+    """Compare each tensor's SHA-256 with llama-quantize's (reference file, with imatrix)."""
+    from llmpress.io.gguf import load_gguf
+
+    reference = json.loads(REFERENCE_TENSORS.read_text()).get(f"{type_name}.yes")
+    if reference is None:
+        return "no reference"
+    source = load_gguf(path)
+    same = sum(hashlib.sha256(ref.read_bytes().numpy().tobytes()).hexdigest()
+               == reference["tensors"][name][1] for name, ref in source.tensors.items())
+    return f"{same}/{len(reference['tensors'])} tensors identical to llama-quantize's"
+
+
+def quantize_files(model: Path, type_name: str, out: Path, imatrix: Path, tokens) -> dict:
+    from llmpress.quant.calibrated import CalibrationConfig, calibrated_quantize
+    from llmpress.quant.quantize import QuantizeConfig, quantize_model
+
+    files = {}
+    for method in ("rounding", "gptq"):
+        path = out / f"smollm2-{type_name}-{method}.gguf"
+        files[method] = path
+        if path.exists():
+            log(f"  {path.name}: reusing")
+            continue
+        started = time.perf_counter()
+        config = QuantizeConfig(model, path, type_name, imatrix=imatrix, allow_requantize=True)
+        if method == "rounding":
+            quantize_model(config)
+        else:
+            report = calibrated_quantize(
+                config, CalibrationConfig(method="gptq", tokens=tokens.numel()),
+                calibration=tokens,
+                layer_progress=lambda done, total: log(f"    layer {done}/{total} "
+                                                       f"{time.perf_counter() - started:.0f} s"))
+            ratios = [e.error / e.rtn_error for e in report.linears if e.rtn_error > 0]
+            log(f"  per-Linear output error gptq/rounding on the calibration inputs: "
+                f"mean {np.mean(ratios):.3f}, median {np.median(ratios):.3f}")
+        log(f"  {path.name}: {time.perf_counter() - started:.0f} s")
+    return files
+
+
+def llama_cpp_agreement(path: Path, window: list[int], ours_logits: torch.Tensor) -> float:
+    """Top-1 agreement of llama.cpp's logits on `window` with ours (exact mode)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=len(window), logits_all=True, n_threads=2,
+                          verbose=False)
+    llm.eval(window)
+    theirs = torch.from_numpy(np.array(llm.scores[:len(window)]))
+    llm.close()
+    return float((theirs.argmax(-1) == ours_logits.argmax(-1)).float().mean())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M"])
+    parser.add_argument("--chunks", type=int, default=40, help="WikiText windows of 512")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--imatrix", type=Path, default=REFERENCE_IMATRIX,
+                        help="importance matrix for both methods (default: llama-imatrix's "
+                        "file in shared/reference, made on the pydoc text)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/llmpress-bench-gptq"))
+    args = parser.parse_args()
+
+    from llmpress import hub
+    from llmpress.api import load, load_source, load_tokenizer
+    from llmpress.calib.data import calibration_tokens
+    from llmpress.eval.kld import kld_against_base, record_base
+    from llmpress.eval.perplexity import plan_windows, read_text, tokenize_for_perplexity
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = hub.pull(hub.DEFAULT_MODEL)
+    tokenizer = load_tokenizer(load_source(model))
+    calib = calibration_tokens(tokenizer, None, args.calib_tokens // 512, 512)  # pydoc text
+    log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of pydoc_data.topics; "
+        f"imatrix {args.imatrix.name}")
+
+    files = {}
+    for type_name in args.types:
+        log(f"{type_name}:")
+        files[type_name] = quantize_files(model, type_name, args.out, args.imatrix, calib)
+        log(f"  rounding: {rounding_matches_llama_cpp(files[type_name]['rounding'], type_name)}")
+
+    base_lm = load(model, mode="exact")
+    tokens = tokenize_for_perplexity(base_lm.tokenizer, read_text(WIKITEXT))
+    plan = plan_windows(len(tokens), 512, args.chunks)
+    started = time.perf_counter()
+    base, base_nll = record_base(base_lm, tokens, plan)
+    log(f"F32 original: PPL {np.exp(base_nll.mean()):.4f} over {plan.n_windows} windows "
+        f"({time.perf_counter() - started:.0f} s)")
+    window = [int(t) for t in base.tokens[:512]]
+
+    rows = []
+    for type_name, pair in files.items():
+        for method, path in pair.items():
+            started = time.perf_counter()
+            lm = load(path, mode="exact")
+            summary = kld_against_base(lm, base).summary
+            agreement = None
+            if method == "gptq":
+                agreement = llama_cpp_agreement(path, window, lm.logits(window))
+            rows.append(dict(type=type_name, method=method, bytes=path.stat().st_size,
+                             ppl=summary.ppl, kld=summary.kld_mean, kld_error=summary.kld_error,
+                             kld_p99=summary.kld_percentiles["99"], same_top=summary.same_top,
+                             llama_cpp_top1=agreement))
+            log(f"  {type_name} {method}: KLD {summary.kld_mean:.5f} ± {summary.kld_error:.5f} "
+                f"({time.perf_counter() - started:.0f} s)")
+
+    log(f"\nKLD vs F32 on WikiText-2 test, ctx 512, {plan.n_windows} windows "
+        f"({plan.n_scored} scored tokens), exact-mode evaluator; calibration "
+        f"{calib.numel()} pydoc tokens\n")
+    log("| type | method | MiB | PPL | mean KLD | p99 KLD | same top-1 % | llama.cpp top-1 vs ours |")
+    log("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        agree = "" if r["llama_cpp_top1"] is None else f"{100 * r['llama_cpp_top1']:.1f}"
+        log(f"| {r['type']} | {r['method']} | {r['bytes'] / 2**20:.1f} | {r['ppl']:.4f} | "
+            f"{r['kld']:.5f} ± {r['kld_error']:.5f} | {r['kld_p99']:.4f} | "
+            f"{100 * r['same_top']:.2f} | {agree} |")
+    (args.out / "results.json").write_text(json.dumps(
+        dict(windows=plan.n_windows, calib_tokens=calib.numel(), rows=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
