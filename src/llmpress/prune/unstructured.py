@@ -112,12 +112,13 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern | N
 def relative_error(weight: torch.Tensor, new_weight: torch.Tensor,
                    xtx: torch.Tensor | None = None) -> float:
     """‖(W − W')X‖² / ‖WX‖² = tr(ΔW XᵀX ΔWᵀ) / tr(W XᵀX Wᵀ); without XᵀX, ‖ΔW‖² / ‖W‖²."""
-    delta = (weight - new_weight).double()
+    delta = (weight - new_weight).float()
     if xtx is None:
-        return float((delta * delta).sum() / (weight.double() ** 2).sum().clamp_min(1e-30))
-    g = xtx.double()
-    num = ((delta @ g) * delta).sum()
-    den = ((weight.double() @ g) * weight.double()).sum()
+        return float((delta * delta).sum() / (weight.float() ** 2).sum().clamp_min(1e-30))
+    # float32 matmuls (a float64 GEMM is several times slower); the sums in float64
+    g = xtx.float()
+    num = ((delta @ g) * delta).double().sum()
+    den = ((weight.float() @ g) * weight.float()).double().sum()
     return float(num / den.clamp_min(1e-30))
 
 
