@@ -8,6 +8,7 @@ our pack-quantized export decompressed by compressed-tensors, give our weights."
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -353,3 +354,30 @@ def test_pack_round_trip_and_awq_order():
             assert packed.dtype == torch.int32
             assert torch.equal(ckpt.unpack_int32(packed, bits, dim), values.to(torch.int32))
     assert ckpt.awq_column_order(8).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+# --- the commands ----------------------------------------------------------------------------
+def test_cli_gptq_convert_and_quantize_method(float_dir, tmp_path, capsys):
+    """`llmpress gptq`, `llmpress convert` and `llmpress quantize --method awq+gptq` on a
+    tiny directory with a tokenizer; calibration text from a file."""
+    from llmpress.cli import main
+    from llmpress.io.gguf import load_gguf
+    from test_hf_parity import write_byte_level_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(float_dir, model)
+    write_byte_level_tokenizer(model)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "gptq"
+    assert main(["gptq", str(model), str(out), "--group-size", "32", "--calib", str(text),
+                 "--calib-tokens", "128", "--calib-ctx", "32"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert (out / "tokenizer.json").is_file()
+    assert main(["convert", str(out), str(tmp_path / "gptq.gguf"), "--type", "F32"]) == 0
+    assert load_gguf(tmp_path / "gptq.gguf").tensors["blk.0.ffn_down.weight"].shape == (64, 128)
+    assert main(["quantize", str(model), str(tmp_path / "q8.gguf"), "Q8_0", "--method",
+                 "awq+gptq", "--calib", str(text), "--calib-tokens", "128", "--calib-ctx",
+                 "32", "--awq-grid", "4"]) == 0
+    assert "mean error ratio awq+gptq/rounding" in capsys.readouterr().err
+    assert main(["gptq", str(model), str(out)]) == 1  # exists: one error line

@@ -121,8 +121,48 @@ def add_method_options(p) -> None:
                    else cmd_quantize_calibrated(args))
 
 
+# --- gptq (checkpoint export) and convert -------------------------------------------------------
+def cmd_gptq(args) -> None:
+    from rich.table import Table
+
+    from llmpress.quant.calibrated import CalibrationConfig, gptq_checkpoint
+    from llmpress.quant.gptq import GPTQConfig, IntGrid
+
+    grid = IntGrid(args.bits, args.group_size, symmetric=not args.zero_point)
+    calib = CalibrationConfig(method="gptq", text=args.calib, tokens=args.calib_tokens,
+                              seq_len=args.calib_ctx, device=args.device,
+                              gptq=GPTQConfig(damp=args.damp, act_order=args.act_order))
+    if args.calib is None:
+        console.print("no --calib given: calibrating on the built-in text, Python's "
+                      "pydoc_data.topics", highlight=False)
+    with _progress_bar("gptq") as bar:
+        task = bar.add_task("gptq: layers", total=None)
+        report = gptq_checkpoint(
+            args.input, args.output, grid, args.format, calib,
+            layer_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    table = Table(title="output error per Linear on the calibration inputs, ‖(W−Ŵ)X‖²/‖WX‖²")
+    for col in ("tensor", "rounding", "gptq", "ratio"):
+        table.add_column(col, justify="left" if col == "tensor" else "right")
+    for e in report.linears:
+        table.add_row(e.name, f"{e.rtn_error:.3e}", f"{e.error:.3e}",
+                      f"{e.error / e.rtn_error:.2f}" if e.rtn_error > 0 else "-")
+    Console().print(table)
+    console.print(f"wrote {report.output} ({report.format}, {grid.bits}-bit, group "
+                  f"{grid.group_size}, {'zero point' if args.zero_point else 'symmetric'}) "
+                  f"from {report.calib_tokens:,} calibration tokens in {report.seconds:.0f} s",
+                  highlight=False)
+
+
+def cmd_convert(args) -> None:
+    from llmpress.cli_quantize import _print_report
+    from llmpress.quant.quantize import QuantizeConfig, quantize_model
+
+    report = quantize_model(QuantizeConfig(args.input, args.output, args.type))
+    _print_report(report, per_tensor=False)
+
+
 def add_calibrated_parsers(sub) -> None:
-    """Register `imatrix` on the CLI's subparsers."""
+    """Register `imatrix`, `gptq` and `convert` on the CLI's subparsers."""
     p = sub.add_parser("imatrix", help="importance matrix of a model on calibration text "
                        "(llama.cpp's imatrix GGUF)")
     p.add_argument("model", help="a GGUF file, a Hugging Face directory, or a pulled name")
@@ -136,4 +176,33 @@ def add_calibrated_parsers(sub) -> None:
     p.add_argument("--batch", type=int, default=4, help="chunks per forward pass (default 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=cmd_imatrix)
+
+    p = sub.add_parser("gptq", help="GPTQ a Hugging Face model into a GPTQ or "
+                       "compressed-tensors checkpoint (transformers / vLLM load it)")
+    p.add_argument("input", metavar="IN", help="a float Hugging Face model directory")
+    p.add_argument("output", metavar="OUT", help="the checkpoint directory to create")
+    p.add_argument("--format", choices=("gptq", "compressed-tensors"), default="gptq")
+    p.add_argument("--bits", type=int, default=4, help="2, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale "
+                   "(default 128; -1: one per row)")
+    p.add_argument("--zero-point", action="store_true", help="asymmetric grid with a zero "
+                   "point per group (default: symmetric)")
+    p.add_argument("--act-order", action="store_true", help="columns by decreasing "
+                   "activation energy (static groups: the layout stays ordinary)")
+    p.add_argument("--damp", type=float, default=0.01, help="damping (default 0.01)")
+    p.add_argument("--calib", metavar="TEXT", default=None, help="calibration text file "
+                   "(default: the built-in text)")
+    p.add_argument("--calib-tokens", type=int, default=32768)
+    p.add_argument("--calib-ctx", type=int, default=512)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.set_defaults(func=cmd_gptq)
+
+    p = sub.add_parser("convert", help="a GGUF file of float weights from a Hugging Face "
+                       "directory (float, GPTQ, AWQ or compressed-tensors) or a GGUF file")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT", help="the GGUF file to write")
+    p.add_argument("--type", choices=("F32", "F16", "BF16", "Q8_0"), default="F16",
+                   help="tensor type (default F16, as convert_hf_to_gguf; F32 keeps "
+                   "dequantized GPTQ/AWQ weights exactly)")
+    p.set_defaults(func=cmd_convert)
 
