@@ -229,18 +229,24 @@ def test_prune_model_layers_gives_a_smaller_model_that_runs(metric):
 
 
 @pytest.mark.parametrize("uniform", [True, False])
-def test_prune_model_width(uniform):
-    src = tiny_llama(n_layers=2, n_heads=4, n_kv=2, ffn=128)
-    result = prune_model(src, PruneConfig(method="width", ratio=0.5, uniform=uniform,
+def test_prune_model_width(uniform, tmp_path):
+    src = tiny_llama(n_layers=4, n_heads=4, n_kv=2, ffn=256)
+    result = prune_model(src, PruneConfig(method="width", ratio=0.3, uniform=uniform,
                                           n_sequences=4, seq_len=32), FakeTokenizer())
     widths = result.widths
     assert all(h == 2 * kv for h, kv, _ in widths) and all(f % 32 == 0 for *_, f in widths)
+    ffn_key = result.source.metadata["llama.feed_forward_length"]
     if uniform:
-        assert widths == [(2, 1, widths[0][2])] * 2
-        assert result.source.metadata["llama.feed_forward_length"] == widths[0][2]
+        assert widths == [widths[0]] * 4 and ffn_key == widths[0][2]
+    else:  # this model's scores give the last layer a narrower FFN: a per-layer array
+        assert ffn_key == [w[2] for w in widths] and len(set(ffn_key)) > 1
     removed = 1 - result.params_after / result.params_before
-    assert 0.2 < removed < 0.6
-    logits_of(result.source, random_tokens(1, 8))
+    assert 0.1 < removed < 0.5
+    # written (per-layer widths as GGUF arrays when they differ) and read back
+    write_pruned(result, tmp_path / "w.gguf")
+    tokens = random_tokens(1, 8)
+    torch.testing.assert_close(logits_of(load_gguf(tmp_path / "w.gguf"), tokens),
+                               logits_of(result.source, tokens))
 
 
 @pytest.mark.parametrize("kwargs, message", [
