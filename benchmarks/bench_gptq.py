@@ -71,11 +71,12 @@ def quantize_files(model: Path, type_name: str, out: Path, imatrix: Path, tokens
         if method == "rounding":
             quantize_model(config)
         else:
+            def progress(done: int, total: int, started=started) -> None:
+                log(f"    layer {done}/{total} {time.perf_counter() - started:.0f} s")
+
             report = calibrated_quantize(
                 config, CalibrationConfig(method="gptq", tokens=tokens.numel()),
-                calibration=tokens,
-                layer_progress=lambda done, total: log(f"    layer {done}/{total} "
-                                                       f"{time.perf_counter() - started:.0f} s"))
+                calibration=tokens, layer_progress=progress)
             ratios = [e.error / e.rtn_error for e in report.linears if e.rtn_error > 0]
             log(f"  per-Linear output error gptq/rounding on the calibration inputs: "
                 f"mean {np.mean(ratios):.3f}, median {np.median(ratios):.3f}")
@@ -143,10 +144,11 @@ def main() -> int:
             agreement = None
             if method == "gptq":
                 agreement = llama_cpp_agreement(path, window, lm.logits(window))
-            rows.append(dict(type=type_name, method=method, bytes=path.stat().st_size,
-                             ppl=summary.ppl, kld=summary.kld_mean, kld_error=summary.kld_error,
-                             kld_p99=summary.kld_percentiles["99"], same_top=summary.same_top,
-                             llama_cpp_top1=agreement))
+            rows.append({"type": type_name, "method": method, "bytes": path.stat().st_size,
+                         "ppl": summary.ppl, "kld": summary.kld_mean,
+                         "kld_error": summary.kld_error,
+                         "kld_p99": summary.kld_percentiles["99"],
+                         "same_top": summary.same_top, "llama_cpp_top1": agreement})
             log(f"  {type_name} {method}: KLD {summary.kld_mean:.5f} ± {summary.kld_error:.5f} "
                 f"({time.perf_counter() - started:.0f} s)")
 
@@ -161,7 +163,7 @@ def main() -> int:
             f"{r['kld']:.5f} ± {r['kld_error']:.5f} | {r['kld_p99']:.4f} | "
             f"{100 * r['same_top']:.2f} | {agree} |")
     (args.out / "results.json").write_text(json.dumps(
-        dict(windows=plan.n_windows, calib_tokens=calib.numel(), rows=rows), indent=2))
+        {"windows": plan.n_windows, "calib_tokens": calib.numel(), "rows": rows}, indent=2))
     return 0
 
 

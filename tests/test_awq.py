@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_calib import random_tokens, tiny_llama
 
 from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
@@ -17,7 +18,6 @@ from llmpress.prune.prune import in_memory_source
 from llmpress.quant import awq
 from llmpress.quant.calibrated import CalibrationConfig, calibrated_quantize, round_to_nearest
 from llmpress.quant.quantize import QuantizeConfig
-from test_calib import random_tokens, tiny_llama
 
 N_HEADS, N_KV = 4, 2
 

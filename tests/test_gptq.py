@@ -14,7 +14,13 @@ from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
 from llmpress.quant import gguf_grid
 from llmpress.quant.gptq import (
-    GPTQConfig, IntGrid, IntGridTarget, gptq_gguf, gptq_quantize, inverse_cholesky, output_error,
+    GPTQConfig,
+    IntGrid,
+    IntGridTarget,
+    gptq_gguf,
+    gptq_quantize,
+    inverse_cholesky,
+    output_error,
     rtn_quantize,
 )
 
@@ -154,7 +160,7 @@ def test_gptq_into_gguf_beats_llama_quantize_with_imatrix(ggml_type):
 
 def test_gptq_into_gguf_with_act_order_uses_static_scales():
     w, x = random_layer(out_features=16, in_features=256)
-    data, result = gptq_gguf(w, hessian(x), T.Q4_K, config=GPTQConfig(act_order=True))
+    _, result = gptq_gguf(w, hessian(x), T.Q4_K, config=GPTQConfig(act_order=True))
     llama = get_format(T.Q4_K)
     rtn = llama.dequantize(torch.from_numpy(llama.quantize(w.numpy(), (x * x).mean(0).numpy())
                                             .reshape(-1)), tuple(w.shape))

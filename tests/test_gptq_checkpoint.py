@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_hf_parity import CASES, build_hf_model
 
 from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
 from llmpress.io import gptq_checkpoint as ckpt
 from llmpress.io.hf import load_hf_dir, permute_qk
 from llmpress.models.names import gguf_tensor_name
-from llmpress.quant.calibrated import CalibrationConfig, gptq_checkpoint
+from llmpress.quant.calibrated import gptq_checkpoint
 from llmpress.quant.gptq import IntGrid
-from test_hf_parity import CASES, build_hf_model
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -360,9 +360,10 @@ def test_pack_round_trip_and_awq_order():
 def test_cli_gptq_convert_and_quantize_method(float_dir, tmp_path, capsys):
     """`llmpress gptq`, `llmpress convert` and `llmpress quantize --method awq+gptq` on a
     tiny directory with a tokenizer; calibration text from a file."""
+    from test_hf_parity import write_byte_level_tokenizer
+
     from llmpress.cli import main
     from llmpress.io.gguf import load_gguf
-    from test_hf_parity import write_byte_level_tokenizer
 
     model = tmp_path / "model"
     shutil.copytree(float_dir, model)

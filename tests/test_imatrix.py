@@ -9,9 +9,10 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from conftest import REFERENCE
 from ggml_ref import _library_dir
+from test_calib import random_tokens, tiny_llama
+
 from llmpress.api import load_source, load_tokenizer
 from llmpress.calib.data import default_calibration_text
 from llmpress.errors import LlmpressError
@@ -19,9 +20,13 @@ from llmpress.formats import get_format
 from llmpress.io.source import ModelSource
 from llmpress.models.llama import LlamaModel
 from llmpress.quant.imatrix import (
-    Imatrix, calibration_chunks, collect_imatrix, read_imatrix, token_chunks, write_imatrix,
+    Imatrix,
+    calibration_chunks,
+    collect_imatrix,
+    read_imatrix,
+    token_chunks,
+    write_imatrix,
 )
-from test_calib import random_tokens, tiny_llama
 
 REFERENCE_IMATRIX = REFERENCE / "smollm2-135m-imatrix-pydoc.gguf"
 
@@ -44,7 +49,7 @@ class _GgufInitParams(ctypes.Structure):
 def _ggml_gguf_read(path) -> tuple[dict, dict]:
     """ggml's own GGUF parser (gguf_init_from_file in libggml-base, the one
     common_imatrix_load uses): -> ({key: (type, value)}, {tensor: (type, float32 data)})."""
-    lib = ctypes.CDLL(str(sorted(_library_dir().glob("libggml-base.so*"))[0]))
+    lib = ctypes.CDLL(str(min(_library_dir().glob("libggml-base.so*"))))
     lib.gguf_init_from_file.restype = ctypes.c_void_p
     lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
     for fn, res, args in (
@@ -81,7 +86,7 @@ def _ggml_gguf_read(path) -> tuple[dict, dict]:
                 keys[key] = (kind, lib.gguf_get_val_str(ctx, i).decode())
             else:
                 keys[key] = (kind, lib.gguf_get_val_u32(ctx, i))
-        blob = open(path, "rb").read()
+        blob = path.read_bytes()
         base = lib.gguf_get_data_offset(ctx)
         tensors = {}
         for i in range(lib.gguf_get_n_tensors(ctx)):

@@ -32,9 +32,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from gguf import GGMLQuantizationType
@@ -331,11 +332,11 @@ def load_quantized_hf_dir(path: str | Path) -> ModelSource:
                 hf_name.endswith(names.HF_IGNORED_SUFFIXES):
             continue
         gguf_name = names.gguf_tensor_name(hf_name)
-        if prefix + "." in prefixes and (gguf_name is None or hf._generic_name(gguf_name)[0]
-                                         not in shapes):
-            # AutoGPTQ stores a bias for every quantized Linear, zeros where there is none
-            if not handles[file].get_tensor(hf_name).any():
-                continue
+        unused_bias = prefix + "." in prefixes and (
+            gguf_name is None or hf._generic_name(gguf_name)[0] not in shapes)
+        # AutoGPTQ stores a bias for every quantized Linear, zeros where there is none
+        if unused_bias and not handles[file].get_tensor(hf_name).any():
+            continue
         if gguf_name is None:
             raise LlmpressError(f"{file}: tensor {hf_name} has no GGUF equivalent")
         if gguf_name == "output.weight" and hp["tie_word_embeddings"]:

@@ -19,8 +19,8 @@ Everything here is a pure function of tensors; quant.calibrated runs it layer by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -244,8 +244,14 @@ def calibrated_quantize(config, calib: CalibrationConfig,
     from llmpress.io.gguf_write import GGUFStreamWriter
     from llmpress.models.llama import LlamaModel
     from llmpress.quant.quantize import (
-        QuantizeReport, TensorReport, dequantize_ref, load_imatrix, load_source,
-        plan_quantization, quantize_model, quantize_tensor,
+        QuantizeReport,
+        TensorReport,
+        dequantize_ref,
+        load_imatrix,
+        load_source,
+        plan_quantization,
+        quantize_model,
+        quantize_tensor,
     )
 
     started = time.perf_counter()
@@ -287,7 +293,6 @@ def calibrated_quantize(config, calib: CalibrationConfig,
             overrides[name] = _float_bytes(block.attn.biases[2] / folds["attn_v"], types[name])
 
     run_layers(model, tokens, per_layer, batch_size=calib.batch_size, progress=layer_progress)
-    del model
 
     reports = []
     protect = [source.path]
@@ -397,7 +402,6 @@ def gptq_checkpoint(source_dir: str | Path, out_dir: str | Path, grid, fmt: str 
                 linears[hf_tensor_name(name)[: -len(".weight")]] = part
 
     run_layers(model, tokens, per_layer, batch_size=calib.batch_size, progress=layer_progress)
-    del model
     if fmt == "gptq":
         config = ckpt.gptq_config(grid.bits, grid.group_size, grid.symmetric,
                                   calib.gptq.act_order, calib.gptq.damp)

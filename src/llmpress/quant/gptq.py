@@ -318,7 +318,7 @@ def rtn_quantize(weight: torch.Tensor, target: Target,
                  hessian: torch.Tensor | None = None) -> GPTQResult:
     """Round to nearest on the same target (groups fitted on the original weights, no
     error propagation): the baseline GPTQ is measured against."""
-    out_features, n = weight.shape
+    n = weight.shape[1]
     original = weight.detach().float()
     size = target.group_size
     params, values, codes = [], [], []
