@@ -30,6 +30,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from llmpress.errors import LlmpressError
+from llmpress.kernels.linear import CHUNK_VALUES  # weights dequantized at once
 from llmpress.quant.mix import (
     FILE_TYPES,
     MixOptions,
@@ -39,6 +40,7 @@ from llmpress.quant.mix import (
     file_type,
     model_facts,
 )
+from llmpress.runtime.generate import PREFILL_CHUNK  # prompt tokens per forward pass
 
 MIB = 2**20
 GGUF_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data is padded to it
@@ -56,8 +58,6 @@ CACHE_TYPES = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "f32": T.F32, "bf16
 TORCH_BASELINE = 258 * MIB  # peak RSS of `import llmpress.api` (torch and its libraries)
 LOADER_FIXED = 16 * MIB  # model objects, kernels library, first-use allocations
 LOADER_PER_VOCAB_ENTRY = 875  # bytes: parsed vocabulary and merges + the BPE tokenizer
-PREFILL_CHUNK = 512  # runtime/generate.py PREFILL_CHUNK
-CHUNK_VALUES = 1 << 22  # kernels/linear.py CHUNK_VALUES: weights dequantized at once
 SDPA_SCRATCH = 3 * MIB  # torch's CPU flash-attention buffers (measured, 2 threads)
 # GPU: the CUDA context a process holds once torch initialises CUDA (measured: 687 MiB on
 # an H200, torch 2.11 + CUDA 13; llama.cpp's is of the same order), and the float32 copies
@@ -289,10 +289,9 @@ def spec_from_config(config: dict[str, Any], where: str | Path, name: str,
     if not isinstance(config, dict):
         raise LlmpressError(f"{where}: config.json must be a JSON object")
     arch, hp = _config_hyperparameters(config, Path(str(where)))
-    if arch == "gemma2" or arch == "phi3":  # gguf_metadata knows the Llama family's keys
-        hp = dict(hp)
-        rope = hp["rope"]
-        hp["rope"] = rope if rope["rope_type"] in ("default", "linear") else {"rope_type": "default"}
+    if arch in ("gemma2", "phi3") and hp["rope"]["rope_type"] not in ("default", "linear"):
+        # gguf_metadata knows the Llama family's RoPE scalings; memory does not depend on it
+        hp = dict(hp, rope={"rope_type": "default"})
     metadata = hf.gguf_metadata(hp, arch, name, Path(str(where)))
     if arch in SWA_EVERY_OTHER_LAYER and hp.get("sliding_window"):
         metadata[f"{arch}.attention.sliding_window"] = int(hp["sliding_window"])
