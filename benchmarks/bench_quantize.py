@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--types", default=",".join(DEFAULT_TYPES))
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=120)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         f32 = work / "smollm2-135m-f32.gguf"

@@ -376,19 +376,28 @@ def test_reference_label(label, f32_source, imatrix, quantized_hashes):
 
 # --- our file in llama.cpp and in our runtime --------------------------------------------
 def test_our_file_runs_in_llama_cpp_and_agrees_with_our_runtime(full_files, wikitext_bytes):
+    import torch
+
     from llmpress.api import LanguageModel, load_source
 
     path = full_files["Q4_0.no"][0]
-    ours = LanguageModel(load_source(path), mode="exact", ctx=1100, device="cpu")
-    text = wikitext_bytes[:20000].decode("utf-8", errors="ignore")
-    ids = ours.encode(text)[:1024]
-    assert len(ids) == 1024
-    our_top1 = ours.logits(ids).argmax(-1).numpy()
+    # one thread each: on the shared 2-core machine both ran 3x faster than with two
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ours = LanguageModel(load_source(path), mode="exact", ctx=1100, device="cpu")
+        text = wikitext_bytes[:20000].decode("utf-8", errors="ignore")
+        ids = ours.encode(text)[:1024]
+        assert len(ids) == 1024
+        our_top1 = ours.logits(ids).argmax(-1).numpy()
+    finally:
+        torch.set_num_threads(threads)
     del ours
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1100, n_batch=512, n_threads=2,
-                          logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1100, n_batch=512, n_threads=1,
+                          n_threads_batch=1, logits_all=True, verbose=False)
     llm.eval(ids)
     llama_top1 = np.asarray(llm.scores[: len(ids)]).argmax(-1)
     agreement = float((our_top1 == llama_top1).mean())
-    # llama.cpp rounds activations to 8 bits: ~96-97% on this model (reference/README.md)
+    # llama.cpp rounds activations to 8 bits: ~96-97% on this model (reference/README.md);
+    # measured 97.8% when this test was written
     assert agreement >= 0.95, f"top-1 agreement {agreement:.3f}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -336,6 +337,20 @@ def quantize_tensor(values: np.ndarray, target: T, importance: np.ndarray | None
     return out.reshape(-1)
 
 
+@contextmanager
+def _one_torch_thread():
+    """Torch in one thread while quantizing (the numpy quantizers use one anyway): on a
+    busy 2-core machine every multi-threaded op waits for all its threads to be scheduled.
+    Measured there: dequantizing the default Q4_1 model 4 s instead of 18 s; 256 rows of
+    Q4_0 1 ms instead of 15-45 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _relative_error(values: np.ndarray, raw: np.ndarray, target: T,
                     importance: np.ndarray | None, max_rows: int) -> float:
     """sum(w (x - q)^2) / sum(w x^2) over up to `max_rows` evenly spaced rows (all rows
@@ -343,9 +358,8 @@ def _relative_error(values: np.ndarray, raw: np.ndarray, target: T,
     row = values.shape[-1]
     x = values.reshape(-1, row)
     picked = np.unique(np.linspace(0, x.shape[0] - 1, min(x.shape[0], max_rows)).astype(np.int64))
-    stored = raw.reshape(x.shape[0], -1)[picked]
-    restored = dequantize_tensor(torch.from_numpy(np.ascontiguousarray(stored)), target,
-                                 (len(picked), row)).numpy().astype(np.float64)
+    stored = torch.from_numpy(np.ascontiguousarray(raw.reshape(x.shape[0], -1)[picked]))
+    restored = dequantize_tensor(stored, target, (len(picked), row)).numpy().astype(np.float64)
     x = x[picked].astype(np.float64)
     w = np.ones((1, row))
     if importance is not None:  # each expert's rows have their own weights
@@ -384,7 +398,7 @@ def quantize_model(config: QuantizeConfig, progress: ProgressCallback | None = N
     if source.path.is_dir():
         protect += [p for p in source.path.iterdir() if p.is_file()]
     reports = []
-    with GGUFStreamWriter(config.output, layout, protect=protect) as writer:
+    with GGUFStreamWriter(config.output, layout, protect=protect) as writer, _one_torch_thread():
         for done, choice in enumerate(plan.choices, 1):
             report, data = _convert(source.tensors[choice.name], choice, imatrix,
                                     config.error_rows)
