@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from llmpress import hub
 from llmpress.api import load, load_source, load_tokenizer
@@ -42,7 +41,8 @@ from llmpress.prune.distill import DistillConfig, distill, save_loss_curve
 from llmpress.prune.prune import PruneConfig, prune_model, with_weights, write_pruned
 
 console = Console()
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT = (Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
+            / "wiki.test.raw")
 
 # (row label, file stem, prune settings or None for the dense model, distill?)
 ROWS = [

@@ -108,7 +108,9 @@ from test_calib import full_forward, random_tokens, tiny_llama  # noqa: E402
 
 from llmpress.models.llama import LlamaModel  # noqa: E402
 from llmpress.prune import structured  # noqa: E402
-from llmpress.prune.prune import PruneConfig, in_memory_source, prune_model, read_float  # noqa: E402
+from llmpress.prune.prune import (  # noqa: E402
+    PruneConfig, in_memory_source, prune_model, read_float,
+)
 
 
 class FakeTokenizer:
@@ -275,7 +277,7 @@ def test_bad_configs_are_errors(kwargs):
         PruneConfig(**kwargs)
 
 
-# --- distillation ----------------------------------------------------------------------------------
+# --- distillation ---------------------------------------------------------------------------------
 from llmpress.prune.distill import (  # noqa: E402
     DistillConfig, Student, batch_indices, distill, kd_loss, save_loss_curve,
 )
@@ -345,7 +347,7 @@ def test_batches_cover_every_sequence_each_epoch():
     assert sorted(picks.tolist()) == list(range(6))
 
 
-# --- output ----------------------------------------------------------------------------------------
+# --- output ---------------------------------------------------------------------------------------
 from gguf import GGUFReader  # noqa: E402
 
 from llmpress.io.gguf import load_gguf  # noqa: E402
@@ -390,7 +392,8 @@ def test_layer_removed_then_quantized(tmp_path):
                                           seq_len=16), FakeTokenizer())
     report = write_pruned(result, tmp_path / "q.gguf", then_quantize="Q8_0")
     written = load_gguf(tmp_path / "q.gguf")
-    assert written.metadata["llama.block_count"] == 2 and "blk.2.attn_q.weight" not in written.tensors
+    assert written.metadata["llama.block_count"] == 2
+    assert "blk.2.attn_q.weight" not in written.tensors
     assert report.types["Q8_0"] == 2 * 7 + 2  # and token_embd, output
     with pytest.raises(LlmpressError, match="overwrite the input"):
         write_pruned(result, src.path)

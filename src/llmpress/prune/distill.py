@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmpress.calib.runner import block_linears
@@ -93,7 +92,7 @@ def batch_indices(step: int, n_sequences: int, batch_size: int, seed: int) -> to
     return torch.tensor(picks)
 
 
-# --- the trainable student -------------------------------------------------------------------------
+# --- the trainable student ------------------------------------------------------------------------
 class Student(nn.Module):
     """A float32, autograd-capable copy of a (pruned) Llama-family model."""
 
@@ -139,7 +138,7 @@ def teacher_logits(teacher: LlamaModel, tokens: torch.Tensor) -> torch.Tensor:
     return teacher(tokens.to(teacher.device), cache)
 
 
-# --- checkpoints -----------------------------------------------------------------------------------
+# --- checkpoints ----------------------------------------------------------------------------------
 def _fingerprint(student: Student, cfg: DistillConfig, n_sequences: int) -> dict:
     """What must match for a checkpoint to be resumed: settings and the starting weights."""
     settings = {k: v for k, v in asdict(cfg).items()
@@ -174,7 +173,7 @@ def load_checkpoint(path: Path) -> dict:
                             "or choose another --checkpoint") from None
 
 
-# --- the run ---------------------------------------------------------------------------------------
+# --- the run --------------------------------------------------------------------------------------
 def distill(student_source: ModelSource, teacher: LlamaModel, tokens: torch.Tensor,
             cfg: DistillConfig, masks: dict[str, torch.Tensor] | None = None,
             progress: Callable[[int, int, float], None] | None = None) -> DistillResult:

@@ -261,8 +261,8 @@ def _prune_unstructured(source, cfg, config, tokens, progress) -> PruneResult:
     if not config.needs_calibration:  # plain magnitude: no data needed
         for i, lc in enumerate(cfg.layers):
             for name in LINEAR_NAMES:
-                prune_one(lc.index, name, read_float(source.tensors[f"blk.{lc.index}.{name}.weight"]),
-                          sparsity)
+                weight = read_float(source.tensors[f"blk.{lc.index}.{name}.weight"])
+                prune_one(lc.index, name, weight, sparsity)
             if progress:
                 progress("pruning", i + 1, cfg.n_layers)
     else:

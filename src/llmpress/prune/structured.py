@@ -33,7 +33,6 @@ import torch
 from llmpress.errors import LlmpressError
 from llmpress.io.source import TensorRef
 
-LAYER_SUFFIXES_PER_HEAD_ROWS = ("attn_q",)  # rows grouped per query head
 KV_ROW_TENSORS = ("attn_k", "attn_v")  # rows grouped per KV head
 
 

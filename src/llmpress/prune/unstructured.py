@@ -104,7 +104,8 @@ def nm_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern | None) -> torch.Tensor:
+def mask_from_scores(scores: torch.Tensor, sparsity: float,
+                     pattern: Pattern | None) -> torch.Tensor:
     return nm_mask(scores, pattern) if pattern is not None else row_mask(scores, sparsity)
 
 
