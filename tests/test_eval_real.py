@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -222,6 +223,37 @@ def test_exact_mode_reads_q41_as_its_f32_dequantization(f32_path, default_model_
     assert (out / "compare.csv").read_text().count("\n") == 3
     assert json.loads((out / "compare.json").read_text())["models"] == report["models"]
     assert size < 2200 * plan.n_scored + 4 * plan.n_tokens + 4096  # ~2.1 kB per scored token
+
+
+def test_sweep_quantizes_compares_and_recommends(default_model_path, text_path, workdir,
+                                                 capsys):
+    """`llmpress sweep` end to end on one window: quantize (our quantize_model) to Q8_0,
+    compare with the model it came from, recommend."""
+    work = workdir / "sweep"
+    rc = cli_main(["sweep", str(default_model_path), "--types", "Q8_0", "--text", str(text_path),
+                   "--chunks", "1", "--work-dir", str(work), "--no-bench", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    base, q8 = report["models"]
+    print(f"\nsweep: Q8_0 of the Q4_1 file: KLD {q8['kld_mean']:.3g}, same top "
+          f"{100 * q8['same_top']:.1f}%")
+    assert q8["label"] == "Q8_0" and Path(q8["path"]).parent == work
+    assert 0 < q8["kld_mean"] < 0.01 and q8["same_top"] > 0.9
+    assert q8["file_bytes"] > base["file_bytes"]  # Q8_0 is bigger than Q4_1
+    assert report["recommended"] == "Q8_0"  # the only candidate, within 0.05
+    assert (work / "sweep.png").exists() and (work / "sweep.csv").exists()
+
+
+def test_speed_runs_in_its_own_process(default_model_path):
+    """compare's speed column: measure_speed in a fresh process whose peak RSS is its own,
+    not this (larger) test process's high-water mark."""
+    from llmpress.cli_eval import BenchSettings, measure_speed_isolated
+    ballast = np.ones(600 * 2**20 // 8)  # this process passes 600 MiB
+    speed = measure_speed_isolated(str(default_model_path), None, BenchSettings(8, 4, 1))
+    print(f"\nspeed: pp8 {speed['prompt_tok_s']:.1f} tok/s, tg4 {speed['gen_tok_s']:.1f} "
+          f"tok/s, peak RSS {speed['peak_rss_bytes'] / 2**20:.0f} MiB")
+    assert speed["gen_tok_s"] > 0 and speed["prompt_tok_s"] > 0
+    assert 50 * 2**20 < speed["peak_rss_bytes"] < ballast.nbytes
 
 
 # --- bad input ----------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +23,7 @@ from rich.table import Table
 
 from llmpress.errors import LlmpressError
 
-out = Console(highlight=False)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 132)  # tables fit a log
 err = Console(stderr=True, highlight=False)  # progress and notes: stdout stays clean for --json
 
 DEFAULT_CTX = 512  # llama-perplexity's default
@@ -225,19 +225,44 @@ class BenchSettings:
     threads: int | None = None
 
 
+def _own_peak_rss() -> int | None:
+    """This process's own high-water mark. getrusage's ru_maxrss survives fork + exec on
+    Linux (a child of a big parent reports the parent's size); VmHWM belongs to the new
+    address space alone."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def _speed_worker(path: str, device: str | None, bench: BenchSettings) -> dict:
     from llmpress.api import load
     from llmpress.eval.speed import measure_speed
     lm = load(path, mode="fast", device=device, ctx=max(bench.prompt_tokens, bench.gen_tokens))
-    return asdict(measure_speed(lm.model, bench.prompt_tokens, bench.gen_tokens,
-                                bench.repetitions, bench.threads))
+    result = asdict(measure_speed(lm.model, bench.prompt_tokens, bench.gen_tokens,
+                                  bench.repetitions, bench.threads))
+    own = _own_peak_rss()
+    return result | ({"peak_rss_bytes": own} if own else {})
+
+
+def _speed_child_main() -> None:
+    """Entry point of the child process: argv = path, device, settings as JSON."""
+    path, device, settings = sys.argv[1], sys.argv[2] or None, json.loads(sys.argv[3])
+    print(json.dumps(_speed_worker(path, device, BenchSettings(**settings))))
 
 
 def measure_speed_isolated(path: str, device: str | None, bench: BenchSettings) -> dict:
-    """measure_speed in a fresh process, so peak RSS is this model's alone."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_speed_worker, path, device, bench).result()
+    """measure_speed in a fresh Python process, so that peak RSS is this model's alone."""
+    code = "from llmpress.cli_eval import _speed_child_main; _speed_child_main()"
+    done = subprocess.run([sys.executable, "-c", code, path, device or "",
+                           json.dumps(asdict(bench))], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LlmpressError(f"{path}: the speed run failed ({last})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- compare -------------------------------------------------------------------------------
@@ -373,8 +398,11 @@ def cmd_sweep(args) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     suffix = ".imatrix" if args.imatrix else ""
+    # allow_requantize: trying other types of an already quantized file is the point here;
+    # error_rows=0: the comparison measures the cost, no per-tensor error pass needed.
     configs = [QuantizeConfig(model, work / f"{model.stem}.{t}{suffix}.gguf", t,
-                              imatrix=args.imatrix, allow_requantize=True) for t in types]
+                              imatrix=args.imatrix, allow_requantize=True, error_rows=0)
+               for t in types]
     outputs = []
     for config in configs:
         with err.status(f"quantizing to {config.type} ...") if err.is_terminal and not args.json \

@@ -80,8 +80,8 @@ def comparison_table(rows: list[ModelRow], title: str = "") -> Table:
         label = row.label + (" (base)" if row.is_base else "") + (" *" if on_front else "")
         table.add_row(
             label, f"{row.file_bytes / MIB:.1f} MiB", f"{row.bits_per_weight:.2f}",
-            f"{row.ppl:.3f} ± {row.ppl_error:.3f}", f"{row.delta_ppl:+.3f}",
-            "0" if row.is_base else f"{row.kld_mean:.5f} ± {row.kld_error:.5f}",
+            f"{row.ppl:.3f}", f"{row.delta_ppl:+.3f}",
+            "0" if row.is_base else f"{row.kld_mean:.5f}",
             f"{100 * row.same_top:.2f}%", _optional(row.gen_tok_s, ".1f"),
             "-" if row.peak_rss_bytes is None else f"{row.peak_rss_bytes / MIB:.0f} MiB",
         )
