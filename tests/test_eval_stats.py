@@ -402,3 +402,40 @@ def test_report_files(tmp_path):
     assert float(table[2]["kld_mean"]) == 0.29 and table[3]["pareto"] == "False"
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     R.comparison_table(rows, "t")  # builds without error
+
+
+# --- the CUDA path -----------------------------------------------------------------------------
+class _ModelLM:
+    """What the eval functions use of a LanguageModel, around a bare LlamaModel."""
+
+    def __init__(self, model, path: str):
+        self.model, self.mode = model, "exact"
+        self.tokenizer = type("tok", (), {"bos_id": 1, "add_bos": True})
+        self.source = type("src", (), {"path": path})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+def test_eval_on_cuda_equals_cpu(tmp_path):
+    """Perplexity, the compact base and KLD run on the GPU give the CPU's numbers (tiny
+    random Llama, 4 windows of 64)."""
+    from tiny import save_tiny_hf_model
+
+    from llmpress.io.hf import load_hf_dir
+    from llmpress.models.llama import LlamaModel
+
+    src = load_hf_dir(save_tiny_hf_model(tmp_path / "tiny"))
+    tokens = torch.randint(2, 512, (4 * 64 + 7,), generator=torch.Generator().manual_seed(0))
+    plan = P.plan_windows(len(tokens), 64)
+    cpu = _ModelLM(LlamaModel(src, "exact", "cpu"), "tiny-cpu")
+    gpu = _ModelLM(LlamaModel(src, "exact", "cuda"), "tiny-gpu")
+    ppl_cpu, ppl_gpu = (P.evaluate_perplexity(lm, tokens, plan) for lm in (cpu, gpu))
+    np.testing.assert_allclose(ppl_gpu.nll, ppl_cpu.nll, atol=1e-4)
+    base_cpu, _ = K.record_base(cpu, tokens, plan)
+    base_gpu, nll_gpu = K.record_base(gpu, tokens, plan)
+    np.testing.assert_allclose(nll_gpu, ppl_cpu.nll, atol=1e-4)
+    assert (base_gpu.rows.top_ids[:, 0] == base_cpu.rows.top_ids[:, 0]).mean() > 0.99
+    against_cpu_base = K.kld_against_base(gpu, base_cpu).summary
+    both_live = K.kld_against_model(gpu, cpu, tokens, plan).summary
+    assert against_cpu_base.kld_mean < 1e-6 and both_live.kld_mean < 1e-6
+    assert both_live.same_top > 0.99 and both_live.ppl == pytest.approx(ppl_cpu.estimate.ppl,
+                                                                        rel=1e-4)
