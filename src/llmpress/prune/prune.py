@@ -8,7 +8,9 @@
 
 The pruned model is an in-memory ModelSource: tensors the pruner changed are float32,
 the rest are the input's own (memory-mapped) tensors, so the evaluator, the distiller
-and the writers take it like any loaded model.
+and the writers take it like any loaded model. Memory: the calibration runner holds one
+layer and the activations, but unstructured and width pruning keep every changed weight
+in float32 until it is written (4 bytes per decoder weight; 0.4 GB for a 135M model).
 """
 
 from __future__ import annotations
