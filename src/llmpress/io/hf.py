@@ -2,8 +2,9 @@
 
 The directory is converted on the fly into what convert_hf_to_gguf.py would write: GGUF
 tensor names and metadata keys (llmpress.models.names), q/k rows permuted for llama.cpp's
-RoPE layout, and llama3 RoPE scaling turned into a `rope_freqs.weight` tensor. Nothing is
-read up front but the safetensors headers: each tensor's bytes are read (and permuted)
+RoPE layout, llama3 RoPE scaling turned into a `rope_freqs.weight` tensor, and the
+tokenizer's tokenizer.* keys (llmpress.io.hf_vocab). Of the weights nothing is read up
+front but the safetensors headers: each tensor's bytes are read (and permuted)
 when its read_bytes() is called. F32/F16/BF16 stay in their own type.
 """
 
@@ -20,6 +21,7 @@ from gguf import GGMLQuantizationType
 from safetensors import SafetensorError, safe_open
 
 from llmpress.errors import LlmpressError
+from llmpress.io.hf_vocab import tokenizer_metadata
 from llmpress.io.source import ModelSource, TensorRef
 from llmpress.models import names
 
@@ -292,6 +294,9 @@ def load_hf_dir(path: str | Path) -> ModelSource:
     hp = hyperparameters(config, path)
     arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
     metadata = gguf_metadata(hp, arch, path.resolve().name, path)
+    # tokenizer.* keys as convert_hf_to_gguf writes them, so a converted file loads in
+    # llama.cpp (the runtime itself tokenizes with tokenizer.json: Tokenizer.from_hf_dir)
+    metadata |= tokenizer_metadata(path, arch, hp["vocab_size"])
     shapes = expected_shapes(hp)
     # convert_hf_to_gguf permutes q with the query head count and k with the KV head count.
     permute_heads = ({"attn_q": hp["num_attention_heads"], "attn_k": hp["num_key_value_heads"]}
