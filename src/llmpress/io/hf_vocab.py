@@ -316,11 +316,12 @@ def llama_hf_vocab(path: Path, tokenizer_json: dict, config: dict | None,
     base ids in order (<0xNN> byte tokens BYTE, the named special tokens CONTROL), then
     added tokens past the base vocabulary (CONTROL if named special, else USER_DEFINED).
 
-    One deliberate difference: LlamaHfVocab gives every token the placeholder score
-    -1000, and llama.cpp's SentencePiece tokenizer, which merges the best-scoring pair
-    first (llm_tokenizer_spm_session), then merges leftmost-first and splits words unlike
-    the BPE. We give each token the score of its rank in the merges (-rank), so llama.cpp
-    merges in the BPE's order; tokens no merge makes keep the placeholder."""
+    One deliberate difference, the scores: LlamaHfVocab gives every token the placeholder
+    -1000. llama.cpp's SentencePiece tokenizer merges the best-scoring adjacent pair first
+    (llm_tokenizer_spm_session); with all scores equal it merges leftmost-first and splits
+    words unlike the BPE. We score each token by the rank of the first merge that makes
+    it (-rank), so llama.cpp merges in the BPE's order; normal tokens no merge makes
+    score below every merge, the rest (bytes, control, added) keep the placeholder."""
     where = path / "tokenizer.json"
     engine = _load_engine(where)
     vocab = engine.get_vocab(with_added_tokens=True)
@@ -328,7 +329,8 @@ def llama_hf_vocab(path: Path, tokenizer_json: dict, config: dict | None,
     n_base = engine.get_vocab_size(with_added_tokens=False)
     special_texts = _named_special_tokens(config)
     special_ids = {vocab[t] for t in special_texts if t in vocab}
-    merge_scores = _merge_rank_scores(tokenizer_json.get("model", {}).get("merges") or [])
+    merges = tokenizer_json["model"].get("merges") or []
+    merge_scores = _merge_rank_scores(merges)
     tokens, scores, types = [], [], []
     for i in range(n_base):
         if i not in by_id:
@@ -339,7 +341,7 @@ def llama_hf_vocab(path: Path, tokenizer_json: dict, config: dict | None,
             types.append(TokenType.BYTE)
         else:
             types.append(TokenType.CONTROL if i in special_ids else TokenType.NORMAL)
-        scores.append(merge_scores.get(text, ADDED_TOKEN_SCORE)
+        scores.append(merge_scores.get(text, -float(len(merges)))
                       if types[-1] == TokenType.NORMAL else ADDED_TOKEN_SCORE)
     for i, token in sorted(engine.get_added_tokens_decoder().items()):
         if i < n_base:
@@ -371,8 +373,9 @@ def _merge_rank_scores(merges: list) -> dict[str, float]:
     """token -> -(rank of the first merge that makes it)."""
     scores: dict[str, float] = {}
     for rank, merge in enumerate(merges):
-        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
-        scores.setdefault(left + right, -float(rank))
+        pair = merge if isinstance(merge, list) else str(merge).split(" ", 1)
+        if len(pair) == 2:
+            scores.setdefault(pair[0] + pair[1], -float(rank))
     return scores
 
 
@@ -408,7 +411,10 @@ def sentencepiece_vocab(path: Path, vocab_size: int, config: dict | None) -> dic
             tokens[i], scores[i], types[i] = text, ADDED_TOKEN_SCORE, int(TokenType.USER_DEFINED)
     decoder = (config or {}).get("added_tokens_decoder") or {}
     for key, entry in decoder.items():
-        i, text = int(key), entry.get("content", "")
+        if not str(key).isdigit() or not isinstance(entry, dict):
+            raise LlmpressError(f"{path / 'tokenizer_config.json'}: added_tokens_decoder entry "
+                                f"{key!r} is not an id with a token")
+        i, text = int(key), str(entry.get("content", ""))
         if i >= vocab_size:
             continue
         if entry.get("special") or does_token_look_special(text):
