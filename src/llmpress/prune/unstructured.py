@@ -193,35 +193,37 @@ def prune_sparsegpt(weight: torch.Tensor, xtx: torch.Tensor, count: int, sparsit
     prune = torch.zeros_like(w, dtype=torch.bool)
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        w1 = w[:, b0:b1].clone()
+        # the block transposed, (columns, rows): each step reads and updates whole
+        # contiguous rows of it
+        wt = w[:, b0:b1].T.contiguous()
         h1 = hinv[b0:b1, b0:b1]
         d1 = h1.diagonal()
-        err1 = torch.zeros_like(w1)
-        prune1 = torch.zeros_like(w1, dtype=torch.bool)
+        errt = torch.zeros_like(wt)
+        prune1 = torch.zeros_like(wt, dtype=torch.bool)
+        scale = torch.zeros_like(wt)  # pruned / [H⁻¹]_jj: a column's error is w * scale
         if pattern is None:  # adaptive mask for the whole block at once
-            saliency = (w1 * w1) / (d1 * d1)[None, :]
+            saliency = (wt * wt) / (d1 * d1)[:, None]
             n_drop = round(sparsity * saliency.numel())
             if n_drop:
                 drop = torch.topk(saliency.reshape(-1), n_drop, largest=False).indices
                 prune1.view(-1)[drop] = True
+            scale = prune1 / d1[:, None]
         for j in range(b1 - b0):
             if pattern is not None and j % pattern.group == 0:  # choose each group's mask
                 g = slice(j, j + pattern.group)
-                saliency = (w1[:, g] ** 2) / (d1[g] ** 2)[None, :]
-                drop = torch.topk(saliency, pattern.group - pattern.keep, dim=1,
+                saliency = (wt[g] ** 2) / (d1[g] ** 2)[:, None]
+                drop = torch.topk(saliency, pattern.group - pattern.keep, dim=0,
                                   largest=False).indices
-                prune1[:, g].scatter_(1, drop, True)
-            col = w1[:, j]
-            kept = col.masked_fill(prune1[:, j], 0.0)
-            e = (col - kept) / d1[j]  # (rows,)
-            w1[:, j:] -= e[:, None] * h1[j, j:][None, :]
-            w1[:, j] = kept
-            err1[:, j] = e
-        w[:, b0:b1] = w1
-        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
-        prune[:, b0:b1] = prune1
+                prune1[g].scatter_(0, drop, True)
+                scale[g] = prune1[g] / d1[g, None]
+            e = wt[j] * scale[j]  # (rows,): the pruned weights' error, 0 where kept
+            wt[j:].addr_(h1[j, j:], e, alpha=-1)  # spread it right; wt[j] becomes the kept
+            errt[j] = e
+        w[:, b0:b1] = wt.T
+        w[:, b1:] -= errt.T @ hinv[b0:b1, b1:]
+        prune[:, b0:b1] = prune1.T
     mask = ~prune
-    new = w * mask  # exact zeros (the update above leaves the pruned entries at 0 already)
+    new = w * mask  # exact zeros (the update leaves pruned entries at ~0, not exactly)
     return Pruned(new, mask, relative_error(weight, new, xtx))
 
 
