@@ -271,7 +271,8 @@ def test_bad_structured_requests_are_errors(kwargs, message):
                                     dict(method="layers"), dict(method="width"),
                                     dict(method="width", ratio=1.2),
                                     dict(method="wanda", pattern="2:4", owl=True),
-                                    dict(method="layers", ratio=0.2, pattern="2:4")])
+                                    dict(method="layers", ratio=0.2, pattern="2:4"),
+                                    dict(method="sparsegpt", damp=-1.0)])
 def test_bad_configs_are_errors(kwargs):
     with pytest.raises(LlmpressError):
         PruneConfig(**kwargs)

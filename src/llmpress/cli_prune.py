@@ -31,6 +31,9 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pattern", default=None, help="N:M sparsity instead, e.g. 2:4 or 4:8")
     p.add_argument("--owl", action="store_true",
                    help="per-layer sparsity from outlier ratios (OWL), same mean")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="sparsegpt: Hessian damping as a fraction of its mean diagonal "
+                   "(default 0.01 as in the paper; more helps with little calibration text)")
     p.add_argument("--ratio", type=float, default=None,
                    help="layers: fraction of layers removed; width: fraction of each "
                    "layer's parameters removed")
@@ -102,6 +105,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     config = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, owl=args.owl,
+        damp=args.damp,
         ratio=args.ratio, n_layers=args.n_layers, layer_metric=args.metric,
         uniform=args.uniform, calib_text=args.calib, n_sequences=args.calib_sequences,
         seq_len=args.calib_len, device=args.device)

@@ -87,6 +87,7 @@ class PruneConfig:
     sparsity: float = 0.5  # unstructured: fraction of zeros
     pattern: str | None = None  # "2:4", "4:8": N:M instead of --sparsity
     owl: bool = False  # per-layer sparsity from outlier ratios
+    damp: float = unstructured.SPARSEGPT_DAMP  # SparseGPT: λ / mean diag(H) (paper: 1%)
     ratio: float | None = None  # structured: fraction of layers / of layer parameters
     n_layers: int | None = None  # layers: how many to remove
     layer_metric: str = "influence"  # influence (ShortGPT) | angular (Gromov et al.)
@@ -123,6 +124,8 @@ class PruneConfig:
             raise LlmpressError("--method width needs --ratio (e.g. 0.2)")
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise LlmpressError(f"--ratio {self.ratio} must lie strictly between 0 and 1")
+        if not 0 <= self.damp < 100:
+            raise LlmpressError(f"--damp {self.damp}: give a fraction such as 0.01")
         if self.n_sequences < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise LlmpressError("calibration needs at least 1 sequence of at least 2 tokens")
 
@@ -254,7 +257,7 @@ def _prune_unstructured(source, cfg, config, tokens, progress) -> PruneResult:
     def prune_one(layer: int, name: str, weight, target: float, xtx=None, count=0):
         full = f"blk.{layer}.{name}.weight"
         pruned = unstructured.prune_weight(config.method, weight, target, pattern, xtx, count,
-                                           name=full)
+                                           name=full, damp=config.damp)
         new[full], masks[full] = pruned.weight.cpu(), pruned.mask.cpu()
         zeros = 1 - float(pruned.mask.float().mean())
         reports.append(LinearReport(layer, name, zeros, pruned.error))

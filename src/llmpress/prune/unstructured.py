@@ -229,7 +229,7 @@ def prune_sparsegpt(weight: torch.Tensor, xtx: torch.Tensor, count: int, sparsit
 
 def prune_weight(method: str, weight: torch.Tensor, sparsity: float,
                  pattern: Pattern | None = None, xtx: torch.Tensor | None = None,
-                 count: int = 0, name: str = "weight") -> Pruned:
+                 count: int = 0, name: str = "weight", damp: float = SPARSEGPT_DAMP) -> Pruned:
     """Dispatch to one pruner; Wanda's norms come from the diagonal of XᵀX."""
     if method == "magnitude":
         return prune_magnitude(weight, sparsity, pattern, xtx)
@@ -238,7 +238,7 @@ def prune_weight(method: str, weight: torch.Tensor, sparsity: float,
     if method == "wanda":
         return prune_wanda(weight, xtx.diagonal().clamp_min(0).sqrt(), sparsity, pattern, xtx)
     if method == "sparsegpt":
-        return prune_sparsegpt(weight, xtx, count, sparsity, pattern, name=name)
+        return prune_sparsegpt(weight, xtx, count, sparsity, pattern, damp=damp, name=name)
     raise LlmpressError(f"unknown pruning method {method!r} (use {', '.join(METHODS)})")
 
 
