@@ -55,7 +55,8 @@ def rounding_matches_llama_cpp(path: Path, type_name: str) -> str:
     return f"{same}/{len(reference['tensors'])} tensors identical to llama-quantize's"
 
 
-def quantize_files(model: Path, type_name: str, out: Path, imatrix: Path, tokens) -> dict:
+def quantize_files(model: Path, type_name: str, out: Path, imatrix: Path, tokens,
+                   gptq_config, device: str | None) -> dict:
     from llmpress.quant.calibrated import CalibrationConfig, calibrated_quantize
     from llmpress.quant.quantize import QuantizeConfig, quantize_model
 
@@ -75,7 +76,8 @@ def quantize_files(model: Path, type_name: str, out: Path, imatrix: Path, tokens
                 log(f"    layer {done}/{total} {time.perf_counter() - started:.0f} s")
 
             report = calibrated_quantize(
-                config, CalibrationConfig(method="gptq", tokens=tokens.numel()),
+                config, CalibrationConfig(method="gptq", tokens=tokens.numel(),
+                                          gptq=gptq_config, device=device),
                 calibration=tokens, layer_progress=progress)
             ratios = [e.error / e.rtn_error for e in report.linears if e.rtn_error > 0]
             log(f"  per-Linear output error gptq/rounding on the calibration inputs: "
@@ -104,6 +106,10 @@ def main() -> int:
     parser.add_argument("--imatrix", type=Path, default=REFERENCE_IMATRIX,
                         help="importance matrix for both methods (default: llama-imatrix's "
                         "file in shared/reference, made on the pydoc text)")
+    parser.add_argument("--shrink", type=float, default=None,
+                        help="GPTQ shrink (default: the CLI's default)")
+    parser.add_argument("--damp", type=float, default=0.01)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/llmpress-bench-gptq"))
     args = parser.parse_args()
 
@@ -112,6 +118,8 @@ def main() -> int:
     from llmpress.calib.data import calibration_tokens
     from llmpress.eval.kld import kld_against_base, record_base
     from llmpress.eval.perplexity import plan_windows, read_text, tokenize_for_perplexity
+    from llmpress.quant.calibrated import DEFAULT_SHRINK
+    from llmpress.quant.gptq import GPTQConfig
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = hub.pull(hub.DEFAULT_MODEL)
@@ -123,10 +131,13 @@ def main() -> int:
     files = {}
     for type_name in args.types:
         log(f"{type_name}:")
-        files[type_name] = quantize_files(model, type_name, args.out, args.imatrix, calib)
+        gptq_config = GPTQConfig(damp=args.damp, shrink=DEFAULT_SHRINK if args.shrink is None
+                                 else args.shrink)
+        files[type_name] = quantize_files(model, type_name, args.out, args.imatrix, calib,
+                                          gptq_config, args.device)
         log(f"  rounding: {rounding_matches_llama_cpp(files[type_name]['rounding'], type_name)}")
 
-    base_lm = load(model, mode="exact")
+    base_lm = load(model, mode="exact", device=args.device)
     tokens = tokenize_for_perplexity(base_lm.tokenizer, read_text(WIKITEXT))
     plan = plan_windows(len(tokens), 512, args.chunks)
     started = time.perf_counter()
@@ -139,11 +150,11 @@ def main() -> int:
     for type_name, pair in files.items():
         for method, path in pair.items():
             started = time.perf_counter()
-            lm = load(path, mode="exact")
+            lm = load(path, mode="exact", device=args.device)
             summary = kld_against_base(lm, base).summary
             agreement = None
             if method == "gptq":
-                agreement = llama_cpp_agreement(path, window, lm.logits(window))
+                agreement = llama_cpp_agreement(path, window, lm.logits(window).cpu())
             rows.append({"type": type_name, "method": method, "bytes": path.stat().st_size,
                          "ppl": summary.ppl, "kld": summary.kld_mean,
                          "kld_error": summary.kld_error,

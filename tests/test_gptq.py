@@ -98,6 +98,22 @@ def test_dead_inputs_are_rounded_not_lost():
     assert torch.allclose(result.weight[:, :5], rtn.weight[:, :5], atol=0.02)
 
 
+def test_shrink_moves_gptq_toward_rounding():
+    """H + shrink * diag(H): no shrink is GPTQ, a huge one leaves nothing to compensate
+    and gives round-to-nearest on the same groups; in between the calibration error lies
+    between the two."""
+    w, x = random_layer(in_features=128)
+    target = IntGridTarget(IntGrid(4, 32), 128)
+    rtn = rtn_quantize(w, target, hessian(x))
+    errors = [gptq_quantize(w, hessian(x), target, GPTQConfig(shrink=s)).error
+              for s in (0.0, 1.0)]
+    assert errors[0] < errors[1] < rtn.error
+    huge = gptq_quantize(w, hessian(x), target, GPTQConfig(shrink=1e7))
+    assert (huge.codes == rtn.codes).float().mean() > 0.999
+    with pytest.raises(LlmpressError, match="shrink"):
+        GPTQConfig(shrink=-1)
+
+
 def test_output_error_matches_the_definition():
     w, x = random_layer(in_features=64)
     w_hat = w + 0.01 * torch.randn_like(w)

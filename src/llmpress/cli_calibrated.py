@@ -52,6 +52,12 @@ def cmd_imatrix(args) -> None:
                   f"of {imatrix.chunk_size}", highlight=False)
 
 
+def _shrink(args) -> float:
+    from llmpress.quant.calibrated import DEFAULT_SHRINK
+
+    return DEFAULT_SHRINK if args.shrink is None else args.shrink
+
+
 # --- quantize --method ------------------------------------------------------------------------
 def cmd_quantize_calibrated(args) -> None:
     from rich.table import Table
@@ -68,7 +74,8 @@ def cmd_quantize_calibrated(args) -> None:
     )
     calib = CalibrationConfig(method=args.method, text=args.calib, tokens=args.calib_tokens,
                               seq_len=args.calib_ctx, awq_grid=args.awq_grid, device=args.device,
-                              gptq=GPTQConfig(damp=args.damp, act_order=args.act_order))
+                              gptq=GPTQConfig(damp=args.damp, act_order=args.act_order,
+                                              shrink=_shrink(args)))
     if args.calib is None:
         console.print("no --calib given: calibrating on the built-in text, Python's "
                       "pydoc_data.topics", highlight=False)
@@ -114,6 +121,9 @@ def add_method_options(p) -> None:
                        help="GPTQ: columns by decreasing activation energy, static block scales")
     group.add_argument("--damp", type=float, default=0.01,
                        help="GPTQ: damping, a fraction of the Hessian's mean diagonal (0.01)")
+    group.add_argument("--shrink", type=float, default=None,
+                       help="GPTQ: H + SHRINK*diag(H), less fitting to the calibration "
+                       "text (default 1; 0 is GPTQ as published)")
     group.add_argument("--awq-grid", type=int, default=20, help="AWQ: α values tried (20)")
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     plain = p.get_default("func")
@@ -131,7 +141,8 @@ def cmd_gptq(args) -> None:
     grid = IntGrid(args.bits, args.group_size, symmetric=not args.zero_point)
     calib = CalibrationConfig(method="gptq", text=args.calib, tokens=args.calib_tokens,
                               seq_len=args.calib_ctx, device=args.device,
-                              gptq=GPTQConfig(damp=args.damp, act_order=args.act_order))
+                              gptq=GPTQConfig(damp=args.damp, act_order=args.act_order,
+                                              shrink=_shrink(args)))
     if args.calib is None:
         console.print("no --calib given: calibrating on the built-in text, Python's "
                       "pydoc_data.topics", highlight=False)
@@ -190,6 +201,8 @@ def add_calibrated_parsers(sub) -> None:
     p.add_argument("--act-order", action="store_true", help="columns by decreasing "
                    "activation energy (static groups: the layout stays ordinary)")
     p.add_argument("--damp", type=float, default=0.01, help="damping (default 0.01)")
+    p.add_argument("--shrink", type=float, default=None, help="H + SHRINK*diag(H), less "
+                   "fitting to the calibration text (default 1; 0 is GPTQ as published)")
     p.add_argument("--calib", metavar="TEXT", default=None, help="calibration text file "
                    "(default: the built-in text)")
     p.add_argument("--calib-tokens", type=int, default=32768)
