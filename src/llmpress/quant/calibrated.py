@@ -14,7 +14,9 @@ GPTQ), we collect each Linear's input Gram matrix (H = 2XᵀX/n) and mean |x|, t
     awq   search per-channel scales for {q,k,v}, {gate,up}, o (from v) and down (from up)
           and fold them (quant.awq); the norms, v and up change in the output file too;
     gptq  GPTQ into the tensor's GGUF type (quant.gptq.gptq_gguf), block scales chosen
-          by our ggml-exact quantizers with the imatrix (or diag(H)) as importance;
+          by our ggml-exact quantizers with the imatrix (or diag(H)) as importance, and
+          H shrunk toward its diagonal (DEFAULT_SHRINK) so it generalizes past the
+          calibration text;
     else  the ggml quantizer with the same importance (what llama-quantize writes).
 
 Every Linear reports its output error ‖(W − Ŵ)X‖²/‖WX‖² on the calibration inputs for

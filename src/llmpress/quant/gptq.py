@@ -11,6 +11,11 @@ quantized (the optimal update of OBQ, section 3), lazily in blocks of 128 column
 "lazy batch updates" of section 4). H is damped by 1% of its mean diagonal; when the
 Cholesky factorization still fails the damping grows tenfold, with a warning.
 
+GPTQConfig.shrink adds shrink * diag(H) to H first: the input correlations the error
+compensation relies on are shrunk toward zero (a shrinkage estimate of the covariance).
+The published algorithm (shrink 0) fits the calibration text's correlations closely;
+on other text that can do worse than plain rounding (see quant.calibrated).
+
 Targets say what a column may become. Each fits parameters to a group of columns (a
 group's scale and zero; a GGUF block's scales, chosen by our ggml-exact quantizers with
 diag(H) as the importance) and rounds a column to the nearest point of that group's
