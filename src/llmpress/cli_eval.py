@@ -387,7 +387,7 @@ def cmd_compare(args) -> None:
 
 
 # --- sweep -----------------------------------------------------------------------------------
-def cmd_sweep(args) -> None:
+def cmd_sweep(args) -> list:
     from llmpress import hub
     from llmpress.quant.quantize import QuantizeConfig, quantize_model
 
@@ -420,6 +420,7 @@ def cmd_sweep(args) -> None:
     title = f"{model.name}: quantization sweep" + (" (imatrix)" if args.imatrix else "")
     files = _write_outputs(rows, settings, work, "sweep", args.budget, title)
     _show_report(rows, settings, files, args.budget, args.json, title)
+    return rows
 
 
 # --- argument parsing ------------------------------------------------------------------------
