@@ -433,3 +433,43 @@ def test_cli_bad_input_is_one_error_line(tiny_gguf, tmp_path, capsys, args, word
     assert main(["prune", str(tiny_gguf), "-o", str(tmp_path / "x.gguf"), *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
+# --- Hugging Face directory output ------------------------------------------------------------
+from llmpress.prune.prune import write_pruned_hf  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_width_pruned_hf_directory_matches_transformers(tmp_path, arch):
+    """transformers, the independent reference, computes the same logits from the written
+    directory as our runtime does from the pruned model."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_llama(n_layers=3, n_heads=4, n_kv=2, ffn=128, arch=arch)
+    result = prune_model(src, PruneConfig(method="width", ratio=0.3, n_sequences=4, seq_len=32),
+                         FakeTokenizer())
+    out = write_pruned_hf(result, tmp_path / "hf", dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.intermediate_size == result.widths[0][2]
+    tokens = random_tokens(2, 12)
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(theirs, logits_of(result.source, tokens), rtol=1e-4, atol=1e-4)
+    with pytest.raises(LlmpressError, match="exists"):
+        write_pruned_hf(result, out)
+
+
+def test_per_layer_widths_cannot_go_to_a_hf_config(tmp_path):
+    src = tiny_llama(n_layers=4, n_heads=4, n_kv=2, ffn=256)
+    result = prune_model(src, PruneConfig(method="width", ratio=0.3, uniform=False,
+                                          n_sequences=4, seq_len=32), FakeTokenizer())
+    with pytest.raises(LlmpressError, match="--uniform"):
+        write_pruned_hf(result, tmp_path / "hf")
+
+
+def test_cli_writes_a_hf_directory(tiny_gguf, tmp_path, capsys):
+    out = tmp_path / "sparse-hf"
+    assert main(["prune", str(tiny_gguf), "-o", str(out), "--method", "magnitude",
+                 "--hf-dtype", "float32"]) == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert "directory size" in capsys.readouterr().out

@@ -24,7 +24,10 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
         "sparsegpt with --sparsity or --pattern N:M. Structured: layers (--ratio or "
         "--layers N) and width (--ratio of each layer's parameters) give a smaller dense model.")
     p.add_argument("model", help="GGUF file, Hugging Face directory or pulled name")
-    p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
+    p.add_argument("-o", "--output", required=True,
+                   help="the GGUF file to write (.gguf), or else a Hugging Face directory")
+    p.add_argument("--hf-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="weight type of a Hugging Face directory output")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--sparsity", type=float, default=0.5,
                    help="unstructured: fraction of weights set to zero (default 0.5)")
@@ -101,7 +104,7 @@ def _mib(n: int) -> str:
 def cmd_prune(args: argparse.Namespace) -> None:
     from llmpress import hub
     from llmpress.api import load_source, load_tokenizer
-    from llmpress.prune.prune import PruneConfig, prune_model, write_pruned
+    from llmpress.prune.prune import PruneConfig, prune_model, write_pruned, write_pruned_hf
 
     config = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, owl=args.owl,
@@ -110,8 +113,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
         uniform=args.uniform, calib_text=args.calib, n_sequences=args.calib_sequences,
         seq_len=args.calib_len, device=args.device)
     output = Path(args.output)
-    if output.suffix.lower() != ".gguf":
-        raise LlmpressError(f"{output}: give a .gguf output file")
+    as_hf = output.suffix.lower() != ".gguf"
+    if as_hf and args.then_quantize:
+        raise LlmpressError("--then-quantize writes GGUF: give an output file ending in .gguf")
     source = load_source(hub.resolve(args.model))
     needs_text = config.needs_calibration or args.distill
     tokenizer = load_tokenizer(source) if needs_text else None
@@ -121,12 +125,16 @@ def cmd_prune(args: argparse.Namespace) -> None:
         losses = None
         if args.distill:
             result, losses = _distill(args, config, result, tokenizer, bar)
-        report = write_pruned(result, output, args.then_quantize,
-                              lambda done, total: bar.update("writing", done, total))
-    _print_result(result, report, source)
+        if as_hf:
+            report = None
+            write_pruned_hf(result, output, args.hf_dtype)
+        else:
+            report = write_pruned(result, output, args.then_quantize,
+                                  lambda done, total: bar.update("writing", done, total))
+    _print_result(result, report, source, output)
     if losses:
         from llmpress.prune.distill import save_loss_curve
-        png = save_loss_curve(losses, output.with_suffix(".distill.png"),
+        png = save_loss_curve(losses, Path(str(output).rstrip("/") + ".distill.png"),
                               f"{config.label()}: distillation")
         console.print(f"distillation: KD loss {losses[0]:.4f} -> {losses[-1]:.4f} "
                       f"over {len(losses)} steps; curve: {png}")
@@ -141,7 +149,8 @@ def _distill(args, config, result, tokenizer, bar):
     from llmpress.prune.distill import DistillConfig, distill
     from llmpress.prune.prune import with_weights
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.output + ".distill.pt")
+    checkpoint = (Path(args.checkpoint) if args.checkpoint
+                  else Path(args.output.rstrip("/") + ".distill.pt"))
     cfg = DistillConfig(steps=args.distill, lr=args.lr, batch_size=args.batch,
                         checkpoint=checkpoint, device=args.device)
     n_sequences = max(cfg.steps * cfg.batch_size // 2, 16)  # about two epochs, at least 16
@@ -155,17 +164,22 @@ def _distill(args, config, result, tokenizer, bar):
     return with_weights(result, done.weights), done.losses
 
 
-def _print_result(result, report, source) -> None:
+def _print_result(result, report, source, output: Path) -> None:
     cfg = result.config
-    table = Table(title=f"{cfg.label()} -> {report.path}", show_header=False)
+    table = Table(title=f"{cfg.label()} -> {output}", show_header=False)
     rows = [("parameters", f"{result.params_before:,} -> {result.params_after:,} "
              f"({result.params_after / result.params_before:.1%})")]
     if result.nonzero_after != result.params_after:
         rows.append(("nonzero parameters", f"{result.nonzero_after:,} "
                      f"({result.nonzero_after / result.params_after:.1%})"))
-    rows.append(("file size", f"{_mib(source.file_bytes)} -> {_mib(report.file_bytes)}"))
-    rows.append(("tensor types", ", ".join(f"{n} x{c}" for n, c in sorted(report.types.items()))))
-    if report.fell_back:
+    if report is None:  # a Hugging Face directory
+        size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
+        rows.append(("directory size", f"{_mib(source.file_bytes)} -> {_mib(size)}"))
+    else:
+        rows.append(("file size", f"{_mib(source.file_bytes)} -> {_mib(report.file_bytes)}"))
+        rows.append(("tensor types",
+                     ", ".join(f"{n} x{c}" for n, c in sorted(report.types.items()))))
+    if report is not None and report.fell_back:
         rows.append(("type fallbacks", f"{len(report.fell_back)} tensors (rows no longer fit "
                      "their type's blocks)"))
     if result.removed_layers:
@@ -176,7 +190,7 @@ def _print_result(result, report, source) -> None:
         rows.append(("heads / FFN per layer", f"{heads} / {ffn}"
                      + ("" if len(heads) == len(ffn) == 1 else
                         "  (not uniform: llama.cpp's llama graph needs one width)")))
-    if report.zeros_kept is not None:
+    if report is not None and report.zeros_kept is not None:
         rows.append(("pruned weights still 0 in the file", f"{report.zeros_kept:.1%}"))
     rows.append(("time", f"{result.seconds:.1f} s"))
     for key, value in rows:
