@@ -23,3 +23,30 @@ def default_model_path() -> Path:
 @pytest.fixture(scope="session")
 def wikitext_bytes() -> bytes:
     return WIKITEXT.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def f32_gguf(default_model_path, tmp_path_factory) -> Path:
+    """The default model dequantized to F32 by gguf-py (independent of our code), every
+    metadata field copied: the "original" of ../shared/reference/README.md."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(default_model_path)
+    path = tmp_path_factory.mktemp("f32") / "SmolLM2-135M-Instruct.F32.gguf"
+    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue  # the writer writes the header and architecture itself
+        vtype = gguf.GGUFValueType(field.types[0])
+        sub_type = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type)
+                          .astype(np.float32, copy=False))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -10,7 +10,6 @@ import json
 import math
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -36,26 +35,9 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def f32_path(default_model_path, workdir):
-    """The default model dequantized to F32 by gguf-py, every metadata field copied."""
-    reader = gguf.GGUFReader(default_model_path)
-    path = workdir / "SmolLM2-135M-Instruct.F32.gguf"
-    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        vtype = gguf.GGUFValueType(f.types[0])
-        sub = gguf.GGUFValueType(f.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, f.contents(), vtype, sub)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type)
-                          .astype(np.float32, copy=False))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+def f32_path(f32_gguf):
+    """The default model dequantized to F32 by gguf-py (tests/conftest.py)."""
+    return f32_gguf
 
 
 @pytest.fixture(scope="module")

@@ -48,29 +48,6 @@ def dequantized(default_model_path):
 
 
 @pytest.fixture(scope="module")
-def f32_gguf(dequantized, tmp_path_factory):
-    """The default model dequantized to F32, every metadata field copied."""
-    reader, arrays = dequantized
-    path = tmp_path_factory.mktemp("f32") / "SmolLM2-135M-Instruct.F32.gguf"
-    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue  # the writer writes the header and architecture itself
-        vtype = gguf.GGUFValueType(field.types[0])
-        is_array = vtype == gguf.GGUFValueType.ARRAY
-        sub_type = gguf.GGUFValueType(field.types[-1]) if is_array else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for name, values in arrays.items():
-        writer.add_tensor(name, values)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-@pytest.fixture(scope="module")
 def hf_model(dequantized):
     """transformers' LlamaForCausalLM holding the dequantized weights, via its GGUF code."""
     reader, arrays = dequantized
