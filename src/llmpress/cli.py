@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -72,8 +73,8 @@ def cmd_info(args) -> None:
 
 # --- run / chat -------------------------------------------------------------------------
 def _sampling(args) -> dict:
-    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repeat_penalty=args.repeat_penalty, seed=args.seed)
+    return {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
+            "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "seed": args.seed}
 
 
 def _print_stream(chunks) -> str:
@@ -168,14 +169,39 @@ def cmd_bench(args) -> None:
 
 
 # --- demo / serve -----------------------------------------------------------------------
+DEMO_TYPES = "Q8_0,Q6_K,Q4_K_M,Q4_0,Q3_K_M"
+
+
 def cmd_demo(args) -> None:
+    """The whole story on the default model in a few minutes: what it is, what each
+    quantization type costs (table + plot), which one to pick, and that one answering."""
     from llmpress import hub
+    from llmpress.calib.data import default_calibration_text
+    from llmpress.cli_eval import cmd_sweep
+    from llmpress.eval.report import recommend
+
     path = hub.pull(hub.DEFAULT_MODEL)
     args.model, args.json = str(path), False
     cmd_info(args)
+    work = hub.cache_dir() / "demo"
+    work.mkdir(parents=True, exist_ok=True)
+    text = work / "pydoc-topics.txt"  # evaluation text every Python install carries
+    text.write_text(default_calibration_text(), encoding="utf-8")
+    console.print(f"\n[bold]Quantizing to {DEMO_TYPES} and measuring each against the "
+                  f"original[/] (text: Python's pydoc topics, {args.chunks} windows of "
+                  f"{args.ctx_eval} tokens)")
+    sweep = argparse.Namespace(
+        model=str(path), types=DEMO_TYPES, imatrix=None, text=str(text), ctx=args.ctx_eval,
+        chunks=args.chunks, mode="exact", device=None, json=False, base_logits=None,
+        budget=args.budget, no_bench=True, bench_prompt=0, bench_gen=0, bench_reps=0,
+        threads=None, work_dir=str(work))
+    best = recommend(cmd_sweep(sweep), args.budget)
+    chosen = best.path if best else str(path)
+    args.model = chosen
     lm = _load(args)
     question = "What is the capital of France? Answer in one sentence."
-    console.print(f"\n[bold]user:[/] {question}\n[bold]assistant:[/] ", end="")
+    console.print(f"\n[bold]{Path(chosen).name}[/]\n[bold]user:[/] {question}\n"
+                  "[bold]assistant:[/] ", end="", highlight=False)
     _print_stream(lm.stream(lm.chat_prompt([{"role": "user", "content": question}]),
                             max_tokens=64, temperature=0))
 
@@ -244,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="pull the default model, show it, and chat one prompt")
+    p = sub.add_parser("demo", help="the default model end to end: info, a quantization "
+                       "sweep with its table and plot, the recommended file answering")
+    p.add_argument("--chunks", type=int, default=8, help="evaluation windows per model")
+    p.add_argument("--ctx-eval", type=int, default=256, help="tokens per evaluation window")
+    p.add_argument("--budget", type=float, default=0.05, help="mean-KLD budget for the pick")
     p.set_defaults(func=cmd_demo, mode="fast", ctx=None, device=None)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
