@@ -381,9 +381,15 @@ def test_recommend_smallest_within_budget():
             _row("Q4_K_M", 100, 0.058), _row("Q4_0", 88, 0.29)]
     assert R.recommend(rows, 0.05).label == "Q6_K"
     assert R.recommend(rows, 0.1).label == "Q4_K_M"
-    assert R.recommend(rows, 0.001) is None
+    assert R.recommend(rows, 0.001).label == "F32"  # the base itself is within any budget
     assert "Q6_K" in R.recommendation_line(rows, 0.05)
-    assert "no candidate" in R.recommendation_line(rows, 0.001)
+    assert "keep the base F32" in R.recommendation_line(rows, 0.001)
+    assert R.recommend(rows[1:], 0.001) is None
+    assert "no model" in R.recommendation_line(rows[1:], 0.001)
+    # a base smaller than every candidate (a Q4_1 file requantized to bigger types): keep it
+    small_base = [_row("Q4_1", 94, 0.0, base=True), _row("Q8_0", 138, 0.001),
+                  _row("Q4_K_M", 101, 0.049)]
+    assert R.recommend(small_base, 0.05).is_base
 
 
 def test_report_files(tmp_path):
@@ -392,7 +398,7 @@ def test_report_files(tmp_path):
     report = R.report_dict(rows, {"ctx": 512}, 0.05)
     R.write_json(report, tmp_path / "r.json")
     R.write_csv(rows, tmp_path / "r.csv")
-    R.plot_size_vs_kld(rows, tmp_path / "r.png", "test")
+    R.plot_size_vs_kld(rows, tmp_path / "r.png", "test", 0.05)
     loaded = json.loads((tmp_path / "r.json").read_text())
     assert loaded["recommended"] == "Q8_0"
     assert [m["pareto"] for m in loaded["models"]] == [True, True, True, False]

@@ -24,7 +24,8 @@ from rich.table import Table
 from llmpress.errors import LlmpressError
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 132)  # tables fit a log
-err = Console(stderr=True, highlight=False)  # progress and notes: stdout stays clean for --json
+# progress and notes go to stderr, so stdout stays clean for --json
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 132)
 
 DEFAULT_CTX = 512  # llama-perplexity's default
 DEFAULT_BUDGET = 0.05
@@ -351,7 +352,7 @@ def _write_outputs(rows, settings: dict, out_dir: Path, stem: str, budget: float
     R.write_json(R.report_dict(rows, settings, budget) | {"files": {k: str(v) for k, v in
                                                                     paths.items()}}, paths["json"])
     R.write_csv(rows, paths["csv"])
-    R.plot_size_vs_kld(rows, paths["png"], title)
+    R.plot_size_vs_kld(rows, paths["png"], title, budget)
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -50,16 +50,20 @@ def pareto_front(sizes: list[float], costs: list[float]) -> list[bool]:
 
 
 def recommend(rows: list[ModelRow], kld_budget: float) -> ModelRow | None:
-    """The smallest candidate file whose mean KLD is within the budget (ties: lower KLD)."""
-    fits = [r for r in rows if not r.is_base and r.kld_mean <= kld_budget]
-    return min(fits, key=lambda r: (r.file_bytes, r.kld_mean), default=None)
+    """The smallest file whose mean KLD is within the budget (ties: lower KLD). The base
+    counts too (KLD 0): when it is already the smallest, the advice is to keep it."""
+    fits = [r for r in rows if r.kld_mean <= kld_budget]
+    return min(fits, key=lambda r: (r.file_bytes, r.kld_mean, not r.is_base), default=None)
 
 
 def recommendation_line(rows: list[ModelRow], kld_budget: float) -> str:
     best = recommend(rows, kld_budget)
     if best is None:
-        return (f"no candidate stays within a mean KLD of {kld_budget:g}; keep the base or "
+        return (f"no model stays within a mean KLD of {kld_budget:g}; raise the budget or "
                 "try larger types")
+    if best.is_base:
+        return (f"recommended: keep the base {best.label} ({best.file_bytes / MIB:.1f} MiB): "
+                f"no candidate is smaller within a mean KLD of {kld_budget:g}")
     return (f"recommended: {best.label} ({best.file_bytes / MIB:.1f} MiB, "
             f"{best.bits_per_weight:.2f} bpw), the smallest within a mean KLD of {kld_budget:g} "
             f"(KLD {best.kld_mean:.4f}, PPL {best.ppl:.3f}, same top-1 {100 * best.same_top:.1f}%)")
@@ -134,28 +138,36 @@ def write_csv(rows: list[ModelRow], path: str | Path) -> None:
     _atomic_write(Path(path), out.getvalue().encode())
 
 
-def plot_size_vs_kld(rows: list[ModelRow], path: str | Path, title: str = "") -> None:
-    """PNG: file size (MiB) against mean KLD (log scale), the Pareto front joined and
-    marked. The base (KLD 0) is drawn as a vertical line at its size."""
+def plot_size_vs_kld(rows: list[ModelRow], path: str | Path, title: str = "",
+                     kld_budget: float | None = None) -> None:
+    """PNG: file size (MiB) against mean KLD (log scale). Points on the Pareto front of all
+    rows (the base included: it has KLD 0, drawn as a vertical line at its size) are red and
+    joined; the budget, when given, is a horizontal line and the recommendation a star."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    candidates = [r for r in rows if not r.is_base and r.kld_mean > 0]
-    front = pareto_front([r.file_bytes for r in candidates], [r.kld_mean for r in candidates])
+    front = pareto_front([r.file_bytes for r in rows], [r.kld_mean for r in rows])
+    candidates = [(r, f) for r, f in zip(rows, front) if not r.is_base and r.kld_mean > 0]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for row, on_front in zip(candidates, front):
+    for row, on_front in candidates:
         ax.scatter(row.file_bytes / MIB, row.kld_mean, s=36, zorder=3,
                    color="tab:red" if on_front else "tab:gray")
         ax.annotate(row.label, (row.file_bytes / MIB, row.kld_mean), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
-    line = sorted((r.file_bytes / MIB, r.kld_mean) for r, f in zip(candidates, front) if f)
+    line = sorted((r.file_bytes / MIB, r.kld_mean) for r, f in candidates if f)
     if line:
         ax.plot(*zip(*line), color="tab:red", lw=1.2, zorder=2, label="Pareto front")
     for base in (r for r in rows if r.is_base):
         ax.axvline(base.file_bytes / MIB, color="tab:blue", ls="--", lw=1,
-                   label=f"base: {base.label}")
+                   label=f"base (KLD 0): {base.label}")
+    if kld_budget is not None:
+        ax.axhline(kld_budget, color="tab:green", ls=":", lw=1, label=f"budget {kld_budget:g}")
+        best = recommend(rows, kld_budget)
+        if best is not None and not best.is_base:
+            ax.scatter(best.file_bytes / MIB, best.kld_mean, s=220, marker="*", zorder=4,
+                       color="gold", edgecolors="black", label=f"recommended: {best.label}")
     if candidates:
         ax.set_yscale("log")
     ax.set_xlabel("file size (MiB)")
