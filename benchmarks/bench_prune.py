@@ -119,6 +119,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default=None, help="comma-separated stems to run (default all)")
     p.add_argument("--out", default="/tmp/bench_prune")
+    p.add_argument("--speed-only", action="store_true",
+                   help="skip pruning and quality; (re)measure speed for rows already written")
+    p.add_argument("--no-speed", action="store_true", help="measure quality only")
+    p.add_argument("--check-reps", type=int, default=5,
+                   help="alternating dense / layers-25%% runs for the speed check")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -129,9 +134,26 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in ("ctx", "chunks", "calib_sequences", "calib_len",
                                               "distill_steps", "distill_lr", "distill_seq_len",
                                               "distill_batch", "gen", "reps", "threads")}
+    if args.speed_only and "settings" in results:  # quality was measured with the old ones
+        settings = results["settings"] | {k: settings[k] for k in ("gen", "reps", "threads")}
     results["settings"] = settings
     rows = results.setdefault("rows", {})
 
+    if args.speed_only:
+        for row in rows.values():
+            row.pop("gen_ours", None), row.pop("gen_llama_cpp", None)
+        results.pop("speed_check", None)
+    else:
+        measure_quality(args, results, results_path)
+    if not args.no_speed:
+        measure_speed(args, results, results_path)
+    markdown = results_table(results)
+    (out / "results.md").write_text(markdown)
+    print(markdown)
+
+
+def measure_quality(args, results: dict, results_path: Path) -> None:
+    out, rows = results_path.parent, results["rows"]
     model_path = hub.resolve(args.model or hub.DEFAULT_MODEL)
     source = load_source(model_path)
     tokenizer = load_tokenizer(source)
@@ -139,7 +161,8 @@ def main() -> None:
     tokens = tokenize_for_perplexity(base_lm.tokenizer, read_text(args.text))
     plan = plan_windows(len(tokens), args.ctx, args.chunks, source=args.text)
     t0 = time.perf_counter()
-    console.print(f"recording the dense model's log-probs: {plan.n_windows} windows of {args.ctx}")
+    console.print(f"recording the dense model's log-probs: {plan.n_windows} windows of "
+                  f"{args.ctx}")
     base, base_nll = K.record_base(base_lm, tokens, plan)
     console.print(f"  done in {time.perf_counter() - t0:.0f} s")
     del base_lm
@@ -158,7 +181,8 @@ def main() -> None:
         row = {"label": label}
         if prune_settings is None:
             path = model_path
-            row["params"] = sum(int(torch.tensor(r.shape).prod()) for r in source.tensors.values())
+            row["params"] = sum(int(torch.tensor(r.shape).prod())
+                                for r in source.tensors.values())
             row["nonzero"] = row["params"]
         else:
             settings_ = dict(prune_settings)
@@ -214,8 +238,12 @@ def main() -> None:
         console.print(f"{label}: PPL {row['ppl']:.2f}, KLD {row['kld']:.4f}, "
                       f"{row['file_bytes'] / 2**20:.1f} MiB ({row['seconds']:.0f} s)")
 
-    # generation speed of every file, then the structured speed check, alternating dense
-    # and pruned runs so that both see the same machine load
+
+def measure_speed(args, results: dict, results_path: Path) -> None:
+    """Generation speed of every file, then the structured speed check, alternating dense
+    and pruned runs so that both see the same machine load."""
+    rows = results["rows"]
+    wanted = set(args.rows.split(",")) if args.rows else None
     for stem, row in rows.items():
         if "gen_ours" in row or (wanted is not None and stem not in wanted):
             continue
@@ -229,16 +257,13 @@ def main() -> None:
     if "dense" in rows and "layers25" in rows and "speed_check" not in results:
         check = {"ours": [], "llama_cpp": []}
         dense, pruned = Path(rows["dense"]["path"]), Path(rows["layers25"]["path"])
-        for _ in range(args.reps):
+        for _ in range(args.check_reps):
             check["ours"].append(ours_gen_tok_s(pruned, args.gen) / ours_gen_tok_s(dense, args.gen))
             check["llama_cpp"].append(llama_cpp_gen_tok_s(pruned, args.gen, args.threads)
                                       / llama_cpp_gen_tok_s(dense, args.gen, args.threads))
         results["speed_check"] = {k: {"ratios": v, "median": statistics.median(v)}
                                   for k, v in check.items()}
         results_path.write_text(json.dumps(results, indent=1))
-    markdown = results_table(results)
-    (out / "results.md").write_text(markdown)
-    print(markdown)
 
 
 def results_table(results: dict) -> str:
