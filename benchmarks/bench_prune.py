@@ -287,6 +287,14 @@ def results_table(results: dict) -> str:
         lines.append(f"| {row['label']} | {params} | {row['file_bytes'] / 2**20:.1f} | "
                      f"{row['ppl']:.2f} ± {row['ppl_error']:.2f} | {row['kld']:.4f} | "
                      f"{row['same_top']:.1%} | {speed[0]} | {speed[1]} |")
+    kept = [row["zeros_kept"] for row in results["rows"].values()
+            if row.get("zeros_kept") is not None]
+    if kept:
+        lines += ["", f"Unstructured rows: the nonzero count is the pruned model's; written back "
+                  f"to Q4_1, only {min(kept):.1%} to {max(kept):.1%} of the pruned weights stay "
+                  "exactly zero (Q4_1 blocks store a minimum and a scale, and zero is rarely on "
+                  "their grid), so the files are as large as the dense one. Use "
+                  "--then-quantize Q4_0 or Q8_0 (symmetric blocks) to keep every zero."]
     check = results.get("speed_check")
     if check:
         lines += ["", "Structured speed check, layers 25% vs dense (generation, alternating runs): "
