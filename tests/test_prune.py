@@ -375,7 +375,7 @@ def test_width_pruned_model_written_in_input_types_reads_back(tmp_path):
                                rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("quant_type, exact", [("Q8_0", True), ("Q4_1", False)])
+@pytest.mark.parametrize("quant_type, exact", [("Q8_0", True), ("Q4_0", True), ("Q4_1", False)])
 def test_sparse_zeros_after_requantizing(tmp_path, quant_type, exact):
     src = tiny_llama(n_layers=1, quant_type=quant_type)
     result = prune_model(src, PruneConfig(method="magnitude", sparsity=0.5))
