@@ -2,7 +2,7 @@
 
 For each context the prompt is WikiText-2 text of ctx - 16 tokens, so the KV cache is
 (nearly) full; the run generates 8 tokens greedily in a fresh process whose peak RSS
-(getrusage ru_maxrss) is the measurement.
+(VmHWM) is the measurement.
 
     python benchmarks/bench_memory.py                 # contexts 512, 2048, 8192
     python benchmarks/bench_memory.py --contexts 512,1024 --threads 2

@@ -21,8 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 LLAMA_CPP_CHILD = r"""
-import json, random, resource, statistics, sys, time
+import json, random, statistics, sys, time
 from llama_cpp import Llama
+from llmpress.plan.machine import peak_rss_bytes
 path, threads, n_prompt, n_gen, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 llm = Llama(path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_threads=threads,
             n_threads_batch=threads, verbose=False)
@@ -40,7 +41,7 @@ for r in range(reps):
     tg.append(n_gen / (time.perf_counter() - start))
     llm.reset()
 print(json.dumps({"prompt_runs": pp, "gen_runs": tg,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": peak_rss_bytes()}))
 """
 
 

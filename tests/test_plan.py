@@ -122,6 +122,16 @@ def test_kv_cache_and_compute_buffer_match_llama_cpp(spec, default_model_path, c
 
 
 # --- our runtime -------------------------------------------------------------------------
+def test_peak_rss_of_a_child_is_its_own():
+    """A small child of a big parent reports its own peak, not the parent's (ru_maxrss is
+    carried across fork + exec on Linux; that made CI measure pytest instead of `run`)."""
+    ballast = bytearray(1024 * MIB)  # touched: bytearray zero-fills
+    run = machine.peak_rss_of_module("platform", [])
+    assert run.returncode == 0
+    assert run.peak_rss < 200 * MIB, run.peak_rss / MIB
+    del ballast
+
+
 def test_llmpress_run_peak_rss_at_ctx_512(spec, default_model_path):
     """`llmpress run` with the context filled (a prompt of ctx - 16 tokens): the predicted
     peak RSS is within 15% of the measured one (benchmarks/bench_memory.py: 512..8192)."""

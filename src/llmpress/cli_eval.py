@@ -226,27 +226,12 @@ class BenchSettings:
     threads: int | None = None
 
 
-def _own_peak_rss() -> int | None:
-    """This process's own high-water mark. getrusage's ru_maxrss survives fork + exec on
-    Linux (a child of a big parent reports the parent's size); VmHWM belongs to the new
-    address space alone."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
 def _speed_worker(path: str, device: str | None, bench: BenchSettings) -> dict:
     from llmpress.api import load
     from llmpress.eval.speed import measure_speed
     lm = load(path, mode="fast", device=device, ctx=max(bench.prompt_tokens, bench.gen_tokens))
-    result = asdict(measure_speed(lm.model, bench.prompt_tokens, bench.gen_tokens,
-                                  bench.repetitions, bench.threads))
-    own = _own_peak_rss()
-    return result | ({"peak_rss_bytes": own} if own else {})
+    return asdict(measure_speed(lm.model, bench.prompt_tokens, bench.gen_tokens,
+                                bench.repetitions, bench.threads))
 
 
 def _speed_child_main() -> None:

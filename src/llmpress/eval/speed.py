@@ -4,12 +4,13 @@ repeated and the median kept. Peak RSS is the process's high-water mark."""
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
+
+from llmpress.plan.machine import peak_rss_bytes
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,6 @@ class SpeedResult:
     prompt_runs: tuple[float, ...]
     gen_runs: tuple[float, ...]
     peak_rss_bytes: int
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _random_tokens(n: int, vocab: int, seed: int) -> torch.Tensor:

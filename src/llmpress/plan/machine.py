@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -142,14 +143,27 @@ def measure_bandwidth(seconds: float = 2.0, n_bytes: int | None = None,
 
 
 # --- measuring a command -----------------------------------------------------------------
+def peak_rss_bytes() -> int:
+    """This process's own high-water mark. getrusage's ru_maxrss survives fork + exec on
+    Linux (a child of a big parent reports the parent's size); VmHWM belongs to the
+    current address space alone."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:  # not Linux: the best the OS offers
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 _PEAK_WRAPPER = (
-    "import resource, runpy, sys\n"
+    "import runpy, sys\n"
+    "from llmpress.plan.machine import peak_rss_bytes\n"
     "sys.argv = sys.argv[1:]\n"
     "try:\n"
     "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
     "finally:\n"
-    "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-    "    sys.stderr.write(f'\\nLLMPRESS_PEAK_RSS_KIB {peak}\\n')\n"
+    "    sys.stderr.write(f'\\nLLMPRESS_PEAK_RSS_KIB {peak_rss_bytes() // 1024}\\n')\n"
 )
 
 
@@ -164,7 +178,7 @@ class PeakRun:
 def peak_rss_of_module(module: str, args: list[str], stdin_text: str = "",
                        env: dict[str, str] | None = None) -> PeakRun:
     """Run `python -m module args` in a fresh process and report its peak RSS
-    (getrusage's ru_maxrss in that process, as `time -v` would)."""
+    (VmHWM of that process's own address space)."""
     with tempfile.TemporaryFile("w+") as stdin, tempfile.TemporaryFile("w+") as err:
         stdin.write(stdin_text)
         stdin.seek(0)
