@@ -1,7 +1,7 @@
 """The full quality measurement of the issue, next to llama.cpp's figures
 (../shared/reference/README.md, llama-perplexity -c 512 --chunks 40 on WikiText-2 test):
 
-1. PPL of the F32 original (the default Q4_1 file dequantized exactly, written with gguf-py),
+1. PPL of the F32 original (the default Q4_1 file dequantized exactly),
    ctx 512, 40 windows: llama-perplexity reports 22.478 (± 0.679).
 2. KL divergence of a Q4_K_M file (made from that F32 by our quantize_model, no imatrix)
    against the F32 original: llama.cpp reports mean 0.058264, p99 0.402277, same top
@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import gguf
-import numpy as np
 
 import llmpress
 from llmpress import hub
@@ -42,25 +40,11 @@ REFERENCE = {  # shared/reference/README.md, llama.cpp build 0c1e570
 
 
 def write_f32(source: Path, path: Path) -> Path:
-    """The source dequantized to F32 by gguf-py (llama-quantize F32 gives the same bytes)."""
-    if path.exists() and path.stat().st_size == REFERENCE["f32_file_bytes"]:
-        return path
-    reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        vtype = gguf.GGUFValueType(f.types[0])
-        sub = gguf.GGUFValueType(f.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, f.contents(), vtype, sub)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type)
-                          .astype(np.float32, copy=False))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    """The source dequantized to F32 (our dequantizers are bit-exact with ggml's, so this is
+    the file llama-quantize F32 writes, tensor for tensor)."""
+    from llmpress.quant.quantize import QuantizeConfig, quantize_model
+    if not path.exists():
+        quantize_model(QuantizeConfig(source, path, "F32", error_rows=0, allow_requantize=True))
     return path
 
 

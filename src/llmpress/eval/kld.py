@@ -39,8 +39,6 @@ against 0.3641. `eval --base MODEL` runs both models and is exact.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +47,7 @@ import numpy as np
 import torch
 
 from llmpress.errors import LlmpressError
+from llmpress.io.files import write_bytes_atomically
 from llmpress.eval.perplexity import (
     Progress,
     WindowPlan,
@@ -409,19 +408,7 @@ def save_base(base: BaseLogProbs, path: str | Path) -> int:
                 "bos_id": "" if base.bos_id is None else str(base.bos_id),
                 "source": base.source, "mode": base.mode}
     data = save(tensors, metadata=metadata)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise LlmpressError(f"{path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(path, data)
     return len(data)
 
 

@@ -7,13 +7,13 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+
+from llmpress.io.files import write_bytes_atomically
 
 MIB = 2 ** 20
 
@@ -92,20 +92,6 @@ def comparison_table(rows: list[ModelRow], title: str = "") -> Table:
     return table
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -123,7 +109,7 @@ def report_dict(rows: list[ModelRow], settings: dict[str, Any], kld_budget: floa
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    _atomic_write(Path(path), (json.dumps(report, indent=2) + "\n").encode())
+    write_bytes_atomically(Path(path), (json.dumps(report, indent=2) + "\n").encode())
 
 
 def write_csv(rows: list[ModelRow], path: str | Path) -> None:
@@ -135,7 +121,7 @@ def write_csv(rows: list[ModelRow], path: str | Path) -> None:
     for row, on_front in zip(rows, front):
         writer.writerow(["" if getattr(row, n) is None else getattr(row, n) for n in names]
                         + [on_front])
-    _atomic_write(Path(path), out.getvalue().encode())
+    write_bytes_atomically(Path(path), out.getvalue().encode())
 
 
 def plot_size_vs_kld(rows: list[ModelRow], path: str | Path, title: str = "",
@@ -179,4 +165,4 @@ def plot_size_vs_kld(rows: list[ModelRow], path: str | Path, title: str = "",
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    _atomic_write(Path(path), buffer.getvalue())
+    write_bytes_atomically(Path(path), buffer.getvalue())

@@ -5,12 +5,31 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
 from gguf import GGMLQuantizationType
 
 MAX_WEIGHTS = 8  # weights fused into one call
+
+
+@contextmanager
+def one_torch_thread(device: torch.device | None = None) -> Iterator[None]:
+    """Torch in one thread on the CPU, for loops of many small ops (quantizers, GPTQ's
+    column loop): on a busy 2-core machine every multi-threaded op waits for all its
+    threads to be scheduled. Measured there: dequantizing the default Q4_1 model 4 s
+    instead of 18 s; GPTQ 20x faster."""
+    if device is not None and device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=1)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +39,7 @@ from gguf import GGMLQuantizationType
 
 from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
+from llmpress.kernels.cpu import one_torch_thread
 from llmpress.quant import gguf_grid
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -253,25 +253,10 @@ def _check_shapes(weight: torch.Tensor, hessian: torch.Tensor) -> None:
         raise LlmpressError("GPTQ: the Hessian has non-finite values")
 
 
-@contextmanager
-def _one_cpu_thread(device: torch.device):
-    """The column loop runs thousands of tiny ops: on CPU, splitting each across threads
-    costs more than it saves (20x slower on a busy 2-core machine), so use one."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, target: Target,
                   config: GPTQConfig = GPTQConfig()) -> GPTQResult:
     """GPTQ of `weight` (out, in) given H (in, in) onto `target`'s grid."""
-    with _one_cpu_thread(weight.device):
+    with one_torch_thread(weight.device):
         return _gptq(weight, hessian, target, config, measure=True)
 
 
@@ -383,7 +368,7 @@ def gptq_gguf(weight: torch.Tensor, hessian: torch.Tensor, ggml_type: GGMLQuanti
         raise LlmpressError(f"importance has shape {np.asarray(importance).shape}, the weight "
                             f"{weight.shape[1]} input columns")
     target = gguf_target(weight, ggml_type, importance)
-    with _one_cpu_thread(weight.device):
+    with one_torch_thread(weight.device):
         result = _gptq(weight, hessian, target, config, measure=False)
     data = gguf_bytes(result, ggml_type)
     # the truth is what the bytes decode to (the grid points are equal up to rounding)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from llmpress.errors import LlmpressError
+from llmpress.io.files import replacing
 from llmpress.io.gguf import read_gguf_header
 
 KEY_DATASETS = "imatrix.datasets"  # common/imatrix-loader.h: LLM_KV_IMATRIX_*
@@ -150,12 +150,7 @@ def write_imatrix(imatrix: Imatrix, path: str | os.PathLike) -> Path:
     path = Path(path)
     if not imatrix.sums:
         raise LlmpressError("imatrix: nothing was collected, so there is nothing to write")
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise LlmpressError(f"cannot write {path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         writer = GGUFWriter(tmp, arch="")
         writer.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes none
         writer.add_string("general.type", "imatrix")
@@ -172,10 +167,6 @@ def write_imatrix(imatrix: Imatrix, path: str | os.PathLike) -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
