@@ -65,6 +65,12 @@ ROWS = [
      dict(method="sparsegpt", sparsity=0.5, damp=0.1, calib_scale=4), False),
     ("SparseGPT 2:4, 4x calib, 10% damp", "sparsegpt24b",
      dict(method="sparsegpt", pattern="2:4", damp=0.1, calib_scale=4), False),
+    # the same question from the other side: calibrated on WikiText itself (the second half
+    # of the test file, disjoint from the evaluated windows) — a diagnostic, not a recipe
+    ("Wanda 50%, WikiText calib", "wanda50w", dict(method="wanda", sparsity=0.5,
+                                                     calib="wikitext"), False),
+    ("SparseGPT 50%, WikiText calib", "sparsegpt50w", dict(method="sparsegpt", sparsity=0.5,
+                                                             calib="wikitext"), False),
 ]
 
 LLAMA_CPP_GEN = r"""
@@ -95,6 +101,15 @@ def ours_gen_tok_s(path: Path, n_gen: int) -> float:
     del model
     gc.collect()
     return speed
+
+
+def wikitext_second_half(text_path: str, out: Path) -> Path:
+    """The second half of the evaluation text: in-domain calibration that the evaluated
+    windows (the first --chunks x ctx tokens) never see."""
+    text = Path(text_path).read_text(encoding="utf-8")
+    path = out / "calib-second-half.txt"
+    path.write_text(text[len(text) // 2:], encoding="utf-8")
+    return path
 
 
 def best_of(fn, reps: int) -> float:
@@ -187,6 +202,8 @@ def measure_quality(args, results: dict, results_path: Path) -> None:
         else:
             settings_ = dict(prune_settings)
             scale = settings_.pop("calib_scale", 1)
+            if settings_.pop("calib", None) == "wikitext":
+                settings_["calib_text"] = wikitext_second_half(args.text, out)
             config = PruneConfig(**settings_, n_sequences=args.calib_sequences * scale,
                                  seq_len=args.calib_len)
             key = json.dumps(prune_settings, sort_keys=True)

@@ -106,6 +106,7 @@ def test_pattern_that_does_not_divide_the_row_is_an_error():
 # --- whole tiny models ---------------------------------------------------------------------------
 from test_calib import full_forward, random_tokens, tiny_llama  # noqa: E402
 
+from llmpress.kernels import cpu  # noqa: E402
 from llmpress.models.llama import LlamaModel  # noqa: E402
 from llmpress.prune import structured  # noqa: E402
 from llmpress.prune.prune import (  # noqa: E402
@@ -249,6 +250,15 @@ def test_prune_model_width(uniform, tmp_path):
     tokens = random_tokens(1, 8)
     torch.testing.assert_close(logits_of(load_gguf(tmp_path / "w.gguf"), tokens),
                                logits_of(result.source, tokens))
+    # per-layer widths through the fused C decode step (fast mode) against exact mode
+    write_pruned(result, tmp_path / "q.gguf", then_quantize="Q8_0")
+    quantized_source = load_gguf(tmp_path / "q.gguf")
+    fast, exact = LlamaModel(quantized_source, "fast"), LlamaModel(quantized_source, "exact")
+    assert fast.decoder is not None or not cpu.available()
+    fast_cache, exact_cache = fast.new_cache(16), exact.new_cache(16)
+    for i in range(tokens.shape[1]):
+        torch.testing.assert_close(fast(tokens[:, i:i + 1], fast_cache),
+                                   exact(tokens[:, i:i + 1], exact_cache), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -5,16 +5,22 @@
  * attention, output projection, RMSNorm, SiLU-gated FFN — so that generating a token
  * costs one call from Python instead of ~30 small torch operations per layer, whose
  * fixed overheads otherwise exceed the matmuls themselves on a small model.
- * Matmuls use llmpress_qmatmul (qmatmul.c); activations stay float32.
+ * Matmuls use qmatmul.c's row kernels; activations stay float32. The whole step is one
+ * OpenMP parallel region: matmul rows and attention heads are shared out among the
+ * threads, the small vector work between them runs on one thread (`omp single`), and the
+ * implicit barriers keep the order. One region per token instead of one per matmul: on
+ * a small model the fork/join of ~150 regions per token cost more than the work.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
-                     const int64_t *Ns, const float *x, float *y, int64_t K, int64_t T,
-                     int n_threads);
+int qmatmul_check(int n_weights, const int *types, int64_t K, int64_t T);
+void qmatmul_rows(int n_weights, const int *types, const uint8_t *const *ws,
+                  const int64_t *Ns, const float *x, const float *sums, float *y, int64_t K,
+                  int64_t T);
+void block_sums(const float *x, int64_t K, int64_t T, float *sums);
 
 enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, N_WEIGHTS };
 
@@ -57,13 +63,13 @@ static void rope(float *v, int64_t n_heads, const DecodeShape *s, const float *c
     }
 }
 
-/* Softmax attention of each query head over positions 0..n_pos-1 of its KV head. */
+/* Softmax attention of each query head over positions 0..n_pos-1 of its KV head; heads
+ * shared out among the threads. scores: n_heads * n_pos floats. */
 static void attend(const float *q, const DecodeLayer *L, const DecodeShape *s, int64_t n_pos,
-                   float *out, int n_threads) {
+                   float *out, float *scores) {
     const int64_t hd = s->head_dim, group = L->n_heads / L->n_kv;
     const float scale = 1.0f / sqrtf((float)hd);
-    float *scores = malloc(sizeof(float) * (size_t)(L->n_heads * n_pos));
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_pos >= 256)
+#pragma omp for schedule(static)
     for (int64_t h = 0; h < L->n_heads; h++) {
         const float *qh = q + h * hd;
         const float *keys = L->keys + (h / group) * s->max_tokens * hd;
@@ -83,68 +89,108 @@ static void attend(const float *q, const DecodeLayer *L, const DecodeShape *s, i
             for (int64_t j = 0; j < hd; j++) oh[j] += w * values[t * hd + j];
         }
     }
-    free(scores);
 }
 
 static void add_bias(float *v, const float *bias, int64_t n) {
     if (bias) for (int64_t i = 0; i < n; i++) v[i] += bias[i];
 }
 
-static int layer_step(const DecodeLayer *L, const DecodeShape *s, float *x, int64_t pos,
-                      const float *cos, const float *sin, float *work, int n_threads) {
+/* Scratch space of one step, shared by the threads. */
+typedef struct {
+    float *xn, *qkv, *attn, *ffn, *sums, *scores;
+} Work;
+
+/* One layer, run by every thread of the region. */
+static void layer_step(const DecodeLayer *L, const DecodeShape *s, float *x, int64_t pos,
+                       const float *cos, const float *sin, const Work *w) {
     const int64_t dim = s->dim, hd = s->head_dim;
     const int64_t nq = L->n_heads * hd, nkv = L->n_kv * hd;
-    float *xn = work, *qkv = xn + dim, *attn = qkv + nq + 2 * nkv, *ffn = attn + nq;
+    float *q = w->qkv, *k = w->qkv + nq, *v = w->qkv + nq + nkv;
 
-    rms_norm(x, L->attn_norm, dim, s->eps, xn);
+#pragma omp single
+    {
+        rms_norm(x, L->attn_norm, dim, s->eps, w->xn);
+        block_sums(w->xn, dim, 1, w->sums);
+    }
     const int64_t sizes_qkv[3] = {nq, nkv, nkv};
-    if (llmpress_qmatmul(3, L->types + W_Q, L->weights + W_Q, sizes_qkv, xn, qkv, dim, 1,
-                         n_threads)) return -1;
-    float *q = qkv, *k = qkv + nq, *v = qkv + nq + nkv;
-    add_bias(q, L->q_bias, nq); add_bias(k, L->k_bias, nkv); add_bias(v, L->v_bias, nkv);
-    if (L->q_norm) {
-        for (int64_t h = 0; h < L->n_heads; h++) rms_norm(q + h * hd, L->q_norm, hd, s->eps, q + h * hd);
-        for (int64_t h = 0; h < L->n_kv; h++) rms_norm(k + h * hd, L->k_norm, hd, s->eps, k + h * hd);
+    qmatmul_rows(3, L->types + W_Q, L->weights + W_Q, sizes_qkv, w->xn, w->sums, w->qkv, dim, 1);
+#pragma omp single
+    {
+        add_bias(q, L->q_bias, nq); add_bias(k, L->k_bias, nkv); add_bias(v, L->v_bias, nkv);
+        if (L->q_norm) {
+            for (int64_t h = 0; h < L->n_heads; h++) rms_norm(q + h * hd, L->q_norm, hd, s->eps, q + h * hd);
+            for (int64_t h = 0; h < L->n_kv; h++) rms_norm(k + h * hd, L->k_norm, hd, s->eps, k + h * hd);
+        }
+        rope(q, L->n_heads, s, cos, sin);
+        rope(k, L->n_kv, s, cos, sin);
+        for (int64_t h = 0; h < L->n_kv; h++) {
+            memcpy(L->keys + (h * s->max_tokens + pos) * hd, k + h * hd, sizeof(float) * (size_t)hd);
+            memcpy(L->values + (h * s->max_tokens + pos) * hd, v + h * hd, sizeof(float) * (size_t)hd);
+        }
     }
-    rope(q, L->n_heads, s, cos, sin);
-    rope(k, L->n_kv, s, cos, sin);
-    for (int64_t h = 0; h < L->n_kv; h++) {
-        memcpy(L->keys + (h * s->max_tokens + pos) * hd, k + h * hd, sizeof(float) * (size_t)hd);
-        memcpy(L->values + (h * s->max_tokens + pos) * hd, v + h * hd, sizeof(float) * (size_t)hd);
+    attend(q, L, s, pos + 1, w->attn, w->scores);
+#pragma omp single
+    block_sums(w->attn, nq, 1, w->sums);
+    qmatmul_rows(1, L->types + W_O, L->weights + W_O, &dim, w->attn, w->sums, w->xn, nq, 1);
+#pragma omp single
+    {
+        for (int64_t i = 0; i < dim; i++) x[i] += w->xn[i];
+        rms_norm(x, L->ffn_norm, dim, s->eps, w->xn);
+        block_sums(w->xn, dim, 1, w->sums);
     }
-    attend(q, L, s, pos + 1, attn, n_threads);
-    if (llmpress_qmatmul(1, L->types + W_O, L->weights + W_O, &dim, attn, xn, nq, 1,
-                         n_threads)) return -1;
-    for (int64_t i = 0; i < dim; i++) x[i] += xn[i];
-
-    rms_norm(x, L->ffn_norm, dim, s->eps, xn);
     const int64_t sizes_ffn[2] = {L->ffn_dim, L->ffn_dim};
-    if (llmpress_qmatmul(2, L->types + W_GATE, L->weights + W_GATE, sizes_ffn, xn, ffn, dim, 1,
-                         n_threads)) return -1;
-    float *gate = ffn, *up = ffn + L->ffn_dim;
-    for (int64_t i = 0; i < L->ffn_dim; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-    if (llmpress_qmatmul(1, L->types + W_DOWN, L->weights + W_DOWN, &dim, gate, xn, L->ffn_dim,
-                         1, n_threads)) return -1;
-    for (int64_t i = 0; i < dim; i++) x[i] += xn[i];
-    return 0;
+    qmatmul_rows(2, L->types + W_GATE, L->weights + W_GATE, sizes_ffn, w->xn, w->sums, w->ffn,
+                 dim, 1);
+    float *gate = w->ffn, *up = w->ffn + L->ffn_dim;
+#pragma omp single
+    {
+        for (int64_t i = 0; i < L->ffn_dim; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        block_sums(gate, L->ffn_dim, 1, w->sums);
+    }
+    qmatmul_rows(1, L->types + W_DOWN, L->weights + W_DOWN, &dim, gate, w->sums, w->xn,
+                 L->ffn_dim, 1);
+#pragma omp single
+    for (int64_t i = 0; i < dim; i++) x[i] += w->xn[i];
+}
+
+static int layer_supported(const DecodeLayer *L, const DecodeShape *s) {
+    const int64_t nq = L->n_heads * s->head_dim;
+    return !qmatmul_check(3, L->types + W_Q, s->dim, 1) && !qmatmul_check(1, L->types + W_O, nq, 1)
+        && !qmatmul_check(2, L->types + W_GATE, s->dim, 1)
+        && !qmatmul_check(1, L->types + W_DOWN, L->ffn_dim, 1);
 }
 
 /* x (dim): the new token's embedding, updated in place to the last layer's output.
  * pos: its position (the number of tokens already in the cache). cos/sin: rope_dim/2
- * angles for that position. Returns 0, or -1 if a matmul refused its type or shape. */
+ * angles for that position. Returns 0, or -1 if a matmul refused its type or shape
+ * (checked before any work, so x is then unchanged). */
 int llmpress_decode(const DecodeShape *s, const DecodeLayer *layers, int64_t n_layers,
                     float *x, int64_t pos, const float *cos, const float *sin, int n_threads) {
-    int64_t widest = 0;
+    int64_t widest_q = 0, widest_kv = 0, widest_ffn = 0, most_heads = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const DecodeLayer *L = layers + l;
-        const int64_t need = 2 * (L->n_heads + L->n_kv) * s->head_dim + 2 * L->ffn_dim;
-        widest = need > widest ? need : widest;
+        if (!layer_supported(L, s)) return -1;
+        widest_q = L->n_heads * s->head_dim > widest_q ? L->n_heads * s->head_dim : widest_q;
+        widest_kv = L->n_kv * s->head_dim > widest_kv ? L->n_kv * s->head_dim : widest_kv;
+        widest_ffn = L->ffn_dim > widest_ffn ? L->ffn_dim : widest_ffn;
+        most_heads = L->n_heads > most_heads ? L->n_heads : most_heads;
     }
-    float *work = malloc(sizeof(float) * (size_t)(s->dim + widest));
-    if (!work) return -1;
-    int status = 0;
-    for (int64_t l = 0; l < n_layers && !status; l++)
-        status = layer_step(layers + l, s, x, pos, cos, sin, work, n_threads);
-    free(work);
-    return status;
+    int64_t widest_in = widest_ffn > widest_q ? widest_ffn : widest_q;
+    widest_in = s->dim > widest_in ? s->dim : widest_in;
+    const size_t n_floats = (size_t)(s->dim + widest_q + 2 * widest_kv + widest_q
+                                     + 2 * widest_ffn + widest_in / 32 + most_heads * (pos + 1));
+    float *buffer = malloc(sizeof(float) * n_floats);
+    if (!buffer) return -1;
+    Work w;
+    w.xn = buffer;
+    w.qkv = w.xn + s->dim;
+    w.attn = w.qkv + widest_q + 2 * widest_kv;
+    w.ffn = w.attn + widest_q;
+    w.sums = w.ffn + 2 * widest_ffn;
+    w.scores = w.sums + widest_in / 32;
+#pragma omp parallel num_threads(n_threads)
+    for (int64_t l = 0; l < n_layers; l++)
+        layer_step(layers + l, s, x, pos, cos, sin, &w);
+    free(buffer);
+    return 0;
 }

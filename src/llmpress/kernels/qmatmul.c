@@ -36,7 +36,7 @@ static inline float half_to_float(uint16_t h) {
 static inline float read_half(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return half_to_float(h); }
 
 /* Sum of every 32-value block of each activation row: sums[t][b]. */
-static void block_sums(const float *x, int64_t K, int64_t T, float *sums) {
+void block_sums(const float *x, int64_t K, int64_t T, float *sums) {
     const int64_t nb = K / 32;
     for (int64_t t = 0; t < T; t++)
         for (int64_t b = 0; b < nb; b++) {
@@ -183,24 +183,25 @@ static int row_times_avx2(int type, const uint8_t *row, const float *x, const fl
                           int64_t K, int64_t T, float *out, int64_t out_stride) { return 0; }
 #endif
 
-/* y (T, N_1 + ... + N_W) = x (T, K) @ [W_1; ...; W_W]^T. Several weights that share one
- * input (q/k/v, gate/up) go in one call, so one thread team serves them all.
- * Returns 0, or -1 for an unsupported type or shape. */
-int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
-                     const int64_t *Ns, const float *x, float *y, int64_t K, int64_t T,
-                     int n_threads) {
-    int64_t starts[MAX_WEIGHTS + 1], total = 0;
+/* Whether a matmul of these weights and shapes is supported: 0, or -1. */
+int qmatmul_check(int n_weights, const int *types, int64_t K, int64_t T) {
     if (n_weights < 1 || n_weights > MAX_WEIGHTS || K % 32 || T < 1) return -1;
-    for (int i = 0; i < n_weights; i++) {
+    for (int i = 0; i < n_weights; i++)
         if (!block_bytes(types[i])) return -1;
-        starts[i] = total;
-        total += Ns[i];
-    }
-    starts[n_weights] = total;
-    float *sums = malloc(sizeof(float) * (size_t)(T * (K / 32)));
-    if (!sums) return -1;
-    block_sums(x, K, T, sums);
-#pragma omp parallel for num_threads(n_threads) schedule(static)
+    return 0;
+}
+
+/* y (T, N_1 + ... + N_W) = x (T, K) @ [W_1; ...; W_W]^T, for a checked matmul, called by
+ * every thread of an enclosing parallel region: each takes its share of the output rows
+ * (an orphaned `omp for`, which ends in a barrier). sums: block_sums of x. */
+void qmatmul_rows(int n_weights, const int *types, const uint8_t *const *ws,
+                  const int64_t *Ns, const float *x, const float *sums, float *y, int64_t K,
+                  int64_t T) {
+    int64_t starts[MAX_WEIGHTS + 1];
+    starts[0] = 0;
+    for (int i = 0; i < n_weights; i++) starts[i + 1] = starts[i] + Ns[i];
+    const int64_t total = starts[n_weights];
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < total; n++) {
         int i = 0;
         while (n >= starts[i + 1]) i++;
@@ -212,6 +213,20 @@ int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
                 row_times(types[i], row, xt, st, K, rows, y + t * total + n, total);
         }
     }
+}
+
+/* The same as one call from Python: several weights that share one input (q/k/v,
+ * gate/up) go in one call, so one thread team serves them all. Returns 0, or -1 for an
+ * unsupported type or shape. */
+int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
+                     const int64_t *Ns, const float *x, float *y, int64_t K, int64_t T,
+                     int n_threads) {
+    if (qmatmul_check(n_weights, types, K, T)) return -1;
+    float *sums = malloc(sizeof(float) * (size_t)(T * (K / 32)));
+    if (!sums) return -1;
+    block_sums(x, K, T, sums);
+#pragma omp parallel num_threads(n_threads)
+    qmatmul_rows(n_weights, types, ws, Ns, x, sums, y, K, T);
     free(sums);
     return 0;
 }
