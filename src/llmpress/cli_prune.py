@@ -57,7 +57,7 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--distill", type=int, default=0, metavar="STEPS",
                    help="recover with this many knowledge-distillation steps")
-    p.add_argument("--lr", type=float, default=5e-5, help="distillation learning rate")
+    p.add_argument("--lr", type=float, default=2e-4, help="distillation learning rate")
     p.add_argument("--seq-len", type=int, default=128, help="distillation sequence length")
     p.add_argument("--batch", type=int, default=2, help="distillation sequences per step")
     p.add_argument("--checkpoint", default=None,

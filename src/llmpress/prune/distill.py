@@ -33,7 +33,7 @@ from llmpress.models.llama import LlamaModel, rms_norm
 @dataclass(frozen=True)
 class DistillConfig:
     steps: int
-    lr: float = 5e-5
+    lr: float = 2e-4  # bench_prune: 60 steps at 2e-4 took 25% layer removal from PPL 105 to 95
     batch_size: int = 2
     temperature: float = 1.0
     warmup: int = 5  # steps of linear learning-rate warm-up, then cosine decay to 10%
@@ -46,7 +46,7 @@ class DistillConfig:
         if self.steps < 1:
             raise LlmpressError(f"--distill {self.steps}: give at least 1 step")
         if not 0 < self.lr < 1:
-            raise LlmpressError(f"--lr {self.lr}: use a small positive rate such as 5e-5")
+            raise LlmpressError(f"--lr {self.lr}: use a small positive rate such as 2e-4")
         if self.batch_size < 1 or self.temperature <= 0:
             raise LlmpressError("distillation needs a batch of at least 1 and a positive "
                                 "temperature")
