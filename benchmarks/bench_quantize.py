@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
     console = Console(width=120)
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         f32 = work / "smollm2-135m-f32.gguf"
