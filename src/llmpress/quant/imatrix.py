@@ -170,15 +170,34 @@ def write_imatrix(imatrix: Imatrix, path: str | os.PathLike) -> Path:
     return path
 
 
-def read_imatrix(path: str | os.PathLike) -> Imatrix:
-    """Read an imatrix GGUF (ours or llama-imatrix's), or the legacy .dat format."""
+@dataclass(frozen=True)
+class ImatrixFile:
+    """An imatrix file as stored, before anyone divides: per weight the squared-activation
+    sums and the row count of each expert (one count for a dense model)."""
+
+    sums: dict[str, np.ndarray]  # float32 (n_expert * in_features,)
+    counts: dict[str, np.ndarray]  # float32 (n_expert,)
+    datasets: list[str]
+    chunk_count: int
+    chunk_size: int
+    legacy: bool  # the .dat format: its sums are mean squares times the count
+
+
+def read_imatrix_file(path: str | os.PathLike) -> ImatrixFile:
+    """Read llama.cpp's imatrix GGUF (ours or llama-imatrix's) or the legacy .dat format."""
     path = Path(path)
     if not path.is_file():
-        raise LlmpressError(f"no such imatrix file: {path}")
+        raise LlmpressError(f"no such importance matrix file: {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"GGUF":
-        return _read_legacy_imatrix(path)
+    found = _read_gguf_imatrix(path) if magic == b"GGUF" else _read_legacy_imatrix(path)
+    for name, values in found.sums.items():
+        if not np.isfinite(values).all():
+            raise LlmpressError(f"{path}: importance matrix entry {name} has non-finite values")
+    return found
+
+
+def _read_gguf_imatrix(path: Path) -> ImatrixFile:
     metadata, infos, data_start, mapped = read_gguf_header(path)
     tensors = {}
     for name, ggml_type, dims, offset in infos:
@@ -189,29 +208,29 @@ def read_imatrix(path: str | os.PathLike) -> Imatrix:
         if start + 4 * n > len(mapped):
             raise LlmpressError(f"{path}: imatrix tensor {name} runs past the end of the file")
         tensors[name] = np.frombuffer(mapped[start:start + 4 * n].tobytes(), dtype=np.float32)
-    imatrix = Imatrix(chunk_count=int(metadata.get(KEY_CHUNK_COUNT, 0)),
-                      chunk_size=int(metadata.get(KEY_CHUNK_SIZE, 0)),
-                      datasets=list(metadata.get(KEY_DATASETS, [])))
-    for key, sums in tensors.items():
+    sums, counts = {}, {}
+    for key, values in tensors.items():
         if not key.endswith(SUMS_SUFFIX):
             continue
         name = key[: -len(SUMS_SUFFIX)]
-        counts = tensors.get(name + COUNTS_SUFFIX)
-        if counts is None:
+        count = tensors.get(name + COUNTS_SUFFIX)
+        if count is None:
             raise LlmpressError(f"{path}: {key} has no matching {name + COUNTS_SUFFIX}")
-        if counts.size != 1:  # one count per expert: mixtures of experts
-            raise LlmpressError(f"{path}: {name} has {counts.size} counts (per-expert "
-                                "imatrix data); llmpress reads dense models only")
-        imatrix.sums[name] = sums.astype(np.float64)
-        imatrix.counts[name] = int(counts[0])
-    if not imatrix.sums:
+        if count.size == 0 or values.size % count.size:
+            raise LlmpressError(f"{path}: importance matrix {name}: {values.size} sums do not "
+                                f"split into {count.size} experts")
+        sums[name], counts[name] = values, count
+    if not sums:
         raise LlmpressError(f"{path}: no imatrix entries (*.in_sum2 tensors) in this GGUF file")
-    return imatrix
+    return ImatrixFile(sums, counts, [str(d) for d in metadata.get(KEY_DATASETS, []) or []],
+                       int(metadata.get(KEY_CHUNK_COUNT, 0) or 0),
+                       int(metadata.get(KEY_CHUNK_SIZE, 0) or 0), legacy=False)
 
 
-def _read_legacy_imatrix(path: Path) -> Imatrix:
-    """The .dat format (common_imatrix_load_legacy): entries of name, ncall, and values
-    that are mean squares times ncall. Stored here as sums with count ncall."""
+def _read_legacy_imatrix(path: Path) -> ImatrixFile:
+    """The .dat format (common_imatrix_load_legacy): n, then per entry the name, ncall and
+    values that are mean squares times ncall; then optionally the chunk count and the
+    dataset name."""
     data = path.read_bytes()
     pos = 0
 
@@ -228,19 +247,40 @@ def _read_legacy_imatrix(path: Path) -> Imatrix:
     (n_entries,) = take("<i")
     if not 0 < n_entries < 1 << 20:
         raise LlmpressError(f"{path}: not an imatrix file (GGUF or legacy .dat)")
-    imatrix = Imatrix()
+    sums, counts = {}, {}
     for _ in range(n_entries):
         (length,) = take("<i")
         if not 0 < length < 1 << 16:
             raise LlmpressError(f"{path}: not an imatrix file: bad name length {length}")
-        name = data[pos:pos + length].decode("utf-8", errors="replace")
-        pos += length
+        name = bytes(take(f"<{length}s")[0]).decode("utf-8", errors="replace")
         ncall, nval = take("<ii")
         if not 0 < nval < 1 << 26:
             raise LlmpressError(f"{path}: imatrix entry {name} has {nval} values")
-        values = np.array(take(f"<{nval}f"), dtype=np.float64)
-        imatrix.sums[name] = values
-        imatrix.counts[name] = ncall
+        sums[name] = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        pos += 4 * nval
+        counts[name] = np.array([ncall], dtype=np.float32)
+    chunk_count, datasets = 0, []
     if pos + 4 <= len(data):
-        (imatrix.chunk_count,) = take("<i")
+        (chunk_count,) = take("<i")
+        if pos + 4 <= len(data):
+            (length,) = take("<i")
+            if 0 < length <= len(data) - pos:
+                datasets.append(data[pos:pos + length].split(b"\0")[0]
+                                .decode("utf-8", errors="replace"))
+    return ImatrixFile(sums, counts, datasets, chunk_count, 0, legacy=True)
+
+
+def read_imatrix(path: str | os.PathLike) -> Imatrix:
+    """An imatrix file as sums and counts that more statistics can be added to (dense
+    models only)."""
+    found = read_imatrix_file(path)
+    imatrix = Imatrix(chunk_count=found.chunk_count, chunk_size=found.chunk_size,
+                      datasets=found.datasets)
+    for name, sums in found.sums.items():
+        count = found.counts[name]
+        if count.size != 1:  # one count per expert: mixtures of experts
+            raise LlmpressError(f"{path}: {name} has {count.size} counts (per-expert "
+                                "imatrix data); llmpress reads dense models only")
+        imatrix.sums[name] = sums.astype(np.float64)
+        imatrix.counts[name] = int(count[0])
     return imatrix

@@ -14,7 +14,6 @@ copies of the largest tensor.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -39,6 +38,7 @@ from llmpress.io.gguf_write import (
 )
 from llmpress.io.source import ModelSource, TensorRef
 from llmpress.kernels.cpu import one_torch_thread
+from llmpress.quant.imatrix import read_imatrix_file
 from llmpress.quant.mix import (
     FLOAT_TYPES,
     MixOptions,
@@ -143,83 +143,21 @@ class ImportanceMatrix:
 
 
 def load_imatrix(path: Path | str) -> ImportanceMatrix:
-    """Read llama.cpp's imatrix GGUF (`<name>.in_sum2` / `<name>.counts`) or legacy .dat."""
-    path_obj = Path(path)
-    if not path_obj.is_file():
-        raise LlmpressError(f"{path}: no such importance matrix file")
-    with open(path_obj, "rb") as f:
-        magic = f.read(4)
-    entries, datasets, chunks = (_read_imatrix_gguf(path_obj) if magic == b"GGUF"
-                                 else _read_imatrix_legacy(path_obj))
-    for name, values in entries.items():
-        if not np.isfinite(values).all():
-            raise LlmpressError(f"{path}: importance matrix entry {name} has non-finite values")
-    return ImportanceMatrix(str(path), entries, tuple(datasets), chunks)
-
-
-def _read_imatrix_gguf(path: Path) -> tuple[dict, list[str], int]:
-    """common_imatrix_load + load_imatrix: mean = in_sum2 / count per expert (count 0 -> 1)."""
-    source = load_gguf(path)
-    sums, counts = {}, {}
-    for name, ref in source.tensors.items():
-        for suffix, table in ((".in_sum2", sums), (".counts", counts)):
-            if name.endswith(suffix):
-                if ref.ggml_type != T.F32:
-                    raise LlmpressError(f"{path}: imatrix tensor {name} must be F32")
-                table[name[: -len(suffix)]] = ref.read_bytes().numpy().view(np.float32)
-    if not sums and not counts:
-        raise LlmpressError(f"{path}: no importance matrix data (no .in_sum2 tensors)")
+    """llama-quantize's load_imatrix: the mean squared activation per expert and column,
+    sums / lround(count) for GGUF (a zero count gives ones), sums / ncall for the legacy
+    .dat (a zero ncall leaves the values as stored)."""
+    found = read_imatrix_file(path)
     entries = {}
-    for name in sorted(set(sums) | set(counts)):
-        if name not in sums or name not in counts:
-            raise LlmpressError(f"{path}: importance matrix {name} lacks its sums or counts")
-        total, count = sums[name], counts[name]
-        if count.size == 0 or total.size % count.size:
-            raise LlmpressError(f"{path}: importance matrix {name}: {total.size} sums do not "
-                                f"split into {count.size} experts")
-        per_expert = total.reshape(count.size, -1)
+    for name, sums in found.sums.items():
+        count = found.counts[name]
+        if found.legacy:
+            entries[name] = sums / count[0] if count[0] > 0 else sums
+            continue
+        per_expert = sums.reshape(count.size, -1)
         n = np.round(count.astype(np.float64)).astype(np.float32)[:, None]  # std::lround
         safe = np.where(n > 0, n, np.float32(1))
         entries[name] = np.where(n > 0, per_expert / safe, np.float32(1)).astype(np.float32).ravel()
-    meta = source.metadata
-    datasets = [str(d) for d in meta.get("imatrix.datasets", []) or []]
-    return entries, datasets, int(meta.get("imatrix.chunk_count", 0) or 0)
-
-
-def _read_imatrix_legacy(path: Path) -> tuple[dict, list[str], int]:
-    """The .dat format: n, then (name length, name, ncall, nval, nval floats) * n, then
-    optionally the chunk count and the dataset name (common_imatrix_load_legacy)."""
-    data = path.read_bytes()
-    pos = 0
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        if n < 0 or pos + n > len(data):
-            raise LlmpressError(f"{path}: not an importance matrix file (truncated at byte {pos})")
-        pos += n
-        return data[pos - n: pos]
-
-    (n_entries,) = struct.unpack("<i", take(4))
-    if n_entries < 1:
-        raise LlmpressError(f"{path}: not an importance matrix file (no entries)")
-    entries = {}
-    for _ in range(n_entries):
-        (name_len,) = struct.unpack("<i", take(4))
-        name = take(name_len).decode("utf-8", errors="replace")
-        ncall, nval = struct.unpack("<ii", take(8))
-        if nval < 1:
-            raise LlmpressError(f"{path}: importance matrix entry {name} has {nval} values")
-        sums = np.frombuffer(take(4 * nval), dtype="<f4").astype(np.float32)
-        # stored as mean * ncall; llama-quantize divides by ncall in float
-        entries[name] = sums / np.float32(ncall) if ncall > 0 else sums
-    chunks, datasets = 0, []
-    if len(data) - pos >= 4:
-        (chunks,) = struct.unpack("<i", take(4))
-        if len(data) - pos >= 4:
-            (length,) = struct.unpack("<i", take(4))
-            if 0 < length <= len(data) - pos:
-                datasets.append(take(length).split(b"\0")[0].decode("utf-8", errors="replace"))
-    return entries, datasets, chunks
+    return ImportanceMatrix(str(path), entries, tuple(found.datasets), found.chunk_count)
 
 
 # --- planning --------------------------------------------------------------------------
