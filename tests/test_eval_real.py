@@ -230,7 +230,7 @@ def test_sweep_quantizes_compares_and_recommends(default_model_path, text_path, 
 def test_speed_runs_in_its_own_process(default_model_path):
     """compare's speed column: measure_speed in a fresh process whose peak RSS is its own,
     not this (larger) test process's high-water mark."""
-    from llmpress.cli_eval import BenchSettings, measure_speed_isolated
+    from llmpress.eval.speed import BenchSettings, measure_speed_isolated
     ballast = np.ones(600 * 2**20 // 8)  # this process passes 600 MiB
     speed = measure_speed_isolated(str(default_model_path), None, BenchSettings(8, 4, 1))
     print(f"\nspeed: pp8 {speed['prompt_tok_s']:.1f} tok/s, tg4 {speed['gen_tok_s']:.1f} "

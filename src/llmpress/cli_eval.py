@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from llmpress.errors import LlmpressError
+from llmpress.eval.speed import BenchSettings, measure_speed_isolated
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 132)  # tables fit a log
 # progress and notes go to stderr, so stdout stays clean for --json
@@ -215,40 +215,6 @@ def _print_eval(r: dict) -> None:
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)
-
-
-# --- speed in a process of its own -----------------------------------------------------------
-@dataclass(frozen=True)
-class BenchSettings:
-    prompt_tokens: int = 256
-    gen_tokens: int = 64
-    repetitions: int = 2
-    threads: int | None = None
-
-
-def _speed_worker(path: str, device: str | None, bench: BenchSettings) -> dict:
-    from llmpress.api import load
-    from llmpress.eval.speed import measure_speed
-    lm = load(path, mode="fast", device=device, ctx=max(bench.prompt_tokens, bench.gen_tokens))
-    return asdict(measure_speed(lm.model, bench.prompt_tokens, bench.gen_tokens,
-                                bench.repetitions, bench.threads))
-
-
-def _speed_child_main() -> None:
-    """Entry point of the child process: argv = path, device, settings as JSON."""
-    path, device, settings = sys.argv[1], sys.argv[2] or None, json.loads(sys.argv[3])
-    print(json.dumps(_speed_worker(path, device, BenchSettings(**settings))))
-
-
-def measure_speed_isolated(path: str, device: str | None, bench: BenchSettings) -> dict:
-    """measure_speed in a fresh Python process, so that peak RSS is this model's alone."""
-    code = "from llmpress.cli_eval import _speed_child_main; _speed_child_main()"
-    done = subprocess.run([sys.executable, "-c", code, path, device or "",
-                           json.dumps(asdict(bench))], capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LlmpressError(f"{path}: the speed run failed ({last})")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- compare -------------------------------------------------------------------------------

@@ -4,12 +4,16 @@ repeated and the median kept. Peak RSS is the process's high-water mark."""
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from llmpress.errors import LlmpressError
 from llmpress.plan.machine import peak_rss_bytes
 
 
@@ -67,3 +71,36 @@ def measure_speed(model, prompt_tokens: int = 512, gen_tokens: int = 128,
         statistics.median(gen_runs) if gen_runs else 0.0,
         tuple(prompt_runs), tuple(gen_runs), peak_rss_bytes(),
     )
+
+
+# --- speed in a process of its own -----------------------------------------------------------
+@dataclass(frozen=True)
+class BenchSettings:
+    prompt_tokens: int = 256
+    gen_tokens: int = 64
+    repetitions: int = 2
+    threads: int | None = None
+
+
+def _speed_worker(path: str, device: str | None, bench: BenchSettings) -> dict:
+    from llmpress.api import load
+    lm = load(path, mode="fast", device=device, ctx=max(bench.prompt_tokens, bench.gen_tokens))
+    return asdict(measure_speed(lm.model, bench.prompt_tokens, bench.gen_tokens,
+                                bench.repetitions, bench.threads))
+
+
+def _speed_child_main() -> None:
+    """Entry point of the child process: argv = path, device, settings as JSON."""
+    path, device, settings = sys.argv[1], sys.argv[2] or None, json.loads(sys.argv[3])
+    print(json.dumps(_speed_worker(path, device, BenchSettings(**settings))))
+
+
+def measure_speed_isolated(path: str, device: str | None, bench: BenchSettings) -> dict:
+    """measure_speed in a fresh Python process, so that peak RSS is this model's alone."""
+    code = "from llmpress.eval.speed import _speed_child_main; _speed_child_main()"
+    done = subprocess.run([sys.executable, "-c", code, path, device or "",
+                           json.dumps(asdict(bench))], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LlmpressError(f"{path}: the speed run failed ({last})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
