@@ -385,19 +385,19 @@ def test_our_file_runs_in_llama_cpp_and_agrees_with_our_runtime(full_files, wiki
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ours = LanguageModel(load_source(path), mode="exact", ctx=1100, device="cpu")
+        ours = LanguageModel(load_source(path), mode="exact", ctx=2100, device="cpu")
         text = wikitext_bytes[:20000].decode("utf-8", errors="ignore")
-        ids = ours.encode(text)[:1024]
-        assert len(ids) == 1024
+        ids = ours.encode(text)[:2048]
+        assert len(ids) == 2048
         our_top1 = ours.logits(ids).argmax(-1).numpy()
     finally:
         torch.set_num_threads(threads)
     del ours
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1100, n_batch=512, n_threads=1,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2100, n_batch=512, n_threads=1,
                           n_threads_batch=1, logits_all=True, verbose=False)
     llm.eval(ids)
     llama_top1 = np.asarray(llm.scores[: len(ids)]).argmax(-1)
     agreement = float((our_top1 == llama_top1).mean())
     # llama.cpp rounds activations to 8 bits: ~96-97% on this model (reference/README.md);
-    # measured 97.8% when this test was written
+    # measured 97.2% over these 2,048 tokens
     assert agreement >= 0.95, f"top-1 agreement {agreement:.3f}"
