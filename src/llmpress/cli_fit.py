@@ -188,7 +188,7 @@ def _show_report(report) -> None:
     console.print(table)
     console.print(f"[dim]{_machine_line(report.machine)}[/]", highlight=False)
     notes = ["llama.cpp / llmpress: RAM each needs on the CPU (weights + KV cache + compute "
-             "buffers + runtime overhead; llmpress caches float32 and counts torch's ~258 MiB)",
+             "buffers + runtime overhead; llmpress caches float32 and counts torch's ~230 MiB)",
              "tok/s: bandwidth / bytes read per token with the context full (an upper bound)",
              *(["on GPU: VRAM with every layer offloaded, CUDA context included"] if gpu else []),
              f"quality: {report.quality.source}"]

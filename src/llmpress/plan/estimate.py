@@ -55,7 +55,7 @@ LLAMA_CPP_OVERHEAD = 64 * MIB
 CACHE_TYPES = {"f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "f32": T.F32, "bf16": T.BF16}
 
 # llmpress: measured on this project's machines (torch 2.13 CPU), see docs/fit.md.
-TORCH_BASELINE = 258 * MIB  # peak RSS of `import llmpress.api` (torch and its libraries)
+TORCH_BASELINE = 230 * MIB  # VmHWM of `import llmpress.api` (torch and its libraries)
 LOADER_FIXED = 16 * MIB  # model objects, kernels library, first-use allocations
 LOADER_PER_VOCAB_ENTRY = 875  # bytes: parsed vocabulary and merges + the BPE tokenizer
 SDPA_SCRATCH = 3 * MIB  # torch's CPU flash-attention buffers (measured, 2 threads)
