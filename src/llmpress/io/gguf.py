@@ -62,7 +62,22 @@ class _Cursor:
 
     def string(self, what: str) -> str:
         raw = self.take(self.count(f"{what} length", 1), what)
-        return bytes(raw).decode("utf-8", errors="replace")
+        return str(raw, "utf-8", "replace")
+
+    def strings(self, n: int, what: str) -> list[str]:
+        """n strings in a row, in one tight loop: a vocabulary holds 10^5 of them."""
+        data, pos, end, unpack = self.data, self.pos, len(self.data), struct.unpack_from
+        out = []
+        for _ in range(n):
+            length = unpack("<Q", data, pos)[0] if pos + 8 <= end else end
+            if pos + 8 + length > end:
+                self.pos = pos
+                raise self.fail(f"truncated or corrupt: a string of {what} runs past the end")
+            pos += 8
+            out.append(str(data[pos:pos + length], "utf-8", "replace"))
+            pos += length
+        self.pos = pos
+        return out
 
     def value(self, vtype: int, what: str) -> Any:
         if vtype in SCALAR_TYPES:
@@ -76,8 +91,7 @@ class _Cursor:
                 n = self.count(f"{what} array length", dtype.itemsize)
                 return np.frombuffer(self.take(n * dtype.itemsize, what), dtype=dtype).tolist()
             if item_type == STRING:
-                n = self.count(f"{what} array length", 8)
-                return [self.string(what) for _ in range(n)]
+                return self.strings(self.count(f"{what} array length", 8), what)
             if item_type == ARRAY:
                 n = self.count(f"{what} array length", 12)
                 return [self.value(ARRAY, what) for _ in range(n)]
