@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,13 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from llmpress.errors import LlmpressError
-from llmpress.eval.speed import BenchSettings, measure_speed_isolated
+from llmpress.eval.compare import DEFAULT_CTX, CompareConfig, compare_models
+from llmpress.eval.speed import BenchSettings
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 132)  # tables fit a log
 # progress and notes go to stderr, so stdout stays clean for --json
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 132)
 
-DEFAULT_CTX = 512  # llama-perplexity's default
 DEFAULT_BUDGET = 0.05
 
 
@@ -218,80 +218,17 @@ def _print_eval(r: dict) -> None:
 
 
 # --- compare -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CompareConfig:
-    base: str
-    candidates: tuple[str, ...]
-    text: str | None
-    ctx: int = DEFAULT_CTX
-    chunks: int | None = None
-    mode: str = "exact"
-    device: str | None = None
-    base_logits: str | None = None  # reuse a --save-base file instead of running the base
-    bench: BenchSettings | None = BenchSettings()
-    labels: tuple[str, ...] = ()  # one per candidate; default: the file names
+class ConsoleProgress:
+    """compare_models' progress on stderr: spinners and per-model window bars."""
 
-    def __post_init__(self) -> None:
-        from llmpress import hub
-        if not self.candidates:
-            raise LlmpressError("compare needs at least one candidate model after the base")
-        if self.text is None and self.base_logits is None:
-            raise LlmpressError("give the evaluation text with --text FILE (or --base-logits)")
-        for path in (self.base, *self.candidates):
-            hub.resolve(path)  # a clear error for a missing file, before any work
-        if self.labels and len(self.labels) != len(self.candidates):
-            raise LlmpressError("give one --label per candidate")
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and err.is_terminal
 
+    def status(self, text: str):
+        return err.status(text) if self.enabled else _Quiet()
 
-def _row_from_kld(label: str, lm, kld) -> Any:
-    from llmpress.eval.report import ModelRow
-    info, s = lm.info(), kld.summary
-    return ModelRow(label=label, path=info.path, file_bytes=info.file_bytes,
-                    bits_per_weight=info.bits_per_weight, ppl=s.ppl, ppl_error=s.ppl_error,
-                    delta_ppl=s.ppl - s.ppl_base, kld_mean=s.kld_mean, kld_error=s.kld_error,
-                    kld_p99=s.kld_percentiles["99"], same_top=s.same_top)
-
-
-def compare_models(cfg: CompareConfig, show_progress: bool = True) -> tuple[list, dict]:
-    """Rows for the base and each candidate, base log-probs computed once (or read)."""
-    from llmpress.eval import kld as K
-    from llmpress.eval.perplexity import perplexity_with_error
-    from llmpress.eval.report import ModelRow
-
-    base_lm = _load(cfg.base, cfg.mode, cfg.device, cfg.ctx)
-    if cfg.base_logits:
-        base = K.load_base(cfg.base_logits).first_windows(cfg.chunks)
-        K.check_vocabulary(base_lm, base.n_vocab, cfg.base_logits)
-        base_nll = -base.rows.target_log_prob
-    else:
-        tokens, plan = _text_tokens(base_lm, cfg.text, cfg.ctx, cfg.chunks)
-        with WindowProgress(f"base {Path(cfg.base).name}", show_progress) as progress:
-            base, base_nll = K.record_base(base_lm, tokens, plan, progress)
-    estimate = perplexity_with_error(base_nll)
-    info = base_lm.info()
-    rows = [ModelRow(label=Path(info.path).name, path=info.path, file_bytes=info.file_bytes,
-                     bits_per_weight=info.bits_per_weight, ppl=estimate.ppl,
-                     ppl_error=estimate.error, delta_ppl=0.0, kld_mean=0.0, kld_error=0.0,
-                     kld_p99=0.0, same_top=1.0, is_base=True)]
-    del base_lm
-    labels = cfg.labels or tuple(Path(c).name for c in cfg.candidates)
-    for label, candidate in zip(labels, cfg.candidates):
-        lm = _load(candidate, cfg.mode, cfg.device, base.n_ctx)
-        with WindowProgress(label, show_progress) as progress:
-            rows.append(_row_from_kld(label, lm, K.kld_against_base(lm, base, progress)))
-        del lm
-    if cfg.bench is not None:
-        for i, row in enumerate(rows):
-            with err.status(f"speed of {row.label} ...") if show_progress and err.is_terminal \
-                    else _Quiet():
-                speed = measure_speed_isolated(row.path, cfg.device, cfg.bench)
-            rows[i] = replace(row, prompt_tok_s=speed["prompt_tok_s"],
-                              gen_tok_s=speed["gen_tok_s"], peak_rss_bytes=speed["peak_rss_bytes"])
-    settings = {"base": cfg.base, "text": cfg.text, "base_logits": cfg.base_logits,
-                "ctx": base.n_ctx, "windows": base.n_windows,
-                "scored_tokens": base.plan.n_scored, "quality_mode": cfg.mode,
-                "speed": None if cfg.bench is None else asdict(cfg.bench) | {"mode": "fast"}}
-    return rows, settings
+    def windows(self, label: str):
+        return WindowProgress(label, self.enabled)
 
 
 def _write_outputs(rows, settings: dict, out_dir: Path, stem: str, budget: float,
@@ -332,7 +269,7 @@ def cmd_compare(args) -> None:
     cfg = CompareConfig(args.base, tuple(args.candidates), args.text, args.ctx or DEFAULT_CTX,
                         args.chunks, args.mode, args.device, args.base_logits,
                         _bench_settings(args))
-    rows, settings = compare_models(cfg, show_progress=not args.json)
+    rows, settings = compare_models(cfg, ConsoleProgress(not args.json))
     title = f"compared with {Path(args.base).name}"
     files = _write_outputs(rows, settings, Path(args.out), "compare", args.budget, title)
     _show_report(rows, settings, files, args.budget, args.json, title)
@@ -367,7 +304,7 @@ def cmd_sweep(args) -> list:
     cfg = CompareConfig(str(model), tuple(outputs), args.text, args.ctx or DEFAULT_CTX,
                         args.chunks, args.mode, args.device, args.base_logits,
                         _bench_settings(args), labels=tuple(types))
-    rows, settings = compare_models(cfg, show_progress=not args.json)
+    rows, settings = compare_models(cfg, ConsoleProgress(not args.json))
     settings |= {"types": types, "imatrix": args.imatrix, "work_dir": str(work)}
     title = f"{model.name}: quantization sweep" + (" (imatrix)" if args.imatrix else "")
     files = _write_outputs(rows, settings, work, "sweep", args.budget, title)
