@@ -6,7 +6,9 @@
  * differs from exact dequantize-then-multiply only in summation order. Each block's
  * scale and offset factor out of its inner dot product:
  *   sum_j (d*q_j + m) * x_j = d * sum_j q_j*x_j + m * sum_j x_j
- * and sum_j x_j per block is computed once per call (block_sums).
+ * and sum_j x_j per block is computed once per call (block_sums). k-quant super-blocks
+ * (Q4_K, Q5_K, Q6_K: 256 values, sub-block scales) are dequantized to floats one at a
+ * time and multiplied directly.
  * Rows of W are split across threads with OpenMP. Called from Python via ctypes.
  */
 #include <stdint.h>
@@ -47,14 +49,73 @@ void block_sums(const float *x, int64_t K, int64_t T, float *sums) {
         }
 }
 
-enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };  /* ggml_type ids */
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 enum { MAX_ROWS = 16, MAX_WEIGHTS = 8 };  /* activation rows per pass over a weight row; fused weights */
 
 static int64_t block_bytes(int type) {
     switch (type) {
     case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22;
-    case Q5_1: return 24; case Q8_0: return 34; default: return 0;
+    case Q5_1: return 24; case Q8_0: return 34;
+    case Q4_K: return 144; case Q5_K: return 176; case Q6_K: return 210;
+    default: return 0;
     }
+}
+
+/* k-quants pack 256 values per super-block, the others 32 per block. */
+static int is_k_quant(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+static int64_t block_values(int type) { return is_k_quant(type) ? 256 : 32; }
+static int64_t row_bytes(int type, int64_t K) { return K / block_values(type) * block_bytes(type); }
+
+/* One k-quant super-block to 256 floats, as formats/kquants.py dequantizes it.
+ * Q4_K/Q5_K: 8 sub-blocks of 32, value = d*scale_j*q - dmin*min_j with 6-bit scales and
+ * mins packed in 12 bytes (ggml's get_scale_min_k4); Q5_K adds a fifth bit from qh.
+ * Q6_K: 16 sub-blocks of 16 with int8 scales, value = d*scale*(q - 32), q from 4 low bits
+ * in ql and 2 high bits in qh. */
+static void dequantize_k_block(int type, const uint8_t *b, float *w) {
+    if (type == Q6_K) {
+        const float d = read_half(b + 208);
+        const int8_t *scales = (const int8_t *)(b + 192);
+        for (int half = 0; half < 2; half++)
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < 32; l++) {
+                    const int i = half * 128 + k * 32 + l;
+                    const int low = (b[half * 64 + (k & 1) * 32 + l] >> (4 * (k >> 1))) & 15;
+                    const int high = (b[128 + half * 32 + l] >> (2 * k)) & 3;
+                    w[i] = d * (float)scales[i / 16] * (float)((low | (high << 4)) - 32);
+                }
+        return;
+    }
+    const float d = read_half(b), dmin = read_half(b + 2);
+    const uint8_t *s = b + 4, *qh = b + 16, *qs = b + (type == Q5_K ? 48 : 16);
+    for (int j = 0; j < 8; j++) {
+        const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        const float scale = d * (float)sc, offset = dmin * (float)mn;
+        for (int l = 0; l < 32; l++) {
+            int q = (qs[(j / 2) * 32 + l] >> (4 * (j & 1))) & 15;
+            if (type == Q5_K) q |= ((qh[l] >> j) & 1) << 4;
+            w[j * 32 + l] = scale * (float)q - offset;
+        }
+    }
+}
+
+/* One k-quant weight row against T activation rows: each super-block dequantized once,
+ * then a plain 256-wide dot product per activation row. */
+static void row_times_k(int type, const uint8_t *row, const float *x, int64_t K, int64_t T,
+                        float *out, int64_t out_stride) {
+    const int64_t nb = K / 256, bb = block_bytes(type);
+    float acc[MAX_ROWS], w[256];
+    memset(acc, 0, sizeof(float) * (size_t)T);
+    for (int64_t b = 0; b < nb; b++) {
+        dequantize_k_block(type, row + b * bb, w);
+        for (int64_t t = 0; t < T; t++) {
+            const float *xb = x + t * K + b * 256;
+            float sum = 0;
+            for (int j = 0; j < 256; j++) sum += w[j] * xb[j];
+            acc[t] += sum;
+        }
+    }
+    for (int64_t t = 0; t < T; t++) out[t * out_stride] = acc[t];
 }
 
 /* Unpack one block's integer codes to floats: w[j] = q_j, with the block's scale d and
@@ -105,7 +166,7 @@ static void row_times(int type, const uint8_t *row, const float *x, const float 
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* Hand-vectorized rows for the common 4- and 8-bit types: a block's 32 codes become four
+/* Hand-vectorized rows for the 32-value block types: a block's 32 codes become four
  * 8-float vectors, scaled by d, multiplied into four accumulators per activation row. */
 static inline void unpack_block_avx2(int type, const uint8_t *blk, __m256 w[4], float *m) {
     const float d = read_half(blk);
@@ -121,16 +182,27 @@ static inline void unpack_block_avx2(int type, const uint8_t *blk, __m256 w[4], 
         w[3] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))));
         return;
     }
-    const uint8_t *qs = blk + (type == Q4_0 ? 2 : 4);
-    *m = type == Q4_0 ? -8 * d : read_half(blk + 2);
+    const int five_bit = type == Q5_0 || type == Q5_1;
+    const uint8_t *qs = blk + (type == Q4_0 ? 2 : type == Q4_1 ? 4 : type == Q5_0 ? 6 : 8);
+    *m = type == Q4_0 ? -8 * d : type == Q5_0 ? -16 * d : read_half(blk + 2);
     const __m128i q = _mm_loadu_si128((const __m128i *)qs), low4 = _mm_set1_epi8(15);
     lo = _mm_and_si128(q, low4);
     hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+    __m256i codes[4] = {_mm256_cvtepu8_epi32(lo), _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                        _mm256_cvtepu8_epi32(hi), _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))};
+    if (five_bit) {  /* bit j of qh is the fifth bit of value j: shift each lane by its j */
+        uint32_t qh;
+        memcpy(&qh, blk + (type == Q5_0 ? 2 : 4), 4);
+        const __m256i bits = _mm256_set1_epi32((int)qh), one = _mm256_set1_epi32(1);
+        __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for (int k = 0; k < 4; k++) {
+            const __m256i fifth = _mm256_and_si256(_mm256_srlv_epi32(bits, lane), one);
+            codes[k] = _mm256_or_si256(codes[k], _mm256_slli_epi32(fifth, 4));
+            lane = _mm256_add_epi32(lane, _mm256_set1_epi32(8));
+        }
+    }
     const __m256 dv = _mm256_set1_ps(d);
-    w[0] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)));
-    w[1] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))));
-    w[2] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)));
-    w[3] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))));
+    for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(codes[k]));
 }
 
 static inline float hsum256(__m256 v) {
@@ -142,7 +214,7 @@ static inline float hsum256(__m256 v) {
 
 static int row_times_avx2(int type, const uint8_t *row, const float *x, const float *sums,
                           int64_t K, int64_t T, float *out, int64_t out_stride) {
-    if (type != Q4_0 && type != Q4_1 && type != Q8_0) return 0;
+    if (!block_bytes(type) || is_k_quant(type)) return 0;
     const int64_t nb = K / 32, bb = block_bytes(type);
     if (T == 1) {  /* the decode case: accumulators stay in registers */
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -187,7 +259,7 @@ static int row_times_avx2(int type, const uint8_t *row, const float *x, const fl
 int qmatmul_check(int n_weights, const int *types, int64_t K, int64_t T) {
     if (n_weights < 1 || n_weights > MAX_WEIGHTS || K % 32 || T < 1) return -1;
     for (int i = 0; i < n_weights; i++)
-        if (!block_bytes(types[i])) return -1;
+        if (!block_bytes(types[i]) || K % block_values(types[i])) return -1;
     return 0;
 }
 
@@ -205,11 +277,13 @@ void qmatmul_rows(int n_weights, const int *types, const uint8_t *const *ws,
     for (int64_t n = 0; n < total; n++) {
         int i = 0;
         while (n >= starts[i + 1]) i++;
-        const uint8_t *row = ws[i] + (n - starts[i]) * (K / 32 * block_bytes(types[i]));
+        const uint8_t *row = ws[i] + (n - starts[i]) * row_bytes(types[i], K);
         for (int64_t t = 0; t < T; t += MAX_ROWS) {  /* activation rows in chunks */
             const int64_t rows = T - t < MAX_ROWS ? T - t : MAX_ROWS;
             const float *xt = x + t * K, *st = sums + t * (K / 32);
-            if (!row_times_avx2(types[i], row, xt, st, K, rows, y + t * total + n, total))
+            if (is_k_quant(types[i]))
+                row_times_k(types[i], row, xt, K, rows, y + t * total + n, total);
+            else if (!row_times_avx2(types[i], row, xt, st, K, rows, y + t * total + n, total))
                 row_times(types[i], row, xt, st, K, rows, y + t * total + n, total);
         }
     }
