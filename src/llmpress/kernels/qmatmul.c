@@ -212,9 +212,16 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static void row_times_k_avx2(int type, const uint8_t *row, const float *x, const float *sums,
+                             int64_t K, int64_t T, float *out, int64_t out_stride);
+
 static int row_times_avx2(int type, const uint8_t *row, const float *x, const float *sums,
                           int64_t K, int64_t T, float *out, int64_t out_stride) {
-    if (!block_bytes(type) || is_k_quant(type)) return 0;
+    if (!block_bytes(type)) return 0;
+    if (is_k_quant(type)) {
+        row_times_k_avx2(type, row, x, sums, K, T, out, out_stride);
+        return 1;
+    }
     const int64_t nb = K / 32, bb = block_bytes(type);
     if (T == 1) {  /* the decode case: accumulators stay in registers */
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -250,6 +257,74 @@ static int row_times_avx2(int type, const uint8_t *row, const float *x, const fl
     for (int64_t t = 0; t < T; t++) out[t * out_stride] = offset[t] + hsum256(acc[t]);
     return 1;
 }
+/* 32 bytes of codes (0..255 fit, but k-quants use 0..63) as four 8-float vectors; signed
+ * when `offset` is non-zero (Q6_K's codes are q - 32). */
+static inline void codes_to_floats(__m256i bytes, int offset, __m256 q[4]) {
+    const __m128i lo = _mm256_castsi256_si128(bytes), hi = _mm256_extracti128_si256(bytes, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int k = 0; k < 4; k++) {
+        __m256i v = _mm256_cvtepu8_epi32(parts[k]);
+        if (offset) v = _mm256_sub_epi32(v, _mm256_set1_epi32(offset));
+        q[k] = _mm256_cvtepi32_ps(v);
+    }
+}
+
+/* k-quant rows: each 32-value piece of a super-block becomes four float vectors of its
+ * integer codes, dotted with x, and scaled once: Q4_K/Q5_K subtract dmin*min times the
+ * piece's sum of x (block_sums), Q6_K's two 16-value halves carry their own scales. */
+static void row_times_k_avx2(int type, const uint8_t *row, const float *x, const float *sums,
+                             int64_t K, int64_t T, float *out, int64_t out_stride) {
+    const int64_t nb = K / 256, bb = block_bytes(type);
+    const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    __m256 acc[MAX_ROWS];
+    float offset[MAX_ROWS];
+    for (int64_t t = 0; t < T; t++) { acc[t] = _mm256_setzero_ps(); offset[t] = 0; }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        for (int j = 0; j < 8; j++) {  /* the 32-value pieces */
+            __m256 q[4];
+            float scale_a, scale_b, piece_offset = 0;
+            if (type == Q6_K) {
+                const int half = j / 4, k = j % 4;
+                const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + half * 64 + (k & 1) * 32));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + half * 32));
+                const __m256i low = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (k >> 1)), low4);
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), low2);
+                codes_to_floats(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), 32, q);
+                const float d = read_half(blk + 208);
+                const int8_t *sc = (const int8_t *)(blk + 192) + half * 8 + k * 2;
+                scale_a = d * (float)sc[0];
+                scale_b = d * (float)sc[1];
+            } else {
+                const uint8_t *sb = blk + 4;
+                const int sc = j < 4 ? sb[j] & 63 : (sb[j + 4] & 15) | ((sb[j - 4] >> 6) << 4);
+                const int mn = j < 4 ? sb[j + 4] & 63 : (sb[j + 4] >> 4) | ((sb[j] >> 6) << 4);
+                const uint8_t *qs = blk + (type == Q5_K ? 48 : 16) + (j / 2) * 32;
+                __m256i codes = _mm256_and_si256(
+                    _mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)qs), 4 * (j & 1)), low4);
+                if (type == Q5_K) {
+                    const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+                    const __m256i fifth = _mm256_and_si256(_mm256_srli_epi16(qh, j), one);
+                    codes = _mm256_or_si256(codes, _mm256_slli_epi16(fifth, 4));
+                }
+                codes_to_floats(codes, 0, q);
+                scale_a = scale_b = read_half(blk) * (float)sc;
+                piece_offset = read_half(blk + 2) * (float)mn;
+            }
+            const __m256 va = _mm256_set1_ps(scale_a), vb = _mm256_set1_ps(scale_b);
+            for (int64_t t = 0; t < T; t++) {
+                const float *xb = x + t * K + b * 256 + j * 32;
+                const __m256 sa = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb + 8),
+                                                  _mm256_mul_ps(q[0], _mm256_loadu_ps(xb)));
+                const __m256 sb2 = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24),
+                                                   _mm256_mul_ps(q[2], _mm256_loadu_ps(xb + 16)));
+                acc[t] = _mm256_fmadd_ps(vb, sb2, _mm256_fmadd_ps(va, sa, acc[t]));
+                offset[t] -= piece_offset * sums[t * (K / 32) + b * 8 + j];
+            }
+        }
+    }
+    for (int64_t t = 0; t < T; t++) out[t * out_stride] = offset[t] + hsum256(acc[t]);
+}
 #else
 static int row_times_avx2(int type, const uint8_t *row, const float *x, const float *sums,
                           int64_t K, int64_t T, float *out, int64_t out_stride) { return 0; }
@@ -281,9 +356,11 @@ void qmatmul_rows(int n_weights, const int *types, const uint8_t *const *ws,
         for (int64_t t = 0; t < T; t += MAX_ROWS) {  /* activation rows in chunks */
             const int64_t rows = T - t < MAX_ROWS ? T - t : MAX_ROWS;
             const float *xt = x + t * K, *st = sums + t * (K / 32);
+            if (row_times_avx2(types[i], row, xt, st, K, rows, y + t * total + n, total))
+                continue;
             if (is_k_quant(types[i]))
                 row_times_k(types[i], row, xt, K, rows, y + t * total + n, total);
-            else if (!row_times_avx2(types[i], row, xt, st, K, rows, y + t * total + n, total))
+            else
                 row_times(types[i], row, xt, st, K, rows, y + t * total + n, total);
         }
     }
