@@ -23,7 +23,8 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+                                       "Q5_K", "Q6_K"])
 def test_fused_decode_equals_exact_layers(tiny_dirs, arch, type_name):
     src = quantized(load_hf_dir(tiny_dirs[arch]), GGMLQuantizationType[type_name])
     fast, exact = LlamaModel(src, "fast"), LlamaModel(src, "exact")
@@ -41,5 +42,5 @@ def test_fused_decode_equals_exact_layers(tiny_dirs, arch, type_name):
 
 
 def test_types_without_a_kernel_fall_back_to_the_layers(tiny_dirs):
-    src = quantized(load_hf_dir(tiny_dirs["llama"]), GGMLQuantizationType.Q3_K)
+    src = quantized(load_hf_dir(tiny_dirs["llama"]), GGMLQuantizationType.IQ4_NL)
     assert LlamaModel(src, "fast").decoder is None

@@ -7,7 +7,7 @@
  * scale and offset factor out of its inner dot product:
  *   sum_j (d*q_j + m) * x_j = d * sum_j q_j*x_j + m * sum_j x_j
  * and sum_j x_j per block is computed once per call (block_sums). k-quant super-blocks
- * (Q4_K, Q5_K, Q6_K: 256 values, sub-block scales) are dequantized to floats one at a
+ * (Q2_K to Q6_K: 256 values, sub-block scales) are dequantized to floats one at a
  * time and multiplied directly.
  * Rows of W are split across threads with OpenMP. Called from Python via ctypes.
  */
@@ -49,29 +49,56 @@ void block_sums(const float *x, int64_t K, int64_t T, float *sums) {
         }
 }
 
-enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
+       Q5_K = 13, Q6_K = 14 };
 enum { MAX_ROWS = 16, MAX_WEIGHTS = 8 };  /* activation rows per pass over a weight row; fused weights */
 
 static int64_t block_bytes(int type) {
     switch (type) {
     case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22;
     case Q5_1: return 24; case Q8_0: return 34;
-    case Q4_K: return 144; case Q5_K: return 176; case Q6_K: return 210;
+    case Q2_K: return 84; case Q3_K: return 110; case Q4_K: return 144; case Q5_K: return 176; case Q6_K: return 210;
     default: return 0;
     }
 }
 
 /* k-quants pack 256 values per super-block, the others 32 per block. */
-static int is_k_quant(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+static int is_k_quant(int type) { return type >= Q2_K && type <= Q6_K; }
 static int64_t block_values(int type) { return is_k_quant(type) ? 256 : 32; }
 static int64_t row_bytes(int type, int64_t K) { return K / block_values(type) * block_bytes(type); }
+
+/* Q3_K's scale i (0..15): low 4 bits in byte i % 8 (nibble i / 8), high 2 bits in byte
+ * 8 + i % 4 (pair i / 4), stored plus 32. */
+static inline int q3_k_scale(const uint8_t *s, int i) {
+    return (((s[i % 8] >> (4 * (i / 8))) & 15) | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32;
+}
 
 /* One k-quant super-block to 256 floats, as formats/kquants.py dequantizes it.
  * Q4_K/Q5_K: 8 sub-blocks of 32, value = d*scale_j*q - dmin*min_j with 6-bit scales and
  * mins packed in 12 bytes (ggml's get_scale_min_k4); Q5_K adds a fifth bit from qh.
  * Q6_K: 16 sub-blocks of 16 with int8 scales, value = d*scale*(q - 32), q from 4 low bits
- * in ql and 2 high bits in qh. */
+ * in ql and 2 high bits in qh. Q3_K: 16 groups of 16 with signed 6-bit scales, value =
+ * d*scale*(q - 4) with q's 2 low bits as in Q2_K and its third bit from hmask. Q2_K: 16 groups of 16, value = d*(sc & 15)*q - dmin*(sc >> 4)
+ * with 2-bit q, four to a byte (bit pair k of byte l is value 32k + l of its half). */
 static void dequantize_k_block(int type, const uint8_t *b, float *w) {
+    if (type == Q3_K) {
+        const float d = read_half(b + 108);
+        for (int i = 0; i < 256; i++) {
+            const int half = i / 128, k = (i % 128) / 32, l = i % 32;
+            const int low = (b[32 + half * 32 + l] >> (2 * k)) & 3, high = (b[l] >> (i / 32)) & 1;
+            w[i] = d * (float)q3_k_scale(b + 96, i / 16) * (float)((low | (high << 2)) - 4);
+        }
+        return;
+    }
+    if (type == Q2_K) {
+        const float d = read_half(b + 80), dmin = read_half(b + 82);
+        for (int i = 0; i < 256; i++) {
+            const int half = i / 128, k = (i % 128) / 32, l = i % 32, sc = b[i / 16];
+            const int q = (b[16 + half * 32 + l] >> (2 * k)) & 3;
+            w[i] = d * (float)(sc & 15) * (float)q - dmin * (float)(sc >> 4);
+        }
+        return;
+    }
     if (type == Q6_K) {
         const float d = read_half(b + 208);
         const int8_t *scales = (const int8_t *)(b + 192);
@@ -284,7 +311,27 @@ static void row_times_k_avx2(int type, const uint8_t *row, const float *x, const
         for (int j = 0; j < 8; j++) {  /* the 32-value pieces */
             __m256 q[4];
             float scale_a, scale_b, piece_offset = 0;
-            if (type == Q6_K) {
+            __m256 min_a = _mm256_setzero_ps(), min_b = min_a;  /* Q2_K's per-16 offsets */
+            if (type == Q3_K) {
+                const int half = j / 4, k = j % 4;
+                const __m256i qs = _mm256_loadu_si256((const __m256i *)(blk + 32 + half * 32));
+                const __m256i hm = _mm256_loadu_si256((const __m256i *)blk);
+                const __m256i low = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * k), low2);
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(hm, j), one);
+                codes_to_floats(_mm256_or_si256(low, _mm256_slli_epi16(high, 2)), 4, q);
+                const float d = read_half(blk + 108);
+                scale_a = d * (float)q3_k_scale(blk + 96, 2 * j);
+                scale_b = d * (float)q3_k_scale(blk + 96, 2 * j + 1);
+            } else if (type == Q2_K) {
+                const int half = j / 4, k = j % 4, sa = blk[2 * j], sb = blk[2 * j + 1];
+                const __m256i qs = _mm256_loadu_si256((const __m256i *)(blk + 16 + half * 32));
+                codes_to_floats(_mm256_and_si256(_mm256_srli_epi16(qs, 2 * k), low2), 0, q);
+                const float d = read_half(blk + 80), dmin = read_half(blk + 82);
+                scale_a = d * (float)(sa & 15);
+                scale_b = d * (float)(sb & 15);
+                min_a = _mm256_set1_ps(dmin * (float)(sa >> 4));
+                min_b = _mm256_set1_ps(dmin * (float)(sb >> 4));
+            } else if (type == Q6_K) {
                 const int half = j / 4, k = j % 4;
                 const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + half * 64 + (k & 1) * 32));
                 const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + half * 32));
@@ -319,6 +366,11 @@ static void row_times_k_avx2(int type, const uint8_t *row, const float *x, const
                 const __m256 sb2 = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24),
                                                    _mm256_mul_ps(q[2], _mm256_loadu_ps(xb + 16)));
                 acc[t] = _mm256_fmadd_ps(vb, sb2, _mm256_fmadd_ps(va, sa, acc[t]));
+                if (type == Q2_K) {  /* minus min times each 16-value half's sum of x */
+                    const __m256 xa = _mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8));
+                    const __m256 xc = _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24));
+                    acc[t] = _mm256_fnmadd_ps(min_b, xc, _mm256_fnmadd_ps(min_a, xa, acc[t]));
+                }
                 offset[t] -= piece_offset * sums[t * (K / 32) + b * 8 + j];
             }
         }
