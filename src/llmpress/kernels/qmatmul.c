@@ -7,8 +7,9 @@
  * scale and offset factor out of its inner dot product:
  *   sum_j (d*q_j + m) * x_j = d * sum_j q_j*x_j + m * sum_j x_j
  * and sum_j x_j per block is computed once per call (block_sums). k-quant super-blocks
- * (Q2_K to Q6_K: 256 values, sub-block scales) are dequantized to floats one at a
- * time and multiplied directly.
+ * (Q2_K to Q6_K: 256 values, sub-block scales) go 32 values at a time the same way: the
+ * integer codes dotted with x, then scaled by their sub-block's scale (the portable
+ * fallback dequantizes a whole super-block instead).
  * Rows of W are split across threads with OpenMP. Called from Python via ctypes.
  */
 #include <stdint.h>
