@@ -74,13 +74,22 @@ static inline int q3_k_scale(const uint8_t *s, int i) {
     return (((s[i % 8] >> (4 * (i / 8))) & 15) | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32;
 }
 
+/* Q4_K/Q5_K's scale and min of sub-block j (0..7), 6 bits each in 12 bytes: sub-blocks 0-3
+ * keep them in bytes j and j + 4; 4-7 take 4 low bits from byte j + 4 and the 2 high bits
+ * from the tops of bytes j - 4 (scale) and j (min) (ggml's get_scale_min_k4). */
+static inline void k4_scale_min(const uint8_t *s, int j, int *scale, int *min) {
+    *scale = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+    *min = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+}
+
 /* One k-quant super-block to 256 floats, as formats/kquants.py dequantizes it.
  * Q4_K/Q5_K: 8 sub-blocks of 32, value = d*scale_j*q - dmin*min_j with 6-bit scales and
- * mins packed in 12 bytes (ggml's get_scale_min_k4); Q5_K adds a fifth bit from qh.
+ * mins packed in 12 bytes (k4_scale_min); Q5_K adds a fifth bit from qh.
  * Q6_K: 16 sub-blocks of 16 with int8 scales, value = d*scale*(q - 32), q from 4 low bits
  * in ql and 2 high bits in qh. Q3_K: 16 groups of 16 with signed 6-bit scales, value =
- * d*scale*(q - 4) with q's 2 low bits as in Q2_K and its third bit from hmask. Q2_K: 16 groups of 16, value = d*(sc & 15)*q - dmin*(sc >> 4)
- * with 2-bit q, four to a byte (bit pair k of byte l is value 32k + l of its half). */
+ * d*scale*(q - 4) with q's 2 low bits as in Q2_K and its third bit from hmask.
+ * Q2_K: 16 groups of 16, value = d*(sc & 15)*q - dmin*(sc >> 4) with 2-bit q, four to a
+ * byte (bit pair k of byte l is value 32k + l of its half). */
 static void dequantize_k_block(int type, const uint8_t *b, float *w) {
     if (type == Q3_K) {
         const float d = read_half(b + 108);
@@ -114,10 +123,10 @@ static void dequantize_k_block(int type, const uint8_t *b, float *w) {
         return;
     }
     const float d = read_half(b), dmin = read_half(b + 2);
-    const uint8_t *s = b + 4, *qh = b + 16, *qs = b + (type == Q5_K ? 48 : 16);
+    const uint8_t *qh = b + 16, *qs = b + (type == Q5_K ? 48 : 16);
     for (int j = 0; j < 8; j++) {
-        const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-        const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        int sc, mn;
+        k4_scale_min(b + 4, j, &sc, &mn);
         const float scale = d * (float)sc, offset = dmin * (float)mn;
         for (int l = 0; l < 32; l++) {
             int q = (qs[(j / 2) * 32 + l] >> (4 * (j & 1))) & 15;
@@ -344,9 +353,8 @@ static void row_times_k_avx2(int type, const uint8_t *row, const float *x, const
                 scale_a = d * (float)sc[0];
                 scale_b = d * (float)sc[1];
             } else {
-                const uint8_t *sb = blk + 4;
-                const int sc = j < 4 ? sb[j] & 63 : (sb[j + 4] & 15) | ((sb[j - 4] >> 6) << 4);
-                const int mn = j < 4 ? sb[j + 4] & 63 : (sb[j + 4] >> 4) | ((sb[j] >> 6) << 4);
+                int sc, mn;
+                k4_scale_min(blk + 4, j, &sc, &mn);
                 const uint8_t *qs = blk + (type == Q5_K ? 48 : 16) + (j / 2) * 32;
                 __m256i codes = _mm256_and_si256(
                     _mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)qs), 4 * (j & 1)), low4);
