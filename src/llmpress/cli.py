@@ -190,11 +190,10 @@ def cmd_demo(args) -> None:
     console.print(f"\n[bold]Quantizing to {DEMO_TYPES} and measuring each against the "
                   f"original[/] (text: Python's pydoc topics, {args.chunks} windows of "
                   f"{args.ctx_eval} tokens)")
-    sweep = argparse.Namespace(
-        model=str(path), types=DEMO_TYPES, imatrix=None, text=str(text), ctx=args.ctx_eval,
-        chunks=args.chunks, mode="exact", device=None, json=False, base_logits=None,
-        budget=args.budget, no_bench=True, bench_prompt=0, bench_gen=0, bench_reps=0,
-        threads=None, work_dir=str(work))
+    sweep = build_parser().parse_args([  # `llmpress sweep` itself, its defaults included
+        "sweep", str(path), "--types", DEMO_TYPES, "--text", str(text),
+        "--ctx", str(args.ctx_eval), "--chunks", str(args.chunks), "--budget", str(args.budget),
+        "--no-bench", "--work-dir", str(work)])
     best = recommend(cmd_sweep(sweep), args.budget)
     chosen = best.path if best else str(path)
     args.model = chosen
