@@ -35,12 +35,6 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def f32_path(f32_gguf):
-    """The default model dequantized to F32 by gguf-py (tests/conftest.py)."""
-    return f32_gguf
-
-
-@pytest.fixture(scope="module")
 def text_path(wikitext_bytes, workdir):
     path = workdir / "wiki-prefix.raw"
     path.write_bytes(wikitext_bytes[:TEXT_BYTES])
@@ -48,8 +42,8 @@ def text_path(wikitext_bytes, workdir):
 
 
 @pytest.fixture(scope="module")
-def f32_lm(f32_path):
-    return llmpress.load(f32_path, mode="exact", ctx=N_CTX)
+def f32_lm(f32_gguf):
+    return llmpress.load(f32_gguf, mode="exact", ctx=N_CTX)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +83,8 @@ def targets(tokens, plan) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def llama_f32(f32_path, tokens, plan):
-    return llama_scored_log_probs(f32_path, tokens, plan)
+def llama_f32(f32_gguf, tokens, plan):
+    return llama_scored_log_probs(f32_gguf, tokens, plan)
 
 
 @pytest.fixture(scope="module")
@@ -177,14 +171,14 @@ def base_file(our_base, workdir):
     return path
 
 
-def test_exact_mode_reads_q41_as_its_f32_dequantization(f32_path, default_model_path,
+def test_exact_mode_reads_q41_as_its_f32_dequantization(f32_gguf, default_model_path,
                                                         our_base, base_file, plan, workdir,
                                                         capsys):
     """`llmpress compare` with the F32 run's base file against the Q4_1 file in exact mode
     (KLD_WINDOWS of the 4 windows): the weights are the same numbers, so the divergence is
     rounding only; and the table's files are written."""
     out = workdir / "compare"
-    rc = cli_main(["compare", str(f32_path), str(default_model_path), "--base-logits",
+    rc = cli_main(["compare", str(f32_gguf), str(default_model_path), "--base-logits",
                    str(base_file), "--chunks", str(KLD_WINDOWS), "--no-bench", "--out", str(out),
                    "--json"])
     report = json.loads(capsys.readouterr().out)
