@@ -1,5 +1,5 @@
 """The full quality measurement of the issue, next to llama.cpp's figures
-(../shared/reference/README.md, llama-perplexity -c 512 --chunks 40 on WikiText-2 test):
+(tests/data/README.md, llama-perplexity -c 512 --chunks 40 on WikiText-2 test):
 
 1. PPL of the F32 original (the default Q4_1 file dequantized exactly),
    ctx 512, 40 windows: llama-perplexity reports 22.478 (± 0.679).
@@ -31,8 +31,8 @@ from llmpress.eval import kld as K
 from llmpress.eval import perplexity as P
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-REFERENCE = {  # shared/reference/README.md, llama.cpp build 0c1e570
+WIKITEXT = ROOT / "tests" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+REFERENCE = {  # tests/data/README.md, llama.cpp build 0c1e570
     "f32_ppl": 22.478, "f32_ppl_error": 0.679, "f32_file_bytes": 539_845_696,
     "q4_k_m": {"ppl": 23.815243, "kld_mean": 0.058264, "kld_p99": 0.402277,
                "same_top": 0.8552},

@@ -3,7 +3,7 @@
 For each type mix (default Q4_0, Q4_K_M, Q3_K_M) the default model (SmolLM2-135M-Instruct,
 its Q4_1 weights dequantized exactly = llama.cpp's F32 original) is quantized twice:
   rounding  `llmpress quantize --imatrix` (our quantizers are bit-exact with llama-quantize:
-            the per-tensor SHA-256 are checked against shared/reference's `TYPE.yes`)
+            the per-tensor SHA-256 are checked against tests/data/reference's `TYPE.yes`)
   gptq      `llmpress quantize --method gptq`, calibrated on the built-in pydoc text,
             block scales from the same imatrix
 Both files have the same tensor types and bytes. Each is scored by the same evaluator
@@ -47,11 +47,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
-REFERENCE_IMATRIX = SHARED / "reference" / "smollm2-135m-imatrix-pydoc.gguf"
-REFERENCE_TENSORS = SHARED / "reference" / "smollm2-135m-llamacpp-tensors.json"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"  # tests/data/README.md
+WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+REFERENCE_IMATRIX = DATA / "reference" / "smollm2-135m-imatrix-pydoc.gguf"
+REFERENCE_TENSORS = DATA / "reference" / "smollm2-135m-llamacpp-tensors.json"
 
 
 def log(*parts) -> None:
@@ -121,7 +120,7 @@ def main() -> int:
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--imatrix", type=Path, default=REFERENCE_IMATRIX,
                         help="importance matrix for both methods (default: llama-imatrix's "
-                        "file in shared/reference, made on the pydoc text)")
+                        "file in tests/data/reference, made on the pydoc text)")
     parser.add_argument("--shrink", type=float, default=None,
                         help="GPTQ shrink (default: the CLI's default)")
     parser.add_argument("--damp", type=float, default=0.01)

@@ -26,7 +26,7 @@ from llmpress.io.tokenizer import Tokenizer
 from llmpress.plan import estimate
 from llmpress.plan.machine import peak_rss_of_module
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / \
+WIKITEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "wikitext-2-raw" / \
     "wiki.test.raw"
 MIB = 2**20
 GENERATED = 8

@@ -41,7 +41,7 @@ from llmpress.prune.distill import DistillConfig, distill, save_loss_curve
 from llmpress.prune.prune import PruneConfig, prune_model, with_weights, write_pruned
 
 console = Console()
-WIKITEXT = (Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
+WIKITEXT = (Path(__file__).resolve().parents[1] / "tests" / "data" / "wikitext-2-raw"
             / "wiki.test.raw")
 
 # (row label, file stem, prune settings or None for the dense model, distill?)

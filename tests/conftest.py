@@ -8,10 +8,11 @@ import pytest
 
 from llmpress import hub
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
-REFERENCE = SHARED / "reference"
+DATA = Path(__file__).resolve().parent / "data"  # what tests read; tests/data/README.md
+WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+REFERENCE = DATA / "reference"  # made with llama.cpp's own tools; see tests/data/README.md
+TENSOR_HASHES = REFERENCE / "smollm2-135m-llamacpp-tensors.json"
+REFERENCE_IMATRIX = REFERENCE / "smollm2-135m-imatrix-pydoc.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +29,7 @@ def wikitext_bytes() -> bytes:
 @pytest.fixture(scope="session")
 def f32_gguf(default_model_path, tmp_path_factory) -> Path:
     """The default model dequantized to F32 by gguf-py (independent of our code), every
-    metadata field copied: the "original" of ../shared/reference/README.md."""
+    metadata field copied: the "original" of tests/data/README.md."""
     import gguf
     import numpy as np
 

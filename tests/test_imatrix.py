@@ -1,5 +1,5 @@
 """The importance matrix: llama.cpp's imatrix GGUF in and out, collection through our
-runtime, and agreement with a real llama-imatrix file (shared/reference)."""
+runtime, and agreement with a real llama-imatrix file (tests/data/reference)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE
+from conftest import REFERENCE_IMATRIX
 from ggml_ref import _library_dir
 from test_calib import random_tokens, tiny_llama
 
@@ -27,8 +27,6 @@ from llmpress.quant.imatrix import (
     token_chunks,
     write_imatrix,
 )
-
-REFERENCE_IMATRIX = REFERENCE / "smollm2-135m-imatrix-pydoc.gguf"
 
 
 # --- the file format -------------------------------------------------------------------

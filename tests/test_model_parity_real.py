@@ -6,7 +6,7 @@
   need the accelerate package, which this project does not depend on).
 - llama.cpp (llama-cpp-python): the same file dequantized to F32 and written with
   gguf.GGUFWriter, which reproduces llama-quantize's F32 tensors bit for bit (checked
-  against the SHA-256 table in shared/reference).
+  against the SHA-256 table in tests/data/reference).
 
 Each test prints the numbers it measured (`pytest -s` shows them).
 """
@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE
+from conftest import TENSOR_HASHES
 
 from llmpress.io.gguf import load_gguf
 from llmpress.kernels.linear import KERNEL_MAX_ROWS
@@ -117,7 +117,7 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 # --- tests -------------------------------------------------------------------------------
 def test_f32_file_equals_llama_quantize_f32(f32_gguf):
     """Our F32 reference file holds exactly the tensors of `llama-quantize ... F32`."""
-    expected = json.loads((REFERENCE / "smollm2-135m-llamacpp-tensors.json").read_text())["F32"]
+    expected = json.loads(TENSOR_HASHES.read_text())["F32"]
     src = load_gguf(f32_gguf)
     hashes = {n: [r.ggml_type.name, hashlib.sha256(r.read_bytes().numpy()).hexdigest()]
               for n, r in src.tensors.items()}

@@ -12,18 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REFERENCE, WIKITEXT
+from conftest import TENSOR_HASHES, WIKITEXT
 from llmpress.cli import main
 from llmpress.errors import LlmpressError
 from llmpress.plan import advise, catalog, estimate, machine
 
 MIB = 2**20
-REFERENCE_TENSORS = REFERENCE / "smollm2-135m-llamacpp-tensors.json"
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    return json.loads(REFERENCE_TENSORS.read_text())
+    return json.loads(TENSOR_HASHES.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ Two independent references:
   on mock models: GQA, 70B, mixture of experts, Falcon's fused QKV, rows that fit no
   256-block, overrides and --pure;
 - the per-tensor types llama-quantize wrote for the default model, every type, with and
-  without the imatrix (../shared/reference/smollm2-135m-llamacpp-tensors.json).
+  without the imatrix (tests/data/reference/smollm2-135m-llamacpp-tensors.json).
 No weights are read: the mix needs names, shapes and metadata only.
 """
 
@@ -23,6 +23,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from llama_cpp import llama_cpp as llama_c
 
+from conftest import TENSOR_HASHES
+
 from llmpress.errors import LlmpressError
 from llmpress.io.gguf import load_gguf
 from llmpress.quant.mix import (
@@ -37,8 +39,6 @@ from llmpress.quant.mix import (
     tensors_of,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-TENSOR_HASHES = REFERENCE / "smollm2-135m-llamacpp-tensors.json"
 
 
 # --- llama.cpp's type selection through ctypes ------------------------------------------

@@ -1,7 +1,7 @@
 """The quantize pipeline on the real default model, against llama.cpp (the acceptance test).
 
 References, all independent of our code:
-- ../shared/reference/smollm2-135m-llamacpp-tensors.json: per-tensor type and SHA-256 of
+- tests/data/reference/smollm2-135m-llamacpp-tensors.json: per-tensor type and SHA-256 of
   what llama-quantize wrote for every type, without (`TYPE.no`) and with (`TYPE.yes`) the
   imatrix, plus file sizes, and the `F32` original the model dequantizes to;
 - llama-cpp-python's `llama_model_quantize` (the code behind llama-quantize), run here on
@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType
 
+from conftest import REFERENCE_IMATRIX, TENSOR_HASHES
+
 from llmpress.errors import LlmpressError
 from llmpress.io.gguf import load_gguf
 from llmpress.io.gguf_write import GGUFStreamWriter, TensorSlot, plan_gguf, write_gguf
@@ -44,12 +46,9 @@ from llmpress.quant.quantize import (
     quantize_tensor,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-TENSOR_HASHES = REFERENCE / "smollm2-135m-llamacpp-tensors.json"
-IMATRIX = REFERENCE / "smollm2-135m-imatrix-pydoc.gguf"
-# reference/README.md: llama-quantize was given the imatrix by its bare file name, which it
+# tests/data/README.md: llama-quantize was given the imatrix by its bare file name, which it
 # writes to quantize.imatrix.file (it changes the file size)
-IMATRIX_LABEL = IMATRIX.name
+IMATRIX_LABEL = REFERENCE_IMATRIX.name
 
 REFERENCE_LABELS = json.loads(TENSOR_HASHES.read_text())
 LABELS = [label for label in REFERENCE_LABELS if label != "F32"]
@@ -216,7 +215,7 @@ def f32_source(f32_path):
 
 @pytest.fixture(scope="module")
 def imatrix():
-    return load_imatrix(IMATRIX)
+    return load_imatrix(REFERENCE_IMATRIX)
 
 
 def test_f32_original_is_llama_quantizes(f32_source, f32_path):
@@ -297,7 +296,7 @@ def full_files(f32_path, workdir) -> dict[str, tuple[Path, Path, object]]:
     """label -> (our file, llama-quantize's file, our report), same input, same run."""
     made = {}
     cwd = os.getcwd()
-    os.chdir(IMATRIX.parent)  # so both write the imatrix's bare name, like the reference
+    os.chdir(REFERENCE_IMATRIX.parent)  # so both write the imatrix's bare name, like the reference
     try:
         for label, (type_name, with_imatrix) in FULL_FILES.items():
             ours, theirs = workdir / f"ours-{label}.gguf", workdir / f"llama-{label}.gguf"

@@ -2,7 +2,7 @@
 
 The built-in default is Python's own documentation (pydoc_data.topics, present in every
 CPython install): varied English prose with code, and never the WikiText text we evaluate
-on. It is joined exactly as the reference importance matrix in shared/reference was made
+on. It is joined exactly as the reference importance matrix in tests/data/reference was made
 (values sorted by key, joined with a blank line), so our statistics and llama-imatrix's
 see the same text.
 """

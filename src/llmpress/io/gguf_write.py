@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import GGUFValueType as V
-from typing_extensions import Self
 
 from llmpress.errors import LlmpressError
 
@@ -232,7 +231,7 @@ class GGUFStreamWriter:
         self._file = None
         self._tmp: Path | None = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> GGUFStreamWriter:
         check_output_path(self.path, self.protect)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
                                    suffix=".partial")

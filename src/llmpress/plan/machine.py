@@ -18,7 +18,7 @@ from llmpress.errors import LlmpressError
 
 GB = 10**9
 # Read bandwidth of this project's development machines (2 threads), measured for
-# /work/shared/reference/README.md; used when no probe is run.
+# tests/data/README.md; used when no probe is run.
 DEFAULT_RAM_BANDWIDTH = 25.8 * GB
 # Sequential reads of a model file that is not in the page cache: a typical NVMe SSD.
 DEFAULT_DISK_BANDWIDTH = 2.0 * GB
