@@ -129,7 +129,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from llmpress import hub
-    from llmpress.api import load, load_source, load_tokenizer
+    from llmpress.api import load
+    from llmpress.io.loader import load_source, load_tokenizer
     from llmpress.calib.data import calibration_tokens
     from llmpress.eval.kld import kld_against_base, record_base
     from llmpress.eval.perplexity import plan_windows, read_text, tokenize_for_perplexity

@@ -31,11 +31,12 @@ import torch
 from rich.console import Console
 
 from llmpress import hub
-from llmpress.api import load, load_source, load_tokenizer
+from llmpress.api import load
 from llmpress.calib.data import calibration_tokens, default_calibration_text
 from llmpress.eval import kld as K
 from llmpress.eval.perplexity import plan_windows, read_text, tokenize_for_perplexity
 from llmpress.eval.speed import time_generation
+from llmpress.io.loader import load_source, load_tokenizer
 from llmpress.models.llama import LlamaModel
 from llmpress.prune.distill import DistillConfig, distill, save_loss_curve
 from llmpress.prune.prune import PruneConfig, prune_model, with_weights, write_pruned

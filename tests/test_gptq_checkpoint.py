@@ -19,7 +19,8 @@ from test_hf_parity import CASES, build_hf_model
 from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
 from llmpress.io import gptq_checkpoint as ckpt
-from llmpress.io.hf import load_hf_dir, permute_qk
+from llmpress.io.hf import permute_qk
+from llmpress.io.loader import load_source
 from llmpress.models.names import gguf_tensor_name
 from llmpress.quant.calibrated import gptq_checkpoint
 from llmpress.quant.gptq import IntGrid
@@ -42,7 +43,7 @@ def linear_names(path) -> list[str]:
 
 def read_weights(path) -> dict[str, torch.Tensor]:
     """Our loader's tensors (GGUF names and layout), as float32."""
-    source = load_hf_dir(path)
+    source = load_source(path)
     return {name: get_format(ref.ggml_type).dequantize(ref.read_bytes(), ref.shape)
             for name, ref in source.tensors.items()}
 
@@ -184,7 +185,7 @@ def test_gptq_quantize_config_json_and_runtime(float_dir, tmp_path):
     (path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32,
                                                            "desc_act": False, "sym": False}))
     assert_reads_exactly(path, expected, float_dir)
-    model = LlamaModel(load_hf_dir(path), mode="exact")
+    model = LlamaModel(load_source(path), mode="exact")
     tokens = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     logits = model(tokens, model.new_cache(12))
     assert torch.isfinite(logits).all() and logits.shape == (1, 12, 300)
@@ -329,7 +330,7 @@ def gptq_dir(float_dir, tmp_path, config, mutate=None):
 def test_bad_checkpoints_fail_in_one_line(float_dir, tmp_path, config, mutate, message):
     path = gptq_dir(float_dir, tmp_path, config, mutate)
     with pytest.raises(LlmpressError, match=message):
-        load_hf_dir(path)
+        load_source(path)
 
 
 def test_export_refuses_bad_requests(float_dir, tmp_path, calibration, export):

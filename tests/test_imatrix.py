@@ -13,10 +13,10 @@ from conftest import REFERENCE_IMATRIX
 from ggml_ref import _library_dir
 from test_calib import random_tokens, tiny_llama
 
-from llmpress.api import load_source, load_tokenizer
 from llmpress.calib.data import default_calibration_text
 from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
+from llmpress.io.loader import load_source, load_tokenizer
 from llmpress.io.source import ModelSource
 from llmpress.models.llama import LlamaModel
 from llmpress.quant.imatrix import (

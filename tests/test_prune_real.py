@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmpress.api import load, load_source, load_tokenizer
+from llmpress.api import load
+from llmpress.io.loader import load_source, load_tokenizer
 from llmpress.prune.prune import PruneConfig, prune_model, write_pruned
 
 pytestmark = pytest.mark.slow

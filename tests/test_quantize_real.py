@@ -377,7 +377,8 @@ def test_reference_label(label, f32_source, imatrix, quantized_hashes):
 def test_our_file_runs_in_llama_cpp_and_agrees_with_our_runtime(full_files, wikitext_bytes):
     import torch
 
-    from llmpress.api import LanguageModel, load_source
+    from llmpress.api import LanguageModel
+    from llmpress.io.loader import load_source
 
     path = full_files["Q4_0.no"][0]
     # one thread each: on the shared 2-core machine both ran 3x faster than with two

@@ -13,17 +13,15 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from llmpress import hub
 from llmpress.errors import LlmpressError
-from llmpress.formats import FORMATS, supported_names
-from llmpress.io.gguf import load_gguf
+from llmpress.io.loader import load_source, load_tokenizer
 from llmpress.io.source import ModelSource
-from llmpress.io.tokenizer import Tokenizer
+from llmpress.kernels.device import default_device
 from llmpress.models.llama import LlamaModel
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.sampling import SamplingConfig
@@ -71,29 +69,6 @@ class ModelInfo:
     @property
     def bits_per_weight(self) -> float:
         return self.file_bytes * 8 / self.parameters  # as llama.cpp's tables count it
-
-
-def load_source(path: Path) -> ModelSource:
-    if path.is_dir():
-        from llmpress.io.hf import load_hf_dir  # only Hugging Face directories need it
-        source = load_hf_dir(path)
-    else:
-        source = load_gguf(path)
-    for ref in source.tensors.values():
-        if ref.ggml_type not in FORMATS:
-            raise LlmpressError(f"{path}: tensor {ref.name} has type {ref.ggml_type.name}, which "
-                                f"llmpress cannot read (it reads {', '.join(supported_names())})")
-    return source
-
-
-def load_tokenizer(source: ModelSource) -> Tokenizer:
-    if source.path.is_dir():
-        return Tokenizer.from_hf_dir(source.path)
-    return Tokenizer.from_gguf_metadata(source.metadata)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class LanguageModel:

@@ -285,11 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(or set LLMPRESS_API_KEY)")
     p.set_defaults(func=cmd_serve)
 
-    from llmpress.cli_calibrated import add_calibrated_parsers
+    from llmpress.cli_calibrated import add_calibrated_parsers, add_method_options
     add_calibrated_parsers(sub)
 
     from llmpress.cli_quantize import add_quantize_parser
-    add_quantize_parser(sub)
+    add_method_options(add_quantize_parser(sub))  # --method gptq|awq|awq+gptq, --calib ...
 
     from llmpress.cli_fit import add_fit_parser
     add_fit_parser(sub)

@@ -23,7 +23,8 @@ def _progress_bar(description: str):
 # --- imatrix --------------------------------------------------------------------------------
 def cmd_imatrix(args) -> None:
     from llmpress import hub
-    from llmpress.api import default_device, load_source, load_tokenizer
+    from llmpress.io.loader import load_source, load_tokenizer
+    from llmpress.kernels.device import default_device
     from llmpress.calib.data import read_calibration_text
     from llmpress.models.llama import LlamaModel
     from llmpress.quant.imatrix import calibration_chunks, collect_imatrix, write_imatrix
@@ -62,7 +63,7 @@ def _shrink(args) -> float:
 def cmd_quantize_calibrated(args) -> None:
     from rich.table import Table
 
-    from llmpress.cli_quantize import _print_report
+    from llmpress.cli_quantize import print_report
     from llmpress.quant.calibrated import CalibrationConfig, calibrated_quantize
     from llmpress.quant.gptq import GPTQConfig
     from llmpress.quant.quantize import QuantizeConfig
@@ -99,11 +100,11 @@ def cmd_quantize_calibrated(args) -> None:
         console.print(f"mean error ratio {args.method}/rounding: {mean:.3f} over "
                       f"{len(report.linears)} Linears, {report.calib_tokens:,} calibration "
                       f"tokens, {report.seconds:.0f} s", highlight=False)
-    _print_report(report.quantize, per_tensor=False)
+    print_report(report.quantize, per_tensor=False)
 
 
 def add_method_options(p) -> None:
-    """--method and the calibration options on `llmpress quantize` (its parser calls this);
+    """--method and the calibration options on `llmpress quantize` (cli.py calls this);
     --method rtn (the default) leaves the command as it was."""
     from llmpress.quant.calibrated import METHODS
 
@@ -165,11 +166,11 @@ def cmd_gptq(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from llmpress.cli_quantize import _print_report
+    from llmpress.cli_quantize import print_report
     from llmpress.quant.quantize import QuantizeConfig, quantize_model
 
     report = quantize_model(QuantizeConfig(args.input, args.output, args.type))
-    _print_report(report, per_tensor=False)
+    print_report(report, per_tensor=False)
 
 
 def add_calibrated_parsers(sub) -> None:

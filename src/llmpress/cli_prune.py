@@ -103,7 +103,7 @@ def _mib(n: int) -> str:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     from llmpress import hub
-    from llmpress.api import load_source, load_tokenizer
+    from llmpress.io.loader import load_source, load_tokenizer
     from llmpress.prune.prune import PruneConfig, prune_model, write_pruned, write_pruned_hf
 
     config = PruneConfig(

@@ -24,7 +24,8 @@ def _tensor_type_option(text: str) -> tuple[str, str]:
     return pattern, type_name
 
 
-def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+def add_quantize_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `quantize`; the calibration options are added by cli_calibrated."""
     types = ", ".join(list(FILE_TYPES) + list(FILE_TYPE_ALIASES))
     p = sub.add_parser("quantize", help="quantize a model to a GGUF type mix, like llama-quantize",
                        description=f"Quantize a GGUF file or a Hugging Face directory. TYPE: {types}.")
@@ -47,8 +48,7 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--summary", action="store_true",
                    help="print the per-type summary only, not every tensor")
     p.set_defaults(func=cmd_quantize)
-    from llmpress.cli_calibrated import add_method_options
-    add_method_options(p)  # --method gptq|awq|awq+gptq, --calib, --calib-tokens
+    return p
 
 
 def _mib(n: int) -> str:
@@ -77,10 +77,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             bar.update(task, completed=done, total=total, tensor=tensor.name)
 
         report = quantize_model(config, progress)
-    _print_report(report, per_tensor=not args.summary)
+    print_report(report, per_tensor=not args.summary)
 
 
-def _print_report(report, per_tensor: bool) -> None:
+def print_report(report, per_tensor: bool) -> None:
+    """A QuantizeReport as tables: every tensor (per_tensor), then a summary by type."""
     if per_tensor:
         table = Table(title=f"{report.output} ({report.file_type})")
         for col in ("tensor", "shape", "from", "type", "size", "rel. error", "ms"):
@@ -108,5 +109,5 @@ def _print_report(report, per_tensor: bool) -> None:
                   f"parameters, {report.seconds:.1f} s{imatrix}")
 
 
-__all__ = ["add_quantize_parser", "cmd_quantize"]
+__all__ = ["add_quantize_parser", "cmd_quantize", "print_report"]
 

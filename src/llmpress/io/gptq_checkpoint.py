@@ -333,7 +333,7 @@ def load_quantized_hf_dir(path: str | Path) -> ModelSource:
             continue
         gguf_name = names.gguf_tensor_name(hf_name)
         unused_bias = prefix + "." in prefixes and (
-            gguf_name is None or hf._generic_name(gguf_name)[0] not in shapes)
+            gguf_name is None or hf.generic_name(gguf_name)[0] not in shapes)
         # AutoGPTQ stores a bias for every quantized Linear, zeros where there is none
         if unused_bias and not handles[file].get_tensor(hf_name).any():
             continue
@@ -341,7 +341,7 @@ def load_quantized_hf_dir(path: str | Path) -> ModelSource:
             raise LlmpressError(f"{file}: tensor {hf_name} has no GGUF equivalent")
         if gguf_name == "output.weight" and hp["tie_word_embeddings"]:
             continue
-        generic, block = hf._generic_name(gguf_name)
+        generic, block = hf.generic_name(gguf_name)
         info = handles[file].get_slice(hf_name)
         dtype_name, shape = info.get_dtype(), tuple(info.get_shape())
         if generic not in shapes or dtype_name not in hf.SAFETENSORS_TYPES:
@@ -353,10 +353,10 @@ def load_quantized_hf_dir(path: str | Path) -> ModelSource:
         heads = permute_heads.get(generic.split(".")[2]) if block is not None else None
         tensors[gguf_name] = TensorRef(gguf_name, ggml_type, shape,
                                        math.prod(shape) * torch_dtype.itemsize,
-                                       hf._tensor_reader(handles[file], hf_name, heads))
+                                       hf.tensor_reader(handles[file], hf_name, heads))
     for prefix in sorted(prefixes):
         gguf_name = names.gguf_tensor_name(prefix + "weight")
-        generic = hf._generic_name(gguf_name)[0] if gguf_name else None
+        generic = hf.generic_name(gguf_name)[0] if gguf_name else None
         if generic not in shapes:
             raise LlmpressError(f"{path}: quantized tensor {prefix}{marker} is not a Linear "
                                 "llmpress runs")
@@ -375,7 +375,7 @@ def load_quantized_hf_dir(path: str | Path) -> ModelSource:
                                                  lambda: factors.view(torch.uint8))
     # check every quantized Linear's tensors now: bad files fail at load, in one line
     for prefix in prefixes:
-        read_linear(handles, located, prefix, shapes[hf._generic_name(
+        read_linear(handles, located, prefix, shapes[hf.generic_name(
             names.gguf_tensor_name(prefix + "weight"))[0]], quant, path, shapes_only=True)
     file_bytes = sum(file.stat().st_size for file in handles)
     return ModelSource(path=path, metadata=metadata, tensors=tensors, file_bytes=file_bytes)

@@ -222,7 +222,7 @@ def _open(file: Path) -> Any:
         raise LlmpressError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
-def _tensor_reader(handle: Any, hf_name: str, permute_heads: int | None
+def tensor_reader(handle: Any, hf_name: str, permute_heads: int | None
                    ) -> Callable[[], torch.Tensor]:
     def read_bytes() -> torch.Tensor:
         tensor = handle.get_tensor(hf_name)
@@ -254,7 +254,7 @@ def expected_shapes(hp: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _generic_name(gguf_name: str) -> tuple[str, int | None]:
+def generic_name(gguf_name: str) -> tuple[str, int | None]:
     """"blk.3.ffn_up.weight" -> ("blk.*.ffn_up.weight", 3); globals -> (name, None)."""
     if gguf_name.startswith("blk."):
         _, block, rest = gguf_name.split(".", 2)
@@ -266,7 +266,7 @@ def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Pat
     """Every layer has the same tensors (the required ones at least); globals are there."""
     per_layer: list[set[str]] = [set() for _ in range(hp["num_hidden_layers"])]
     for name in tensors:
-        generic, block = _generic_name(name)
+        generic, block = generic_name(name)
         if block is not None:
             per_layer[block].add(generic)
     wanted = set().union(*per_layer) | {f"blk.*.{n}" for n in REQUIRED_BLOCK_TENSORS}
@@ -285,12 +285,14 @@ def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Pat
 
 # --- the loader --------------------------------------------------------------------------
 def load_hf_dir(path: str | Path) -> ModelSource:
-    """A Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3) as a lazy ModelSource."""
+    """A Hugging Face model directory of float weights (Llama, Mistral, Qwen2, Qwen3) as a
+    lazy ModelSource. io.loader.load_source also reads integer-quantized ones."""
     path = Path(path)
     config = read_config(path)
     if config.get("quantization_config") or (path / "quantize_config.json").is_file():
-        from llmpress.io.gptq_checkpoint import load_quantized_hf_dir  # GPTQ, AWQ, ...
-        return load_quantized_hf_dir(path)
+        # io.loader.load_source reads these through io.gptq_checkpoint
+        raise LlmpressError(f"{path}: an integer-quantized checkpoint (GPTQ, AWQ or "
+                            "compressed-tensors); float weights are needed here")
     hp = hyperparameters(config, path)
     arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
     metadata = gguf_metadata(hp, arch, path.resolve().name, path)
@@ -313,7 +315,7 @@ def load_hf_dir(path: str | Path) -> ModelSource:
                                 f"{hp['model_type']} models")
         if gguf_name == "output.weight" and hp["tie_word_embeddings"]:
             continue  # tied: the runtime reuses token_embd, as llama.cpp does
-        generic, block = _generic_name(gguf_name)
+        generic, block = generic_name(gguf_name)
         if generic not in shapes:
             raise LlmpressError(f"{file}: tensor {hf_name} is not supported by the llmpress "
                                 "runtime (biases on o_proj or the MLP?)")
@@ -333,7 +335,7 @@ def load_hf_dir(path: str | Path) -> ModelSource:
         tensors[gguf_name] = TensorRef(
             name=gguf_name, ggml_type=ggml_type, shape=shape,
             n_bytes=math.prod(shape) * torch_dtype.itemsize,
-            read_bytes=_tensor_reader(handles[file], hf_name, heads))
+            read_bytes=tensor_reader(handles[file], hf_name, heads))
     check_complete(tensors, hp, path)
 
     if hp["rope"]["rope_type"] == "llama3":

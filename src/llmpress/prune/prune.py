@@ -32,6 +32,7 @@ from llmpress.calib.runner import (
 from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
 from llmpress.io.source import ModelSource, TensorRef
+from llmpress.kernels.device import default_device
 from llmpress.models.config import LlamaConfig, config_from_source
 from llmpress.models.llama import LlamaModel
 from llmpress.prune import structured, unstructured
@@ -209,7 +210,7 @@ def prune_model(source: ModelSource, config: PruneConfig, tokenizer=None,
 
 
 def _model(source: ModelSource, config: PruneConfig) -> LlamaModel:
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = config.device or default_device()
     return LlamaModel(source, mode="exact", device=device)
 
 

@@ -247,17 +247,17 @@ def calibrated_quantize(config, calib: CalibrationConfig,
     """Quantize config.input (quant.quantize.QuantizeConfig) with calib.method and write
     config.output. `calibration`: token sequences (N, T) to use instead of calib.text.
     With method "rtn" this is quantize_model itself."""
-    from llmpress.api import default_device, load_tokenizer
     from llmpress.calib.data import calibration_tokens, read_calibration_text
     from llmpress.calib.runner import run_layers
     from llmpress.io.gguf_write import GGUFStreamWriter
+    from llmpress.io.loader import load_source, load_tokenizer
+    from llmpress.kernels.device import default_device
     from llmpress.models.llama import LlamaModel
     from llmpress.quant.quantize import (
         QuantizeReport,
         TensorReport,
         dequantize_ref,
         load_imatrix,
-        load_source,
         plan_quantization,
         quantize_model,
         quantize_tensor,
@@ -352,11 +352,12 @@ def gptq_checkpoint(source_dir: str | Path, out_dir: str | Path, grid, fmt: str 
     """GPTQ of every decoder Linear of a float Hugging Face directory onto `grid`
     (quant.gptq.IntGrid), written as a GPTQ or compressed-tensors pack-quantized
     directory (io.gptq_checkpoint); embeddings, norms and lm_head stay as they are."""
-    from llmpress.api import default_device, load_tokenizer
     from llmpress.calib.data import calibration_tokens, read_calibration_text
     from llmpress.calib.runner import run_layers
     from llmpress.io import gptq_checkpoint as ckpt
     from llmpress.io.hf import load_hf_dir, unpermute_qk
+    from llmpress.io.loader import load_tokenizer
+    from llmpress.kernels.device import default_device
     from llmpress.models.llama import LlamaModel
     from llmpress.models.names import PERMUTED_QK_ARCHS, hf_tensor_name
     from llmpress.quant.gptq import IntGridTarget, gptq_quantize, rtn_quantize

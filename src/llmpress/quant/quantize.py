@@ -28,7 +28,6 @@ from gguf import GGUFValueType
 
 from llmpress.errors import LlmpressError
 from llmpress.formats import FORMATS, dequantize_tensor, get_format
-from llmpress.io.gguf import load_gguf
 from llmpress.io.gguf_write import (
     GGUFLayout,
     GGUFStreamWriter,
@@ -36,6 +35,7 @@ from llmpress.io.gguf_write import (
     TensorSlot,
     plan_gguf,
 )
+from llmpress.io.loader import load_source
 from llmpress.io.source import ModelSource, TensorRef
 from llmpress.kernels.cpu import one_torch_thread
 from llmpress.quant.imatrix import read_imatrix_file
@@ -161,16 +161,6 @@ def load_imatrix(path: Path | str) -> ImportanceMatrix:
 
 
 # --- planning --------------------------------------------------------------------------
-def load_source(model: Path | str | ModelSource) -> ModelSource:
-    if isinstance(model, ModelSource):
-        return model
-    path = Path(model)
-    if path.is_dir():
-        from llmpress.io.hf import load_hf_dir  # Hugging Face directories only
-        return load_hf_dir(path)
-    return load_gguf(path)
-
-
 def output_metadata(source_metadata: Mapping[str, Any], ftype_number: int,
                     imatrix: ImportanceMatrix | None) -> dict[str, Any]:
     """The output's KVs in llama-quantize's order: the input's (split keys dropped), then
