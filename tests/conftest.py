@@ -15,6 +15,17 @@ TENSOR_HASHES = REFERENCE / "smollm2-135m-llamacpp-tensors.json"
 REFERENCE_IMATRIX = REFERENCE / "smollm2-135m-imatrix-pydoc.gguf"
 
 
+# The fixtures that bring in the real default model. A test that uses one (directly or
+# through another fixture) is `slow`; `pytest -m "not slow"` runs the rest, the fast set.
+REAL_MODEL_FIXTURES = {"default_model_path", "f32_gguf"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1 GGUF, pulled once into the llmpress cache."""

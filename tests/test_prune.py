@@ -144,7 +144,9 @@ def test_removing_a_layer_equals_the_original_with_that_layer_zeroed():
     tensors, meta = structured.remove_layers(src.tensors, src.metadata, 4, [1])
     removed = in_memory_source(src.path, meta, tensors)
     assert meta["llama.block_count"] == 3 and "blk.3.attn_q.weight" not in tensors
-    assert tensors["blk.1.attn_q.weight"] is not None
+    # the layers after the removed one move down a place, their bytes unchanged
+    assert torch.equal(tensors["blk.1.attn_q.weight"].read_bytes(),
+                       src.tensors["blk.2.attn_q.weight"].read_bytes())
     torch.testing.assert_close(logits_of(removed, tokens), logits_of(masked, tokens))
 
 
@@ -228,7 +230,11 @@ def test_prune_model_layers_gives_a_smaller_model_that_runs(metric):
     # the new blk.0 is the old first kept layer, byte for byte
     assert torch.equal(result.source.tensors["blk.0.ffn_up.weight"].read_bytes(),
                        src.tensors[f"blk.{kept[0]}.ffn_up.weight"].read_bytes())
-    logits_of(result.source, random_tokens(1, 8))
+    if metric == "angular":  # Gromov et al. remove one contiguous block of layers
+        first = result.removed_layers[0]
+        assert result.removed_layers == [first, first + 1]
+    logits = logits_of(result.source, random_tokens(1, 8))
+    assert logits.shape[-2] == 8 and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("uniform", [True, False])
@@ -264,17 +270,24 @@ def test_prune_model_width(uniform, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="layers", n_layers=4), "cannot remove 4 of 4 layers"),
     (dict(method="layers", n_layers=9), "cannot remove 9 of 4 layers"),
-    (dict(method="wanda", pattern="4:8"), None),  # fits: 64 and 96 divide by 8
     (dict(method="wanda", pattern="64:128"), "do not divide"),
 ])
 def test_bad_structured_requests_are_errors(kwargs, message):
     src = tiny_llama(n_layers=4)
     cfg = PruneConfig(**kwargs, n_sequences=2, seq_len=16)
-    if message is None:
-        prune_model(src, cfg, FakeTokenizer())
-        return
     with pytest.raises(LlmpressError, match=message):
         prune_model(src, cfg, FakeTokenizer())
+
+
+def test_a_pattern_that_divides_every_row_is_applied_to_every_linear():
+    src = tiny_llama(n_layers=4)  # rows of 64 and 96 values: both divide by 8
+    result = prune_model(src, PruneConfig(method="wanda", pattern="4:8", n_sequences=2,
+                                          seq_len=16), FakeTokenizer())
+    assert len(result.linears) == 4 * 7
+    for linear in result.linears:
+        name = f"blk.{linear.layer}.{linear.name}.weight"
+        w = read_float(result.source.tensors[name])
+        assert ((w != 0).reshape(w.shape[0], -1, 8).sum(-1) == 4).all(), name
 
 
 @pytest.mark.parametrize("kwargs", [dict(method="prune"), dict(method="wanda", sparsity=1.0),
