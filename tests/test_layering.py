@@ -56,13 +56,12 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imported_modules(module: str) -> set[str]:
-    """The llmpress modules `module` imports. `from pkg import name` counts as pkg.name when
-    that is a module, else as pkg."""
-    path = MODULES[module]
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+def imports_in(text: str, package: str) -> set[str]:
+    """The llmpress modules a module's source imports, `package` being the package it is
+    in (for relative imports). `from pkg import name` counts as pkg.name when that is a
+    module, else as pkg."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -72,7 +71,13 @@ def imported_modules(module: str) -> set[str]:
                 base = ".".join(anchor + ([node.module] if node.module else []))
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
-    return {name for name in found if name in MODULES and name != module}
+    return {name for name in found if name in MODULES}
+
+
+def imported_modules(module: str) -> set[str]:
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    return imports_in(path.read_text(), package) - {module}
 
 
 GRAPH = {module: imported_modules(module) for module in MODULES}
@@ -165,8 +170,17 @@ def test_cycle_finder(graph, expected):
     assert cycles(graph) == expected
 
 
-def test_import_reader_sees_deferred_imports():
-    # api imports the model at the top of the module; calibrated.py defers its
-    # imports into functions: both are dependencies all the same.
-    assert "llmpress.models.llama" in GRAPH["llmpress.api"]
-    assert "llmpress.calib.runner" in GRAPH["llmpress.quant.calibrated"]
+def test_import_reader_sees_every_kind_of_import():
+    text = """
+import llmpress.errors
+from llmpress.io import gguf
+from . import float
+from .base import BlockFormat
+import numpy
+
+def later():
+    from llmpress.models.llama import LlamaModel  # deferred: a dependency all the same
+"""
+    assert imports_in(text, "llmpress.formats") == {
+        "llmpress.errors", "llmpress.io.gguf", "llmpress.formats.float",
+        "llmpress.formats.base", "llmpress.models.llama"}

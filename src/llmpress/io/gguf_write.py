@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import GGUFValueType as V
 
 from llmpress.errors import LlmpressError
+from llmpress.io.files import replacing
 
 GGUF_VERSION = 3
 DEFAULT_ALIGNMENT = 32
@@ -233,14 +233,13 @@ class GGUFStreamWriter:
 
     def __enter__(self) -> GGUFStreamWriter:
         check_output_path(self.path, self.protect)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                   suffix=".partial")
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "wb")
+        self._target = replacing(self.path, suffix=".partial")
+        self._tmp = self._target.__enter__()
         try:
+            self._file = open(self._tmp, "wb")
             self._file.write(self.layout.header)
-        except BaseException:
-            self._discard()
+        except BaseException as exc:
+            self._finish(exc)
             raise
         return self
 
@@ -266,46 +265,25 @@ class GGUFStreamWriter:
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            self._discard()
-            return False
-        if self._next != len(self.layout.tensors):
-            self._discard()
+        if exc is None and self._next != len(self.layout.tensors):
             missing = self.layout.tensors[self._next].name
-            raise LlmpressError(f"{self.path}: not written, tensor {missing} and "
+            exc = LlmpressError(f"{self.path}: not written, tensor {missing} and "
                                 f"{len(self.layout.tensors) - self._next - 1} more never came")
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp makes it private
-            os.replace(self._tmp, self.path)
-            _fsync_dir(self.path.parent)
-        except BaseException:
-            self._discard()
-            raise
+            self._finish(exc)
+            raise exc
+        self._finish(exc)
         return False
 
-    def _discard(self) -> None:
-        if self._file is not None and not self._file.closed:
+    def _finish(self, exc: BaseException | None) -> None:
+        """Close the file, then io.files.replacing renames it onto the path (exc None) or
+        removes it."""
+        if self._file is not None:
             self._file.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform; the rename is done anyway
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+            self._file = None
+        if exc is None:
+            self._target.__exit__(None, None, None)
+        else:
+            self._target.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def check_output_path(path: Path, protect: Iterable[Path] = ()) -> None:

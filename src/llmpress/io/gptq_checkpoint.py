@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from llmpress.errors import LlmpressError
+from llmpress.io.files import replacing_directory
 from llmpress.io.source import ModelSource, TensorRef
 
 PACKABLE_BITS = (2, 4, 8)  # bits whose codes tile an int32 word exactly
@@ -500,8 +499,7 @@ def write_quantized_dir(source_dir: str | Path, out_dir: str | Path,
     if missing:
         raise LlmpressError(f"{source_dir}: no weights for {', '.join(sorted(missing))}")
     config["quantization_config"] = quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replacing_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if fmt == "gptq":
@@ -511,8 +509,4 @@ def write_quantized_dir(source_dir: str | Path, out_dir: str | Path,
             if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (
                     "config.json", "model.safetensors.index.json", "quantize_config.json"):
                 shutil.copy2(extra, tmp / extra.name)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -31,6 +31,7 @@ from llmpress.calib.runner import (
 )
 from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
+from llmpress.io.files import replacing_directory
 from llmpress.io.source import ModelSource, TensorRef
 from llmpress.kernels.device import default_device
 from llmpress.models.config import LlamaConfig, config_from_source
@@ -565,9 +566,6 @@ def write_pruned_hf(result: PruneResult, out_dir: str | Path, dtype: str = "bflo
     the tokenizer: copied from an HF input, or tokenizer.json built from the GGUF
     vocabulary). Uniform widths only. Written to a temporary directory, then renamed."""
     import json
-    import os
-    import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
@@ -582,15 +580,10 @@ def write_pruned_hf(result: PruneResult, out_dir: str | Path, dtype: str = "bflo
     tensors = hf_tensors(result.source, HF_DTYPES[dtype])
     if config["tie_word_embeddings"]:
         tensors.pop("lm_head.weight", None)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replacing_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_hf_tokenizer(result.original, tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
