@@ -392,6 +392,31 @@ def test_recommend_smallest_within_budget():
     assert R.recommend(small_base, 0.05).is_base
 
 
+def test_the_base_is_a_point_of_the_front():
+    """The README's sweep: a Q4_1 base requantized to larger and smaller types. The front
+    runs through the base, not only through the smaller files."""
+    rows = [_row("Q4_1", 93.8, 0.0, base=True), _row("Q8_0", 138.1, 0.00114),
+            _row("Q6_K", 132.0, 0.00489), _row("Q4_K_M", 100.6, 0.0495),
+            _row("Q4_0", 87.5, 0.292), _row("Q3_K_M", 89.2, 0.132), _row("Q2_K", 84.1, 0.406)]
+    assert [r.label for r in R.front_line(rows)] == ["Q2_K", "Q4_0", "Q3_K_M", "Q4_1"]
+
+
+def test_without_matplotlib_the_numbers_stay_and_one_line_says_why(tmp_path, monkeypatch, capsys):
+    from llmpress import cli_eval
+
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import fails
+    with pytest.raises(LlmpressError, match=r"pip install 'llmpress\[plot\]'"):
+        R.pyplot()
+    rows = [_row("F32", 500 * 2 ** 20, 0.0, base=True), _row("Q8_0", 140 * 2 ** 20, 0.004)]
+    settings = {"quality_mode": "exact", "ctx": 512, "windows": 4, "scored_tokens": 1000}
+    cli_eval._report(rows, settings, tmp_path, "sweep", 0.05, "t", as_json=False)
+    printed = capsys.readouterr()
+    assert "Q8_0" in printed.out and "written:" in printed.out and "sweep.png" not in printed.out
+    assert printed.err.strip() == "no plot: plots need matplotlib: pip install 'llmpress[plot]'"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv", "sweep.json"]
+    assert "png" not in json.loads((tmp_path / "sweep.json").read_text())["files"]
+
+
 def test_report_files(tmp_path):
     rows = [_row("F32", 500 * 2 ** 20, 0.0, base=True), _row("Q8_0", 140 * 2 ** 20, 0.004),
             _row("Q4_0", 88 * 2 ** 20, 0.29), _row("Q5_0", 100 * 2 ** 20, 0.3)]

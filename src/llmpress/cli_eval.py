@@ -231,32 +231,34 @@ class ConsoleProgress:
         return WindowProgress(label, self.enabled)
 
 
-def _write_outputs(rows, settings: dict, out_dir: Path, stem: str, budget: float,
-                   title: str) -> dict[str, str]:
+def _report(rows, settings: dict, out_dir: Path, stem: str, budget: float, title: str,
+            as_json: bool) -> None:
+    """The table first, then the plot (optional: matplotlib), then JSON and CSV naming the
+    files that were made: a missing plot never costs the numbers."""
     from llmpress.eval import report as R
+    if not as_json:
+        out.print(R.comparison_table(rows, title))
+        out.print(f"[dim]quality: {settings['quality_mode']} mode, ctx {settings['ctx']}, "
+                  f"{settings['windows']} windows ({settings['scored_tokens']} tokens scored); "
+                  "speed: fast mode, one process per model; * = on the Pareto front of size "
+                  "and mean KLD[/]")
+        out.print(R.recommendation_line(rows, budget))
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv",
+    files = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv",
              "png": out_dir / f"{stem}.png"}
-    R.write_json(R.report_dict(rows, settings, budget) | {"files": {k: str(v) for k, v in
-                                                                    paths.items()}}, paths["json"])
-    R.write_csv(rows, paths["csv"])
-    R.plot_size_vs_kld(rows, paths["png"], title, budget)
-    return {k: str(v) for k, v in paths.items()}
-
-
-def _show_report(rows, settings: dict, files: dict, budget: float, as_json: bool,
-                 title: str) -> None:
-    from llmpress.eval import report as R
+    try:
+        R.plot_size_vs_kld(rows, files["png"], title, budget)
+    except LlmpressError as exc:
+        err.print(f"no plot: {exc}", markup=False)
+        del files["png"]
+    files = {k: str(v) for k, v in files.items()}
+    report = R.report_dict(rows, settings, budget) | {"files": files}
+    R.write_json(report, files["json"])
+    R.write_csv(rows, files["csv"])
     if as_json:
-        print(json.dumps(R.report_dict(rows, settings, budget) | {"files": files}, indent=2))
-        return
-    out.print(R.comparison_table(rows, title))
-    out.print(f"[dim]quality: {settings['quality_mode']} mode, ctx {settings['ctx']}, "
-              f"{settings['windows']} windows ({settings['scored_tokens']} tokens scored); "
-              "speed: fast mode, one process per model; * = on the Pareto front of size "
-              "and mean KLD[/]")
-    out.print(R.recommendation_line(rows, budget))
-    out.print(f"written: {files['json']}, {files['csv']}, {files['png']}")
+        print(json.dumps(report, indent=2))
+    else:
+        out.print(f"written: {', '.join(files.values())}")
 
 
 def _bench_settings(args) -> BenchSettings | None:
@@ -271,8 +273,7 @@ def cmd_compare(args) -> None:
                         _bench_settings(args))
     rows, settings = compare_models(cfg, ConsoleProgress(not args.json))
     title = f"compared with {Path(args.base).name}"
-    files = _write_outputs(rows, settings, Path(args.out), "compare", args.budget, title)
-    _show_report(rows, settings, files, args.budget, args.json, title)
+    _report(rows, settings, Path(args.out), "compare", args.budget, title, args.json)
 
 
 # --- sweep -----------------------------------------------------------------------------------
@@ -307,8 +308,7 @@ def cmd_sweep(args) -> list:
     rows, settings = compare_models(cfg, ConsoleProgress(not args.json))
     settings |= {"types": types, "imatrix": args.imatrix, "work_dir": str(work)}
     title = f"{model.name}: quantization sweep" + (" (imatrix)" if args.imatrix else "")
-    files = _write_outputs(rows, settings, work, "sweep", args.budget, title)
-    _show_report(rows, settings, files, args.budget, args.json, title)
+    _report(rows, settings, work, "sweep", args.budget, title, args.json)
     return rows
 
 

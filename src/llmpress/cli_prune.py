@@ -134,10 +134,13 @@ def cmd_prune(args: argparse.Namespace) -> None:
     _print_result(result, report, source, output)
     if losses:
         from llmpress.prune.distill import save_loss_curve
-        png = save_loss_curve(losses, Path(str(output).rstrip("/") + ".distill.png"),
-                              f"{config.label()}: distillation")
+        try:
+            curve = save_loss_curve(losses, Path(str(output).rstrip("/") + ".distill.png"),
+                                    f"{config.label()}: distillation")
+        except LlmpressError as exc:  # no matplotlib: the model is written all the same
+            curve = f"not drawn ({exc})"
         console.print(f"distillation: KD loss {losses[0]:.4f} -> {losses[-1]:.4f} "
-                      f"over {len(losses)} steps; curve: {png}")
+                      f"over {len(losses)} steps; curve: {curve}", markup=False)
     if args.eval:
         _print_eval(evaluate_against_original(source.path, output, args.eval, args.ctx,
                                               args.chunks, args.device))

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.table import Table
 
+from llmpress.errors import LlmpressError
 from llmpress.io.files import write_bytes_atomically
 
 MIB = 2 ** 20
@@ -124,38 +125,54 @@ def write_csv(rows: list[ModelRow], path: str | Path) -> None:
     write_bytes_atomically(Path(path), out.getvalue().encode())
 
 
-def plot_size_vs_kld(rows: list[ModelRow], path: str | Path, title: str = "",
-                     kld_budget: float | None = None) -> None:
-    """PNG: file size (MiB) against mean KLD (log scale). Points on the Pareto front of all
-    rows (the base included: it has KLD 0, drawn as a vertical line at its size) are red and
-    joined; the budget, when given, is a horizontal line and the recommendation a star."""
-    import matplotlib
-
+def pyplot():
+    """matplotlib's pyplot, drawing to files only; a clear error when the optional
+    dependency is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise LlmpressError("plots need matplotlib: pip install 'llmpress[plot]'") from None
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def front_line(rows: list[ModelRow]) -> list[ModelRow]:
+    """The rows on the Pareto front of size and mean KLD, by size: what the plot joins.
+    The base (KLD 0) is one of its points: every larger file is worse than keeping it."""
     front = pareto_front([r.file_bytes for r in rows], [r.kld_mean for r in rows])
-    candidates = [(r, f) for r, f in zip(rows, front) if not r.is_base and r.kld_mean > 0]
+    return sorted((r for r, f in zip(rows, front) if f), key=lambda r: r.file_bytes)
+
+
+def plot_size_vs_kld(rows: list[ModelRow], path: str | Path, title: str = "",
+                     kld_budget: float | None = None) -> None:
+    """PNG: file size (MiB) against mean KLD. The axis is logarithmic above the smallest
+    nonzero KLD and linear below it, so the base (KLD 0) is drawn where it is, as a point
+    of the Pareto front (red, joined); the budget, when given, is a horizontal line and the
+    recommendation a star."""
+    plt = pyplot()
+    on_front = {id(r) for r in front_line(rows)}
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for row, on_front in candidates:
-        ax.scatter(row.file_bytes / MIB, row.kld_mean, s=36, zorder=3,
-                   color="tab:red" if on_front else "tab:gray")
-        ax.annotate(row.label, (row.file_bytes / MIB, row.kld_mean), textcoords="offset points",
+    for row in rows:
+        ax.scatter(row.file_bytes / MIB, row.kld_mean, s=60 if row.is_base else 36, zorder=3,
+                   marker="s" if row.is_base else "o",
+                   color="tab:red" if id(row) in on_front else "tab:gray")
+        label = f"{row.label} (base)" if row.is_base else row.label
+        ax.annotate(label, (row.file_bytes / MIB, row.kld_mean), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
-    line = sorted((r.file_bytes / MIB, r.kld_mean) for r, f in candidates if f)
-    if line:
+    line = [(r.file_bytes / MIB, r.kld_mean) for r in front_line(rows)]
+    if len(line) > 1:
         ax.plot(*zip(*line), color="tab:red", lw=1.2, zorder=2, label="Pareto front")
-    for base in (r for r in rows if r.is_base):
-        ax.axvline(base.file_bytes / MIB, color="tab:blue", ls="--", lw=1,
-                   label=f"base (KLD 0): {base.label}")
     if kld_budget is not None:
         ax.axhline(kld_budget, color="tab:green", ls=":", lw=1, label=f"budget {kld_budget:g}")
         best = recommend(rows, kld_budget)
-        if best is not None and not best.is_base:
+        if best is not None:
             ax.scatter(best.file_bytes / MIB, best.kld_mean, s=220, marker="*", zorder=4,
                        color="gold", edgecolors="black", label=f"recommended: {best.label}")
-    if candidates:
-        ax.set_yscale("log")
+    positive = [r.kld_mean for r in rows if r.kld_mean > 0]
+    if positive:
+        ax.set_yscale("symlog", linthresh=min(positive))
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("mean KL divergence from the base (nats)")
     ax.set_title(title or "size against quality loss")

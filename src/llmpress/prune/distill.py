@@ -236,10 +236,9 @@ def distill(student_source: ModelSource, teacher: LlamaModel, tokens: torch.Tens
 
 def save_loss_curve(losses: list[float], path: str | Path, title: str = "distillation") -> Path:
     """KD loss per step (and its 10-step moving average) as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from llmpress.eval.report import pyplot
 
+    plt = pyplot()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     steps = range(1, len(losses) + 1)
