@@ -176,3 +176,10 @@ def test_template_errors_are_one_clear_line(template, messages, message):
     with pytest.raises(LlmpressError, match=message) as info:
         render_chat(template, messages)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("template", ["{% for m in messages %}{{ m.content }",
+                                      "{{ missing.attr }}", FEATURES_TEMPLATE])
+def test_template_errors_name_the_option_that_replaces_the_template(template):
+    with pytest.raises(LlmpressError, match="use another template with --chat-template FILE"):
+        render_chat(template, [{"role": "tool", "content": "x"}])

@@ -75,7 +75,7 @@ class LanguageModel:
     """A loaded model with its tokenizer and chat template."""
 
     def __init__(self, source: ModelSource, *, mode: str = "fast", device: str | None = None,
-                 ctx: int | None = None):
+                 ctx: int | None = None, chat_template: str | None = None):
         if mode not in ("fast", "exact"):
             raise LlmpressError(f"mode must be 'fast' or 'exact', not {mode!r}")
         self.source = source
@@ -83,6 +83,8 @@ class LanguageModel:
         self.device = device or default_device()
         self.model = LlamaModel(source, mode=mode, device=self.device)
         self.tokenizer = load_tokenizer(source)
+        if chat_template is not None:  # the caller's template replaces the model's
+            self.tokenizer.chat_template = chat_template
         self.context_length = ctx or min(DEFAULT_CONTEXT, self.model.cfg.context_length)
         if self.context_length < 2:
             raise LlmpressError("the context must hold at least 2 tokens")
@@ -142,6 +144,8 @@ class LanguageModel:
 
 
 def load(model: str | os.PathLike, *, mode: str = "fast", device: str | None = None,
-         ctx: int | None = None) -> LanguageModel:
-    """Load a GGUF file, a Hugging Face directory, or a pulled name ("smollm2")."""
-    return LanguageModel(load_source(hub.resolve(model)), mode=mode, device=device, ctx=ctx)
+         ctx: int | None = None, chat_template: str | None = None) -> LanguageModel:
+    """Load a GGUF file, a Hugging Face directory, or a pulled name ("smollm2").
+    chat_template: Jinja text used instead of the model's own template."""
+    return LanguageModel(load_source(hub.resolve(model)), mode=mode, device=device, ctx=ctx,
+                         chat_template=chat_template)

@@ -34,7 +34,28 @@ def _load(args, **overrides):
     from llmpress.api import load
     with console.status(f"loading {args.model} ...") if sys.stdout.isatty() else _nothing():
         return load(args.model, mode=getattr(args, "mode", "fast"), ctx=getattr(args, "ctx", None),
-                    device=getattr(args, "device", None), **overrides)
+                    device=getattr(args, "device", None), chat_template=_chat_template(args),
+                    **overrides)
+
+
+def _chat_template(args) -> str | None:
+    """The text of --chat-template FILE, or None (the model's own template)."""
+    path = getattr(args, "chat_template", None)
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LlmpressError(f"cannot read the chat template {path}: "
+                            f"{exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise LlmpressError(f"the chat template {path} is not UTF-8 text") from None
+
+
+def _use_threads(args) -> None:
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
 
 
 class _nothing:
@@ -88,9 +109,7 @@ def _print_stream(chunks) -> str:
 
 
 def cmd_run(args) -> None:
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    _use_threads(args)
     lm = _load(args)
     prompt = args.prompt
     if prompt == "-":
@@ -101,6 +120,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_chat(args) -> None:
+    _use_threads(args)
     lm = _load(args)
     history: list[dict] = []
     if args.system:
@@ -207,8 +227,10 @@ def cmd_demo(args) -> None:
 
 def cmd_serve(args) -> None:
     from llmpress.runtime.server import serve
+    _use_threads(args)
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx,
-          api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"))
+          api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"), mode=args.mode,
+          device=args.device, chat_template=_chat_template(args))
 
 
 # --- argument parsing -------------------------------------------------------------------
@@ -219,6 +241,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length (default 4096 "
                    "or the model's limit if smaller)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+
+
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    """What run, chat and serve share beyond the model: threads and the chat template."""
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: "
+                   "torch's choice)")
+    p.add_argument("--chat-template", metavar="FILE", default=None, help="a Jinja chat "
+                   "template used instead of the model's own")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -250,12 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", required=True, help="the prompt text, or - for stdin")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("-t", "--threads", type=int, default=None)
+    _add_chat_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat with history")
     _add_model_args(p)
+    _add_chat_args(p)
     p.add_argument("--system", default=None, help="a system message")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
@@ -277,10 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo, mode="fast", ctx=None, device=None)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    p.add_argument("model")
+    _add_model_args(p)
+    _add_chat_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--ctx", type=int, default=None)
     p.add_argument("--api-key", default=None, help="require this bearer token "
                    "(or set LLMPRESS_API_KEY)")
     p.set_defaults(func=cmd_serve)

@@ -21,6 +21,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmpress.errors import LlmpressError
 
+# What a user can do about a template that fails: the option of run, chat and serve
+# (load(..., chat_template=TEXT) in Python).
+OVERRIDE_HINT = "use another template with --chat-template FILE"
+
 # Used when a model carries no template: ChatML, the format most small chat models use.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -127,14 +131,15 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
         compiled = _compile(template)
     except jinja2.TemplateSyntaxError as e:
         raise LlmpressError(f"the model's chat template is not valid Jinja: {_one_line(e)}; "
-                            "pass another template") from None
+                            f"{OVERRIDE_HINT}") from None
     variables = {"tools": None, "documents": None, **extra}
     try:
         text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=bos_token, eos_token=eos_token, **variables)
     except TemplateRaised as e:
-        raise LlmpressError(f"the chat template refused these messages: {_one_line(e)}") from None
+        raise LlmpressError(f"the chat template refused these messages: {_one_line(e)}; "
+                            f"{OVERRIDE_HINT}") from None
     except Exception as e:  # undefined names, sandbox refusals, TypeError... in the template
         raise LlmpressError(f"the chat template failed on these messages: "
-                            f"{type(e).__name__}: {_one_line(e)}") from None
+                            f"{type(e).__name__}: {_one_line(e)}; {OVERRIDE_HINT}") from None
     return text

@@ -777,14 +777,14 @@ def server_url(sock: socket.socket) -> str:
 
 def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, ctx: int | None = None, api_key: str | None = None, *,
-          mode: str = "fast", device: str | None = None,
+          mode: str = "fast", device: str | None = None, chat_template: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE) -> None:
     """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY."""
     from llmpress.api import load  # the public API sits above runtime; only serve needs it
 
     if api_key is None:
         api_key = os.environ.get("LLMPRESS_API_KEY") or None
-    lm = load(model_path_or_name, ctx=ctx, mode=mode, device=device)
+    lm = load(model_path_or_name, ctx=ctx, mode=mode, device=device, chat_template=chat_template)
     model_id, aliases = model_names(Path(lm.source.path), str(model_path_or_name))
     sock = bind_socket(host, port)
     if not logging.getLogger().handlers and not log.handlers:
