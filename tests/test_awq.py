@@ -136,6 +136,7 @@ def test_bad_input_is_refused():
         CalibrationConfig(tokens=100, seq_len=512)
 
 
+@pytest.mark.slow
 def test_awq_pipeline_writes_a_better_model_than_rounding(tmp_path):
     """Layer by layer on a tiny model whose norms create outlier channels: the written
     file (folded norms, scaled weights, Q4_0) is closer to the float model than plain

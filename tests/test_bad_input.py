@@ -48,6 +48,7 @@ def tiny_model_file(path, arch="llama", tensor_type=None):
     return path
 
 
+@pytest.mark.slow
 def test_missing_path(tmp_path, capsys):
     assert "no such file" in run_info(tmp_path / "nope.gguf", capsys)
 
@@ -126,6 +127,7 @@ def test_missing_metadata_key(tmp_path, capsys):
     assert "is missing" in run_info(path, capsys)
 
 
+@pytest.mark.slow
 def test_no_traceback_from_the_real_command(tmp_path):
     path = tmp_path / "junk.gguf"
     path.write_bytes(b"GGUF" + b"\xff" * 40)
@@ -135,6 +137,7 @@ def test_no_traceback_from_the_real_command(tmp_path):
     assert "Traceback" not in done.stderr and done.stderr.startswith("error: ")
 
 
+@pytest.mark.slow
 def test_bad_arguments_exit_nonzero():
     done = subprocess.run([sys.executable, "-m", "llmpress.cli", "run"], capture_output=True,
                           text=True)

@@ -70,6 +70,7 @@ def full_forward(model, tokens):
     return model(tokens, cache)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant_type", [None, "Q8_0"])
 def test_layer_by_layer_equals_full_forward(quant_type):
     model = LlamaModel(tiny_llama(quant_type=quant_type), mode="exact")
@@ -79,6 +80,7 @@ def test_layer_by_layer_equals_full_forward(quant_type):
     torch.testing.assert_close(final_logits(model, hidden), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fast_mode_model_is_restored_after_a_run():
     model = LlamaModel(tiny_llama(quant_type="Q8_0"), mode="fast")
     tokens = random_tokens(2, 20)
@@ -95,6 +97,7 @@ def test_fast_mode_model_is_restored_after_a_run():
                                full_forward(exact, tokens[:, :1]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_statistics_match_inputs_captured_directly():
     """Hook statistics equal those computed from the layer's inputs recomputed by hand."""
     model = LlamaModel(tiny_llama(), mode="exact")

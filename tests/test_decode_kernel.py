@@ -22,6 +22,7 @@ def tiny_dirs(tmp_path_factory):
             for arch in ("llama", "qwen2", "qwen3")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
                                        "Q5_K", "Q6_K"])

@@ -39,6 +39,7 @@ def test_kld_of_identical_distributions_is_zero():
     assert s.ppl == s.ppl_base
 
 
+@pytest.mark.slow
 def test_kld_of_bernoulli_pairs_matches_closed_form():
     a = torch.tensor([0.1, 0.5, 0.9, 0.3], dtype=torch.float64)
     b = torch.tensor([0.2, 0.5, 0.6, 0.01], dtype=torch.float64)
@@ -300,6 +301,7 @@ def test_compact_kld_exact_when_the_tail_is_only_rescaled():
                                rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_compact_kld_close_to_exact_on_broad_distributions():
     """Heavy tails (30% of the mass outside the top k): the tail estimate keeps the mean
     within 1% where top-k plus rest mass alone would read far lower."""
@@ -417,6 +419,7 @@ def test_without_matplotlib_the_numbers_stay_and_one_line_says_why(tmp_path, mon
     assert "png" not in json.loads((tmp_path / "sweep.json").read_text())["files"]
 
 
+@pytest.mark.slow
 def test_report_files(tmp_path):
     rows = [_row("F32", 500 * 2 ** 20, 0.0, base=True), _row("Q8_0", 140 * 2 ** 20, 0.004),
             _row("Q4_0", 88 * 2 ** 20, 0.29), _row("Q5_0", 100 * 2 ** 20, 0.3)]

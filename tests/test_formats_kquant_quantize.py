@@ -73,6 +73,7 @@ def _importances(rng: np.random.Generator, cols: int) -> dict[str, np.ndarray | 
     return {"none": None, "squared": squared, "with_zeros": with_zeros}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("type_name", list(TYPES))
 def test_random_tensors_match_ggml(type_name: str) -> None:
     rng = np.random.default_rng(20240601)

@@ -159,6 +159,7 @@ def assert_reads_exactly(path, expected, float_dir):
 
 
 # --- in ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, False), (2, True)])
 def test_gptq_checkpoint_from_a_reference_packer_reads_exactly(float_dir, tmp_path, bits,
                                                                act_order):
@@ -171,6 +172,7 @@ def test_gptq_checkpoint_from_a_reference_packer_reads_exactly(float_dir, tmp_pa
     assert_reads_exactly(path, expected, float_dir)
 
 
+@pytest.mark.slow
 def test_gptq_quantize_config_json_and_runtime(float_dir, tmp_path):
     """The older layout: quantize_config.json beside a config.json without
     quantization_config. The runtime runs the checkpoint like its dequantized twin."""
@@ -191,6 +193,7 @@ def test_gptq_quantize_config_json_and_runtime(float_dir, tmp_path):
     assert torch.isfinite(logits).all() and logits.shape == (1, 12, 300)
 
 
+@pytest.mark.slow
 def test_awq_gemm_checkpoint_from_a_reference_packer_reads_exactly(float_dir, tmp_path):
     config = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
               "version": "gemm"}
@@ -249,6 +252,7 @@ def export(float_dir, calibration, tmp_path_factory):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grid", [IntGrid(4, 32, symmetric=True), IntGrid(4, 32),
                                   IntGrid(8, 64, symmetric=True)],
                          ids=["4b-sym", "4b-zp", "8b-sym"])
@@ -270,6 +274,7 @@ def test_gptq_export_unpacks_to_our_weights(float_dir, export, grid):
         (float_dir / "tokenizer_config.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_compressed_tensors_export_decompresses_to_our_weights(float_dir, export, symmetric):
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -358,6 +363,7 @@ def test_pack_round_trip_and_awq_order():
 
 
 # --- the commands ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_gptq_convert_and_quantize_method(float_dir, tmp_path, capsys):
     """`llmpress gptq`, `llmpress convert` and `llmpress quantize --method awq+gptq` on a
     tiny directory with a tokenizer; calibration text from a file."""

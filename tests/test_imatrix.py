@@ -179,6 +179,7 @@ def test_token_chunks_like_llama_imatrix():
         token_chunks(tokens, 8, None, None)
 
 
+@pytest.mark.slow
 def test_layer_by_layer_collection_equals_hooks_on_a_full_forward():
     """collect_imatrix (the calibration runner, layer by layer) against hooks on every
     Linear during ordinary full-model forward passes of the same sequences."""

@@ -66,6 +66,7 @@ def test_catalog_config_gives_the_gguf_tensors(spec, reference):
                    ["file_bytes"] - 1) < 0.005, ftype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(catalog.catalog()))
 def test_catalog_parameter_counts_match_transformers(name):
     """Tensor shapes per architecture (Llama, Mistral, Qwen2, Gemma 2, Phi-3) against the
@@ -121,6 +122,7 @@ def test_kv_cache_and_compute_buffer_match_llama_cpp(spec, default_model_path, c
 
 
 # --- our runtime -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_peak_rss_of_a_child_is_its_own():
     """A small child of a big parent reports its own peak, not the parent's (ru_maxrss is
     carried across fork + exec on Linux; that made CI measure pytest instead of `run`)."""

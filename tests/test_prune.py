@@ -51,6 +51,7 @@ def test_magnitude_keeps_the_largest_and_wanda_uses_activation_norms():
         [[True, False, True, False, False, True, True, False]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", [None, Pattern(2, 4)])
 def test_error_ordering_sparsegpt_wanda_magnitude(pattern):
     """On the same layer and data: SparseGPT ≤ Wanda ≤ magnitude in ‖(W−W')X‖²/‖WX‖²."""
@@ -136,6 +137,7 @@ def with_zeroed(source, names_and_slices):
     return in_memory_source(source.path, source.metadata, tensors)
 
 
+@pytest.mark.slow
 def test_removing_a_layer_equals_the_original_with_that_layer_zeroed():
     src = tiny_llama(n_layers=4)
     tokens = random_tokens(2, 16)
@@ -193,6 +195,7 @@ def test_block_influence_and_angular_distance():
     assert structured.lowest_influence_layers([0.3, 0.1, 0.2, 0.05], 2) == [1, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_prune_model_unstructured_on_a_tiny_model(method):
     src = tiny_llama(n_layers=2)
@@ -206,6 +209,7 @@ def test_prune_model_unstructured_on_a_tiny_model(method):
     assert len(result.linears) == 14 and all(r.error > 0 for r in result.linears)
 
 
+@pytest.mark.slow
 def test_prune_model_owl_and_pattern():
     src = tiny_llama(n_layers=3)
     owl = prune_model(src, PruneConfig(method="wanda", sparsity=0.5, owl=True, n_sequences=4,
@@ -218,6 +222,7 @@ def test_prune_model_owl_and_pattern():
     assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", ["influence", "angular"])
 def test_prune_model_layers_gives_a_smaller_model_that_runs(metric):
     src = tiny_llama(n_layers=4)
@@ -237,6 +242,7 @@ def test_prune_model_layers_gives_a_smaller_model_that_runs(metric):
     assert logits.shape[-2] == 8 and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("uniform", [True, False])
 def test_prune_model_width(uniform, tmp_path):
     src = tiny_llama(n_layers=4, n_heads=4, n_kv=2, ffn=256)
@@ -279,6 +285,7 @@ def test_bad_structured_requests_are_errors(kwargs, message):
         prune_model(src, cfg, FakeTokenizer())
 
 
+@pytest.mark.slow
 def test_a_pattern_that_divides_every_row_is_applied_to_every_linear():
     src = tiny_llama(n_layers=4)  # rows of 64 and 96 values: both divide by 8
     result = prune_model(src, PruneConfig(method="wanda", pattern="4:8", n_sequences=2,
@@ -324,6 +331,7 @@ def test_kd_loss_is_kl_divergence():
     assert kd_loss(t, t).item() == pytest.approx(0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_distillation_lowers_the_loss_keeps_zeros_and_resumes(tmp_path):
     teacher_src = tiny_llama(n_layers=3)
     teacher = LlamaModel(teacher_src, mode="exact")
@@ -353,6 +361,7 @@ def test_distillation_lowers_the_loss_keeps_zeros_and_resumes(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     teacher = LlamaModel(tiny_llama(n_layers=2), mode="exact")
     tokens = random_tokens(4, 16)
@@ -378,6 +387,7 @@ from llmpress.io.gguf import load_gguf  # noqa: E402
 from llmpress.prune.prune import write_pruned  # noqa: E402
 
 
+@pytest.mark.slow
 def test_width_pruned_model_written_in_input_types_reads_back(tmp_path):
     src = tiny_llama(n_layers=2, ffn=128, quant_type="Q8_0")
     result = prune_model(src, PruneConfig(method="width", ratio=0.5, n_sequences=4, seq_len=32),
@@ -462,6 +472,7 @@ def test_cli_bad_input_is_one_error_line(tiny_gguf, tmp_path, capsys, args, word
 from llmpress.prune.prune import write_pruned_hf  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_width_pruned_hf_directory_matches_transformers(tmp_path, arch):
     """transformers, the independent reference, computes the same logits from the written

@@ -161,6 +161,7 @@ def test_cli_quantizes_and_reports(tmp_path, capsys):
     assert "would overwrite the input" in errors[1]
 
 
+@pytest.mark.slow
 def test_hugging_face_directory_quantizes_like_its_gguf_view(tmp_path):
     """IN may be a Hugging Face directory: F16 weights copied unchanged give the same
     logits as running the directory itself; Q8_0 gives the bytes of quantizing its view."""

@@ -42,6 +42,7 @@ def test_repeat_penalty_divides_positive_and_multiplies_negative():
     assert out.tolist() == [1.0, -4.0, 1.0]
 
 
+@pytest.mark.slow
 def test_seed_makes_draws_reproducible_and_follow_the_distribution():
     logits = torch.tensor([0.0, 0.0, 1.0, 2.0])
     cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)

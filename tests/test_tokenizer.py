@@ -247,6 +247,7 @@ def _one_name_per_group() -> list[str]:
     return names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pre", _one_name_per_group())
 def test_pre_tokenizers_match_llama_cpp(bpe_vocab, wikitext_bytes, tmp_path, pre):
     meta = {**bpe_vocab, "tokenizer.ggml.pre": pre}
