@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from llmpress.errors import LlmpressError
+from llmpress.formats import cquant
+
 
 class BlockFormat:
     name: str
@@ -55,7 +58,36 @@ class BlockFormat:
         return self.dequantize_blocks(blocks).reshape(shape)
 
     def quantize(self, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-        """float32 (..., row) -> uint8 (..., row_bytes). `importance` is per column (row,)."""
+        """float32 (..., row) -> uint8 (..., row_bytes). `importance` is per column (row,).
+
+        The one place that picks the engine: the C quantizers (cquant) when built, else
+        the numpy ports below (same bytes)."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        row = values.shape[-1]
+        if row % self.block_size:
+            raise LlmpressError(
+                f"{self.name} needs rows that are a multiple of {self.block_size} values, "
+                f"got rows of {row}"
+            )
+        if importance is not None:
+            importance = np.ascontiguousarray(importance, dtype=np.float32)
+            if importance.shape != (row,):
+                raise LlmpressError(
+                    f"importance has shape {importance.shape}, the rows need ({row},)"
+                )
+        if cquant.supports(self.ggml_type):
+            rows = values.reshape(-1, row)
+            out = cquant.quantize_rows(self.ggml_type, rows, importance, self.row_bytes(row))
+            return out.reshape(*values.shape[:-1], self.row_bytes(row))
+        # Blocks quantizers (block_size > 1) would silently write garbage for NaN/inf; the
+        # float types store them as they are.
+        if self.block_size > 1 and not np.isfinite(values).all():
+            bad_row = int(np.argmin(np.isfinite(values.reshape(-1, row)).all(axis=1)))
+            raise LlmpressError(f"row {bad_row} holds a NaN or an infinity; cannot quantize it")
+        return self.quantize_numpy(values, importance)
+
+    def quantize_numpy(self, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """`quantize` through the numpy ports (the readable reference, and the fallback)."""
         values = np.ascontiguousarray(values, dtype=np.float32)
         row = values.shape[-1]
         blocks = values.reshape(-1, self.block_size)
