@@ -172,49 +172,6 @@ static float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const fl
     return scale;
 }
 
-/* make_q3_quants(do_rmse = true): weight x^2, then up to 5 passes of one-level moves. */
-static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
-    float amax;
-    float max = first_abs_max(n, x, &amax);
-    if (amax < GROUP_MAX_EPS) {
-        memset(L, 0, n);
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * x[i])));
-        L[i] = (int8_t)l;
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
-    for (int itry = 0; itry < 5; ++itry) {
-        int n_changed = 0;
-        for (int i = 0; i < n; ++i) {
-            float w = x[i] * x[i];
-            float slx = sumlx - w * x[i] * L[i];
-            if (slx > 0) {
-                float sl2 = suml2 - w * L[i] * L[i];
-                int new_l = MAX(-nmax, MIN(nmax - 1, nearest_int(x[i] * sl2 / slx)));
-                if (new_l != L[i]) {
-                    slx += w * x[i] * new_l;
-                    sl2 += w * new_l * new_l;
-                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
-                        L[i] = (int8_t)new_l;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        ++n_changed;
-                    }
-                }
-            }
-        }
-        if (!n_changed) break;
-    }
-    for (int i = 0; i < n; ++i) L[i] += nmax;
-    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
-}
-
 /* make_qkx2_quants / make_qkx3_quants with explicit weights (they are the same then,
  * except for the degenerate test: qkx2 asks max == min, qkx3 max <= min; the two differ
  * only when max < min, i.e. never for finite x). Levels 0..nmax; *the_min = -min. */
@@ -358,6 +315,204 @@ static inline int best_index_iq4(float x) {
     return x - IQ4_LEVELS[hi - 1] < IQ4_LEVELS[hi] - x ? hi - 1 : hi;
 }
 
+/* ------------------------------------------------------------------ the searches, in lanes
+ *
+ * The same searches for LANES independent groups at once (GCC/Clang vector extensions,
+ * 16-byte vectors: native SSE2 on baseline x86-64, NEON on ARM; wider vectors would be
+ * split element by element on baseline x86-64), laid out position-major: x[i] holds
+ * value i of the LANES groups. Each lane does exactly its group's scalar operations in
+ * ggml's order (add, mul, div are IEEE in every lane); only groups are interleaved.
+ * Branches become per-lane selects; a lane whose group ggml returns early from (all
+ * zero, flat) runs the search on meaningless values and is overwritten at the end with
+ * what ggml's early return gives. */
+#define LANES 4
+typedef float lanes_f __attribute__((vector_size(16)));
+typedef int32_t lanes_i __attribute__((vector_size(16)));
+
+static inline lanes_f select_f(lanes_i mask, lanes_f a, lanes_f b) {
+    return (lanes_f)((mask & (lanes_i)a) | (~mask & (lanes_i)b));
+}
+static inline lanes_i select_i(lanes_i mask, lanes_i a, lanes_i b) { return (mask & a) | (~mask & b); }
+static inline lanes_f abs_f(lanes_f a) { return (lanes_f)((lanes_i)a & 0x7fffffff); }
+static inline lanes_f to_float(lanes_i a) { return __builtin_convertvector(a, lanes_f); }
+static inline lanes_i clamp_i(lanes_i l, int lo, int hi) {
+    l = select_i(l < lo, (lanes_i){0} + lo, l);
+    return select_i(l > hi, (lanes_i){0} + hi, l);
+}
+/* nearest_int in every lane (the same magic-number bits) */
+static inline lanes_i nearest_int_lanes(lanes_f v) {
+    lanes_f shifted = v + 12582912.f;
+    return ((lanes_i)shifted & 0x007fffff) - 0x00400000;
+}
+static inline int any_lane(lanes_i mask) {
+    int any = 0;
+    for (int g = 0; g < LANES; ++g) any |= mask[g];
+    return any != 0;
+}
+
+/* The first value of largest magnitude per lane (`if (ax > amax)` from amax = 0). */
+static inline void first_abs_max_lanes(int n, const lanes_f *x, lanes_f *amax, lanes_f *max) {
+    lanes_f a = {0}, m = {0};
+    for (int i = 0; i < n; ++i) {
+        lanes_f ax = abs_f(x[i]);
+        lanes_i larger = ax > a;
+        a = select_f(larger, ax, a);
+        m = select_f(larger, x[i], m);
+    }
+    *amax = a;
+    *max = m;
+}
+
+/* make_qx_quants (rmse_type 1) for LANES groups of n; w: the weights (x^2 when ggml has none).
+ * L: levels 0..2*nmax-1. */
+static void make_qx_quants_lanes(int n, int nmax, const lanes_f *x, const lanes_f *w,
+                                 lanes_i *L, lanes_f *scale_out) {
+    lanes_f amax, max, scale = {0}, best = {0};
+    lanes_i candidate[32];
+    first_abs_max_lanes(n, x, &amax, &max);
+    for (int step = 0; step <= 18; ++step) {
+        /* step 0: -nmax/max; then is = -9..-1, 1..9: -(nmax + 0.1f*is)/max */
+        const int is = step <= 9 ? step - 10 : step - 9;
+        const lanes_f iscale = step == 0 ? (float)-nmax / max : -(nmax + 0.1f * is) / max;
+        lanes_f sumlx = {0}, suml2 = {0};
+        for (int i = 0; i < n; ++i) {
+            lanes_i l = clamp_i(nearest_int_lanes(iscale * x[i]), -nmax, nmax - 1);
+            lanes_f lf = to_float(l);
+            candidate[i] = l + nmax;
+            sumlx += w[i] * x[i] * lf;
+            suml2 += w[i] * lf * lf;
+        }
+        lanes_i better;
+        if (step == 0) {
+            scale = select_f(suml2 != 0, sumlx / suml2, (lanes_f){0});
+            best = scale * sumlx;
+            better = (lanes_i){0} - 1;
+        } else {
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2);
+            scale = select_f(better, sumlx / suml2, scale);
+            best = select_f(better, scale * sumlx, best);
+        }
+        for (int i = 0; i < n; ++i) L[i] = select_i(better, candidate[i], L[i]);
+    }
+    lanes_i zero = amax < GROUP_MAX_EPS;
+    *scale_out = select_f(zero, (lanes_f){0}, scale);
+    for (int i = 0; i < n; ++i) L[i] = select_i(zero, (lanes_i){0}, L[i]);
+}
+
+/* make_qkx2/3_quants for LANES groups of n with explicit weights: levels 0..nmax in L,
+ * the_min = -min. */
+static void make_qkx_quants_lanes(int n, int nmax, const lanes_f *x, const lanes_f *w,
+                                  lanes_i *L, lanes_f *scale_out, lanes_f *the_min_out,
+                                  float rmin, float rdelta, int nstep, int use_mad) {
+    const lanes_f zero = {0};
+    lanes_f min = x[0], max = x[0], sum_w = w[0], sum_x = w[0] * x[0];
+    lanes_i candidate[32];
+    for (int i = 1; i < n; ++i) {
+        min = select_f(x[i] < min, x[i], min);
+        max = select_f(x[i] > max, x[i], max);
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    min = select_f(min > 0, zero, min);
+    const lanes_f first_min = min;
+    lanes_f iscale = (float)nmax / (max - min);
+    lanes_f scale = 1 / iscale, best = zero;
+    for (int i = 0; i < n; ++i) {
+        L[i] = clamp_i(nearest_int_lanes(iscale * (x[i] - min)), 0, nmax);
+        lanes_f diff = scale * to_float(L[i]) + min - x[i];
+        diff = use_mad ? abs_f(diff) : diff * diff;
+        best += w[i] * diff;
+    }
+    for (int is = 0; is <= nstep; ++is) {
+        iscale = (rmin + rdelta * is + nmax) / (max - min);
+        lanes_f sum_l = zero, sum_l2 = zero, sum_xl = zero;
+        for (int i = 0; i < n; ++i) {
+            lanes_i l = clamp_i(nearest_int_lanes(iscale * (x[i] - min)), 0, nmax);
+            lanes_f lf = to_float(l);
+            candidate[i] = l;
+            sum_l += w[i] * lf;
+            sum_l2 += w[i] * lf * lf;
+            sum_xl += w[i] * lf * x[i];
+        }
+        lanes_f D = sum_w * sum_l2 - sum_l * sum_l;
+        lanes_f this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        lanes_f this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        lanes_i clamp = this_min > 0;
+        this_min = select_f(clamp, zero, this_min);
+        this_scale = select_f(clamp, sum_xl / sum_l2, this_scale);
+        lanes_f error = zero;
+        for (int i = 0; i < n; ++i) {
+            lanes_f diff = this_scale * to_float(candidate[i]) + this_min - x[i];
+            diff = use_mad ? abs_f(diff) : diff * diff;
+            error += w[i] * diff;
+        }
+        lanes_i better = (D > 0) & (error < best);
+        best = select_f(better, error, best);
+        scale = select_f(better, this_scale, scale);
+        min = select_f(better, this_min, min);
+        for (int i = 0; i < n; ++i) L[i] = select_i(better, candidate[i], L[i]);
+    }
+    lanes_i flat = max <= first_min;
+    *scale_out = select_f(flat, zero, scale);
+    *the_min_out = select_f(flat, -first_min, -min);
+    for (int i = 0; i < n; ++i) L[i] = select_i(flat, (lanes_i){0}, L[i]);
+}
+
+/* make_q3_quants(do_rmse = true) for LANES groups of n (weight x^2): levels + nmax in L.
+ * A pass that changes nothing in a lane leaves it as it was, so passes beyond ggml's
+ * early break change nothing. */
+static void make_q3_quants_lanes(int n, int nmax, const lanes_f *x, lanes_i *L, lanes_f *scale_out) {
+    lanes_f amax, max, sumlx = {0}, suml2 = {0};
+    first_abs_max_lanes(n, x, &amax, &max);
+    const lanes_f iscale = (float)-nmax / max;
+    for (int i = 0; i < n; ++i) {
+        L[i] = clamp_i(nearest_int_lanes(iscale * x[i]), -nmax, nmax - 1);
+        lanes_f w = x[i] * x[i], lf = to_float(L[i]);
+        sumlx += w * x[i] * lf;
+        suml2 += w * lf * lf;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        lanes_i changed = {0};
+        for (int i = 0; i < n; ++i) {
+            lanes_f w = x[i] * x[i], old = to_float(L[i]);
+            lanes_f slx = sumlx - w * x[i] * old;
+            lanes_f sl2 = suml2 - w * old * old;
+            lanes_i new_l = clamp_i(nearest_int_lanes(x[i] * sl2 / slx), -nmax, nmax - 1);
+            lanes_f nf = to_float(new_l);
+            lanes_f slx_new = slx + w * x[i] * nf;
+            lanes_f sl2_new = sl2 + w * nf * nf;
+            lanes_i accept = (slx > 0) & (new_l != L[i]) & (sl2_new > 0) &
+                             (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new);
+            L[i] = select_i(accept, new_l, L[i]);
+            sumlx = select_f(accept, slx_new, sumlx);
+            suml2 = select_f(accept, sl2_new, suml2);
+            changed |= accept;
+        }
+        if (!any_lane(changed)) break;
+    }
+    lanes_i zero = amax < GROUP_MAX_EPS;
+    lanes_f scale = select_f(suml2 > 0, sumlx / suml2, (lanes_f){0});
+    *scale_out = select_f(zero, (lanes_f){0}, scale);
+    for (int i = 0; i < n; ++i) L[i] = select_i(zero, (lanes_i){0}, L[i] + nmax);
+}
+
+/* LANES groups of `size` values starting at group `first`, position-major. */
+static inline void gather_lanes(const float *x, int size, int first, lanes_f *out) {
+    for (int g = 0; g < LANES; ++g) {
+        for (int i = 0; i < size; ++i) out[i][g] = x[(first + g) * size + i];
+    }
+}
+
+static inline void scatter_levels(const lanes_i *L, int size, int first, uint8_t *out) {
+    for (int g = 0; g < LANES; ++g) {
+        for (int i = 0; i < size; ++i) out[(first + g) * size + i] = (uint8_t)L[i][g];
+    }
+}
+
+static inline void scatter_floats(lanes_f v, float *out) {
+    for (int g = 0; g < LANES; ++g) out[g] = v[g];
+}
+
 /* ------------------------------------------------------------------ packing helpers */
 
 /* 32 levels 0..15 -> 16 bytes: byte j = L[j] | L[j + 16] << 4 */
@@ -409,90 +564,106 @@ static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m)
 
 /* ------------------------------------------------------------------ 32-value types */
 
-/* One row of a legacy type. qw (NULL: none) is this row's importance. */
-static void row_q4_0(const float *x, uint8_t *y, int64_t n, const float *qw) {
-    const int64_t nb = n / 32;
-    float sigma2 = qw ? sum_of_squares(n, x) / n : 0;
-    for (int64_t ib = 0; ib < nb; ++ib, x += 32, y += 18) {
-        uint8_t L[32];
-        if (qw) {
-            float weight[32];
-            const float *w = qw + 32 * ib;
-            for (int j = 0; j < 32; ++j) weight[j] = w[j] * sqrtf(sigma2 + x[j] * x[j]);
-            store_fp16(y, make_qx_quants(32, 8, x, (int8_t *)L, weight));
+/* The imatrix path of the legacy types for `count` (1 or LANES) consecutive 32-value
+ * blocks: weights qw*sqrt(sigma2 + x^2), then make_qx_quants (nmax 8/16: Q4_0/Q5_0) or
+ * make_qkx3_quants (nmax 15/31: Q4_1/Q5_1). L gets count*32 levels, d the scales and
+ * m the stored minimums (-the_min). */
+static void legacy_weighted_blocks(const float *x, const float *qw, float sigma2, int nmax,
+                                   int affine, int count, uint8_t *L, float *d, float *m) {
+    float weights[LANES * 32], the_min[LANES] = {0};
+    for (int j = 0; j < count * 32; ++j) weights[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
+    if (count == LANES) {
+        lanes_f xt[32], wt[32], scale, min_lanes = {0};
+        lanes_i Lt[32];
+        gather_lanes(x, 32, 0, xt);
+        gather_lanes(weights, 32, 0, wt);
+        if (affine) {
+            make_qkx_quants_lanes(32, nmax, xt, wt, Lt, &scale, &min_lanes, -0.9f, 0.05f, 36, 0);
         } else {
-            float amax;
-            const float d = first_abs_max(32, x, &amax) / -8;
-            const float id = d ? 1.0f / d : 0.0f;
-            store_fp16(y, d);
-            for (int j = 0; j < 32; ++j) L[j] = (uint8_t)MIN(15, (int8_t)(x[j] * id + 8.5f));
+            make_qx_quants_lanes(32, nmax, xt, wt, Lt, &scale);
         }
-        pack_nibbles_32(L, y + 2);
+        scatter_levels(Lt, 32, 0, L);
+        scatter_floats(scale, d);
+        scatter_floats(min_lanes, the_min);
+    } else if (affine) {
+        d[0] = make_qkx_quants(32, nmax, x, weights, L, &the_min[0], -0.9f, 0.05f, 36, 0);
+    } else {
+        d[0] = make_qx_quants(32, nmax, x, (int8_t *)L, weights);
     }
+    for (int k = 0; k < count; ++k) m[k] = affine ? -the_min[k] : 0.f;
+}
+
+/* Levels 0..2^bits-1 and the fp16 fields (d, and m for affine types) of one block without
+ * an imatrix: quantize_row_q{4,5}_{0,1}_ref. */
+static void legacy_plain_block(const float *x, int nmax, int affine, uint8_t *L, uint8_t *head) {
+    if (!affine) { /* d = max / -nmax: Q4_0 -8, Q5_0 -16 */
+        float amax;
+        const float d = first_abs_max(32, x, &amax) / -nmax;
+        const float id = d ? 1.0f / d : 0.0f;
+        const float offset = nmax + 0.5f; /* 8.5f or 16.5f, exact */
+        store_fp16(head, d);
+        for (int j = 0; j < 32; ++j) L[j] = (uint8_t)MIN(2 * nmax - 1, (int8_t)(x[j] * id + offset));
+        return;
+    }
+    float min = INFINITY, max = -INFINITY;
+    for (int j = 0; j < 32; ++j) {
+        if (x[j] < min) min = x[j];
+        if (x[j] > max) max = x[j];
+    }
+    const float d = (max - min) / nmax;
+    const float id = d ? 1.0f / d : 0.0f;
+    store_fp16(head, d);
+    store_fp16(head + 2, min);
+    for (int j = 0; j < 32; ++j) {
+        int q = (int)((x[j] - min) * id + 0.5f);
+        L[j] = (uint8_t)(nmax == 15 ? MIN(15, (int8_t)q) : q); /* Q5_1 has no MIN */
+    }
+}
+
+/* One row of a legacy type; qw (NULL: none) is the row's importance. Q4_0/Q5_0 are
+ * symmetric (nmax 8/16), Q4_1/Q5_1 affine (nmax 15/31). */
+static void row_legacy(const float *x, uint8_t *y, int64_t n, const float *qw, int nmax,
+                       int affine) {
+    const int five_bits = nmax == 16 || nmax == 31;
+    const int head = affine ? 4 : 2; /* fp16 d (and m) */
+    const int type_size = head + (five_bits ? 4 : 0) + 16;
+    const int64_t nb = n / 32;
+    const float sigma2 = qw ? sum_of_squares(n, x) / n : 0;
+    for (int64_t ib = 0; ib < nb;) {
+        const int count = qw && nb - ib >= LANES ? LANES : 1;
+        uint8_t L[LANES * 32];
+        float d[LANES], m[LANES];
+        if (qw) {
+            legacy_weighted_blocks(x + 32 * ib, qw + 32 * ib, sigma2, nmax, affine, count, L, d, m);
+        }
+        for (int k = 0; k < count; ++k, ++ib) {
+            uint8_t *block = y + ib * type_size, *levels = L + 32 * k;
+            if (qw) {
+                store_fp16(block, d[k]);
+                if (affine) store_fp16(block + 2, m[k]);
+            } else {
+                legacy_plain_block(x + 32 * ib, nmax, affine, levels, block);
+            }
+            if (five_bits) pack_fifth_bits_32(levels, block + head);
+            pack_nibbles_32(levels, block + head + (five_bits ? 4 : 0));
+        }
+    }
+}
+
+static void row_q4_0(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    row_legacy(x, y, n, qw, 8, 0);
 }
 
 static void row_q5_0(const float *x, uint8_t *y, int64_t n, const float *qw) {
-    const int64_t nb = n / 32;
-    float sigma2 = qw ? sum_of_squares(n, x) / n : 0;
-    for (int64_t ib = 0; ib < nb; ++ib, x += 32, y += 22) {
-        uint8_t L[32];
-        if (qw) {
-            float weight[32];
-            const float *w = qw + 32 * ib;
-            for (int j = 0; j < 32; ++j) weight[j] = w[j] * sqrtf(sigma2 + x[j] * x[j]);
-            store_fp16(y, make_qx_quants(32, 16, x, (int8_t *)L, weight));
-        } else {
-            float amax;
-            const float d = first_abs_max(32, x, &amax) / -16;
-            const float id = d ? 1.0f / d : 0.0f;
-            store_fp16(y, d);
-            for (int j = 0; j < 32; ++j) L[j] = (uint8_t)MIN(31, (int8_t)(x[j] * id + 16.5f));
-        }
-        pack_fifth_bits_32(L, y + 2);
-        pack_nibbles_32(L, y + 6);
-    }
-}
-
-/* Q4_1 / Q5_1: affine, nmax 15 or 31; `type_size` 20 or 24. */
-static void row_affine_32(const float *x, uint8_t *y, int64_t n, const float *qw, int nmax) {
-    const int64_t nb = n / 32;
-    const int type_size = nmax == 15 ? 20 : 24;
-    float sigma2 = qw ? sum_of_squares(n, x) / n : 0;
-    for (int64_t ib = 0; ib < nb; ++ib, x += 32, y += type_size) {
-        uint8_t L[32];
-        if (qw) {
-            float weight[32], the_min;
-            const float *w = qw + 32 * ib;
-            for (int j = 0; j < 32; ++j) weight[j] = w[j] * sqrtf(sigma2 + x[j] * x[j]);
-            float d = make_qkx_quants(32, nmax, x, weight, L, &the_min, -0.9f, 0.05f, 36, 0);
-            store_fp16(y, d);
-            store_fp16(y + 2, -the_min);
-        } else {
-            float min = INFINITY, max = -INFINITY;
-            for (int j = 0; j < 32; ++j) {
-                if (x[j] < min) min = x[j];
-                if (x[j] > max) max = x[j];
-            }
-            const float d = (max - min) / nmax;
-            const float id = d ? 1.0f / d : 0.0f;
-            store_fp16(y, d);
-            store_fp16(y + 2, min);
-            for (int j = 0; j < 32; ++j) {
-                int q = (int)((x[j] - min) * id + 0.5f);
-                L[j] = (uint8_t)(nmax == 15 ? MIN(15, (int8_t)q) : q);
-            }
-        }
-        if (nmax == 31) pack_fifth_bits_32(L, y + 4);
-        pack_nibbles_32(L, y + (nmax == 15 ? 4 : 8));
-    }
+    row_legacy(x, y, n, qw, 16, 0);
 }
 
 static void row_q4_1(const float *x, uint8_t *y, int64_t n, const float *qw) {
-    row_affine_32(x, y, n, qw, 15);
+    row_legacy(x, y, n, qw, 15, 1);
 }
 
 static void row_q5_1(const float *x, uint8_t *y, int64_t n, const float *qw) {
-    row_affine_32(x, y, n, qw, 31);
+    row_legacy(x, y, n, qw, 31, 1);
 }
 
 /* Q8_0: ggml ignores the importance */
@@ -510,6 +681,51 @@ static void row_q8_0(const float *x, uint8_t *y, int64_t n, const float *qw) {
 
 /* ------------------------------------------------------------------ k-quants */
 
+/* The 16 groups of 16 of a super-block through the symmetric search (make_qx_quants),
+ * LANES at a time; weights per value (x^2 when ggml uses none). */
+static void search_symmetric_16(const float *x, const float *weights, int nmax, uint8_t *L,
+                                float *scales) {
+    for (int first = 0; first < 16; first += LANES) {
+        lanes_f xt[16], wt[16], scale;
+        lanes_i Lt[16];
+        gather_lanes(x, 16, first, xt);
+        gather_lanes(weights, 16, first, wt);
+        make_qx_quants_lanes(16, nmax, xt, wt, Lt, &scale);
+        scatter_levels(Lt, 16, first, L);
+        scatter_floats(scale, scales + first);
+    }
+}
+
+/* The 16 groups of 16 of a Q2_K super-block through make_qkx*_quants (nmax 3). */
+static void search_affine_16(const float *x, const float *weights, uint8_t *L, float *scales,
+                             float *mins, float rmin, float rdelta, int nstep, int use_mad) {
+    for (int first = 0; first < 16; first += LANES) {
+        lanes_f xt[16], wt[16], scale, min;
+        lanes_i Lt[16];
+        gather_lanes(x, 16, first, xt);
+        gather_lanes(weights, 16, first, wt);
+        make_qkx_quants_lanes(16, 3, xt, wt, Lt, &scale, &min, rmin, rdelta, nstep, use_mad);
+        scatter_levels(Lt, 16, first, L);
+        scatter_floats(scale, scales + first);
+        scatter_floats(min, mins + first);
+    }
+}
+
+/* The 8 groups of 32 of a Q4_K/Q5_K super-block through make_qkx*_quants. */
+static void search_affine_32(const float *x, const float *weights, int nmax, uint8_t *L,
+                             float *scales, float *mins, float rmin, float rdelta, int nstep) {
+    for (int first = 0; first < 8; first += LANES) {
+        lanes_f xt[32], wt[32], scale, min;
+        lanes_i Lt[32];
+        gather_lanes(x, 32, first, xt);
+        gather_lanes(weights, 32, first, wt);
+        make_qkx_quants_lanes(32, nmax, xt, wt, Lt, &scale, &min, rmin, rdelta, nstep, 0);
+        scatter_levels(Lt, 32, first, L);
+        scatter_floats(scale, scales + first);
+        scatter_floats(min, mins + first);
+    }
+}
+
 /* The final pass of every k-quant: levels from the stored group scale (and offset);
  * groups whose scale is 0 keep the search's levels. */
 static inline void requantize_group(const float *x, uint8_t *L, int n, float d, float offset,
@@ -524,7 +740,7 @@ static inline void requantize_group(const float *x, uint8_t *L, int n, float d, 
 static void row_q2_k(const float *x, uint8_t *y, int64_t n, const float *qw) {
     for (int64_t ib = 0; ib < n / QK_K; ++ib, x += QK_K, y += 84) {
         uint8_t L[QK_K], *scales_q = y;
-        float scales[16], mins[16], weight[16];
+        float scales[16], mins[16], weights[QK_K];
         memset(scales_q, 0, 16);
         float dm, mm;
         if (qw) {
@@ -533,21 +749,20 @@ static void row_q2_k(const float *x, uint8_t *y, int64_t n, const float *qw) {
             uint8_t Ls[16], Lm[16];
             for (int j = 0; j < 16; ++j) {
                 const float *w = qw + QK_K * ib + 16 * j;
+                float *weight = weights + 16 * j;
                 for (int l = 0; l < 16; ++l) weight[l] = w[l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
                 sw[j] = 0;
                 for (int l = 0; l < 16; ++l) sw[j] += weight[l];
-                scales[j] = make_qkx_quants(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j],
-                                            -0.9f, 0.05f, 36, 0);
             }
+            search_affine_16(x, weights, L, scales, mins, -0.9f, 0.05f, 36, 0);
             dm = make_qp_quants(16, 15, scales, Ls, sw);
             mm = make_qp_quants(16, 15, mins, Lm, sw);
             for (int j = 0; j < 16; ++j) scales_q[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
         } else {
             float max_scale = 0, max_min = 0;
+            for (int l = 0; l < QK_K; ++l) weights[l] = fabsf(x[l]);
+            search_affine_16(x, weights, L, scales, mins, -0.5f, 0.1f, 15, 1);
             for (int j = 0; j < 16; ++j) {
-                for (int l = 0; l < 16; ++l) weight[l] = fabsf(x[16 * j + l]);
-                scales[j] = make_qkx_quants(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j],
-                                            -0.5f, 0.1f, 15, 1);
                 if (scales[j] > max_scale) max_scale = scales[j];
                 if (mins[j] > max_min) max_min = mins[j];
             }
@@ -597,21 +812,29 @@ static void row_q3_k(const float *x, uint8_t *y, int64_t n, const float *qw) {
         float d_block = 0.f;
         if (qw) {
             const float sigma2 = 2 * sum_of_squares(QK_K, x) / QK_K;
-            float weight[16], sw[16];
+            float weights[QK_K], sw[16];
             int8_t Ls[16];
             for (int j = 0; j < 16; ++j) {
                 const float *w = qw + QK_K * ib + 16 * j;
+                float *weight = weights + 16 * j;
                 for (int l = 0; l < 16; ++l) weight[l] = w[l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
                 float sumw = 0;
                 for (int l = 0; l < 16; ++l) sumw += weight[l];
                 sw[j] = sumw;
-                scales[j] = make_qx_quants(16, 4, x + 16 * j, L + 16 * j, weight);
             }
+            search_symmetric_16(x, weights, 4, (uint8_t *)L, scales);
             d_block = make_qx_quants(16, 32, scales, Ls, sw);
             for (int j = 0; j < 16; ++j) put_q3_scale(s, j, Ls[j]);
         } else {
             float amax;
-            for (int j = 0; j < 16; ++j) scales[j] = make_q3_quants(16, 4, x + 16 * j, L + 16 * j);
+            for (int first = 0; first < 16; first += LANES) {
+                lanes_f xt[16], scale;
+                lanes_i Lt[16];
+                gather_lanes(x, 16, first, xt);
+                make_q3_quants_lanes(16, 4, xt, Lt, &scale);
+                scatter_levels(Lt, 16, first, (uint8_t *)L);
+                scatter_floats(scale, scales + first);
+            }
             float max_scale = first_abs_max(16, scales, &amax);
             if (max_scale) {
                 float iscale = -32.f / max_scale;
@@ -639,20 +862,20 @@ static void row_q3_k(const float *x, uint8_t *y, int64_t n, const float *qw) {
 
 /* Q4_K and Q5_K: 8 groups of 32, affine levels 0..nmax, 6-bit scales and mins. */
 static void affine_k4_block(const float *x, const float *qw, int nmax, uint8_t *head, uint8_t *L) {
-    float scales[8], mins[8], weights[32];
+    float scales[8], mins[8], weights[QK_K];
     uint8_t ls[8], lm[8];
     float d_block, m_block;
     if (qw) {
         const float sigma2 = 2 * sum_of_squares(QK_K, x) / QK_K;
         float sw[8];
         for (int j = 0; j < 8; ++j) {
-            for (int l = 0; l < 32; ++l) weights[l] = qw[32 * j + l] * sqrtf(sigma2 + x[32 * j + l] * x[32 * j + l]);
+            float *weight = weights + 32 * j;
+            for (int l = 0; l < 32; ++l) weight[l] = qw[32 * j + l] * sqrtf(sigma2 + x[32 * j + l] * x[32 * j + l]);
             float sumw = 0;
-            for (int l = 0; l < 32; ++l) sumw += weights[l];
+            for (int l = 0; l < 32; ++l) sumw += weight[l];
             sw[j] = sumw;
-            scales[j] = make_qkx_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j],
-                                        -0.9f, 0.05f, 36, 0);
         }
+        search_affine_32(x, weights, nmax, L, scales, mins, -0.9f, 0.05f, 36);
         d_block = make_qp_quants(8, 63, scales, ls, sw);
         m_block = make_qp_quants(8, 63, mins, lm, sw);
         if (nmax == 31) { /* only ggml's Q5_K impl clamps */
@@ -662,9 +885,11 @@ static void affine_k4_block(const float *x, const float *qw, int nmax, uint8_t *
         float max_scale = 0, max_min = 0;
         for (int j = 0; j < 8; ++j) {
             float av_x = sqrtf(sum_of_squares(32, x + 32 * j) / 32);
-            for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
-            scales[j] = make_qkx_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j],
-                                        nmax == 15 ? -1.f : -0.5f, 0.1f, nmax == 15 ? 20 : 15, 0);
+            for (int l = 0; l < 32; ++l) weights[32 * j + l] = av_x + fabsf(x[32 * j + l]);
+        }
+        search_affine_32(x, weights, nmax, L, scales, mins, nmax == 15 ? -1.f : -0.5f, 0.1f,
+                         nmax == 15 ? 20 : 15);
+        for (int j = 0; j < 8; ++j) {
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
@@ -723,9 +948,9 @@ static void row_q6_k(const float *x, uint8_t *y, int64_t n, const float *qw) {
     for (int64_t ib = 0; ib < n / QK_K; ++ib, x += QK_K, y += 210) {
         int8_t L[QK_K];
         float scales[16], max_abs_scale;
-        for (int j = 0; j < 16; ++j) {
-            scales[j] = make_qx_quants(16, 32, x + 16 * j, L + 16 * j, qw ? qw + QK_K * ib + 16 * j : NULL);
-        }
+        float weights[QK_K];
+        for (int l = 0; l < QK_K; ++l) weights[l] = qw ? qw[QK_K * ib + l] : x[l] * x[l];
+        search_symmetric_16(x, weights, 32, (uint8_t *)L, scales);
         float max_scale = first_abs_max(16, scales, &max_abs_scale);
         if (max_abs_scale < GROUP_MAX_EPS) {
             memset(y, 0, 210);
