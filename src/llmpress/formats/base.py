@@ -75,6 +75,8 @@ class BlockFormat:
                 raise LlmpressError(
                     f"importance has shape {importance.shape}, the rows need ({row},)"
                 )
+            if not np.isfinite(importance).all():
+                raise LlmpressError("the importance matrix holds a NaN or an infinity")
         if cquant.supports(self.ggml_type):
             rows = values.reshape(-1, row)
             out = cquant.quantize_rows(self.ggml_type, rows, importance, self.row_bytes(row))
@@ -98,7 +100,8 @@ class BlockFormat:
             per_row = importance.reshape(-1, self.block_size)
             weights = np.broadcast_to(per_row, (blocks.shape[0] // per_row.shape[0], *per_row.shape))
             weights = weights.reshape(-1, self.block_size)
-        out = self.quantize_row_blocks(blocks, weights, row)
+        with np.errstate(all="ignore"):  # huge values overflow in ggml's C code too
+            out = self.quantize_row_blocks(blocks, weights, row)
         assert out.dtype == np.uint8 and out.shape == (blocks.shape[0], self.type_size)
         return out.reshape(*values.shape[:-1], self.row_bytes(row))
 

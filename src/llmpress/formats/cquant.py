@@ -22,7 +22,7 @@ _ERRORS = {
     -1: "the C quantizer has no such type",
     -2: "row length is not a multiple of the block",
     -3: "bad arguments",
-    -5: "the importance matrix holds a NaN, an infinity or a negative weight",
+    -5: "the importance matrix holds a NaN or an infinity",
 }
 _NONFINITE = -4
 _DISABLE_ENV = "LLMPRESS_NUMPY_QUANTIZE"  # set to 1: quantize with the numpy ports

@@ -38,7 +38,7 @@ enum {
     ERR_ROW = -2,        /* row length not a multiple of the block */
     ERR_ARGS = -3,       /* NULL pointer or negative size */
     ERR_NONFINITE = -4,  /* a NaN or infinity in the values (row in *bad_row) */
-    ERR_IMATRIX = -5,    /* a NaN, infinity or negative importance weight */
+    ERR_IMATRIX = -5,    /* a NaN or infinity in the importance weights */
 };
 
 #define QK_K 256
@@ -666,6 +666,14 @@ static void row_q5_1(const float *x, uint8_t *y, int64_t n, const float *qw) {
     row_legacy(x, y, n, qw, 31, 1);
 }
 
+/* C's roundf (halves away from zero) for |v| < 2^31, without the libm call: the
+ * fraction a - trunc(a) is exact, so comparing it with 0.5 is too. */
+static inline float round_half_away(float v) {
+    float a = fabsf(v);
+    float whole = (float)(int32_t)a;
+    return copysignf(whole + (a - whole >= 0.5f ? 1.f : 0.f), v);
+}
+
 /* Q8_0: ggml ignores the importance */
 static void row_q8_0(const float *x, uint8_t *y, int64_t n, const float *qw) {
     (void)qw;
@@ -675,7 +683,7 @@ static void row_q8_0(const float *x, uint8_t *y, int64_t n, const float *qw) {
         const float d = amax / 127;
         const float id = d ? 1.0f / d : 0.0f;
         store_fp16(y, d);
-        for (int j = 0; j < 32; ++j) y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+        for (int j = 0; j < 32; ++j) y[2 + j] = (uint8_t)(int8_t)round_half_away(x[j] * id);
     }
 }
 
@@ -1103,7 +1111,7 @@ int llmpress_quantize(int type, const float *src, uint8_t *dst, int64_t nrows, i
     *bad_row = -1;
     if (imatrix) {
         for (int64_t i = 0; i < n_per_row; ++i) {
-            if (!isfinite(imatrix[i]) || imatrix[i] < 0) return ERR_IMATRIX;
+            if (!isfinite(imatrix[i])) return ERR_IMATRIX;
         }
     }
     const int64_t row_bytes = n_per_row / fmt->block_size * fmt->type_size;
