@@ -1075,16 +1075,26 @@ typedef struct {
     int block_size;
     int type_size;
     row_quantizer quantize_row;
+    int ns_per_value; /* rough single-core cost (with an imatrix for the legacy types) */
 } format_t;
 
 static const format_t FORMATS[] = {
-    {T_Q4_0, 32, 18, row_q4_0},     {T_Q4_1, 32, 20, row_q4_1},
-    {T_Q5_0, 32, 22, row_q5_0},     {T_Q5_1, 32, 24, row_q5_1},
-    {T_Q8_0, 32, 34, row_q8_0},     {T_Q2_K, 256, 84, row_q2_k},
-    {T_Q3_K, 256, 110, row_q3_k},   {T_Q4_K, 256, 144, row_q4_k},
-    {T_Q5_K, 256, 176, row_q5_k},   {T_Q6_K, 256, 210, row_q6_k},
-    {T_IQ4_NL, 32, 18, row_iq4_nl}, {T_IQ4_XS, 256, 136, row_iq4_xs},
+    {T_Q4_0, 32, 18, row_q4_0, 30},     {T_Q4_1, 32, 20, row_q4_1, 40},
+    {T_Q5_0, 32, 22, row_q5_0, 30},     {T_Q5_1, 32, 24, row_q5_1, 40},
+    {T_Q8_0, 32, 34, row_q8_0, 6},      {T_Q2_K, 256, 84, row_q2_k, 40},
+    {T_Q3_K, 256, 110, row_q3_k, 25},   {T_Q4_K, 256, 144, row_q4_k, 45},
+    {T_Q5_K, 256, 176, row_q5_k, 45},   {T_Q6_K, 256, 210, row_q6_k, 35},
+    {T_IQ4_NL, 32, 18, row_iq4_nl, 100}, {T_IQ4_XS, 256, 136, row_iq4_xs, 100},
 };
+
+/* Threads for a call: starting and joining a parallel region costs tens of microseconds
+ * on a quiet machine and milliseconds on a busy one, so calls under ~2 ms of work stay on
+ * the calling thread. */
+static int threads_for(const format_t *fmt, int64_t n_values, int with_imatrix, int n_threads) {
+    int64_t ns = fmt->ns_per_value;
+    if (fmt->block_size == 32 && fmt->type != T_IQ4_NL && !with_imatrix) ns = 3; /* plain legacy */
+    return n_values * ns < 2000000 ? 1 : n_threads;
+}
 
 static const format_t *find_format(int type) {
     for (size_t i = 0; i < sizeof(FORMATS) / sizeof(FORMATS[0]); ++i) {
@@ -1118,6 +1128,7 @@ int llmpress_quantize(int type, const float *src, uint8_t *dst, int64_t nrows, i
     int64_t first_bad = nrows;
 #ifdef _OPENMP
     if (n_threads <= 0) n_threads = omp_get_max_threads();
+    n_threads = threads_for(fmt, nrows * n_per_row, imatrix != NULL, n_threads);
     #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) reduction(min:first_bad)
 #else
     (void)n_threads;
