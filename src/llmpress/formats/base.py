@@ -7,8 +7,11 @@ A GGUF tensor is a sequence of fixed-size blocks: `block_size` values stored in
     dequantize(blocks)            uint8 (n_blocks, type_size)    -> float32 (n_blocks, block_size)
 
 vectorized over all blocks at once. `dequantize` is torch (it runs at model run time, on
-CPU or CUDA); `quantize` is numpy float32 (bit-exactness with ggml's C code needs control
-of every rounding). The base class does the reshaping and the shape/dtype checks.
+CPU or CUDA); `quantize_blocks` is numpy float32 (bit-exactness with ggml's C code needs
+control of every rounding). The base class does the reshaping and the shape/dtype checks,
+and its `quantize` of whole tensors runs the C quantizers of quantize.c (cquant.py) when
+they are built: the same bytes, at C speed, on all cores. The numpy ports stay the
+readable reference and the fallback.
 """
 
 from __future__ import annotations
