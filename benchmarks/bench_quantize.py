@@ -110,6 +110,7 @@ def main() -> None:
             row += [f"{theirs.stat().st_size:,}", f"{ours.stat().st_size:,}",
                     "yes" if same else "NO"]
             table.add_row(*row)
+            console.print("  ".join(row))  # progress: the table comes at the end
             for path in (theirs, ours, ours_numpy):
                 path.unlink(missing_ok=True)
         console.print(table)
