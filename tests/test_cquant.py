@@ -124,7 +124,8 @@ def real_rows(default_model_path) -> dict[str, np.ndarray]:
         shape = tuple(int(d) for d in reversed(dims))
         return dequantize_tensor(raw, ggml_type, shape).numpy()[:rows]
 
-    return {"ffn_down": load("blk.5.ffn_down.weight", 128), "attn_q": load("blk.9.attn_q.weight", 128)}
+    return {"ffn_down": load("blk.5.ffn_down.weight", 128),
+            "attn_q": load("blk.9.attn_q.weight", 128)}
 
 
 @pytest.mark.parametrize("type_name", TYPES)
@@ -134,7 +135,8 @@ def test_real_model_rows_match_ggml(type_name: str, real_rows: dict[str, np.ndar
     for name, values in real_rows.items():
         if values.shape[1] % fmt.block_size:
             continue
-        imatrix_like = (rng.standard_normal(values.shape[1]) * np.exp(rng.standard_normal(values.shape[1]))) ** 2
+        columns = values.shape[1]
+        imatrix_like = (rng.standard_normal(columns) * np.exp(rng.standard_normal(columns))) ** 2
         for importance in (None, imatrix_like.astype(np.float32)):
             reference = ggml_quantize(type_name, values, importance)
             assert_identical(fmt.quantize(values, importance), reference, fmt.type_size,
@@ -193,7 +195,8 @@ def test_row_length_not_a_multiple_of_the_block(type_name: str) -> None:
 
 def test_importance_of_the_wrong_length_or_not_finite() -> None:
     values = np.ones((3, 512), dtype=np.float32)
-    with pytest.raises(LlmpressError, match=r"importance has shape \(256,\), the rows need \(512,\)"):
+    wrong_length = r"importance has shape \(256,\), the rows need \(512,\)"
+    with pytest.raises(LlmpressError, match=wrong_length):
         get_format("Q4_K").quantize(values, np.ones(256, dtype=np.float32))
     with pytest.raises(LlmpressError, match="importance matrix holds a NaN"):
         get_format("Q4_K").quantize(values, np.full(512, np.inf, dtype=np.float32))

@@ -91,7 +91,9 @@ class BlockFormat:
             raise LlmpressError(f"row {bad_row} holds a NaN or an infinity; cannot quantize it")
         return self.quantize_numpy(values, importance)
 
-    def quantize_numpy(self, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_numpy(
+        self, values: np.ndarray, importance: np.ndarray | None = None
+    ) -> np.ndarray:
         """`quantize` through the numpy ports (the readable reference, and the fallback)."""
         values = np.ascontiguousarray(values, dtype=np.float32)
         row = values.shape[-1]
@@ -101,7 +103,8 @@ class BlockFormat:
             importance = np.asarray(importance, dtype=np.float32)
             assert importance.shape == (row,), f"importance must be ({row},)"
             per_row = importance.reshape(-1, self.block_size)
-            weights = np.broadcast_to(per_row, (blocks.shape[0] // per_row.shape[0], *per_row.shape))
+            n_rows = blocks.shape[0] // per_row.shape[0]
+            weights = np.broadcast_to(per_row, (n_rows, *per_row.shape))
             weights = weights.reshape(-1, self.block_size)
         with np.errstate(all="ignore"):  # huge values overflow in ggml's C code too
             out = self.quantize_row_blocks(blocks, weights, row)
