@@ -27,4 +27,16 @@ kernel = Extension(
     extra_compile_args=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
     extra_link_args=["-fopenmp", "-lm"],  # -lm: the vectorized expf of -ffast-math
 )
-setup(ext_modules=[kernel], cmdclass={"build_ext": OptionalBuildExt})
+
+# The block quantizers (formats/quantize.c): byte-identical with ggml only if every float
+# operation is the one ggml does, so no -ffast-math, no FMA contraction, no -march=native
+# (ggml's libggml-base is built for baseline x86-64). -fno-math-errno / -fno-trapping-math
+# change no result, they only let sqrtf inline and branches vectorize.
+quantizer = Extension(
+    "llmpress.formats._quantize",
+    sources=["src/llmpress/formats/quantize.c"],
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+                        "-fopenmp"],
+    extra_link_args=["-fopenmp", "-lm"],
+)
+setup(ext_modules=[kernel, quantizer], cmdclass={"build_ext": OptionalBuildExt})

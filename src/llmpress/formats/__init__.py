@@ -1,7 +1,7 @@
 """Block formats, one class per GGML type, bit-exact with ggml.
 
     get_format("q4_k").dequantize(raw_uint8, shape)      # torch, CPU or CUDA
-    get_format(GGMLQuantizationType.Q8_0).quantize(w)    # numpy -> GGUF bytes
+    get_format(GGMLQuantizationType.Q8_0).quantize(w)    # numpy -> GGUF bytes (C when built)
 """
 
 from __future__ import annotations

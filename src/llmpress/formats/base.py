@@ -7,8 +7,11 @@ A GGUF tensor is a sequence of fixed-size blocks: `block_size` values stored in
     dequantize(blocks)            uint8 (n_blocks, type_size)    -> float32 (n_blocks, block_size)
 
 vectorized over all blocks at once. `dequantize` is torch (it runs at model run time, on
-CPU or CUDA); `quantize` is numpy float32 (bit-exactness with ggml's C code needs control
-of every rounding). The base class does the reshaping and the shape/dtype checks.
+CPU or CUDA); `quantize_blocks` is numpy float32 (bit-exactness with ggml's C code needs
+control of every rounding). The base class does the reshaping and the shape/dtype checks,
+and its `quantize` of whole tensors runs the C quantizers of quantize.c (cquant.py) when
+they are built: the same bytes, at C speed, on all cores. The numpy ports stay the
+readable reference and the fallback.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
+
+from llmpress.errors import LlmpressError
+from llmpress.formats import cquant
 
 
 class BlockFormat:
@@ -55,7 +61,40 @@ class BlockFormat:
         return self.dequantize_blocks(blocks).reshape(shape)
 
     def quantize(self, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-        """float32 (..., row) -> uint8 (..., row_bytes). `importance` is per column (row,)."""
+        """float32 (..., row) -> uint8 (..., row_bytes). `importance` is per column (row,).
+
+        The one place that picks the engine: the C quantizers (cquant) when built, else
+        the numpy ports below (same bytes)."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        row = values.shape[-1]
+        if row % self.block_size:
+            raise LlmpressError(
+                f"{self.name} needs rows that are a multiple of {self.block_size} values, "
+                f"got rows of {row}"
+            )
+        if importance is not None:
+            importance = np.ascontiguousarray(importance, dtype=np.float32)
+            if importance.shape != (row,):
+                raise LlmpressError(
+                    f"importance has shape {importance.shape}, the rows need ({row},)"
+                )
+            if not np.isfinite(importance).all():
+                raise LlmpressError("the importance matrix holds a NaN or an infinity")
+        if cquant.supports(self.ggml_type):
+            rows = values.reshape(-1, row)
+            out = cquant.quantize_rows(self.ggml_type, rows, importance, self.row_bytes(row))
+            return out.reshape(*values.shape[:-1], self.row_bytes(row))
+        # Blocks quantizers (block_size > 1) would silently write garbage for NaN/inf; the
+        # float types store them as they are.
+        if self.block_size > 1 and not np.isfinite(values).all():
+            bad_row = int(np.argmin(np.isfinite(values.reshape(-1, row)).all(axis=1)))
+            raise LlmpressError(f"row {bad_row} holds a NaN or an infinity; cannot quantize it")
+        return self.quantize_numpy(values, importance)
+
+    def quantize_numpy(
+        self, values: np.ndarray, importance: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`quantize` through the numpy ports (the readable reference, and the fallback)."""
         values = np.ascontiguousarray(values, dtype=np.float32)
         row = values.shape[-1]
         blocks = values.reshape(-1, self.block_size)
@@ -64,9 +103,11 @@ class BlockFormat:
             importance = np.asarray(importance, dtype=np.float32)
             assert importance.shape == (row,), f"importance must be ({row},)"
             per_row = importance.reshape(-1, self.block_size)
-            weights = np.broadcast_to(per_row, (blocks.shape[0] // per_row.shape[0], *per_row.shape))
+            n_rows = blocks.shape[0] // per_row.shape[0]
+            weights = np.broadcast_to(per_row, (n_rows, *per_row.shape))
             weights = weights.reshape(-1, self.block_size)
-        out = self.quantize_row_blocks(blocks, weights, row)
+        with np.errstate(all="ignore"):  # huge values overflow in ggml's C code too
+            out = self.quantize_row_blocks(blocks, weights, row)
         assert out.dtype == np.uint8 and out.shape == (blocks.shape[0], self.type_size)
         return out.reshape(*values.shape[:-1], self.row_bytes(row))
 

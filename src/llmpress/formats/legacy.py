@@ -47,9 +47,11 @@ GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: below this a group is "all zero"
 
 
 def nearest_int(values: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int, as float32: round half to even. (ggml adds 1.5 * 2**23 and
-    reads the mantissa bits, the same thing for the |v| < 2**22 it asserts.)"""
-    return np.rint(values)
+    """ggml's nearest_int, as float32: add 1.5 * 2**23, read the low mantissa bits. That is
+    round half to even for the |v| < 2**22 ggml asserts; beyond (an infinite scale on a
+    block of subnormals) it is whatever the bits say, and we must say the same."""
+    bits = (np.asarray(values, dtype=F32) + F32(12582912.0)).view(np.int32)
+    return ((bits & 0x007FFFFF) - 0x00400000).astype(F32)
 
 
 def sum_in_order(terms: np.ndarray, start_with_first: bool = False) -> np.ndarray:
@@ -197,7 +199,7 @@ def _make_qkx3_quants_chunk(x: np.ndarray, weights: np.ndarray, nmax: int):
         # (32, n) float32 of nearest_int(iscale*(x[i] - min)) clamped to 0..nmax
         levels = xt - minimum
         levels *= iscale
-        np.rint(levels, out=levels)
+        levels[...] = nearest_int(levels)
         return np.clip(levels, F32(0), F32(nmax), out=levels)
 
     def weighted_squared_error(scale, minimum, levels) -> np.ndarray:

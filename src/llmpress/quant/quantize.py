@@ -344,7 +344,10 @@ def _convert(ref: TensorRef, choice: TensorChoice, imatrix: ImportanceMatrix | N
     else:
         importance = _importance_for(choice, imatrix)
         values = dequantize_ref(ref)
-        data = quantize_tensor(values, choice.target_type, importance)
+        try:
+            data = quantize_tensor(values, choice.target_type, importance)
+        except LlmpressError as exc:  # the formats know rows, not tensor names
+            raise LlmpressError(f"tensor {choice.name}: {exc}") from None
         error = (_relative_error(values, data, choice.target_type, importance, error_rows)
                  if error_rows > 0 else None)
     report = TensorReport(
