@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -254,6 +255,51 @@ BAD_REQUESTS = [
      400, "invalid_type", "stream"),
     ("n above 1", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "n": 2}, 400,
      "unsupported_value", "n"),
+    ("n huge", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "n": 10**12}, 400,
+     "unsupported_value", "n"),
+    ("unknown field", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "foo": 1},
+     400, "unsupported_parameter", "foo"),
+    ("unknown completions field", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "functions": []}, 400, "unsupported_parameter",
+     "functions"),
+    ("unsupported penalty", "/v1/chat/completions",
+     {"model": "smollm2", "messages": CHAT, "frequency_penalty": 0.5}, 400,
+     "unsupported_parameter", "frequency_penalty"),
+    ("suffix", "/v1/completions", {"model": "smollm2", "prompt": "a", "suffix": "b"}, 400,
+     "unsupported_parameter", "suffix"),
+    ("unknown stream option", "/v1/chat/completions",
+     {"model": "smollm2", "messages": CHAT, "stream": True, "stream_options": {"x": True}},
+     400, "unsupported_parameter", "stream_options.x"),
+    ("unknown message field", "/v1/chat/completions",
+     {"model": "smollm2", "messages": [{"role": "user", "content": "hi", "audio": {"id": "a"}}]},
+     400, "unsupported_parameter", "messages[0].audio"),
+    ("lone surrogate in model", "/v1/chat/completions",
+     b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', 400,
+     "invalid_value", "model"),
+    ("lone surrogate in content", "/v1/chat/completions",
+     b'{"model": "smollm2", "messages": [{"role": "user", "content": "a\\udfffb"}]}', 400,
+     "invalid_value", "messages[0].content"),
+    ("lone surrogate in a key", "/v1/completions",
+     b'{"model": "smollm2", "prompt": "a", "\\udc00": 1}', 400, "invalid_value", "body"),
+    ("temperature infinite", "/v1/completions",
+     b'{"model": "smollm2", "prompt": "a", "temperature": 1e999}', 400, "invalid_value",
+     "temperature"),
+    ("temperature negative", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "temperature": -0.5}, 400, "invalid_value",
+     "temperature"),
+    ("repeat_penalty tiny", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "repeat_penalty": 1e-300}, 400, "invalid_value",
+     "repeat_penalty"),
+    ("repeat_penalty huge", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "repeat_penalty": 1e300}, 400, "invalid_value",
+     "repeat_penalty"),
+    ("repeat_penalty negative", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "repeat_penalty": -1}, 400, "invalid_value",
+     "repeat_penalty"),
+    ("top_p negative", "/v1/completions", {"model": "smollm2", "prompt": "a", "top_p": -1}, 400,
+     "invalid_value", "top_p"),
+    ("top_p infinite", "/v1/completions",
+     b'{"model": "smollm2", "prompt": "a", "top_p": 1e999}', 400, "invalid_value", "top_p"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": CHAT}, 404,
      "model_not_found", "model"),
     ("no prompt", "/v1/completions", {"model": "smollm2"}, 400, "missing_required_parameter",
@@ -275,6 +321,50 @@ def test_bad_request_gets_openai_error(server, name, path, body, status, code, p
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["message"]
     assert (error["code"], error["param"]) == (code, param)
+
+
+def test_extreme_but_valid_values_are_served(server, chat_reference):
+    """1e-300 is inside OpenAI's temperature range: served as its limit, greedy. Fields at
+    their "off" value (as clients send defaults) are taken."""
+    answer = server.client().chat.completions.create(
+        model="smollm2", messages=CHAT, temperature=1e-300, top_p=1e-300, max_tokens=8,
+        frequency_penalty=0, presence_penalty=0, logit_bias={}, user="u-1", store=False)
+    assert answer.choices[0].message.content == chat_reference.text
+
+
+def test_an_unexpected_fault_is_an_openai_shaped_500():
+    """A bug in a route (here: a model whose encode fails) reaches the client as JSON."""
+    from starlette.testclient import TestClient
+
+    from llmpress.runtime.server import create_app
+
+    class BrokenModel:
+        context_length = 64
+        model = SimpleNamespace(new_cache=lambda max_tokens: None)
+
+        def chat_prompt(self, messages):
+            return "x"
+
+        def encode(self, text):
+            raise RuntimeError("broken \ud800 encoder")
+
+    with TestClient(create_app(BrokenModel(), "m"), raise_server_exceptions=False) as http:
+        response = http.post("/v1/chat/completions", json={"model": "m", "messages": CHAT})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+
+
+def test_next_chat_turn_reuses_the_prompt_cache(server):
+    client = server.client()
+    first = client.chat.completions.create(model="smollm2", messages=CHAT, temperature=0,
+                                           max_tokens=6)
+    history = CHAT + [{"role": "assistant", "content": first.choices[0].message.content},
+                      {"role": "user", "content": "And of Spain?"}]
+    second = client.chat.completions.create(model="smollm2", messages=history, temperature=0,
+                                            max_tokens=6)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
 def test_prompt_longer_than_context(server, lm):

@@ -208,7 +208,7 @@ def cmd_demo(args) -> None:
 def cmd_serve(args) -> None:
     from llmpress.runtime.server import serve
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx,
-          api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"))
+          api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"), parallel=args.parallel)
 
 
 # --- argument parsing -------------------------------------------------------------------
@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None)
     p.add_argument("--api-key", default=None, help="require this bearer token "
                    "(or set LLMPRESS_API_KEY)")
+    p.add_argument("--parallel", type=int, default=1, help="conversations whose prompt cache "
+                   "is kept (slots); a request reuses the one sharing its longest prefix")
     p.set_defaults(func=cmd_serve)
 
     from llmpress.cli_calibrated import add_calibrated_parsers

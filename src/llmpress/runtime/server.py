@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import socket
@@ -53,13 +54,15 @@ except ImportError as exc:  # an optional extra: say how to get it
     raise LlmpressError(f"the server needs {exc.name}: pip install 'llmpress[serve]'") from None
 
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
-from llmpress.runtime.sampling import SamplingConfig
+from llmpress.runtime.prompt_cache import PromptCache
+from llmpress.runtime.sampling import MAX_REPEAT_PENALTY, MIN_REPEAT_PENALTY, SamplingConfig
 
 log = logging.getLogger("llmpress.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits a context; stops memory abuse
+MAX_PARALLEL = 256  # prompt-cache slots; each may grow to a full context of KV memory
 DEFAULT_MAX_QUEUE = 64  # waiting requests; more get 503 instead of an unbounded backlog
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
 DISCONNECT_POLL_S = 0.25
@@ -82,7 +85,15 @@ class ApiError(Exception):
                           "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return ErrorResponse(self.body(), status_code=self.status)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON in ASCII: an error message that quotes the request (a lone surrogate in a model
+    name) still renders, where UTF-8 encoding would fail into a plain-text 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
 
 def _json_type(value: Any) -> str:
@@ -135,6 +146,9 @@ def field_value(body: dict, name: str, kind: str, *, required: bool = False,
     check, expected = _EXPECTED[kind]
     if not check(value):
         raise wrong_type(name, expected, value)
+    if isinstance(value, float) and not math.isfinite(value):  # 1e999 parses as inf
+        raise ApiError(400, f"Invalid '{name}': {value} is not a finite number.", param=name,
+                       code="invalid_value")
     if minimum is not None and value < minimum:
         raise ApiError(400, f"Invalid '{name}': {value} is below the minimum value of "
                             f"{minimum}.", param=name, code="invalid_value")
@@ -157,7 +171,40 @@ def parse_json_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, f"The request body must be a JSON object, not {_json_type(body)}.",
                        code="invalid_json")
+    if (where := lone_surrogate_path(body)) is not None:
+        raise ApiError(400, f"Invalid '{where}': the text holds a lone UTF-16 surrogate "
+                            "(a \\uD800-\\uDFFF escape without its pair), which is not a "
+                            "character.", param=where, code="invalid_value")
     return body
+
+
+def lone_surrogate_path(value: Any) -> str | None:
+    """Where a string (key or value) in parsed JSON holds a lone surrogate, as
+    'messages[0].content'; None when there is none. JSON allows the escape, but no text
+    can be made of it (it cannot be encoded, tokenized or echoed back)."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:  # iterative: the nesting may be as deep as the JSON parser allowed
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not _is_text(item):
+                return path or "body"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                where = f"{path}.{key}" if path else key
+                if not _is_text(key):
+                    return path or "body"
+                stack.append((child, where))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str) -> None:
@@ -199,17 +246,65 @@ def parse_sampling(body: dict) -> SamplingConfig:
     options: dict[str, Any] = {}
     for name, kind, low, high in (("temperature", "number", 0, 2), ("top_p", "number", 0, 1),
                                   ("top_k", "integer", 0, None), ("min_p", "number", 0, 1),
-                                  ("repeat_penalty", "number", 0, None),
+                                  ("repeat_penalty", "number", MIN_REPEAT_PENALTY,
+                                   MAX_REPEAT_PENALTY),
                                   ("seed", "integer", -(1 << 63), (1 << 64) - 1)):
         value = field_value(body, name, kind, minimum=low, maximum=high)
         if value is not None:
             options[name] = value
     if options.get("top_p") == 0:  # OpenAI allows 0: only the most likely token is left
         options["top_p"] = 1e-9
-    if options.get("repeat_penalty") == 0:
-        raise ApiError(400, "Invalid 'repeat_penalty': it must be above 0.",
-                       param="repeat_penalty", code="invalid_value")
     return SamplingConfig(**options)
+
+
+# Fields both POST routes act on. `user` (an end-user id for the provider's abuse
+# monitoring) changes no output, so it is taken and ignored as OpenAI's own models do.
+COMMON_FIELDS = frozenset({
+    "model", "max_tokens", "stop", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+    "seed", "stream", "stream_options", "n", "ignore_eos", "user", "logprobs"})
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
+STREAM_OPTION_FIELDS = frozenset({"include_usage"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id"})
+
+
+def _is_zero(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+
+# OpenAI fields this server does not implement, taken only at the value that means "off"
+# (clients often send the default explicitly); any other value is refused by name.
+NEUTRAL_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "frequency_penalty": (_is_zero, "0"),
+    "presence_penalty": (_is_zero, "0"),
+    "logit_bias": (lambda v: v == {}, "{}"),
+    "store": (lambda v: v is False, "false"),
+    "metadata": (lambda v: v == {}, "{}"),
+    "best_of": (lambda v: _is_int(v) and v == 1, "1"),
+    "suffix": (lambda v: v == "", '""'),
+    # what a client echoes back when it appends a response's message to the history
+    "refusal": (lambda v: v == "", '""'),
+    "annotations": (lambda v: v == [], "[]"),
+    "tool_calls": (lambda v: v == [], "[]"),
+}
+
+
+def reject_unsupported(body: dict, supported: frozenset[str], where: str = "") -> None:
+    """A field we would not act on is a 400 naming it, never silently dropped: a client
+    asking for JSON output or tools must not get free text with a 200. null is absent."""
+    for name, value in body.items():
+        if value is None or name in supported:
+            continue
+        param = f"{where}.{name}" if where else name
+        neutral = NEUTRAL_VALUES.get(name)
+        if neutral is None:
+            raise ApiError(400, f"Unrecognized request argument supplied: {param}. This server "
+                                "does not support it; leave it out.", param=param,
+                           code="unsupported_parameter")
+        accepts, off = neutral
+        if not accepts(value):
+            raise ApiError(400, f"'{param}' is not supported by this server; leave it out "
+                                f"(or send {off}).", param=param, code="unsupported_parameter")
 
 
 def parse_options(body: dict, *, default_max_tokens: int | None) -> RequestOptions:
@@ -228,6 +323,7 @@ def parse_options(body: dict, *, default_max_tokens: int | None) -> RequestOptio
         max_tokens = field_value(body, "max_tokens", "integer", minimum=1,
                                  default=default_max_tokens)
     stream_options = field_value(body, "stream_options", "object", default={})
+    reject_unsupported(stream_options, STREAM_OPTION_FIELDS, "stream_options")
     return RequestOptions(
         model=model, max_tokens=max_tokens, stop=parse_stop(body.get("stop")),
         sampling=parse_sampling(body),
@@ -261,11 +357,16 @@ def _parse_message(message: Any, where: str) -> dict:
         raise ApiError(400, f"Invalid value for '{where}.role': {role!r}. Supported values are: "
                             f"{', '.join(map(repr, ROLES))}.", param=f"{where}.role",
                        code="invalid_value")
+    reject_unsupported(message, MESSAGE_FIELDS, where)
     content = message.get("content")
     if content is None and role != "assistant":  # an assistant turn may hold only tool calls
         raise missing(f"{where}.content")
-    return {"role": "system" if role == "developer" else role,
-            "content": _message_text(content, f"{where}.content")}
+    parsed = {"role": "system" if role == "developer" else role,
+              "content": _message_text(content, f"{where}.content")}
+    for name in ("name", "tool_call_id"):  # templates that know them use them
+        if message.get(name) is not None:
+            parsed[name] = field_value(message, name, "string")
+    return parsed
 
 
 def _message_text(content: Any, where: str) -> str:
@@ -333,8 +434,11 @@ class GenerationWorker:
     """One thread that runs every generation in arrival order (the model and its caches
     are not thread-safe). A cancelled job is skipped or stopped between two tokens."""
 
-    def __init__(self, lm, max_queue: int = DEFAULT_MAX_QUEUE):
+    def __init__(self, lm, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1):
         self.lm, self.max_queue = lm, max_queue
+        # --parallel N: N cached sequences (a request goes to the one sharing the longest
+        # prefix); requests still run one at a time
+        self.prompt_cache = PromptCache(lm.model.new_cache, lm.context_length, parallel)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
         self.thread = threading.Thread(target=self._run, name="llmpress-generate", daemon=True)
@@ -365,7 +469,8 @@ class GenerationWorker:
 
     def _generate(self, job: Job) -> None:
         lm = self.lm
-        chunks = stream(lm.model, lm.tokenizer, job.prompt_ids, job.config, lm.context_length)
+        chunks = stream(lm.model, lm.tokenizer, job.prompt_ids, job.config, lm.context_length,
+                        self.prompt_cache)
         try:
             for chunk in chunks:
                 job.emit(chunk)
@@ -408,15 +513,18 @@ class Tally:
     prompt_tokens: int
     completion_tokens: int = 0
     finish_reason: str | None = None
+    cached_tokens: int = 0
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def add(self, chunk: Chunk, eos_ids) -> None:
         self.completion_tokens += len(chunk.token_ids)
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
+            self.cached_tokens = chunk.cached_tokens
             # the end-of-turn token ends the answer but is not part of it (as lm.generate)
             if chunk.finish_reason == "stop" and chunk.token_ids \
                     and chunk.token_ids[-1] in eos_ids:
@@ -497,6 +605,7 @@ async def get_model(request: Request, state: ServerState) -> Response:
 
 async def chat_completions(request: Request, state: ServerState) -> Response:
     body = parse_json_body(await request.body())
+    reject_unsupported(body, CHAT_FIELDS)
     options = parse_options(body, default_max_tokens=None)
     model = state.check_model(options.model)
     messages = parse_messages(body.get("messages"))
@@ -515,12 +624,10 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
 
 async def completions(request: Request, state: ServerState) -> Response:
     body = parse_json_body(await request.body())
+    reject_unsupported(body, COMPLETION_FIELDS)
     options = parse_options(body, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
     model = state.check_model(options.model)
     prompt = parse_prompt(body.get("prompt"), state.lm.model.cfg.vocab_size)
-    if body.get("suffix"):
-        raise ApiError(400, "'suffix' (fill in the middle) is not supported by this server.",
-                       param="suffix", code="unsupported_parameter")
     echo = field_value(body, "echo", "boolean", default=False)
     if isinstance(prompt, str):
         prompt_ids = await asyncio.to_thread(state.lm.encode, prompt)
@@ -629,6 +736,12 @@ async def stream_events(request: Request, job: Job, kind: str, head: dict,
         job.cancelled.set()
 
 
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """The last resort (a fault outside any route's own handling): still OpenAI's shape."""
+    log.error("unhandled error", exc_info=exc)
+    return ApiError(500, f"Internal error: {type(exc).__name__}: {exc}").response()
+
+
 async def http_error(request: Request, exc: HTTPException) -> Response:
     """Unknown paths and wrong methods, in OpenAI's shape."""
     code = "unknown_url" if exc.status_code == 404 else "method_not_allowed"
@@ -691,13 +804,16 @@ def request_log_line(scope: dict, status: int, tally: Tally | None, seconds: flo
     if tally is not None:
         tokens = f"{tally.prompt_tokens}+{tally.completion_tokens} tokens " \
                  f"({tally.finish_reason or 'cancelled'})"
+        if tally.cached_tokens:
+            tokens += f" {tally.cached_tokens} cached"
     return f"{client[0]} {scope['method']} {scope['path']} {status} {tokens} {seconds:.2f}s"
 
 
 def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset(), *,
-               api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> Starlette:
+               api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               parallel: int = 1) -> Starlette:
     """The ASGI app around a loaded model (llmpress.api.LanguageModel)."""
-    worker = GenerationWorker(lm, max_queue)
+    worker = GenerationWorker(lm, max_queue, parallel)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -712,7 +828,7 @@ def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error})
+                    exception_handlers={HTTPException: http_error, Exception: internal_error})
     app.state.llmpress = ServerState(lm, model_id, frozenset({model_id, *aliases}), worker)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
@@ -778,10 +894,13 @@ def server_url(sock: socket.socket) -> str:
 def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, ctx: int | None = None, api_key: str | None = None, *,
           mode: str = "fast", device: str | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE) -> None:
-    """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY."""
+          max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1) -> None:
+    """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY.
+    parallel: how many conversations keep their prompt cache (slots)."""
     from llmpress.api import load  # the public API sits above runtime; only serve needs it
 
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise LlmpressError(f"--parallel must be in 1..{MAX_PARALLEL}, not {parallel}")
     if api_key is None:
         api_key = os.environ.get("LLMPRESS_API_KEY") or None
     lm = load(model_path_or_name, ctx=ctx, mode=mode, device=device)
@@ -792,7 +911,8 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    app = create_app(lm, model_id, aliases, api_key=api_key, max_queue=max_queue)
+    app = create_app(lm, model_id, aliases, api_key=api_key, max_queue=max_queue,
+                     parallel=parallel)
     url = server_url(sock)
     print(f"llmpress: serving {model_id} (context {lm.context_length} tokens, {lm.device}) "
           f"at {url}/v1{' (API key required)' if api_key else ''}", flush=True)
@@ -814,9 +934,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--ctx", type=int, default=None)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--parallel", type=int, default=1)
     args = parser.parse_args(argv)
     try:
-        serve(args.model, args.host, args.port, args.ctx, args.api_key)
+        serve(args.model, args.host, args.port, args.ctx, args.api_key, parallel=args.parallel)
     except LlmpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
