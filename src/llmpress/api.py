@@ -26,6 +26,7 @@ from llmpress.io.source import ModelSource
 from llmpress.io.tokenizer import Tokenizer
 from llmpress.models.llama import LlamaModel
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
+from llmpress.runtime.grammar import json_schema_grammar
 from llmpress.runtime.prompt_cache import PromptCache
 from llmpress.runtime.sampling import SamplingConfig
 
@@ -125,21 +126,25 @@ class LanguageModel:
         return self.tokenizer.encode(text)
 
     def stream(self, prompt: str | list[int], max_tokens: int = 256, stop: tuple[str, ...] = (),
-               *, prompt_cache: bool = True, **sampling) -> Iterator[Chunk]:
+               *, prompt_cache: bool = True, json_schema: dict | None = None,
+               **sampling) -> Iterator[Chunk]:
         """Yield text chunks as they are generated; the last carries finish_reason.
-        prompt_cache=False runs the whole prompt (and leaves the cache as it was)."""
+        prompt_cache=False runs the whole prompt (and leaves the cache as it was).
+        json_schema: the output is JSON valid against it ({"type": "object"}: any object)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        cfg = GenerationConfig(max_tokens=max_tokens, stop=tuple(stop),
+        grammar = None if json_schema is None else self.json_grammar(json_schema)
+        cfg = GenerationConfig(max_tokens=max_tokens, stop=tuple(stop), grammar=grammar,
                                sampling=SamplingConfig(**sampling))
         return stream(self.model, self.tokenizer, ids, cfg, self.context_length,
                       self.prompt_cache if prompt_cache else None)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256,
                  stop: tuple[str, ...] = (), *, prompt_cache: bool = True,
-                 **sampling) -> Completion:
+                 json_schema: dict | None = None, **sampling) -> Completion:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         text, tokens, reason, cached = [], [], "length", 0
-        for chunk in self.stream(ids, max_tokens, stop, prompt_cache=prompt_cache, **sampling):
+        for chunk in self.stream(ids, max_tokens, stop, prompt_cache=prompt_cache,
+                                 json_schema=json_schema, **sampling):
             text.append(chunk.text)
             tokens.extend(chunk.token_ids)
             reason = chunk.finish_reason or reason
@@ -147,6 +152,11 @@ class LanguageModel:
         if reason == "stop" and tokens and tokens[-1] in self.tokenizer.eos_ids:
             tokens = tokens[:-1]  # the end-of-turn token is not part of the answer
         return Completion("".join(text), tokens, reason, len(ids), cached)
+
+    def json_grammar(self, schema: dict) -> str:
+        """A JSON schema checked and compiled for this model's vocabulary (LlmpressError
+        when it is invalid or uses what the grammar engine does not implement)."""
+        return json_schema_grammar(schema, self.tokenizer)
 
     # --- numbers -------------------------------------------------------------------------
     @torch.inference_mode()

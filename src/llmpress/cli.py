@@ -97,7 +97,18 @@ def cmd_run(args) -> None:
         prompt = sys.stdin.read()
     if args.chat:
         prompt = lm.chat_prompt([{"role": "user", "content": prompt}])
-    _print_stream(lm.stream(prompt, args.max_tokens, tuple(args.stop), **_sampling(args)))
+    schema = _read_json_schema(args.json_schema) if args.json_schema else None
+    _print_stream(lm.stream(prompt, args.max_tokens, tuple(args.stop), json_schema=schema,
+                            **_sampling(args)))
+
+
+def _read_json_schema(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise LlmpressError(f"cannot read the JSON schema {path}: {exc.strerror}") from None
+    except ValueError as exc:  # bad JSON or bad UTF-8
+        raise LlmpressError(f"{path} is not a JSON file: {exc}") from None
 
 
 def cmd_chat(args) -> None:
@@ -250,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", required=True, help="the prompt text, or - for stdin")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="answer with JSON valid against this schema (constrained decoding)")
     p.add_argument("-t", "--threads", type=int, default=None)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_run)

@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from llmpress.errors import LlmpressError
+from llmpress.runtime.grammar import Constraint
 from llmpress.runtime.prompt_cache import PromptCache, Slot
 from llmpress.runtime.sampling import Sampler, SamplingConfig
 
@@ -22,6 +23,7 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
+    grammar: str | None = None  # from runtime.grammar: the output must match it
 
     def __post_init__(self):
         if self.max_tokens < 0:
@@ -115,18 +117,24 @@ def _generate(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig, bu
 
     sampler = Sampler(cfg.sampling)
     assembler = TextAssembler(tokenizer.decode, cfg.stop)
+    constraint = Constraint(cfg.grammar, tokenizer) if cfg.grammar else None
     history = list(prompt_ids)
     logits = None
     for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
         logits = run(prompt_ids[start:start + PREFILL_CHUNK])
     for _ in range(budget):
-        token = sampler(logits[0, -1], history)
+        allowed = constraint.allowed(logits.shape[-1]) if constraint else None
+        token = sampler(logits[0, -1], history, allowed)
         history.append(token)
         if cfg.stop_at_eos and token in tokenizer.eos_ids:
             yield Chunk(assembler.flush(), [token], "stop", reused)
             return
+        if constraint:
+            constraint.accept(token)
         text, stopped = assembler.push(token)
-        if stopped:
+        if stopped or (constraint and constraint.finished):  # the grammar is complete
+            if not stopped:
+                text += assembler.flush()
             yield Chunk(text, [token], "stop", reused)
             return
         yield Chunk(text, [token])

@@ -88,10 +88,14 @@ class Sampler:
         else:
             self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
-        """logits: (vocab,) float32 for the next position; history: all tokens so far."""
+    def __call__(self, logits: torch.Tensor, history: list[int],
+                 allowed: torch.Tensor | None = None) -> int:
+        """logits: (vocab,) float32 for the next position; history: all tokens so far;
+        allowed: bool (vocab,) mask of the only tokens that may be drawn (a grammar's)."""
         cfg = self.cfg
         logits = logits.float().cpu()
+        if allowed is not None:  # first: penalties and filters then see only these
+            logits = logits.masked_fill(~allowed, float("-inf"))
         recent = history[-cfg.repeat_last_n:] if cfg.repeat_last_n else []
         logits = apply_repeat_penalty(logits, recent, cfg.repeat_penalty)
         if cfg.greedy:

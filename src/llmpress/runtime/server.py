@@ -54,6 +54,7 @@ except ImportError as exc:  # an optional extra: say how to get it
     raise LlmpressError(f"the server needs {exc.name}: pip install 'llmpress[serve]'") from None
 
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
+from llmpress.runtime.grammar import ANY_JSON_OBJECT
 from llmpress.runtime.prompt_cache import PromptCache
 from llmpress.runtime.sampling import MAX_REPEAT_PENALTY, MIN_REPEAT_PENALTY, SamplingConfig
 
@@ -262,7 +263,7 @@ def parse_sampling(body: dict) -> SamplingConfig:
 COMMON_FIELDS = frozenset({
     "model", "max_tokens", "stop", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
     "seed", "stream", "stream_options", "n", "ignore_eos", "user", "logprobs"})
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
 STREAM_OPTION_FIELDS = frozenset({"include_usage"})
 MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id"})
@@ -331,6 +332,42 @@ def parse_options(body: dict, *, default_max_tokens: int | None) -> RequestOptio
         include_usage=field_value(stream_options, "include_usage", "boolean", default=False),
         ignore_eos=field_value(body, "ignore_eos", "boolean", default=False),
     )
+
+
+def parse_response_format(value: Any) -> dict | None:
+    """OpenAI's response_format -> the JSON schema the answer must follow (None: free
+    text). json_object is any JSON object; a json_schema without a schema too."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise wrong_type("response_format", "an object", value)
+    kind = value.get("type")
+    fields = {"text": {"type"}, "json_object": {"type"},
+              "json_schema": {"type", "json_schema"}}.get(kind)
+    if fields is None:
+        raise ApiError(400, f"Invalid value for 'response_format.type': {kind!r}. Supported "
+                            "values are: 'text', 'json_object' and 'json_schema'.",
+                       param="response_format.type", code="invalid_value")
+    reject_unsupported(value, frozenset(fields), "response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ANY_JSON_OBJECT
+    spec = value.get("json_schema")
+    if spec is None:
+        raise missing("response_format.json_schema")
+    if not isinstance(spec, dict):
+        raise wrong_type("response_format.json_schema", "an object", spec)
+    reject_unsupported(spec, frozenset({"name", "description", "schema", "strict"}),
+                       "response_format.json_schema")
+    field_value(spec, "name", "string")
+    field_value(spec, "strict", "boolean")  # always strict here: the grammar enforces it
+    schema = spec.get("schema")
+    if schema is None:
+        return ANY_JSON_OBJECT
+    if not isinstance(schema, dict):
+        raise wrong_type("response_format.json_schema.schema", "an object", schema)
+    return schema
 
 
 def parse_messages(value: Any) -> list[dict]:
@@ -609,6 +646,8 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     options = parse_options(body, default_max_tokens=None)
     model = state.check_model(options.model)
     messages = parse_messages(body.get("messages"))
+    schema = parse_response_format(body.get("response_format"))
+    grammar = None if schema is None else await asyncio.to_thread(compile_schema, state, schema)
 
     def encode() -> list[int]:
         try:
@@ -619,7 +658,16 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
 
     prompt_ids = await asyncio.to_thread(encode)
     return await generate_response(request, state, "chat", model, options, prompt_ids,
-                                   param="messages")
+                                   param="messages", grammar=grammar)
+
+
+def compile_schema(state: ServerState, schema: dict) -> str:
+    try:
+        return state.lm.json_grammar(schema)
+    except LlmpressError as exc:
+        raise ApiError(400, f"Invalid schema for response_format: {exc}",
+                       param="response_format.json_schema.schema",
+                       code="invalid_json_schema") from None
 
 
 async def completions(request: Request, state: ServerState) -> Response:
@@ -640,7 +688,7 @@ async def completions(request: Request, state: ServerState) -> Response:
 
 async def generate_response(request: Request, state: ServerState, kind: str, model: str,
                             options: RequestOptions, prompt_ids: list[int], *, param: str,
-                            echo: str = "") -> Response:
+                            echo: str = "", grammar: str | None = None) -> Response:
     """Check the prompt against the context, queue the job, answer (streamed or not)."""
     limit = state.lm.context_length
     if not prompt_ids:
@@ -654,7 +702,8 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
     # more than the context leaves is clamped (llama.cpp's server does so): finish "length"
     max_tokens = limit - len(prompt_ids) if options.max_tokens is None else options.max_tokens
     config = GenerationConfig(max_tokens=max_tokens, sampling=options.sampling,
-                              stop=options.stop, stop_at_eos=not options.ignore_eos)
+                              stop=options.stop, stop_at_eos=not options.ignore_eos,
+                              grammar=grammar)
     job = Job(prompt_ids, config, asyncio.get_running_loop())
     tally = Tally(len(prompt_ids))
     _usage_slot(request)["tally"] = tally
