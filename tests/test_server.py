@@ -37,7 +37,7 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m llmpress.runtime.server MODEL` on a free port, until closed."""
 
-    def __init__(self, model: Path, log_dir: Path, api_key: str | None = None):
+    def __init__(self, model: Path, log_dir: Path, api_key: str | None = None, ctx: int = CTX):
         self.base = f"http://127.0.0.1:{free_port()}"
         env = {k: v for k, v in os.environ.items() if k != "LLMPRESS_API_KEY"}
         # one thread: on a busy shared CPU, OpenMP teams stall on each other at every layer
@@ -48,7 +48,7 @@ class ServerProcess:
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "llmpress.runtime.server", str(model),
-                 "--port", self.base.rsplit(":", 1)[1], "--ctx", str(CTX)],
+                 "--port", self.base.rsplit(":", 1)[1], "--ctx", str(ctx)],
                 stdout=out, stderr=err, env=env)
         deadline = time.monotonic() + 60
         while True:
@@ -341,8 +341,9 @@ def test_an_unexpected_fault_is_an_openai_shaped_500():
     class BrokenModel:
         context_length = 64
         model = SimpleNamespace(new_cache=lambda max_tokens: None)
+        tokenizer = SimpleNamespace(chat_template=None)
 
-        def chat_prompt(self, messages):
+        def chat_prompt(self, messages, **extra):
             return "x"
 
         def encode(self, text):

@@ -118,9 +118,11 @@ class LanguageModel:
         self.prompt_cache = PromptCache(self.model.new_cache, self.context_length)
 
     # --- text in, text out ---------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """messages rendered with the model's chat template (ChatML when it has none)."""
-        return self.tokenizer.chat_prompt(messages, add_generation_prompt)
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **extra) -> str:
+        """messages rendered with the model's chat template (ChatML when it has none);
+        extra (tools=[...] ...) reaches the template as variables."""
+        return self.tokenizer.chat_prompt(messages, add_generation_prompt, **extra)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

@@ -48,7 +48,11 @@ class _Vocabulary:
         self.tokens = [SPECIAL_PREFIX + tokenizer.token_bytes(i) if i in special
                        else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
         self.special_token_ids = sorted(special)
-        self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
+        self.eos_ids = sorted(tokenizer.eos_ids)
+        if not self.eos_ids:  # the engine needs one: a token past the vocabulary, never drawn
+            self.eos_ids = [len(self.tokens)]
+            self.tokens.append(SPECIAL_PREFIX + b"<end>")
+        self.eos_token_id, self.bos_token_id = self.eos_ids[0], tokenizer.bos_id
         self._tokenizer = tokenizer
 
     def __call__(self, text: bytes | str) -> list[int]:
@@ -67,8 +71,9 @@ def engine_tokenizer(tokenizer):
     with _engine_lock:
         built = _engine_tokenizers.get(tokenizer)
         if built is None:
-            built = engine.LLTokenizer(engine.TokenizerWrapper(_Vocabulary(tokenizer)),
-                                       eos_token=sorted(tokenizer.eos_ids))
+            vocabulary = _Vocabulary(tokenizer)
+            built = engine.LLTokenizer(engine.TokenizerWrapper(vocabulary),
+                                       eos_token=vocabulary.eos_ids)
             _engine_tokenizers[tokenizer] = built
     return built
 
@@ -87,6 +92,17 @@ def json_schema_grammar(schema: Any, tokenizer) -> str:
     error = engine.LLMatcher.validate_grammar(grammar, engine_tokenizer(tokenizer))
     if error:
         raise LlmpressError(f"invalid JSON schema: {error}")
+    return grammar
+
+
+def lark_grammar(lark: str, tokenizer) -> str:
+    """A grammar in llguidance's Lark dialect (JSON schemas inline with %json) -> a
+    checked grammar for Constraint."""
+    engine = _require_engine()
+    grammar = engine.LLMatcher.grammar_from_lark(lark)
+    error = engine.LLMatcher.validate_grammar(grammar, engine_tokenizer(tokenizer))
+    if error:
+        raise LlmpressError(f"invalid grammar: {error}")
     return grammar
 
 

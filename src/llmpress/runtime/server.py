@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import queue
+import re
 import socket
 import sys
 import threading
@@ -54,7 +55,9 @@ except ImportError as exc:  # an optional extra: say how to get it
     raise LlmpressError(f"the server needs {exc.name}: pip install 'llmpress[serve]'") from None
 
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
-from llmpress.runtime.grammar import ANY_JSON_OBJECT
+from llmpress.runtime.grammar import ANY_JSON_OBJECT, lark_grammar
+from llmpress.runtime.tools import (could_be_tool_call, forced_call_grammar, parse_tool_calls,
+                                    template_family, template_messages)
 from llmpress.runtime.prompt_cache import PromptCache
 from llmpress.runtime.sampling import MAX_REPEAT_PENALTY, MIN_REPEAT_PENALTY, SamplingConfig
 
@@ -263,10 +266,14 @@ def parse_sampling(body: dict) -> SamplingConfig:
 COMMON_FIELDS = frozenset({
     "model", "max_tokens", "stop", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
     "seed", "stream", "stream_options", "n", "ignore_eos", "user", "logprobs"})
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "response_format"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "response_format", "tools",
+                               "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
 STREAM_OPTION_FIELDS = frozenset({"include_usage"})
-MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls"})
+TOOL_FIELDS = frozenset({"type", "function"})
+FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})
+MAX_TOOLS = 128  # OpenAI's limit
 
 
 def _is_zero(v: Any) -> bool:
@@ -286,7 +293,6 @@ NEUTRAL_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # what a client echoes back when it appends a response's message to the history
     "refusal": (lambda v: v == "", '""'),
     "annotations": (lambda v: v == [], "[]"),
-    "tool_calls": (lambda v: v == [], "[]"),
 }
 
 
@@ -403,8 +409,111 @@ def _parse_message(message: Any, where: str) -> dict:
     for name in ("name", "tool_call_id"):  # templates that know them use them
         if message.get(name) is not None:
             parsed[name] = field_value(message, name, "string")
+    if message.get("tool_calls"):
+        parsed["tool_calls"] = _parse_message_tool_calls(message["tool_calls"], where)
     return parsed
 
+
+def _parse_message_tool_calls(value: Any, where: str) -> list[dict]:
+    """An assistant turn's earlier calls, as the client sends them back."""
+    where = f"{where}.tool_calls"
+    if not isinstance(value, list):
+        raise wrong_type(where, "an array", value)
+    calls = []
+    for i, call in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(call, dict):
+            raise wrong_type(at, "an object", call)
+        reject_unsupported(call, frozenset({"id", "type", "function"}), at)
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise missing(f"{at}.function") if function is None else \
+                wrong_type(f"{at}.function", "an object", function)
+        reject_unsupported(function, frozenset({"name", "arguments"}), f"{at}.function")
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str):
+            raise missing(f"{at}.function.name")
+        if not isinstance(arguments, str):
+            raise wrong_type(f"{at}.function.arguments", "a string", arguments)
+        calls.append({"id": str(call.get("id") or ""), "type": "function",
+                      "function": {"name": name, "arguments": arguments}})
+    return calls
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """What a chat request asks of tools: the ones offered, and whether a call is forced
+    (tool_choice "required", or a named function: then only that one)."""
+
+    tools: list[dict]
+    forced: list[dict] | None
+
+
+def parse_tools(body: dict) -> ToolRequest | None:
+    """tools + tool_choice, checked. None: no tools (or tool_choice "none")."""
+    value = body.get("tools")
+    if value is None:
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise ApiError(400, "Invalid 'tool_choice': it names a tool but no 'tools' are "
+                                "given.", param="tool_choice", code="invalid_value")
+        return None
+    if not isinstance(value, list):
+        raise wrong_type("tools", "an array", value)
+    if len(value) > MAX_TOOLS:
+        raise ApiError(400, f"Invalid 'tools': at most {MAX_TOOLS} tools.", param="tools",
+                       code="invalid_value")
+    tools = [_parse_tool(t, f"tools[{i}]") for i, t in enumerate(value)]
+    choice = body.get("tool_choice", "auto")
+    if choice in (None, "auto"):
+        forced = None
+    elif choice == "none":
+        return None
+    elif choice == "required":
+        forced = tools
+    elif isinstance(choice, dict):
+        reject_unsupported(choice, TOOL_FIELDS, "tool_choice")
+        name = (choice.get("function") or {}).get("name") \
+            if isinstance(choice.get("function"), dict) else None
+        forced = [t for t in tools if t["function"]["name"] == name]
+        if choice.get("type") != "function" or not forced:
+            raise ApiError(400, f"Invalid 'tool_choice': {name!r} is not one of the tools.",
+                           param="tool_choice", code="invalid_value")
+    else:
+        raise ApiError(400, f"Invalid value for 'tool_choice': {choice!r}. Supported values "
+                            "are: 'none', 'auto', 'required' or a named function.",
+                       param="tool_choice", code="invalid_value")
+    if not tools:
+        raise ApiError(400, "Invalid 'tools': empty array.", param="tools",
+                       code="empty_array")
+    return ToolRequest(tools, forced)
+
+
+def _parse_tool(tool: Any, where: str) -> dict:
+    if not isinstance(tool, dict):
+        raise wrong_type(where, "an object", tool)
+    reject_unsupported(tool, TOOL_FIELDS, where)
+    if tool.get("type") != "function":
+        raise ApiError(400, f"Invalid value for '{where}.type': {tool.get('type')!r}. "
+                            "Supported values are: 'function'.", param=f"{where}.type",
+                       code="invalid_value")
+    function = tool.get("function")
+    if function is None:
+        raise missing(f"{where}.function")
+    if not isinstance(function, dict):
+        raise wrong_type(f"{where}.function", "an object", function)
+    reject_unsupported(function, FUNCTION_FIELDS, f"{where}.function")
+    name = function.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise ApiError(400, f"Invalid '{where}.function.name': it must be 1 to 64 letters, "
+                            "digits, underscores or dashes.", param=f"{where}.function.name",
+                       code="invalid_value")
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise wrong_type(f"{where}.function.parameters", "an object", parameters)
+    clean = {"name": name, "parameters": parameters or {"type": "object", "properties": {}}}
+    if isinstance(function.get("description"), str):
+        clean["description"] = function["description"]
+    return {"type": "function", "function": clean}
 
 def _message_text(content: Any, where: str) -> str:
     if content is None or isinstance(content, str):
@@ -647,27 +756,53 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     model = state.check_model(options.model)
     messages = parse_messages(body.get("messages"))
     schema = parse_response_format(body.get("response_format"))
-    grammar = None if schema is None else await asyncio.to_thread(compile_schema, state, schema)
+    tool_request = parse_tools(body)
+    if schema is not None and tool_request and tool_request.forced:
+        raise ApiError(400, "A forced tool call (tool_choice) and a response_format schema "
+                            "cannot both shape one answer; send one of them.",
+                       param="response_format", code="invalid_value")
+    family, reads_tools = template_family(state.lm.tokenizer.chat_template)
+    grammar = await asyncio.to_thread(compile_grammars, state, schema, tool_request, family)
+    tools = tool_request.tools if tool_request else None
+    prompt_messages = template_messages(messages, tools, reads_tools)
 
     def encode() -> list[int]:
         try:
-            return state.lm.encode(state.lm.chat_prompt(messages))
+            extra = {"tools": tools} if tools and reads_tools else {}
+            return state.lm.encode(state.lm.chat_prompt(prompt_messages, **extra))
         except jinja2.TemplateError as exc:  # the template refused these messages
             raise ApiError(400, f"The model's chat template rejected the messages: {exc}",
                            param="messages", code="invalid_value") from None
 
     prompt_ids = await asyncio.to_thread(encode)
     return await generate_response(request, state, "chat", model, options, prompt_ids,
-                                   param="messages", grammar=grammar)
+                                   param="messages", grammar=grammar,
+                                   tool_family=family if tools else None)
 
 
-def compile_schema(state: ServerState, schema: dict) -> str:
-    try:
-        return state.lm.json_grammar(schema)
-    except LlmpressError as exc:
-        raise ApiError(400, f"Invalid schema for response_format: {exc}",
-                       param="response_format.json_schema.schema",
-                       code="invalid_json_schema") from None
+def compile_grammars(state: ServerState, schema: dict | None, tools: ToolRequest | None,
+                     family: str) -> str | None:
+    """Check every schema of the request (400 on the first bad one); -> the grammar the
+    answer must follow, if any: a forced tool call's, else response_format's."""
+    grammar = None
+    if schema is not None:
+        try:
+            grammar = state.lm.json_grammar(schema)
+        except LlmpressError as exc:
+            raise ApiError(400, f"Invalid schema for response_format: {exc}",
+                           param="response_format.json_schema.schema",
+                           code="invalid_json_schema") from None
+    for i, tool in enumerate(tools.tools if tools else []):
+        try:
+            state.lm.json_grammar(tool["function"]["parameters"])
+        except LlmpressError as exc:
+            raise ApiError(400, f"Invalid schema for function "
+                                f"'{tool['function']['name']}': {exc}",
+                           param=f"tools[{i}].function.parameters",
+                           code="invalid_function_parameters") from None
+    if tools and tools.forced:
+        grammar = lark_grammar(forced_call_grammar(tools.forced, family), state.lm.tokenizer)
+    return grammar
 
 
 async def completions(request: Request, state: ServerState) -> Response:
@@ -688,7 +823,8 @@ async def completions(request: Request, state: ServerState) -> Response:
 
 async def generate_response(request: Request, state: ServerState, kind: str, model: str,
                             options: RequestOptions, prompt_ids: list[int], *, param: str,
-                            echo: str = "", grammar: str | None = None) -> Response:
+                            echo: str = "", grammar: str | None = None,
+                            tool_family: str | None = None) -> Response:
     """Check the prompt against the context, queue the job, answer (streamed or not)."""
     limit = state.lm.context_length
     if not prompt_ids:
@@ -713,7 +849,8 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
     eos_ids = state.lm.tokenizer.eos_ids
     state.worker.submit(job)  # before any answer: a full queue is still a plain 503
     if options.stream:
-        events = stream_events(request, job, kind, head, options, tally, eos_ids, echo)
+        events = stream_events(request, job, kind, head, options, tally, eos_ids, echo,
+                               tool_family)
         return JobStream(job, events)
     watcher = asyncio.create_task(watch_disconnect(request, job.cancelled))
     texts = [echo]
@@ -725,9 +862,13 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
         watcher.cancel()
     text, reason = "".join(texts), tally.finish_reason
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text,
-                                          "refusal": None},
-                  "logprobs": None, "finish_reason": reason}
+        message = {"role": "assistant", "content": text, "refusal": None}
+        content, calls = parse_tool_calls(text, tool_family) if tool_family else (text, [])
+        if calls:
+            message["content"] = content or None
+            message["tool_calls"] = [c.openai() for c in calls]
+            reason = "tool_calls"
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
     return JSONResponse({**head, "object": "chat.completion" if kind == "chat"
@@ -751,8 +892,10 @@ class JobStream(StreamingResponse):
 
 async def stream_events(request: Request, job: Job, kind: str, head: dict,
                         options: RequestOptions, tally: Tally, eos_ids,
-                        echo: str) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk shapes; `data: [DONE]` at the end."""
+                        echo: str, tool_family: str | None = None) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk shapes; `data: [DONE]` at the end. With tools,
+    text that may still become a tool call is held back until it is one (then sent as
+    tool_calls deltas) or cannot be (then sent as content)."""
     if options.include_usage:
         head = {**head, "usage": None}  # OpenAI: null on every chunk but the last
 
@@ -767,15 +910,35 @@ async def stream_events(request: Request, job: Job, kind: str, head: dict,
             yield sse(chat_chunk(head, {"role": "assistant", "content": ""}))
         elif echo:
             yield sse(piece(echo))
+        held: list[str] | None = [] if tool_family else None  # None: streaming content
         try:
             async for chunk in job_chunks(job):
                 tally.add(chunk, eos_ids)
-                if chunk.text:
-                    yield sse(piece(chunk.text))
+                if held is not None:
+                    held.append(chunk.text)
+                    if could_be_tool_call("".join(held), tool_family):
+                        continue
+                    chunk_text, held = "".join(held), None
+                else:
+                    chunk_text = chunk.text
+                if chunk_text:
+                    yield sse(piece(chunk_text))
         except ApiError as exc:  # the headers are gone: report in the stream, as OpenAI does
             yield sse(exc.body())
             return
-        yield sse(piece("", tally.finish_reason))
+        finish = tally.finish_reason
+        if held:
+            content, calls = parse_tool_calls("".join(held), tool_family)
+            if content:
+                yield sse(piece(content))
+            for i, call in enumerate(calls):
+                delta = call.openai()
+                yield sse(chat_chunk(head, {"tool_calls": [
+                    {"index": i, **delta, "function": {**delta["function"], "arguments": ""}}]}))
+                yield sse(chat_chunk(head, {"tool_calls": [
+                    {"index": i, "function": {"arguments": call.arguments}}]}))
+            finish = "tool_calls" if calls else finish
+        yield sse(piece("", finish))
         if options.include_usage:
             yield sse({**head, "object": "chat.completion.chunk" if kind == "chat"
                        else "text_completion", "choices": [], "usage": tally.usage()})
