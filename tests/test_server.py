@@ -37,7 +37,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m llmpress.runtime.server MODEL` on a free port, until closed."""
 
-    def __init__(self, model: Path, log_dir: Path, api_key: str | None = None, ctx: int = CTX):
+    def __init__(self, model: Path, log_dir: Path, api_key: str | None = None, ctx: int = CTX,
+                 extra_args: tuple[str, ...] = ()):
         self.base = f"http://127.0.0.1:{free_port()}"
         env = {k: v for k, v in os.environ.items() if k != "LLMPRESS_API_KEY"}
         # one thread: on a busy shared CPU, OpenMP teams stall on each other at every layer
@@ -48,7 +49,7 @@ class ServerProcess:
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "llmpress.runtime.server", str(model),
-                 "--port", self.base.rsplit(":", 1)[1], "--ctx", str(ctx)],
+                 "--port", self.base.rsplit(":", 1)[1], "--ctx", str(ctx), *extra_args],
                 stdout=out, stderr=err, env=env)
         deadline = time.monotonic() + 60
         while True:
@@ -366,6 +367,65 @@ def test_next_chat_turn_reuses_the_prompt_cache(server):
                                             max_tokens=6)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_tokenize_and_detokenize(server, lm):
+    text = "Hello, <|im_start|>wörld!"
+    plain = httpx.post(server.base + "/tokenize", json={"content": text}, timeout=30).json()
+    assert plain["tokens"] == lm.tokenizer.encode(text, add_bos=False, add_eos=False)
+    special = httpx.post(server.base + "/tokenize", timeout=30,
+                         json={"content": text, "add_special": True}).json()
+    assert special["tokens"] == lm.encode(text)
+    back = httpx.post(server.base + "/detokenize", json={"tokens": plain["tokens"]}, timeout=30)
+    assert back.json()["content"] == text
+    pieces = httpx.post(server.base + "/tokenize", timeout=30,
+                        json={"content": "Hi there", "with_pieces": True}).json()["tokens"]
+    assert "".join(p["piece"] for p in pieces) == "Hi there"
+    for path, body, param in (("/detokenize", {"tokens": [10**9]}, "tokens"),
+                              ("/detokenize", {"tokens": "1 2"}, "tokens"),
+                              ("/tokenize", {}, "content"),
+                              ("/tokenize", {"content": "a", "x": 1}, "x")):
+        response = httpx.post(server.base + path, json=body, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def read_metrics(server) -> dict[str, float]:
+    text = httpx.get(server.base + "/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_count_requests_tokens_and_cache_hits(server):
+    before = read_metrics(server)
+    client = server.client()
+    answers = [client.completions.create(model="smollm2", prompt=TEXT_PROMPT, max_tokens=3,
+                                         temperature=0) for _ in range(2)]
+    after = read_metrics(server)
+    chat = 'llmpress_requests_total{path="/v1/completions",status="200"}'
+    assert after[chat] - before.get(chat, 0) == 2
+    assert after["llmpress_generated_tokens_total"] - before["llmpress_generated_tokens_total"] \
+        == sum(a.usage.completion_tokens for a in answers)
+    assert after["llmpress_prompt_cache_hits_total"] > before["llmpress_prompt_cache_hits_total"]
+    assert after["llmpress_generated_tokens_per_second"] > 0
+    assert after["llmpress_requests_waiting"] == 0
+
+
+def test_cors_is_opt_in(server, default_model_path, tmp_path):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    closed = httpx.options(server.base + "/v1/chat/completions", headers=preflight, timeout=10)
+    assert "access-control-allow-origin" not in closed.headers
+    other = ServerProcess(default_model_path, tmp_path, api_key="k",
+                          extra_args=("--cors", "http://app.example"))
+    try:
+        opened = httpx.options(other.base + "/v1/chat/completions", headers=preflight,
+                               timeout=10)
+        assert opened.status_code == 200  # a preflight carries no key
+        assert opened.headers["access-control-allow-origin"] == "http://app.example"
+        stranger = httpx.options(other.base + "/v1/chat/completions", timeout=10,
+                                 headers={**preflight, "Origin": "http://evil.example"})
+        assert stranger.headers.get("access-control-allow-origin") != "http://evil.example"
+    finally:
+        other.close()
 
 
 def test_prompt_longer_than_context(server, lm):

@@ -219,7 +219,8 @@ def cmd_demo(args) -> None:
 def cmd_serve(args) -> None:
     from llmpress.runtime.server import serve
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx,
-          api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"), parallel=args.parallel)
+          api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"), parallel=args.parallel,
+          cors=tuple(args.cors))
 
 
 # --- argument parsing -------------------------------------------------------------------
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(or set LLMPRESS_API_KEY)")
     p.add_argument("--parallel", type=int, default=1, help="conversations whose prompt cache "
                    "is kept (slots); a request reuses the one sharing its longest prefix")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeatable; * for any)")
     p.set_defaults(func=cmd_serve)
 
     from llmpress.cli_calibrated import add_calibrated_parsers

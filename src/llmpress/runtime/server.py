@@ -4,6 +4,8 @@
     GET  /v1/models              the one model (id: the file's stem)
     POST /v1/chat/completions    messages through the model's chat template
     POST /v1/completions         raw text (or token ids) in, text out
+    POST /tokenize, /detokenize  text <-> token ids (llama.cpp's server shapes)
+    GET  /metrics                Prometheus counters: requests, tokens, tok/s, cache hits
 
 Both POST routes stream server-sent events with `"stream": true`, in the chunk shapes of
 OpenAI's API, ending with `data: [DONE]`. Errors have OpenAI's shape,
@@ -48,6 +50,7 @@ try:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -66,6 +69,8 @@ log = logging.getLogger("llmpress.server")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits a context; stops memory abuse
+KNOWN_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+               "/tokenize", "/detokenize")  # metric labels: other paths are "other"
 MAX_PARALLEL = 256  # prompt-cache slots; each may grow to a full context of KV memory
 DEFAULT_MAX_QUEUE = 64  # waiting requests; more get 503 instead of an unbounded backlog
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
@@ -585,6 +590,7 @@ class GenerationWorker:
         # --parallel N: N cached sequences (a request goes to the one sharing the longest
         # prefix); requests still run one at a time
         self.prompt_cache = PromptCache(lm.model.new_cache, lm.context_length, parallel)
+        self.metrics = Metrics()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
         self.thread = threading.Thread(target=self._run, name="llmpress-generate", daemon=True)
@@ -617,8 +623,12 @@ class GenerationWorker:
         lm = self.lm
         chunks = stream(lm.model, lm.tokenizer, job.prompt_ids, job.config, lm.context_length,
                         self.prompt_cache)
+        started, generated = time.perf_counter(), 0
         try:
             for chunk in chunks:
+                generated += len(chunk.token_ids)
+                if chunk.finish_reason:
+                    self.metrics.count_prompt(len(job.prompt_ids), chunk.cached_tokens)
                 job.emit(chunk)
                 if job.cancelled.is_set():
                     return
@@ -629,6 +639,65 @@ class GenerationWorker:
             job.emit(ApiError(500, f"The generation failed: {type(exc).__name__}: {exc}"))
         finally:
             chunks.close()
+            self.metrics.count_generation(generated, time.perf_counter() - started)
+
+
+class Metrics:
+    """Counters for /metrics (Prometheus text format); updated from the worker thread and
+    the event loop, hence the lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}  # (path, status) -> count
+        self.prompt_tokens = self.cached_tokens = self.cache_hits = 0
+        self.generated_tokens = 0
+        self.generation_seconds = 0.0
+
+    def count_request(self, path: str, status: int) -> None:
+        with self.lock:
+            self.requests[path, status] = self.requests.get((path, status), 0) + 1
+
+    def count_prompt(self, tokens: int, cached: int) -> None:
+        with self.lock:
+            self.prompt_tokens += tokens
+            self.cached_tokens += cached
+            self.cache_hits += cached > 0
+
+    def count_generation(self, tokens: int, seconds: float) -> None:
+        with self.lock:
+            self.generated_tokens += tokens
+            self.generation_seconds += seconds
+
+    def text(self, waiting: int, busy: bool) -> str:
+        with self.lock:
+            rate = self.generated_tokens / self.generation_seconds \
+                if self.generation_seconds else 0.0
+            lines = _metric("llmpress_requests_total", "counter", "HTTP requests answered",
+                            [(f'path="{p}",status="{s}"', n)
+                             for (p, s), n in sorted(self.requests.items())])
+            for name, kind, help_text, value in (
+                    ("llmpress_prompt_tokens_total", "counter", "prompt tokens received",
+                     self.prompt_tokens),
+                    ("llmpress_prompt_cached_tokens_total", "counter",
+                     "prompt tokens taken from the prompt cache", self.cached_tokens),
+                    ("llmpress_prompt_cache_hits_total", "counter",
+                     "requests that reused a cached prefix", self.cache_hits),
+                    ("llmpress_generated_tokens_total", "counter", "tokens generated",
+                     self.generated_tokens),
+                    ("llmpress_generation_seconds_total", "counter",
+                     "seconds spent generating (prompt included)", self.generation_seconds),
+                    ("llmpress_generated_tokens_per_second", "gauge",
+                     "generated tokens per generation second, since start", rate),
+                    ("llmpress_requests_waiting", "gauge", "requests queued", waiting),
+                    ("llmpress_requests_running", "gauge", "requests generating", int(busy))):
+                lines += _metric(name, kind, help_text, [("", value)])
+        return "\n".join(lines) + "\n"
+
+
+def _metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
+            *(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}"
+              for labels, value in samples)]
 
 
 async def job_chunks(job: Job) -> AsyncIterator[Chunk]:
@@ -738,6 +807,42 @@ def endpoint(handler: Callable) -> Callable:
 async def health(request: Request, state: ServerState) -> Response:
     return JSONResponse({"status": "ok", "model": state.model_id,
                          "busy": state.worker.busy, "waiting": state.worker.waiting})
+
+
+async def metrics(request: Request, state: ServerState) -> Response:
+    return Response(state.worker.metrics.text(state.worker.waiting, state.worker.busy),
+                    media_type="text/plain; version=0.0.4")
+
+
+async def tokenize(request: Request, state: ServerState) -> Response:
+    """llama.cpp's server extension: {"content", "add_special"} -> {"tokens"}."""
+    body = parse_json_body(await request.body())
+    reject_unsupported(body, frozenset({"content", "add_special", "with_pieces", "model"}))
+    content = field_value(body, "content", "string", required=True)
+    add_special = field_value(body, "add_special", "boolean", default=False)
+    # add_special: BOS/EOS as the model's flags say; without it, the text's tokens only
+    flags = {} if add_special else {"add_bos": False, "add_eos": False}
+    tokens = await asyncio.to_thread(lambda: state.lm.tokenizer.encode(content, **flags))
+    if field_value(body, "with_pieces", "boolean", default=False):
+        pieces = [state.lm.tokenizer.token_to_piece(t) for t in tokens]
+        return JSONResponse({"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces)]})
+    return JSONResponse({"tokens": tokens})
+
+
+async def detokenize(request: Request, state: ServerState) -> Response:
+    """{"tokens": [ids]} -> {"content": text}."""
+    body = parse_json_body(await request.body())
+    reject_unsupported(body, frozenset({"tokens", "model"}))
+    tokens = body.get("tokens")
+    if tokens is None:
+        raise missing("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        raise wrong_type("tokens", "an array of token ids", tokens)
+    vocab = state.lm.tokenizer.vocab_size
+    if bad := [t for t in tokens if not 0 <= t < vocab]:
+        raise ApiError(400, f"Invalid 'tokens': token id {bad[0]} is outside the vocabulary "
+                            f"(0..{vocab - 1}).", param="tokens", code="invalid_value")
+    return JSONResponse({"content": state.lm.tokenizer.decode(tokens)})
 
 
 async def list_models(request: Request, state: ServerState) -> Response:
@@ -987,10 +1092,11 @@ class BearerAuth:
 
 
 class RequestLog:
-    """One line per request: client, method, path, status, tokens, time (to the last byte)."""
+    """One line per request: client, method, path, status, tokens, time (to the last byte);
+    and the request counters of /metrics."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, metrics: Metrics | None = None):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -1008,6 +1114,9 @@ class RequestLog:
         finally:
             log.info(request_log_line(scope, status[0], slot.get("tally"),
                                       time.perf_counter() - started))
+            if self.metrics is not None:
+                self.metrics.count_request(scope["path"] if scope["path"] in KNOWN_PATHS
+                                           else "other", status[0])
 
 
 def request_log_line(scope: dict, status: int, tally: Tally | None, seconds: float) -> str:
@@ -1023,7 +1132,7 @@ def request_log_line(scope: dict, status: int, tally: Tally | None, seconds: flo
 
 def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset(), *,
                api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               parallel: int = 1) -> Starlette:
+               parallel: int = 1, cors: tuple[str, ...] = ()) -> Starlette:
     """The ASGI app around a loaded model (llmpress.api.LanguageModel)."""
     worker = GenerationWorker(lm, max_queue, parallel)
 
@@ -1038,13 +1147,19 @@ def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset
         Route("/v1/models/{model:path}", endpoint(get_model), methods=["GET"]),
         Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/tokenize", endpoint(tokenize), methods=["POST"]),
+        Route("/detokenize", endpoint(detokenize), methods=["POST"]),
+        Route("/metrics", endpoint(metrics), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
     app.state.llmpress = ServerState(lm, model_id, frozenset({model_id, *aliases}), worker)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
-    app.add_middleware(RequestLog)  # added last = outermost: it also logs the 401s
+    if cors:  # outside the key check: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(RequestLog, metrics=worker.metrics)  # outermost: logs the 401s too
     return app
 
 
@@ -1106,7 +1221,8 @@ def server_url(sock: socket.socket) -> str:
 def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, ctx: int | None = None, api_key: str | None = None, *,
           mode: str = "fast", device: str | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1) -> None:
+          max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
+          cors: tuple[str, ...] = ()) -> None:
     """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY.
     parallel: how many conversations keep their prompt cache (slots)."""
     from llmpress.api import load  # the public API sits above runtime; only serve needs it
@@ -1124,7 +1240,7 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     app = create_app(lm, model_id, aliases, api_key=api_key, max_queue=max_queue,
-                     parallel=parallel)
+                     parallel=parallel, cors=tuple(cors))
     url = server_url(sock)
     print(f"llmpress: serving {model_id} (context {lm.context_length} tokens, {lm.device}) "
           f"at {url}/v1{' (API key required)' if api_key else ''}", flush=True)
@@ -1147,9 +1263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx", type=int, default=None)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
     args = parser.parse_args(argv)
     try:
-        serve(args.model, args.host, args.port, args.ctx, args.api_key, parallel=args.parallel)
+        serve(args.model, args.host, args.port, args.ctx, args.api_key, parallel=args.parallel,
+              cors=tuple(args.cors))
     except LlmpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
