@@ -254,10 +254,12 @@ BAD_REQUESTS = [
      {"model": "smollm2", "prompt": "a", "stop": ["x"] * 100}, 400, "invalid_value", "stop"),
     ("stream a string", "/v1/completions", {"model": "smollm2", "prompt": "a", "stream": "yes"},
      400, "invalid_type", "stream"),
-    ("n above 1", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "n": 2}, 400,
-     "unsupported_value", "n"),
+    ("n above 8", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "n": 9}, 400,
+     "invalid_value", "n"),
     ("n huge", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "n": 10**12}, 400,
-     "unsupported_value", "n"),
+     "invalid_value", "n"),
+    ("n zero", "/v1/completions", {"model": "smollm2", "prompt": "a", "n": 0}, 400,
+     "invalid_value", "n"),
     ("unknown field", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "foo": 1},
      400, "unsupported_parameter", "foo"),
     ("unknown completions field", "/v1/completions",
@@ -367,6 +369,27 @@ def test_next_chat_turn_reuses_the_prompt_cache(server):
                                             max_tokens=6)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_n_choices(server):
+    client = server.client()
+    kwargs = dict(model="smollm2", messages=CHAT, temperature=1.0, seed=11, max_tokens=6)
+    several = client.chat.completions.create(n=3, **kwargs)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    single = client.chat.completions.create(**kwargs)
+    assert several.choices[0].message.content == single.choices[0].message.content
+    second = client.chat.completions.create(**{**kwargs, "seed": 12})  # choice i: seed + i
+    assert several.choices[1].message.content == second.choices[0].message.content
+    assert several.usage.prompt_tokens == single.usage.prompt_tokens
+    assert several.usage.completion_tokens > single.usage.completion_tokens
+    streamed = client.chat.completions.create(n=3, stream=True, **kwargs)
+    texts, finishes = ["", "", ""], [None, None, None]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in several.choices]
+    assert finishes == [c.finish_reason for c in several.choices]
 
 
 def test_tokenize_and_detokenize(server, lm):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -71,6 +72,7 @@ DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits a context; stops memory abuse
 KNOWN_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
                "/tokenize", "/detokenize")  # metric labels: other paths are "other"
+MAX_CHOICES = 8  # n: the choices run one after another, so each costs a full generation
 MAX_PARALLEL = 256  # prompt-cache slots; each may grow to a full context of KV memory
 DEFAULT_MAX_QUEUE = 64  # waiting requests; more get 503 instead of an unbounded backlog
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
@@ -232,6 +234,7 @@ class RequestOptions:
     stream: bool
     include_usage: bool
     ignore_eos: bool  # llama.cpp's server extension; lets a client force a long answer
+    n: int = 1  # choices, generated one after the other
 
 
 def parse_stop(value: Any) -> tuple[str, ...]:
@@ -321,11 +324,7 @@ def reject_unsupported(body: dict, supported: frozenset[str], where: str = "") -
 
 def parse_options(body: dict, *, default_max_tokens: int | None) -> RequestOptions:
     model = field_value(body, "model", "string", required=True)
-    n = field_value(body, "n", "integer", default=1)
-    if n != 1:
-        raise ApiError(400, f"Invalid 'n': {n}. This server generates one choice per request; "
-                            "send n=1 (or leave it out) and repeat the request for more.",
-                       param="n", code="unsupported_value")
+    n = field_value(body, "n", "integer", default=1, minimum=1, maximum=MAX_CHOICES)
     logprobs = body.get("logprobs")
     if logprobs not in (None, False):
         raise ApiError(400, "'logprobs' is not supported by this server; leave it out.",
@@ -341,7 +340,7 @@ def parse_options(body: dict, *, default_max_tokens: int | None) -> RequestOptio
         sampling=parse_sampling(body),
         stream=field_value(body, "stream", "boolean", default=False),
         include_usage=field_value(stream_options, "include_usage", "boolean", default=False),
-        ignore_eos=field_value(body, "ignore_eos", "boolean", default=False),
+        ignore_eos=field_value(body, "ignore_eos", "boolean", default=False), n=n,
     )
 
 
@@ -711,11 +710,11 @@ async def job_chunks(job: Job) -> AsyncIterator[Chunk]:
         job.cancelled.set()  # a no-op after the end; stops the work when the client left
 
 
-async def watch_disconnect(request: Request, cancelled: threading.Event) -> None:
-    """Cancel the job when the client closes the connection (queued or mid-stream)."""
-    while not cancelled.is_set():
+async def watch_disconnect(request: Request, jobs: list[Job]) -> None:
+    """Cancel the jobs when the client closes the connection (queued or mid-stream)."""
+    while not all(job.cancelled.is_set() for job in jobs):
         if await request.is_disconnected():
-            cancelled.set()
+            cancel(jobs)
             return
         await asyncio.sleep(DISCONNECT_POLL_S)
 
@@ -746,15 +745,17 @@ class Tally:
                 self.completion_tokens -= 1
 
 
-def chat_chunk(head: dict, delta: dict, finish_reason: str | None = None) -> dict:
+def chat_chunk(head: dict, delta: dict, finish_reason: str | None = None,
+               index: int = 0) -> dict:
     return {**head, "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None,
+            "choices": [{"index": index, "delta": delta, "logprobs": None,
                          "finish_reason": finish_reason}]}
 
 
-def completion_chunk(head: dict, text: str, finish_reason: str | None = None) -> dict:
+def completion_chunk(head: dict, text: str, finish_reason: str | None = None,
+                     index: int = 0) -> dict:
     return {**head, "object": "text_completion",
-            "choices": [{"index": 0, "text": text, "logprobs": None,
+            "choices": [{"index": index, "text": text, "logprobs": None,
                          "finish_reason": finish_reason}]}
 
 
@@ -930,7 +931,9 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
                             options: RequestOptions, prompt_ids: list[int], *, param: str,
                             echo: str = "", grammar: str | None = None,
                             tool_family: str | None = None) -> Response:
-    """Check the prompt against the context, queue the job, answer (streamed or not)."""
+    """Check the prompt against the context, queue one job per choice (n), answer
+    (streamed or not). The choices run one after the other; the second on reuses the
+    prompt from the prompt cache."""
     limit = state.lm.context_length
     if not prompt_ids:
         raise ApiError(400, f"The {param} gave no tokens; send some text.", param=param,
@@ -942,115 +945,142 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
                             "--ctx).", param=param, code="context_length_exceeded")
     # more than the context leaves is clamped (llama.cpp's server does so): finish "length"
     max_tokens = limit - len(prompt_ids) if options.max_tokens is None else options.max_tokens
-    config = GenerationConfig(max_tokens=max_tokens, sampling=options.sampling,
-                              stop=options.stop, stop_at_eos=not options.ignore_eos,
-                              grammar=grammar)
-    job = Job(prompt_ids, config, asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    jobs = [Job(prompt_ids, GenerationConfig(
+        max_tokens=max_tokens, sampling=choice_sampling(options.sampling, i), stop=options.stop,
+        stop_at_eos=not options.ignore_eos, grammar=grammar), loop) for i in range(options.n)]
     tally = Tally(len(prompt_ids))
     _usage_slot(request)["tally"] = tally
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": model}
     eos_ids = state.lm.tokenizer.eos_ids
-    state.worker.submit(job)  # before any answer: a full queue is still a plain 503
+    try:  # before any answer: a full queue is still a plain 503
+        for job in jobs:
+            state.worker.submit(job)
+    except ApiError:
+        cancel(jobs)
+        raise
     if options.stream:
-        events = stream_events(request, job, kind, head, options, tally, eos_ids, echo,
+        events = stream_events(request, jobs, kind, head, options, tally, eos_ids, echo,
                                tool_family)
-        return JobStream(job, events)
-    watcher = asyncio.create_task(watch_disconnect(request, job.cancelled))
-    texts = [echo]
+        return JobStream(jobs, events)
+    watcher = asyncio.create_task(watch_disconnect(request, jobs))
+    choices = []
     try:
-        async for chunk in job_chunks(job):
-            texts.append(chunk.text)
-            tally.add(chunk, eos_ids)
+        for index, job in enumerate(jobs):
+            texts, reason = [echo], None
+            async for chunk in job_chunks(job):
+                texts.append(chunk.text)
+                tally.add(chunk, eos_ids)
+                reason = chunk.finish_reason or reason
+            choices.append(final_choice(kind, index, "".join(texts), reason, tool_family))
     finally:
         watcher.cancel()
-    text, reason = "".join(texts), tally.finish_reason
-    if kind == "chat":
-        message = {"role": "assistant", "content": text, "refusal": None}
-        content, calls = parse_tool_calls(text, tool_family) if tool_family else (text, [])
-        if calls:
-            message["content"] = content or None
-            message["tool_calls"] = [c.openai() for c in calls]
-            reason = "tool_calls"
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
     return JSONResponse({**head, "object": "chat.completion" if kind == "chat"
-                         else "text_completion", "choices": [choice], "usage": tally.usage()})
+                         else "text_completion", "choices": choices, "usage": tally.usage()})
+
+
+def choice_sampling(sampling: SamplingConfig, index: int) -> SamplingConfig:
+    """Choice i of n draws with seed + i: n different answers, each reproducible."""
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return dataclasses.replace(sampling, seed=(sampling.seed + index) % (1 << 64))
+
+
+def final_choice(kind: str, index: int, text: str, reason: str | None,
+                 tool_family: str | None) -> dict:
+    if kind != "chat":
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    message = {"role": "assistant", "content": text, "refusal": None}
+    content, calls = parse_tool_calls(text, tool_family) if tool_family else (text, [])
+    if calls:
+        message["content"] = content or None
+        message["tool_calls"] = [c.openai() for c in calls]
+        reason = "tool_calls"
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
+
+
+def cancel(jobs: list[Job]) -> None:
+    for job in jobs:
+        job.cancelled.set()
 
 
 class JobStream(StreamingResponse):
-    """An SSE response that cancels its job however it ends, even before the first event."""
+    """An SSE response that cancels its jobs however it ends, even before the first event."""
 
-    def __init__(self, job: Job, events: AsyncIterator[str]):
+    def __init__(self, jobs: list[Job], events: AsyncIterator[str]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.job = job
+        self.jobs = jobs
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancelled.set()
+            cancel(self.jobs)
 
 
-async def stream_events(request: Request, job: Job, kind: str, head: dict,
+async def stream_events(request: Request, jobs: list[Job], kind: str, head: dict,
                         options: RequestOptions, tally: Tally, eos_ids,
                         echo: str, tool_family: str | None = None) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk shapes; `data: [DONE]` at the end. With tools,
-    text that may still become a tool call is held back until it is one (then sent as
-    tool_calls deltas) or cannot be (then sent as content)."""
+    """Server-sent events in OpenAI's chunk shapes, choice after choice; `data: [DONE]` at
+    the end. With tools, text that may still become a tool call is held back until it is
+    one (then sent as tool_calls deltas) or cannot be (then sent as content)."""
     if options.include_usage:
         head = {**head, "usage": None}  # OpenAI: null on every chunk but the last
 
-    def piece(text: str, finish: str | None = None) -> dict:
-        if kind == "chat":
-            return chat_chunk(head, {"content": text} if text or not finish else {}, finish)
-        return completion_chunk(head, text, finish)
-
-    watcher = asyncio.create_task(watch_disconnect(request, job.cancelled))
+    watcher = asyncio.create_task(watch_disconnect(request, jobs))
     try:
-        if kind == "chat":
-            yield sse(chat_chunk(head, {"role": "assistant", "content": ""}))
-        elif echo:
-            yield sse(piece(echo))
-        held: list[str] | None = [] if tool_family else None  # None: streaming content
-        try:
-            async for chunk in job_chunks(job):
-                tally.add(chunk, eos_ids)
-                if held is not None:
-                    held.append(chunk.text)
-                    if could_be_tool_call("".join(held), tool_family):
-                        continue
-                    chunk_text, held = "".join(held), None
-                else:
-                    chunk_text = chunk.text
-                if chunk_text:
-                    yield sse(piece(chunk_text))
-        except ApiError as exc:  # the headers are gone: report in the stream, as OpenAI does
-            yield sse(exc.body())
-            return
-        finish = tally.finish_reason
-        if held:
-            content, calls = parse_tool_calls("".join(held), tool_family)
-            if content:
-                yield sse(piece(content))
-            for i, call in enumerate(calls):
-                delta = call.openai()
-                yield sse(chat_chunk(head, {"tool_calls": [
-                    {"index": i, **delta, "function": {**delta["function"], "arguments": ""}}]}))
-                yield sse(chat_chunk(head, {"tool_calls": [
-                    {"index": i, "function": {"arguments": call.arguments}}]}))
-            finish = "tool_calls" if calls else finish
-        yield sse(piece("", finish))
+        for index, job in enumerate(jobs):
+            def piece(text: str, finish: str | None = None) -> dict:
+                if kind == "chat":
+                    return chat_chunk(head, {"content": text} if text or not finish else {},
+                                      finish, index)
+                return completion_chunk(head, text, finish, index)
+
+            if kind == "chat":
+                yield sse(chat_chunk(head, {"role": "assistant", "content": ""}, index=index))
+            elif echo:
+                yield sse(piece(echo))
+            held: list[str] | None = [] if tool_family else None  # None: streaming content
+            finish = None
+            try:
+                async for chunk in job_chunks(job):
+                    tally.add(chunk, eos_ids)
+                    finish = chunk.finish_reason or finish
+                    if held is not None:
+                        held.append(chunk.text)
+                        if could_be_tool_call("".join(held), tool_family):
+                            continue
+                        chunk_text, held = "".join(held), None
+                    else:
+                        chunk_text = chunk.text
+                    if chunk_text:
+                        yield sse(piece(chunk_text))
+            except ApiError as exc:  # the headers are gone: report in the stream, as OpenAI
+                yield sse(exc.body())
+                return
+            if held:
+                content, calls = parse_tool_calls("".join(held), tool_family)
+                if content:
+                    yield sse(piece(content))
+                for i, call in enumerate(calls):
+                    delta = call.openai()
+                    yield sse(chat_chunk(head, {"tool_calls": [
+                        {"index": i, **delta, "function": {**delta["function"], "arguments": ""}}
+                    ]}, index=index))
+                    yield sse(chat_chunk(head, {"tool_calls": [
+                        {"index": i, "function": {"arguments": call.arguments}}]}, index=index))
+                finish = "tool_calls" if calls else finish
+            yield sse(piece("", finish))
         if options.include_usage:
             yield sse({**head, "object": "chat.completion.chunk" if kind == "chat"
                        else "text_completion", "choices": [], "usage": tally.usage()})
         yield sse("[DONE]")
     finally:
         watcher.cancel()
-        job.cancelled.set()
+        cancel(jobs)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
