@@ -260,6 +260,14 @@ BAD_REQUESTS = [
      "invalid_value", "n"),
     ("n zero", "/v1/completions", {"model": "smollm2", "prompt": "a", "n": 0}, 400,
      "invalid_value", "n"),
+    ("top_logprobs without logprobs", "/v1/chat/completions",
+     {"model": "smollm2", "messages": CHAT, "top_logprobs": 2}, 400, "invalid_value",
+     "top_logprobs"),
+    ("top_logprobs too many", "/v1/chat/completions",
+     {"model": "smollm2", "messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400,
+     "invalid_value", "top_logprobs"),
+    ("completions logprobs too many", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "logprobs": 6}, 400, "invalid_value", "logprobs"),
     ("unknown field", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "foo": 1},
      400, "unsupported_parameter", "foo"),
     ("unknown completions field", "/v1/completions",
@@ -390,6 +398,38 @@ def test_n_choices(server):
             finishes[choice.index] = choice.finish_reason or finishes[choice.index]
     assert texts == [c.message.content for c in several.choices]
     assert finishes == [c.finish_reason for c in several.choices]
+
+
+def test_logprobs_are_the_model_log_softmax(server, lm):
+    answer = server.client().chat.completions.create(
+        model="smollm2", messages=CHAT, temperature=0, max_tokens=6, logprobs=True,
+        top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    prompt = lm.encode(lm.chat_prompt(CHAT))
+    tokens = lm.generate(prompt, max_tokens=6, temperature=0, prompt_cache=False).token_ids
+    assert "".join(c.token for c in content) == answer.choices[0].message.content
+    assert len(content) == len(tokens)
+    reference = torch.log_softmax(lm.logits(prompt + tokens), dim=-1)[len(prompt) - 1:]
+    for i, (entry, token) in enumerate(zip(content, tokens)):
+        assert entry.token == lm.tokenizer.token_to_piece(token)
+        assert abs(entry.logprob - reference[i, token].item()) < 1e-3
+        assert [t.token for t in entry.top_logprobs][0] == entry.token
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert bytes(entry.bytes) == lm.tokenizer.token_bytes(token)
+    legacy = server.client().completions.create(model="smollm2", prompt=TEXT_PROMPT,
+                                                max_tokens=4, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert "".join(lp.tokens) == legacy.choices[0].text
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    streamed = server.client().chat.completions.create(
+        model="smollm2", messages=CHAT, temperature=0, max_tokens=6, logprobs=True,
+        stream=True)
+    pieces = [e for c in streamed if c.choices and c.choices[0].logprobs
+              for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in pieces] == \
+        [(e.token, round(e.logprob, 4)) for e in content]
 
 
 def test_tokenize_and_detokenize(server, lm):

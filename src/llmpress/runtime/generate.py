@@ -24,6 +24,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
     grammar: str | None = None  # from runtime.grammar: the output must match it
+    logprobs: int | None = None  # report each token's log-probability and this many top ones
 
     def __post_init__(self):
         if self.max_tokens < 0:
@@ -38,6 +39,24 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None
     cached_tokens: int = 0  # on the last chunk: prompt tokens taken from the prompt cache
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A drawn token's log-probability under the model (its raw logits: before penalties,
+    temperature and grammar), and the most likely tokens at that position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logits: torch.Tensor, token: int, n_top: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, n_top) if n_top else (logprobs[:0], logprobs[:0])
+    return TokenLogprob(token, float(logprobs[token]),
+                        [(int(i), float(v)) for i, v in zip(ids, values)])
 
 
 class TextAssembler:
@@ -126,8 +145,10 @@ def _generate(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig, bu
         allowed = constraint.allowed(logits.shape[-1]) if constraint else None
         token = sampler(logits[0, -1], history, allowed)
         history.append(token)
+        scored = None if cfg.logprobs is None else \
+            [token_logprob(logits[0, -1], token, cfg.logprobs)]
         if cfg.stop_at_eos and token in tokenizer.eos_ids:
-            yield Chunk(assembler.flush(), [token], "stop", reused)
+            yield Chunk(assembler.flush(), [token], "stop", reused, scored)
             return
         if constraint:
             constraint.accept(token)
@@ -135,9 +156,9 @@ def _generate(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig, bu
         if stopped or (constraint and constraint.finished):  # the grammar is complete
             if not stopped:
                 text += assembler.flush()
-            yield Chunk(text, [token], "stop", reused)
+            yield Chunk(text, [token], "stop", reused, scored)
             return
-        yield Chunk(text, [token])
+        yield Chunk(text, [token], logprobs=scored)
         if len(history) - len(prompt_ids) == budget:
             break
         logits = run([token])

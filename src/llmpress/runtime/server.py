@@ -72,6 +72,7 @@ DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits a context; stops memory abuse
 KNOWN_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
                "/tokenize", "/detokenize")  # metric labels: other paths are "other"
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_CHOICES = 8  # n: the choices run one after another, so each costs a full generation
 MAX_PARALLEL = 256  # prompt-cache slots; each may grow to a full context of KV memory
 DEFAULT_MAX_QUEUE = 64  # waiting requests; more get 503 instead of an unbounded backlog
@@ -235,6 +236,7 @@ class RequestOptions:
     include_usage: bool
     ignore_eos: bool  # llama.cpp's server extension; lets a client force a long answer
     n: int = 1  # choices, generated one after the other
+    logprobs: int | None = None  # None: no log-probabilities; else how many top ones
 
 
 def parse_stop(value: Any) -> tuple[str, ...]:
@@ -275,6 +277,7 @@ COMMON_FIELDS = frozenset({
     "model", "max_tokens", "stop", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
     "seed", "stream", "stream_options", "n", "ignore_eos", "user", "logprobs"})
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "response_format", "tools",
+                               "top_logprobs",
                                "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
 STREAM_OPTION_FIELDS = frozenset({"include_usage"})
@@ -325,10 +328,17 @@ def reject_unsupported(body: dict, supported: frozenset[str], where: str = "") -
 def parse_options(body: dict, *, default_max_tokens: int | None) -> RequestOptions:
     model = field_value(body, "model", "string", required=True)
     n = field_value(body, "n", "integer", default=1, minimum=1, maximum=MAX_CHOICES)
-    logprobs = body.get("logprobs")
-    if logprobs not in (None, False):
-        raise ApiError(400, "'logprobs' is not supported by this server; leave it out.",
-                       param="logprobs", code="unsupported_parameter")
+    if "messages" in body:  # chat: logprobs a boolean, top_logprobs how many
+        top = field_value(body, "top_logprobs", "integer", minimum=0, maximum=MAX_TOP_LOGPROBS)
+        if field_value(body, "logprobs", "boolean", default=False):
+            logprobs = top or 0
+        elif top is not None:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true.",
+                           param="top_logprobs", code="invalid_value")
+        else:
+            logprobs = None
+    else:  # legacy completions: logprobs is the number of top tokens (0..5)
+        logprobs = field_value(body, "logprobs", "integer", minimum=0, maximum=5)
     max_tokens = field_value(body, "max_completion_tokens", "integer", minimum=1)
     if max_tokens is None:
         max_tokens = field_value(body, "max_tokens", "integer", minimum=1,
@@ -341,6 +351,7 @@ def parse_options(body: dict, *, default_max_tokens: int | None) -> RequestOptio
         stream=field_value(body, "stream", "boolean", default=False),
         include_usage=field_value(stream_options, "include_usage", "boolean", default=False),
         ignore_eos=field_value(body, "ignore_eos", "boolean", default=False), n=n,
+        logprobs=logprobs,
     )
 
 
@@ -948,7 +959,8 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
     loop = asyncio.get_running_loop()
     jobs = [Job(prompt_ids, GenerationConfig(
         max_tokens=max_tokens, sampling=choice_sampling(options.sampling, i), stop=options.stop,
-        stop_at_eos=not options.ignore_eos, grammar=grammar), loop) for i in range(options.n)]
+        stop_at_eos=not options.ignore_eos, grammar=grammar, logprobs=options.logprobs), loop)
+        for i in range(options.n)]
     tally = Tally(len(prompt_ids))
     _usage_slot(request)["tally"] = tally
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
@@ -962,23 +974,58 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
         cancel(jobs)
         raise
     if options.stream:
-        events = stream_events(request, jobs, kind, head, options, tally, eos_ids, echo,
-                               tool_family)
+        events = stream_events(request, jobs, kind, head, options, tally, state.lm.tokenizer,
+                               echo, tool_family)
         return JobStream(jobs, events)
     watcher = asyncio.create_task(watch_disconnect(request, jobs))
     choices = []
     try:
         for index, job in enumerate(jobs):
-            texts, reason = [echo], None
+            texts, reason, scored = [echo], None, []
             async for chunk in job_chunks(job):
                 texts.append(chunk.text)
                 tally.add(chunk, eos_ids)
                 reason = chunk.finish_reason or reason
-            choices.append(final_choice(kind, index, "".join(texts), reason, tool_family))
+                scored += answer_logprobs(chunk, eos_ids)
+            choice = final_choice(kind, index, "".join(texts), reason, tool_family)
+            if options.logprobs is not None:
+                choice["logprobs"] = logprobs_body(kind, state.lm.tokenizer, scored, len(echo))
+            choices.append(choice)
     finally:
         watcher.cancel()
     return JSONResponse({**head, "object": "chat.completion" if kind == "chat"
                          else "text_completion", "choices": choices, "usage": tally.usage()})
+
+
+def answer_logprobs(chunk: Chunk, eos_ids) -> list:
+    """The chunk's token log-probabilities, less the end-of-turn token (not in the text)."""
+    scored = chunk.logprobs or []
+    if chunk.finish_reason == "stop" and scored and scored[-1].token in eos_ids:
+        scored = scored[:-1]
+    return scored
+
+
+def logprobs_body(kind: str, tokenizer, scored: list, offset: int = 0) -> dict:
+    """OpenAI's logprobs object: chat's {"content": [...]}, or the legacy completions'
+    parallel arrays (text_offset counts characters from offset)."""
+    def piece(token: int) -> str:
+        return tokenizer.token_to_piece(token)
+
+    if kind == "chat":
+        def entry(token: int, logprob: float) -> dict:
+            return {"token": piece(token), "logprob": logprob,
+                    "bytes": list(tokenizer.token_bytes(token))}
+        return {"content": [{**entry(s.token, s.logprob),
+                             "top_logprobs": [entry(t, lp) for t, lp in s.top]}
+                            for s in scored], "refusal": None}
+    offsets, at = [], offset
+    for s in scored:
+        offsets.append(at)
+        at += len(piece(s.token))
+    return {"tokens": [piece(s.token) for s in scored],
+            "token_logprobs": [s.logprob for s in scored],
+            "top_logprobs": [{piece(t): lp for t, lp in s.top} for s in scored],
+            "text_offset": offsets}
 
 
 def choice_sampling(sampling: SamplingConfig, index: int) -> SamplingConfig:
@@ -1022,22 +1069,28 @@ class JobStream(StreamingResponse):
 
 
 async def stream_events(request: Request, jobs: list[Job], kind: str, head: dict,
-                        options: RequestOptions, tally: Tally, eos_ids,
+                        options: RequestOptions, tally: Tally, tokenizer,
                         echo: str, tool_family: str | None = None) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk shapes, choice after choice; `data: [DONE]` at
     the end. With tools, text that may still become a tool call is held back until it is
     one (then sent as tool_calls deltas) or cannot be (then sent as content)."""
     if options.include_usage:
         head = {**head, "usage": None}  # OpenAI: null on every chunk but the last
+    eos_ids = tokenizer.eos_ids
 
     watcher = asyncio.create_task(watch_disconnect(request, jobs))
     try:
         for index, job in enumerate(jobs):
-            def piece(text: str, finish: str | None = None) -> dict:
+            def piece(text: str, finish: str | None = None, scored=()) -> dict:
                 if kind == "chat":
-                    return chat_chunk(head, {"content": text} if text or not finish else {},
-                                      finish, index)
-                return completion_chunk(head, text, finish, index)
+                    event = chat_chunk(head, {"content": text} if text or not finish else {},
+                                       finish, index)
+                else:
+                    event = completion_chunk(head, text, finish, index)
+                if scored:
+                    event["choices"][0]["logprobs"] = logprobs_body(kind, tokenizer,
+                                                                    list(scored))
+                return event
 
             if kind == "chat":
                 yield sse(chat_chunk(head, {"role": "assistant", "content": ""}, index=index))
@@ -1056,8 +1109,9 @@ async def stream_events(request: Request, jobs: list[Job], kind: str, head: dict
                         chunk_text, held = "".join(held), None
                     else:
                         chunk_text = chunk.text
-                    if chunk_text:
-                        yield sse(piece(chunk_text))
+                    scored = answer_logprobs(chunk, eos_ids) if held is None else []
+                    if chunk_text or scored:
+                        yield sse(piece(chunk_text, scored=scored))
             except ApiError as exc:  # the headers are gone: report in the stream, as OpenAI
                 yield sse(exc.body())
                 return
