@@ -9,7 +9,11 @@
 
 Both POST routes stream server-sent events with `"stream": true`, in the chunk shapes of
 OpenAI's API, ending with `data: [DONE]`. Errors have OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`, and its status codes.
+`{"error": {"message", "type", "param", "code"}}`, and its status codes; a field this
+server would not act on is a 400 naming it, never silently dropped. Chat also takes
+`response_format` (JSON / a JSON schema, by constrained decoding: runtime/grammar.py) and
+`tools` (runtime/tools.py); both take `n`, `logprobs`, and report prompt-cache reuse in
+usage.prompt_tokens_details.cached_tokens (`--parallel N` cached conversations).
 
 The model is not thread-safe, so one worker thread runs every generation, in arrival
 order; requests wait in a bounded queue. Tokens travel from that thread to the request's
