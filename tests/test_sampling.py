@@ -62,8 +62,19 @@ def test_temperature_sharpens():
     assert sum(cold(logits, []) for _ in range(500)) > 495
 
 
+def test_extreme_temperatures_stay_distributions():
+    logits = torch.tensor([0.5, 3.0, 2.9, -1.0])
+    tiny = Sampler(SamplingConfig(temperature=1e-300, top_k=0, top_p=1.0, min_p=0.0, seed=1))
+    assert {tiny(logits, []) for _ in range(50)} == {1}  # the limit of cooling: greedy
+    hot = Sampler(SamplingConfig(temperature=1e300, top_k=0, top_p=1.0, min_p=0.0, seed=1))
+    assert {hot(logits, []) for _ in range(400)} == {0, 1, 2, 3}  # the limit: uniform
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
-                                 dict(min_p=2), dict(top_k=-1), dict(repeat_penalty=0)])
+                                 dict(min_p=2), dict(top_k=-1), dict(repeat_penalty=0),
+                                 dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(top_p=float("nan")), dict(repeat_penalty=1e-300),
+                                 dict(repeat_penalty=float("inf")), dict(repeat_penalty=1e300)])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(LlmpressError):
         SamplingConfig(**bad)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -36,7 +37,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m llmpress.runtime.server MODEL` on a free port, until closed."""
 
-    def __init__(self, model: Path, log_dir: Path, api_key: str | None = None):
+    def __init__(self, model: Path, log_dir: Path, api_key: str | None = None, ctx: int = CTX,
+                 extra_args: tuple[str, ...] = ()):
         self.base = f"http://127.0.0.1:{free_port()}"
         env = {k: v for k, v in os.environ.items() if k != "LLMPRESS_API_KEY"}
         # one thread: on a busy shared CPU, OpenMP teams stall on each other at every layer
@@ -47,7 +49,7 @@ class ServerProcess:
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "llmpress.runtime.server", str(model),
-                 "--port", self.base.rsplit(":", 1)[1], "--ctx", str(CTX)],
+                 "--port", self.base.rsplit(":", 1)[1], "--ctx", str(ctx), *extra_args],
                 stdout=out, stderr=err, env=env)
         deadline = time.monotonic() + 60
         while True:
@@ -252,8 +254,63 @@ BAD_REQUESTS = [
      {"model": "smollm2", "prompt": "a", "stop": ["x"] * 100}, 400, "invalid_value", "stop"),
     ("stream a string", "/v1/completions", {"model": "smollm2", "prompt": "a", "stream": "yes"},
      400, "invalid_type", "stream"),
-    ("n above 1", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "n": 2}, 400,
-     "unsupported_value", "n"),
+    ("n above 8", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "n": 9}, 400,
+     "invalid_value", "n"),
+    ("n huge", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "n": 10**12}, 400,
+     "invalid_value", "n"),
+    ("n zero", "/v1/completions", {"model": "smollm2", "prompt": "a", "n": 0}, 400,
+     "invalid_value", "n"),
+    ("top_logprobs without logprobs", "/v1/chat/completions",
+     {"model": "smollm2", "messages": CHAT, "top_logprobs": 2}, 400, "invalid_value",
+     "top_logprobs"),
+    ("top_logprobs too many", "/v1/chat/completions",
+     {"model": "smollm2", "messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400,
+     "invalid_value", "top_logprobs"),
+    ("completions logprobs too many", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "logprobs": 6}, 400, "invalid_value", "logprobs"),
+    ("unknown field", "/v1/chat/completions", {"model": "smollm2", "messages": CHAT, "foo": 1},
+     400, "unsupported_parameter", "foo"),
+    ("unknown completions field", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "functions": []}, 400, "unsupported_parameter",
+     "functions"),
+    ("unsupported penalty", "/v1/chat/completions",
+     {"model": "smollm2", "messages": CHAT, "frequency_penalty": 0.5}, 400,
+     "unsupported_parameter", "frequency_penalty"),
+    ("suffix", "/v1/completions", {"model": "smollm2", "prompt": "a", "suffix": "b"}, 400,
+     "unsupported_parameter", "suffix"),
+    ("unknown stream option", "/v1/chat/completions",
+     {"model": "smollm2", "messages": CHAT, "stream": True, "stream_options": {"x": True}},
+     400, "unsupported_parameter", "stream_options.x"),
+    ("unknown message field", "/v1/chat/completions",
+     {"model": "smollm2", "messages": [{"role": "user", "content": "hi", "audio": {"id": "a"}}]},
+     400, "unsupported_parameter", "messages[0].audio"),
+    ("lone surrogate in model", "/v1/chat/completions",
+     b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', 400,
+     "invalid_value", "model"),
+    ("lone surrogate in content", "/v1/chat/completions",
+     b'{"model": "smollm2", "messages": [{"role": "user", "content": "a\\udfffb"}]}', 400,
+     "invalid_value", "messages[0].content"),
+    ("lone surrogate in a key", "/v1/completions",
+     b'{"model": "smollm2", "prompt": "a", "\\udc00": 1}', 400, "invalid_value", "body"),
+    ("temperature infinite", "/v1/completions",
+     b'{"model": "smollm2", "prompt": "a", "temperature": 1e999}', 400, "invalid_value",
+     "temperature"),
+    ("temperature negative", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "temperature": -0.5}, 400, "invalid_value",
+     "temperature"),
+    ("repeat_penalty tiny", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "repeat_penalty": 1e-300}, 400, "invalid_value",
+     "repeat_penalty"),
+    ("repeat_penalty huge", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "repeat_penalty": 1e300}, 400, "invalid_value",
+     "repeat_penalty"),
+    ("repeat_penalty negative", "/v1/completions",
+     {"model": "smollm2", "prompt": "a", "repeat_penalty": -1}, 400, "invalid_value",
+     "repeat_penalty"),
+    ("top_p negative", "/v1/completions", {"model": "smollm2", "prompt": "a", "top_p": -1}, 400,
+     "invalid_value", "top_p"),
+    ("top_p infinite", "/v1/completions",
+     b'{"model": "smollm2", "prompt": "a", "top_p": 1e999}', 400, "invalid_value", "top_p"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": CHAT}, 404,
      "model_not_found", "model"),
     ("no prompt", "/v1/completions", {"model": "smollm2"}, 400, "missing_required_parameter",
@@ -275,6 +332,163 @@ def test_bad_request_gets_openai_error(server, name, path, body, status, code, p
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["message"]
     assert (error["code"], error["param"]) == (code, param)
+
+
+def test_extreme_but_valid_values_are_served(server, chat_reference):
+    """1e-300 is inside OpenAI's temperature range: served as its limit, greedy. Fields at
+    their "off" value (as clients send defaults) are taken."""
+    answer = server.client().chat.completions.create(
+        model="smollm2", messages=CHAT, temperature=1e-300, top_p=1e-300, max_tokens=8,
+        frequency_penalty=0, presence_penalty=0, logit_bias={}, user="u-1", store=False)
+    assert answer.choices[0].message.content == chat_reference.text
+
+
+def test_an_unexpected_fault_is_an_openai_shaped_500():
+    """A bug in a route (here: a model whose encode fails) reaches the client as JSON."""
+    from starlette.testclient import TestClient
+
+    from llmpress.runtime.server import create_app
+
+    class BrokenModel:
+        context_length = 64
+        model = SimpleNamespace(new_cache=lambda max_tokens: None)
+        tokenizer = SimpleNamespace(chat_template=None)
+
+        def chat_prompt(self, messages, **extra):
+            return "x"
+
+        def encode(self, text):
+            raise RuntimeError("broken \ud800 encoder")
+
+    with TestClient(create_app(BrokenModel(), "m"), raise_server_exceptions=False) as http:
+        response = http.post("/v1/chat/completions", json={"model": "m", "messages": CHAT})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+
+
+def test_next_chat_turn_reuses_the_prompt_cache(server):
+    client = server.client()
+    first = client.chat.completions.create(model="smollm2", messages=CHAT, temperature=0,
+                                           max_tokens=6)
+    history = CHAT + [{"role": "assistant", "content": first.choices[0].message.content},
+                      {"role": "user", "content": "And of Spain?"}]
+    second = client.chat.completions.create(model="smollm2", messages=history, temperature=0,
+                                            max_tokens=6)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_n_choices(server):
+    client = server.client()
+    kwargs = dict(model="smollm2", messages=CHAT, temperature=1.0, seed=11, max_tokens=6)
+    several = client.chat.completions.create(n=3, **kwargs)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    single = client.chat.completions.create(**kwargs)
+    assert several.choices[0].message.content == single.choices[0].message.content
+    second = client.chat.completions.create(**{**kwargs, "seed": 12})  # choice i: seed + i
+    assert several.choices[1].message.content == second.choices[0].message.content
+    assert several.usage.prompt_tokens == single.usage.prompt_tokens
+    assert several.usage.completion_tokens > single.usage.completion_tokens
+    streamed = client.chat.completions.create(n=3, stream=True, **kwargs)
+    texts, finishes = ["", "", ""], [None, None, None]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in several.choices]
+    assert finishes == [c.finish_reason for c in several.choices]
+
+
+def test_logprobs_are_the_model_log_softmax(server, lm):
+    answer = server.client().chat.completions.create(
+        model="smollm2", messages=CHAT, temperature=0, max_tokens=6, logprobs=True,
+        top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    prompt = lm.encode(lm.chat_prompt(CHAT))
+    tokens = lm.generate(prompt, max_tokens=6, temperature=0, prompt_cache=False).token_ids
+    assert "".join(c.token for c in content) == answer.choices[0].message.content
+    assert len(content) == len(tokens)
+    reference = torch.log_softmax(lm.logits(prompt + tokens), dim=-1)[len(prompt) - 1:]
+    for i, (entry, token) in enumerate(zip(content, tokens)):
+        assert entry.token == lm.tokenizer.token_to_piece(token)
+        assert abs(entry.logprob - reference[i, token].item()) < 1e-3
+        assert [t.token for t in entry.top_logprobs][0] == entry.token
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert bytes(entry.bytes) == lm.tokenizer.token_bytes(token)
+    legacy = server.client().completions.create(model="smollm2", prompt=TEXT_PROMPT,
+                                                max_tokens=4, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert "".join(lp.tokens) == legacy.choices[0].text
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    streamed = server.client().chat.completions.create(
+        model="smollm2", messages=CHAT, temperature=0, max_tokens=6, logprobs=True,
+        stream=True)
+    pieces = [e for c in streamed if c.choices and c.choices[0].logprobs
+              for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in pieces] == \
+        [(e.token, round(e.logprob, 4)) for e in content]
+
+
+def test_tokenize_and_detokenize(server, lm):
+    text = "Hello, <|im_start|>wörld!"
+    plain = httpx.post(server.base + "/tokenize", json={"content": text}, timeout=30).json()
+    assert plain["tokens"] == lm.tokenizer.encode(text, add_bos=False, add_eos=False)
+    special = httpx.post(server.base + "/tokenize", timeout=30,
+                         json={"content": text, "add_special": True}).json()
+    assert special["tokens"] == lm.encode(text)
+    back = httpx.post(server.base + "/detokenize", json={"tokens": plain["tokens"]}, timeout=30)
+    assert back.json()["content"] == text
+    pieces = httpx.post(server.base + "/tokenize", timeout=30,
+                        json={"content": "Hi there", "with_pieces": True}).json()["tokens"]
+    assert "".join(p["piece"] for p in pieces) == "Hi there"
+    for path, body, param in (("/detokenize", {"tokens": [10**9]}, "tokens"),
+                              ("/detokenize", {"tokens": "1 2"}, "tokens"),
+                              ("/tokenize", {}, "content"),
+                              ("/tokenize", {"content": "a", "x": 1}, "x")):
+        response = httpx.post(server.base + path, json=body, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def read_metrics(server) -> dict[str, float]:
+    text = httpx.get(server.base + "/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_count_requests_tokens_and_cache_hits(server):
+    before = read_metrics(server)
+    client = server.client()
+    answers = [client.completions.create(model="smollm2", prompt=TEXT_PROMPT, max_tokens=3,
+                                         temperature=0) for _ in range(2)]
+    after = read_metrics(server)
+    chat = 'llmpress_requests_total{path="/v1/completions",status="200"}'
+    assert after[chat] - before.get(chat, 0) == 2
+    assert after["llmpress_generated_tokens_total"] - before["llmpress_generated_tokens_total"] \
+        == sum(a.usage.completion_tokens for a in answers)
+    assert after["llmpress_prompt_cache_hits_total"] > before["llmpress_prompt_cache_hits_total"]
+    assert after["llmpress_generated_tokens_per_second"] > 0
+    assert after["llmpress_requests_waiting"] == 0
+
+
+def test_cors_is_opt_in(server, default_model_path, tmp_path):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    closed = httpx.options(server.base + "/v1/chat/completions", headers=preflight, timeout=10)
+    assert "access-control-allow-origin" not in closed.headers
+    other = ServerProcess(default_model_path, tmp_path, api_key="k",
+                          extra_args=("--cors", "http://app.example"))
+    try:
+        opened = httpx.options(other.base + "/v1/chat/completions", headers=preflight,
+                               timeout=10)
+        assert opened.status_code == 200  # a preflight carries no key
+        assert opened.headers["access-control-allow-origin"] == "http://app.example"
+        stranger = httpx.options(other.base + "/v1/chat/completions", timeout=10,
+                                 headers={**preflight, "Origin": "http://evil.example"})
+        assert stranger.headers.get("access-control-allow-origin") != "http://evil.example"
+    finally:
+        other.close()
 
 
 def test_prompt_longer_than_context(server, lm):

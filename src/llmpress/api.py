@@ -24,6 +24,8 @@ from llmpress.io.source import ModelSource
 from llmpress.kernels.device import default_device
 from llmpress.models.llama import LlamaModel
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
+from llmpress.runtime.grammar import json_schema_grammar
+from llmpress.runtime.prompt_cache import PromptCache
 from llmpress.runtime.sampling import SamplingConfig
 
 DEFAULT_CONTEXT = 4096  # like llama.cpp and Ollama: the file's limit is often far larger
@@ -35,6 +37,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens the prompt cache spared from running again
 
     @property
     def completion_tokens(self) -> int:
@@ -88,34 +91,51 @@ class LanguageModel:
         self.context_length = ctx or min(DEFAULT_CONTEXT, self.model.cfg.context_length)
         if self.context_length < 2:
             raise LlmpressError("the context must hold at least 2 tokens")
+        # the previous call's tokens stay cached: a chat's next turn runs only its new part
+        self.prompt_cache = PromptCache(self.model.new_cache, self.context_length)
 
     # --- text in, text out ---------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """messages rendered with the model's chat template (ChatML when it has none)."""
-        return self.tokenizer.chat_prompt(messages, add_generation_prompt)
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **extra) -> str:
+        """messages rendered with the model's chat template (ChatML when it has none);
+        extra (tools=[...] ...) reaches the template as variables."""
+        return self.tokenizer.chat_prompt(messages, add_generation_prompt, **extra)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
     def stream(self, prompt: str | list[int], max_tokens: int = 256, stop: tuple[str, ...] = (),
+               *, prompt_cache: bool = True, json_schema: dict | None = None,
                **sampling) -> Iterator[Chunk]:
-        """Yield text chunks as they are generated; the last carries finish_reason."""
+        """Yield text chunks as they are generated; the last carries finish_reason.
+        prompt_cache=False runs the whole prompt (and leaves the cache as it was).
+        json_schema: the output is JSON valid against it ({"type": "object"}: any object)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        cfg = GenerationConfig(max_tokens=max_tokens, stop=tuple(stop),
+        grammar = None if json_schema is None else self.json_grammar(json_schema)
+        cfg = GenerationConfig(max_tokens=max_tokens, stop=tuple(stop), grammar=grammar,
                                sampling=SamplingConfig(**sampling))
-        return stream(self.model, self.tokenizer, ids, cfg, self.context_length)
+        return stream(self.model, self.tokenizer, ids, cfg, self.context_length,
+                      self.prompt_cache if prompt_cache else None)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256,
-                 stop: tuple[str, ...] = (), **sampling) -> Completion:
+                 stop: tuple[str, ...] = (), *, prompt_cache: bool = True,
+                 json_schema: dict | None = None, **sampling) -> Completion:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        text, tokens, reason = [], [], "length"
-        for chunk in self.stream(ids, max_tokens, stop, **sampling):
+        text, tokens, reason, cached = [], [], "length", 0
+        for chunk in self.stream(ids, max_tokens, stop, prompt_cache=prompt_cache,
+                                 json_schema=json_schema, **sampling):
             text.append(chunk.text)
             tokens.extend(chunk.token_ids)
             reason = chunk.finish_reason or reason
+            cached = chunk.cached_tokens or cached
         if reason == "stop" and tokens and tokens[-1] in self.tokenizer.eos_ids:
             tokens = tokens[:-1]  # the end-of-turn token is not part of the answer
-        return Completion("".join(text), tokens, reason, len(ids))
+        return Completion("".join(text), tokens, reason, len(ids), cached)
+
+    def json_grammar(self, schema: dict) -> str:
+        """A JSON schema checked and compiled for this model's vocabulary (LlmpressError
+        when it is invalid or uses what the grammar engine does not implement)."""
+        return json_schema_grammar(schema, self.tokenizer)
 
     # --- numbers -------------------------------------------------------------------------
     @torch.inference_mode()

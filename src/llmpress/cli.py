@@ -116,7 +116,18 @@ def cmd_run(args) -> None:
         prompt = sys.stdin.read()
     if args.chat:
         prompt = lm.chat_prompt([{"role": "user", "content": prompt}])
-    _print_stream(lm.stream(prompt, args.max_tokens, tuple(args.stop), **_sampling(args)))
+    schema = _read_json_schema(args.json_schema) if args.json_schema else None
+    _print_stream(lm.stream(prompt, args.max_tokens, tuple(args.stop), json_schema=schema,
+                            **_sampling(args)))
+
+
+def _read_json_schema(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise LlmpressError(f"cannot read the JSON schema {path}: {exc.strerror}") from None
+    except ValueError as exc:  # bad JSON or bad UTF-8
+        raise LlmpressError(f"{path} is not a JSON file: {exc}") from None
 
 
 def cmd_chat(args) -> None:
@@ -230,7 +241,8 @@ def cmd_serve(args) -> None:
     _use_threads(args)
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx,
           api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"), mode=args.mode,
-          device=args.device, chat_template=_chat_template(args))
+          device=args.device, chat_template=_chat_template(args), parallel=args.parallel,
+          cors=tuple(args.cors))
 
 
 # --- argument parsing -------------------------------------------------------------------
@@ -281,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _add_chat_args(p)
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="answer with JSON valid against this schema (constrained decoding)")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -314,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="require this bearer token "
                    "(or set LLMPRESS_API_KEY)")
+    p.add_argument("--parallel", type=int, default=1, help="conversations whose prompt cache "
+                   "is kept (slots); a request reuses the one sharing its longest prefix")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeatable; * for any)")
     p.set_defaults(func=cmd_serve)
 
     from llmpress.cli_calibrated import add_calibrated_parsers, add_method_options

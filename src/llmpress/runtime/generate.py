@@ -10,6 +10,8 @@ from typing import Iterator
 import torch
 
 from llmpress.errors import LlmpressError
+from llmpress.runtime.grammar import Constraint
+from llmpress.runtime.prompt_cache import PromptCache, Slot
 from llmpress.runtime.sampling import Sampler, SamplingConfig
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory
@@ -21,6 +23,8 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
+    grammar: str | None = None  # from runtime.grammar: the output must match it
+    logprobs: int | None = None  # report each token's log-probability and this many top ones
 
     def __post_init__(self):
         if self.max_tokens < 0:
@@ -34,6 +38,25 @@ class Chunk:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    cached_tokens: int = 0  # on the last chunk: prompt tokens taken from the prompt cache
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A drawn token's log-probability under the model (its raw logits: before penalties,
+    temperature and grammar), and the most likely tokens at that position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logits: torch.Tensor, token: int, n_top: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logprobs, n_top) if n_top else (logprobs[:0], logprobs[:0])
+    return TokenLogprob(token, float(logprobs[token]),
+                        [(int(i), float(v)) for i, v in zip(ids, values)])
 
 
 class TextAssembler:
@@ -80,34 +103,63 @@ class TextAssembler:
 
 
 def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
-           context_length: int) -> Iterator[Chunk]:
-    """Generate after prompt_ids. The context must hold the prompt plus one token."""
+           context_length: int, prompt_cache: PromptCache | None = None) -> Iterator[Chunk]:
+    """Generate after prompt_ids. The context must hold the prompt plus one token. With a
+    prompt cache, the prompt's longest prefix cached by an earlier call is not run again."""
     if not prompt_ids:
         raise LlmpressError("the prompt is empty (no tokens)")
     if len(prompt_ids) >= context_length:
         raise LlmpressError(f"the prompt is {len(prompt_ids)} tokens but the context holds "
                             f"{context_length}; shorten it or raise --ctx")
     budget = min(cfg.max_tokens, context_length - len(prompt_ids))
-    cache = model.new_cache(len(prompt_ids) + budget)
+    if prompt_cache is None:
+        slot, reused = Slot(model.new_cache(len(prompt_ids) + budget)), 0
+    else:
+        slot, reused = prompt_cache.acquire(prompt_ids)
+    try:
+        yield from _generate(model, tokenizer, prompt_ids, cfg, budget, slot, reused)
+    except Exception:
+        slot.clear()  # a forward pass failed midway: the cache may not match its tokens
+        raise
+    finally:
+        if prompt_cache is not None:
+            prompt_cache.release(slot)
+
+
+def _generate(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig, budget: int,
+              slot: Slot, reused: int) -> Iterator[Chunk]:
+    """Run prompt_ids[reused:] on top of the slot's cache, then decode."""
+    def run(ids: list[int]) -> torch.Tensor:
+        logits = model(torch.tensor([ids]), slot.cache, last_only=True)
+        slot.tokens.extend(ids)  # only once the cache holds them
+        return logits
+
     sampler = Sampler(cfg.sampling)
     assembler = TextAssembler(tokenizer.decode, cfg.stop)
+    constraint = Constraint(cfg.grammar, tokenizer) if cfg.grammar else None
     history = list(prompt_ids)
     logits = None
-    for start in range(0, len(prompt_ids), PREFILL_CHUNK):
-        chunk = torch.tensor([prompt_ids[start:start + PREFILL_CHUNK]])
-        logits = model(chunk, cache, last_only=True)
+    for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
+        logits = run(prompt_ids[start:start + PREFILL_CHUNK])
     for _ in range(budget):
-        token = sampler(logits[0, -1], history)
+        allowed = constraint.allowed(logits.shape[-1]) if constraint else None
+        token = sampler(logits[0, -1], history, allowed)
         history.append(token)
+        scored = None if cfg.logprobs is None else \
+            [token_logprob(logits[0, -1], token, cfg.logprobs)]
         if cfg.stop_at_eos and token in tokenizer.eos_ids:
-            yield Chunk(assembler.flush(), [token], "stop")
+            yield Chunk(assembler.flush(), [token], "stop", reused, scored)
             return
+        if constraint:
+            constraint.accept(token)
         text, stopped = assembler.push(token)
-        if stopped:
-            yield Chunk(text, [token], "stop")
+        if stopped or (constraint and constraint.finished):  # the grammar is complete
+            if not stopped:
+                text += assembler.flush()
+            yield Chunk(text, [token], "stop", reused, scored)
             return
-        yield Chunk(text, [token])
+        yield Chunk(text, [token], logprobs=scored)
         if len(history) - len(prompt_ids) == budget:
             break
-        logits = model(torch.tensor([[token]]), cache)
-    yield Chunk(assembler.flush(), [], "length")
+        logits = run([token])
+    yield Chunk(assembler.flush(), [], "length", reused)

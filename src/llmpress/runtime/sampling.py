@@ -5,11 +5,17 @@ Temperature 0 means greedy (argmax). A seeded torch.Generator makes draws reprod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from llmpress.errors import LlmpressError
+
+
+# Beyond these a penalty pushes float32 logits to infinity (1e-300 divides them) or is
+# indistinguishable from the bounds; llama.cpp does not bound it, but gets NaNs there.
+MIN_REPEAT_PENALTY, MAX_REPEAT_PENALTY = 0.01, 100.0
 
 
 @dataclass(frozen=True)
@@ -23,12 +29,18 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        numbers = {"temperature": self.temperature, "top_p": self.top_p, "min_p": self.min_p,
+                   "repeat_penalty": self.repeat_penalty}
+        for name, value in numbers.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise LlmpressError(f"{name} must be a finite number, not {value!r}")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (MIN_REPEAT_PENALTY <= self.repeat_penalty <= MAX_REPEAT_PENALTY,
+             f"repeat_penalty must be in [{MIN_REPEAT_PENALTY}, {MAX_REPEAT_PENALTY}]"),
             (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
         ]
         for ok, message in checks:
@@ -76,14 +88,20 @@ class Sampler:
         else:
             self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
-        """logits: (vocab,) float32 for the next position; history: all tokens so far."""
+    def __call__(self, logits: torch.Tensor, history: list[int],
+                 allowed: torch.Tensor | None = None) -> int:
+        """logits: (vocab,) float32 for the next position; history: all tokens so far;
+        allowed: bool (vocab,) mask of the only tokens that may be drawn (a grammar's)."""
         cfg = self.cfg
         logits = logits.float().cpu()
+        if allowed is not None:  # first: penalties and filters then see only these
+            logits = logits.masked_fill(~allowed, float("-inf"))
         recent = history[-cfg.repeat_last_n:] if cfg.repeat_last_n else []
         logits = apply_repeat_penalty(logits, recent, cfg.repeat_penalty)
         if cfg.greedy:
             return int(torch.argmax(logits))
         ids, values = filter_candidates(logits, cfg)
-        probs = torch.softmax(values / cfg.temperature, dim=-1)
+        # shifted so the best is 0, and in float64 (where 1e-300 is not 0): a tiny
+        # temperature sends the rest to -inf, never to NaN
+        probs = torch.softmax((values - values[0]).double() / cfg.temperature, dim=-1)
         return int(ids[torch.multinomial(probs, 1, generator=self.generator)])

@@ -4,10 +4,16 @@
     GET  /v1/models              the one model (id: the file's stem)
     POST /v1/chat/completions    messages through the model's chat template
     POST /v1/completions         raw text (or token ids) in, text out
+    POST /tokenize, /detokenize  text <-> token ids (llama.cpp's server shapes)
+    GET  /metrics                Prometheus counters: requests, tokens, tok/s, cache hits
 
 Both POST routes stream server-sent events with `"stream": true`, in the chunk shapes of
 OpenAI's API, ending with `data: [DONE]`. Errors have OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`, and its status codes.
+`{"error": {"message", "type", "param", "code"}}`, and its status codes; a field this
+server would not act on is a 400 naming it, never silently dropped. Chat also takes
+`response_format` (JSON / a JSON schema, by constrained decoding: runtime/grammar.py) and
+`tools` (runtime/tools.py); both take `n`, `logprobs`, and report prompt-cache reuse in
+usage.prompt_tokens_details.cached_tokens (`--parallel N` cached conversations).
 
 The model is not thread-safe, so one worker thread runs every generation, in arrival
 order; requests wait in a bounded queue. Tokens travel from that thread to the request's
@@ -23,12 +29,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
+import re
 import socket
 import sys
 import threading
@@ -46,6 +55,7 @@ try:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -53,13 +63,22 @@ except ImportError as exc:  # an optional extra: say how to get it
     raise LlmpressError(f"the server needs {exc.name}: pip install 'llmpress[serve]'") from None
 
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
-from llmpress.runtime.sampling import SamplingConfig
+from llmpress.runtime.grammar import ANY_JSON_OBJECT, lark_grammar
+from llmpress.runtime.tools import (could_be_tool_call, forced_call_grammar, parse_tool_calls,
+                                    template_family, template_messages)
+from llmpress.runtime.prompt_cache import PromptCache
+from llmpress.runtime.sampling import MAX_REPEAT_PENALTY, MIN_REPEAT_PENALTY, SamplingConfig
 
 log = logging.getLogger("llmpress.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits a context; stops memory abuse
+KNOWN_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+               "/tokenize", "/detokenize")  # metric labels: other paths are "other"
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_CHOICES = 8  # n: the choices run one after another, so each costs a full generation
+MAX_PARALLEL = 256  # prompt-cache slots; each may grow to a full context of KV memory
 DEFAULT_MAX_QUEUE = 64  # waiting requests; more get 503 instead of an unbounded backlog
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
 DISCONNECT_POLL_S = 0.25
@@ -82,7 +101,15 @@ class ApiError(Exception):
                           "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return ErrorResponse(self.body(), status_code=self.status)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON in ASCII: an error message that quotes the request (a lone surrogate in a model
+    name) still renders, where UTF-8 encoding would fail into a plain-text 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
 
 def _json_type(value: Any) -> str:
@@ -135,6 +162,9 @@ def field_value(body: dict, name: str, kind: str, *, required: bool = False,
     check, expected = _EXPECTED[kind]
     if not check(value):
         raise wrong_type(name, expected, value)
+    if isinstance(value, float) and not math.isfinite(value):  # 1e999 parses as inf
+        raise ApiError(400, f"Invalid '{name}': {value} is not a finite number.", param=name,
+                       code="invalid_value")
     if minimum is not None and value < minimum:
         raise ApiError(400, f"Invalid '{name}': {value} is below the minimum value of "
                             f"{minimum}.", param=name, code="invalid_value")
@@ -157,7 +187,40 @@ def parse_json_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, f"The request body must be a JSON object, not {_json_type(body)}.",
                        code="invalid_json")
+    if (where := lone_surrogate_path(body)) is not None:
+        raise ApiError(400, f"Invalid '{where}': the text holds a lone UTF-16 surrogate "
+                            "(a \\uD800-\\uDFFF escape without its pair), which is not a "
+                            "character.", param=where, code="invalid_value")
     return body
+
+
+def lone_surrogate_path(value: Any) -> str | None:
+    """Where a string (key or value) in parsed JSON holds a lone surrogate, as
+    'messages[0].content'; None when there is none. JSON allows the escape, but no text
+    can be made of it (it cannot be encoded, tokenized or echoed back)."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:  # iterative: the nesting may be as deep as the JSON parser allowed
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not _is_text(item):
+                return path or "body"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                where = f"{path}.{key}" if path else key
+                if not _is_text(key):
+                    return path or "body"
+                stack.append((child, where))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str) -> None:
@@ -176,6 +239,8 @@ class RequestOptions:
     stream: bool
     include_usage: bool
     ignore_eos: bool  # llama.cpp's server extension; lets a client force a long answer
+    n: int = 1  # choices, generated one after the other
+    logprobs: int | None = None  # None: no log-probabilities; else how many top ones
 
 
 def parse_stop(value: Any) -> tuple[str, ...]:
@@ -199,42 +264,135 @@ def parse_sampling(body: dict) -> SamplingConfig:
     options: dict[str, Any] = {}
     for name, kind, low, high in (("temperature", "number", 0, 2), ("top_p", "number", 0, 1),
                                   ("top_k", "integer", 0, None), ("min_p", "number", 0, 1),
-                                  ("repeat_penalty", "number", 0, None),
+                                  ("repeat_penalty", "number", MIN_REPEAT_PENALTY,
+                                   MAX_REPEAT_PENALTY),
                                   ("seed", "integer", -(1 << 63), (1 << 64) - 1)):
         value = field_value(body, name, kind, minimum=low, maximum=high)
         if value is not None:
             options[name] = value
     if options.get("top_p") == 0:  # OpenAI allows 0: only the most likely token is left
         options["top_p"] = 1e-9
-    if options.get("repeat_penalty") == 0:
-        raise ApiError(400, "Invalid 'repeat_penalty': it must be above 0.",
-                       param="repeat_penalty", code="invalid_value")
     return SamplingConfig(**options)
+
+
+# Fields both POST routes act on. `user` (an end-user id for the provider's abuse
+# monitoring) changes no output, so it is taken and ignored as OpenAI's own models do.
+COMMON_FIELDS = frozenset({
+    "model", "max_tokens", "stop", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+    "seed", "stream", "stream_options", "n", "ignore_eos", "user", "logprobs"})
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "response_format", "tools",
+                               "top_logprobs",
+                               "tool_choice", "parallel_tool_calls"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
+STREAM_OPTION_FIELDS = frozenset({"include_usage"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls"})
+TOOL_FIELDS = frozenset({"type", "function"})
+FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})
+MAX_TOOLS = 128  # OpenAI's limit
+
+
+def _is_zero(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+
+# OpenAI fields this server does not implement, taken only at the value that means "off"
+# (clients often send the default explicitly); any other value is refused by name.
+NEUTRAL_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "frequency_penalty": (_is_zero, "0"),
+    "presence_penalty": (_is_zero, "0"),
+    "logit_bias": (lambda v: v == {}, "{}"),
+    "store": (lambda v: v is False, "false"),
+    "metadata": (lambda v: v == {}, "{}"),
+    "best_of": (lambda v: _is_int(v) and v == 1, "1"),
+    "suffix": (lambda v: v == "", '""'),
+    # what a client echoes back when it appends a response's message to the history
+    "refusal": (lambda v: v == "", '""'),
+    "annotations": (lambda v: v == [], "[]"),
+}
+
+
+def reject_unsupported(body: dict, supported: frozenset[str], where: str = "") -> None:
+    """A field we would not act on is a 400 naming it, never silently dropped: a client
+    asking for JSON output or tools must not get free text with a 200. null is absent."""
+    for name, value in body.items():
+        if value is None or name in supported:
+            continue
+        param = f"{where}.{name}" if where else name
+        neutral = NEUTRAL_VALUES.get(name)
+        if neutral is None:
+            raise ApiError(400, f"Unrecognized request argument supplied: {param}. This server "
+                                "does not support it; leave it out.", param=param,
+                           code="unsupported_parameter")
+        accepts, off = neutral
+        if not accepts(value):
+            raise ApiError(400, f"'{param}' is not supported by this server; leave it out "
+                                f"(or send {off}).", param=param, code="unsupported_parameter")
 
 
 def parse_options(body: dict, *, default_max_tokens: int | None) -> RequestOptions:
     model = field_value(body, "model", "string", required=True)
-    n = field_value(body, "n", "integer", default=1)
-    if n != 1:
-        raise ApiError(400, f"Invalid 'n': {n}. This server generates one choice per request; "
-                            "send n=1 (or leave it out) and repeat the request for more.",
-                       param="n", code="unsupported_value")
-    logprobs = body.get("logprobs")
-    if logprobs not in (None, False):
-        raise ApiError(400, "'logprobs' is not supported by this server; leave it out.",
-                       param="logprobs", code="unsupported_parameter")
+    n = field_value(body, "n", "integer", default=1, minimum=1, maximum=MAX_CHOICES)
+    if "messages" in body:  # chat: logprobs a boolean, top_logprobs how many
+        top = field_value(body, "top_logprobs", "integer", minimum=0, maximum=MAX_TOP_LOGPROBS)
+        if field_value(body, "logprobs", "boolean", default=False):
+            logprobs = top or 0
+        elif top is not None:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true.",
+                           param="top_logprobs", code="invalid_value")
+        else:
+            logprobs = None
+    else:  # legacy completions: logprobs is the number of top tokens (0..5)
+        logprobs = field_value(body, "logprobs", "integer", minimum=0, maximum=5)
     max_tokens = field_value(body, "max_completion_tokens", "integer", minimum=1)
     if max_tokens is None:
         max_tokens = field_value(body, "max_tokens", "integer", minimum=1,
                                  default=default_max_tokens)
     stream_options = field_value(body, "stream_options", "object", default={})
+    reject_unsupported(stream_options, STREAM_OPTION_FIELDS, "stream_options")
     return RequestOptions(
         model=model, max_tokens=max_tokens, stop=parse_stop(body.get("stop")),
         sampling=parse_sampling(body),
         stream=field_value(body, "stream", "boolean", default=False),
         include_usage=field_value(stream_options, "include_usage", "boolean", default=False),
-        ignore_eos=field_value(body, "ignore_eos", "boolean", default=False),
+        ignore_eos=field_value(body, "ignore_eos", "boolean", default=False), n=n,
+        logprobs=logprobs,
     )
+
+
+def parse_response_format(value: Any) -> dict | None:
+    """OpenAI's response_format -> the JSON schema the answer must follow (None: free
+    text). json_object is any JSON object; a json_schema without a schema too."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise wrong_type("response_format", "an object", value)
+    kind = value.get("type")
+    fields = {"text": {"type"}, "json_object": {"type"},
+              "json_schema": {"type", "json_schema"}}.get(kind)
+    if fields is None:
+        raise ApiError(400, f"Invalid value for 'response_format.type': {kind!r}. Supported "
+                            "values are: 'text', 'json_object' and 'json_schema'.",
+                       param="response_format.type", code="invalid_value")
+    reject_unsupported(value, frozenset(fields), "response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ANY_JSON_OBJECT
+    spec = value.get("json_schema")
+    if spec is None:
+        raise missing("response_format.json_schema")
+    if not isinstance(spec, dict):
+        raise wrong_type("response_format.json_schema", "an object", spec)
+    reject_unsupported(spec, frozenset({"name", "description", "schema", "strict"}),
+                       "response_format.json_schema")
+    field_value(spec, "name", "string")
+    field_value(spec, "strict", "boolean")  # always strict here: the grammar enforces it
+    schema = spec.get("schema")
+    if schema is None:
+        return ANY_JSON_OBJECT
+    if not isinstance(schema, dict):
+        raise wrong_type("response_format.json_schema.schema", "an object", schema)
+    return schema
 
 
 def parse_messages(value: Any) -> list[dict]:
@@ -261,12 +419,120 @@ def _parse_message(message: Any, where: str) -> dict:
         raise ApiError(400, f"Invalid value for '{where}.role': {role!r}. Supported values are: "
                             f"{', '.join(map(repr, ROLES))}.", param=f"{where}.role",
                        code="invalid_value")
+    reject_unsupported(message, MESSAGE_FIELDS, where)
     content = message.get("content")
     if content is None and role != "assistant":  # an assistant turn may hold only tool calls
         raise missing(f"{where}.content")
-    return {"role": "system" if role == "developer" else role,
-            "content": _message_text(content, f"{where}.content")}
+    parsed = {"role": "system" if role == "developer" else role,
+              "content": _message_text(content, f"{where}.content")}
+    for name in ("name", "tool_call_id"):  # templates that know them use them
+        if message.get(name) is not None:
+            parsed[name] = field_value(message, name, "string")
+    if message.get("tool_calls"):
+        parsed["tool_calls"] = _parse_message_tool_calls(message["tool_calls"], where)
+    return parsed
 
+
+def _parse_message_tool_calls(value: Any, where: str) -> list[dict]:
+    """An assistant turn's earlier calls, as the client sends them back."""
+    where = f"{where}.tool_calls"
+    if not isinstance(value, list):
+        raise wrong_type(where, "an array", value)
+    calls = []
+    for i, call in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(call, dict):
+            raise wrong_type(at, "an object", call)
+        reject_unsupported(call, frozenset({"id", "type", "function"}), at)
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise missing(f"{at}.function") if function is None else \
+                wrong_type(f"{at}.function", "an object", function)
+        reject_unsupported(function, frozenset({"name", "arguments"}), f"{at}.function")
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str):
+            raise missing(f"{at}.function.name")
+        if not isinstance(arguments, str):
+            raise wrong_type(f"{at}.function.arguments", "a string", arguments)
+        calls.append({"id": str(call.get("id") or ""), "type": "function",
+                      "function": {"name": name, "arguments": arguments}})
+    return calls
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """What a chat request asks of tools: the ones offered, and whether a call is forced
+    (tool_choice "required", or a named function: then only that one)."""
+
+    tools: list[dict]
+    forced: list[dict] | None
+
+
+def parse_tools(body: dict) -> ToolRequest | None:
+    """tools + tool_choice, checked. None: no tools (or tool_choice "none")."""
+    value = body.get("tools")
+    if value is None:
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise ApiError(400, "Invalid 'tool_choice': it names a tool but no 'tools' are "
+                                "given.", param="tool_choice", code="invalid_value")
+        return None
+    if not isinstance(value, list):
+        raise wrong_type("tools", "an array", value)
+    if len(value) > MAX_TOOLS:
+        raise ApiError(400, f"Invalid 'tools': at most {MAX_TOOLS} tools.", param="tools",
+                       code="invalid_value")
+    tools = [_parse_tool(t, f"tools[{i}]") for i, t in enumerate(value)]
+    choice = body.get("tool_choice", "auto")
+    if choice in (None, "auto"):
+        forced = None
+    elif choice == "none":
+        return None
+    elif choice == "required":
+        forced = tools
+    elif isinstance(choice, dict):
+        reject_unsupported(choice, TOOL_FIELDS, "tool_choice")
+        name = (choice.get("function") or {}).get("name") \
+            if isinstance(choice.get("function"), dict) else None
+        forced = [t for t in tools if t["function"]["name"] == name]
+        if choice.get("type") != "function" or not forced:
+            raise ApiError(400, f"Invalid 'tool_choice': {name!r} is not one of the tools.",
+                           param="tool_choice", code="invalid_value")
+    else:
+        raise ApiError(400, f"Invalid value for 'tool_choice': {choice!r}. Supported values "
+                            "are: 'none', 'auto', 'required' or a named function.",
+                       param="tool_choice", code="invalid_value")
+    if not tools:
+        raise ApiError(400, "Invalid 'tools': empty array.", param="tools",
+                       code="empty_array")
+    return ToolRequest(tools, forced)
+
+
+def _parse_tool(tool: Any, where: str) -> dict:
+    if not isinstance(tool, dict):
+        raise wrong_type(where, "an object", tool)
+    reject_unsupported(tool, TOOL_FIELDS, where)
+    if tool.get("type") != "function":
+        raise ApiError(400, f"Invalid value for '{where}.type': {tool.get('type')!r}. "
+                            "Supported values are: 'function'.", param=f"{where}.type",
+                       code="invalid_value")
+    function = tool.get("function")
+    if function is None:
+        raise missing(f"{where}.function")
+    if not isinstance(function, dict):
+        raise wrong_type(f"{where}.function", "an object", function)
+    reject_unsupported(function, FUNCTION_FIELDS, f"{where}.function")
+    name = function.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise ApiError(400, f"Invalid '{where}.function.name': it must be 1 to 64 letters, "
+                            "digits, underscores or dashes.", param=f"{where}.function.name",
+                       code="invalid_value")
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise wrong_type(f"{where}.function.parameters", "an object", parameters)
+    clean = {"name": name, "parameters": parameters or {"type": "object", "properties": {}}}
+    if isinstance(function.get("description"), str):
+        clean["description"] = function["description"]
+    return {"type": "function", "function": clean}
 
 def _message_text(content: Any, where: str) -> str:
     if content is None or isinstance(content, str):
@@ -333,8 +599,12 @@ class GenerationWorker:
     """One thread that runs every generation in arrival order (the model and its caches
     are not thread-safe). A cancelled job is skipped or stopped between two tokens."""
 
-    def __init__(self, lm, max_queue: int = DEFAULT_MAX_QUEUE):
+    def __init__(self, lm, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1):
         self.lm, self.max_queue = lm, max_queue
+        # --parallel N: N cached sequences (a request goes to the one sharing the longest
+        # prefix); requests still run one at a time
+        self.prompt_cache = PromptCache(lm.model.new_cache, lm.context_length, parallel)
+        self.metrics = Metrics()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
         self.thread = threading.Thread(target=self._run, name="llmpress-generate", daemon=True)
@@ -365,9 +635,14 @@ class GenerationWorker:
 
     def _generate(self, job: Job) -> None:
         lm = self.lm
-        chunks = stream(lm.model, lm.tokenizer, job.prompt_ids, job.config, lm.context_length)
+        chunks = stream(lm.model, lm.tokenizer, job.prompt_ids, job.config, lm.context_length,
+                        self.prompt_cache)
+        started, generated = time.perf_counter(), 0
         try:
             for chunk in chunks:
+                generated += len(chunk.token_ids)
+                if chunk.finish_reason:
+                    self.metrics.count_prompt(len(job.prompt_ids), chunk.cached_tokens)
                 job.emit(chunk)
                 if job.cancelled.is_set():
                     return
@@ -378,6 +653,65 @@ class GenerationWorker:
             job.emit(ApiError(500, f"The generation failed: {type(exc).__name__}: {exc}"))
         finally:
             chunks.close()
+            self.metrics.count_generation(generated, time.perf_counter() - started)
+
+
+class Metrics:
+    """Counters for /metrics (Prometheus text format); updated from the worker thread and
+    the event loop, hence the lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}  # (path, status) -> count
+        self.prompt_tokens = self.cached_tokens = self.cache_hits = 0
+        self.generated_tokens = 0
+        self.generation_seconds = 0.0
+
+    def count_request(self, path: str, status: int) -> None:
+        with self.lock:
+            self.requests[path, status] = self.requests.get((path, status), 0) + 1
+
+    def count_prompt(self, tokens: int, cached: int) -> None:
+        with self.lock:
+            self.prompt_tokens += tokens
+            self.cached_tokens += cached
+            self.cache_hits += cached > 0
+
+    def count_generation(self, tokens: int, seconds: float) -> None:
+        with self.lock:
+            self.generated_tokens += tokens
+            self.generation_seconds += seconds
+
+    def text(self, waiting: int, busy: bool) -> str:
+        with self.lock:
+            rate = self.generated_tokens / self.generation_seconds \
+                if self.generation_seconds else 0.0
+            lines = _metric("llmpress_requests_total", "counter", "HTTP requests answered",
+                            [(f'path="{p}",status="{s}"', n)
+                             for (p, s), n in sorted(self.requests.items())])
+            for name, kind, help_text, value in (
+                    ("llmpress_prompt_tokens_total", "counter", "prompt tokens received",
+                     self.prompt_tokens),
+                    ("llmpress_prompt_cached_tokens_total", "counter",
+                     "prompt tokens taken from the prompt cache", self.cached_tokens),
+                    ("llmpress_prompt_cache_hits_total", "counter",
+                     "requests that reused a cached prefix", self.cache_hits),
+                    ("llmpress_generated_tokens_total", "counter", "tokens generated",
+                     self.generated_tokens),
+                    ("llmpress_generation_seconds_total", "counter",
+                     "seconds spent generating (prompt included)", self.generation_seconds),
+                    ("llmpress_generated_tokens_per_second", "gauge",
+                     "generated tokens per generation second, since start", rate),
+                    ("llmpress_requests_waiting", "gauge", "requests queued", waiting),
+                    ("llmpress_requests_running", "gauge", "requests generating", int(busy))):
+                lines += _metric(name, kind, help_text, [("", value)])
+        return "\n".join(lines) + "\n"
+
+
+def _metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
+            *(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}"
+              for labels, value in samples)]
 
 
 async def job_chunks(job: Job) -> AsyncIterator[Chunk]:
@@ -391,11 +725,11 @@ async def job_chunks(job: Job) -> AsyncIterator[Chunk]:
         job.cancelled.set()  # a no-op after the end; stops the work when the client left
 
 
-async def watch_disconnect(request: Request, cancelled: threading.Event) -> None:
-    """Cancel the job when the client closes the connection (queued or mid-stream)."""
-    while not cancelled.is_set():
+async def watch_disconnect(request: Request, jobs: list[Job]) -> None:
+    """Cancel the jobs when the client closes the connection (queued or mid-stream)."""
+    while not all(job.cancelled.is_set() for job in jobs):
         if await request.is_disconnected():
-            cancelled.set()
+            cancel(jobs)
             return
         await asyncio.sleep(DISCONNECT_POLL_S)
 
@@ -408,30 +742,35 @@ class Tally:
     prompt_tokens: int
     completion_tokens: int = 0
     finish_reason: str | None = None
+    cached_tokens: int = 0
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def add(self, chunk: Chunk, eos_ids) -> None:
         self.completion_tokens += len(chunk.token_ids)
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
+            self.cached_tokens = chunk.cached_tokens
             # the end-of-turn token ends the answer but is not part of it (as lm.generate)
             if chunk.finish_reason == "stop" and chunk.token_ids \
                     and chunk.token_ids[-1] in eos_ids:
                 self.completion_tokens -= 1
 
 
-def chat_chunk(head: dict, delta: dict, finish_reason: str | None = None) -> dict:
+def chat_chunk(head: dict, delta: dict, finish_reason: str | None = None,
+               index: int = 0) -> dict:
     return {**head, "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None,
+            "choices": [{"index": index, "delta": delta, "logprobs": None,
                          "finish_reason": finish_reason}]}
 
 
-def completion_chunk(head: dict, text: str, finish_reason: str | None = None) -> dict:
+def completion_chunk(head: dict, text: str, finish_reason: str | None = None,
+                     index: int = 0) -> dict:
     return {**head, "object": "text_completion",
-            "choices": [{"index": 0, "text": text, "logprobs": None,
+            "choices": [{"index": index, "text": text, "logprobs": None,
                          "finish_reason": finish_reason}]}
 
 
@@ -486,6 +825,42 @@ async def health(request: Request, state: ServerState) -> Response:
                          "busy": state.worker.busy, "waiting": state.worker.waiting})
 
 
+async def metrics(request: Request, state: ServerState) -> Response:
+    return Response(state.worker.metrics.text(state.worker.waiting, state.worker.busy),
+                    media_type="text/plain; version=0.0.4")
+
+
+async def tokenize(request: Request, state: ServerState) -> Response:
+    """llama.cpp's server extension: {"content", "add_special"} -> {"tokens"}."""
+    body = parse_json_body(await request.body())
+    reject_unsupported(body, frozenset({"content", "add_special", "with_pieces", "model"}))
+    content = field_value(body, "content", "string", required=True)
+    add_special = field_value(body, "add_special", "boolean", default=False)
+    # add_special: BOS/EOS as the model's flags say; without it, the text's tokens only
+    flags = {} if add_special else {"add_bos": False, "add_eos": False}
+    tokens = await asyncio.to_thread(lambda: state.lm.tokenizer.encode(content, **flags))
+    if field_value(body, "with_pieces", "boolean", default=False):
+        pieces = [state.lm.tokenizer.token_to_piece(t) for t in tokens]
+        return JSONResponse({"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces)]})
+    return JSONResponse({"tokens": tokens})
+
+
+async def detokenize(request: Request, state: ServerState) -> Response:
+    """{"tokens": [ids]} -> {"content": text}."""
+    body = parse_json_body(await request.body())
+    reject_unsupported(body, frozenset({"tokens", "model"}))
+    tokens = body.get("tokens")
+    if tokens is None:
+        raise missing("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        raise wrong_type("tokens", "an array of token ids", tokens)
+    vocab = state.lm.tokenizer.vocab_size
+    if bad := [t for t in tokens if not 0 <= t < vocab]:
+        raise ApiError(400, f"Invalid 'tokens': token id {bad[0]} is outside the vocabulary "
+                            f"(0..{vocab - 1}).", param="tokens", code="invalid_value")
+    return JSONResponse({"content": state.lm.tokenizer.decode(tokens)})
+
+
 async def list_models(request: Request, state: ServerState) -> Response:
     return JSONResponse({"object": "list", "data": [state.model_card()]})
 
@@ -497,30 +872,66 @@ async def get_model(request: Request, state: ServerState) -> Response:
 
 async def chat_completions(request: Request, state: ServerState) -> Response:
     body = parse_json_body(await request.body())
+    reject_unsupported(body, CHAT_FIELDS)
     options = parse_options(body, default_max_tokens=None)
     model = state.check_model(options.model)
     messages = parse_messages(body.get("messages"))
+    schema = parse_response_format(body.get("response_format"))
+    tool_request = parse_tools(body)
+    if schema is not None and tool_request and tool_request.forced:
+        raise ApiError(400, "A forced tool call (tool_choice) and a response_format schema "
+                            "cannot both shape one answer; send one of them.",
+                       param="response_format", code="invalid_value")
+    family, reads_tools = template_family(state.lm.tokenizer.chat_template)
+    grammar = await asyncio.to_thread(compile_grammars, state, schema, tool_request, family)
+    tools = tool_request.tools if tool_request else None
+    prompt_messages = template_messages(messages, tools, reads_tools)
 
     def encode() -> list[int]:
         try:
-            return state.lm.encode(state.lm.chat_prompt(messages))
+            extra = {"tools": tools} if tools and reads_tools else {}
+            return state.lm.encode(state.lm.chat_prompt(prompt_messages, **extra))
         except jinja2.TemplateError as exc:  # the template refused these messages
             raise ApiError(400, f"The model's chat template rejected the messages: {exc}",
                            param="messages", code="invalid_value") from None
 
     prompt_ids = await asyncio.to_thread(encode)
     return await generate_response(request, state, "chat", model, options, prompt_ids,
-                                   param="messages")
+                                   param="messages", grammar=grammar,
+                                   tool_family=family if tools else None)
+
+
+def compile_grammars(state: ServerState, schema: dict | None, tools: ToolRequest | None,
+                     family: str) -> str | None:
+    """Check every schema of the request (400 on the first bad one); -> the grammar the
+    answer must follow, if any: a forced tool call's, else response_format's."""
+    grammar = None
+    if schema is not None:
+        try:
+            grammar = state.lm.json_grammar(schema)
+        except LlmpressError as exc:
+            raise ApiError(400, f"Invalid schema for response_format: {exc}",
+                           param="response_format.json_schema.schema",
+                           code="invalid_json_schema") from None
+    for i, tool in enumerate(tools.tools if tools else []):
+        try:
+            state.lm.json_grammar(tool["function"]["parameters"])
+        except LlmpressError as exc:
+            raise ApiError(400, f"Invalid schema for function "
+                                f"'{tool['function']['name']}': {exc}",
+                           param=f"tools[{i}].function.parameters",
+                           code="invalid_function_parameters") from None
+    if tools and tools.forced:
+        grammar = lark_grammar(forced_call_grammar(tools.forced, family), state.lm.tokenizer)
+    return grammar
 
 
 async def completions(request: Request, state: ServerState) -> Response:
     body = parse_json_body(await request.body())
+    reject_unsupported(body, COMPLETION_FIELDS)
     options = parse_options(body, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
     model = state.check_model(options.model)
     prompt = parse_prompt(body.get("prompt"), state.lm.model.cfg.vocab_size)
-    if body.get("suffix"):
-        raise ApiError(400, "'suffix' (fill in the middle) is not supported by this server.",
-                       param="suffix", code="unsupported_parameter")
     echo = field_value(body, "echo", "boolean", default=False)
     if isinstance(prompt, str):
         prompt_ids = await asyncio.to_thread(state.lm.encode, prompt)
@@ -533,8 +944,11 @@ async def completions(request: Request, state: ServerState) -> Response:
 
 async def generate_response(request: Request, state: ServerState, kind: str, model: str,
                             options: RequestOptions, prompt_ids: list[int], *, param: str,
-                            echo: str = "") -> Response:
-    """Check the prompt against the context, queue the job, answer (streamed or not)."""
+                            echo: str = "", grammar: str | None = None,
+                            tool_family: str | None = None) -> Response:
+    """Check the prompt against the context, queue one job per choice (n), answer
+    (streamed or not). The choices run one after the other; the second on reuses the
+    prompt from the prompt cache."""
     limit = state.lm.context_length
     if not prompt_ids:
         raise ApiError(400, f"The {param} gave no tokens; send some text.", param=param,
@@ -546,87 +960,191 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
                             "--ctx).", param=param, code="context_length_exceeded")
     # more than the context leaves is clamped (llama.cpp's server does so): finish "length"
     max_tokens = limit - len(prompt_ids) if options.max_tokens is None else options.max_tokens
-    config = GenerationConfig(max_tokens=max_tokens, sampling=options.sampling,
-                              stop=options.stop, stop_at_eos=not options.ignore_eos)
-    job = Job(prompt_ids, config, asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    jobs = [Job(prompt_ids, GenerationConfig(
+        max_tokens=max_tokens, sampling=choice_sampling(options.sampling, i), stop=options.stop,
+        stop_at_eos=not options.ignore_eos, grammar=grammar, logprobs=options.logprobs), loop)
+        for i in range(options.n)]
     tally = Tally(len(prompt_ids))
     _usage_slot(request)["tally"] = tally
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": model}
     eos_ids = state.lm.tokenizer.eos_ids
-    state.worker.submit(job)  # before any answer: a full queue is still a plain 503
+    try:  # before any answer: a full queue is still a plain 503
+        for job in jobs:
+            state.worker.submit(job)
+    except ApiError:
+        cancel(jobs)
+        raise
     if options.stream:
-        events = stream_events(request, job, kind, head, options, tally, eos_ids, echo)
-        return JobStream(job, events)
-    watcher = asyncio.create_task(watch_disconnect(request, job.cancelled))
-    texts = [echo]
+        events = stream_events(request, jobs, kind, head, options, tally, state.lm.tokenizer,
+                               echo, tool_family)
+        return JobStream(jobs, events)
+    watcher = asyncio.create_task(watch_disconnect(request, jobs))
+    choices = []
     try:
-        async for chunk in job_chunks(job):
-            texts.append(chunk.text)
-            tally.add(chunk, eos_ids)
+        for index, job in enumerate(jobs):
+            texts, reason, scored = [echo], None, []
+            async for chunk in job_chunks(job):
+                texts.append(chunk.text)
+                tally.add(chunk, eos_ids)
+                reason = chunk.finish_reason or reason
+                scored += answer_logprobs(chunk, eos_ids)
+            choice = final_choice(kind, index, "".join(texts), reason, tool_family)
+            if options.logprobs is not None:
+                choice["logprobs"] = logprobs_body(kind, state.lm.tokenizer, scored, len(echo))
+            choices.append(choice)
     finally:
         watcher.cancel()
-    text, reason = "".join(texts), tally.finish_reason
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text,
-                                          "refusal": None},
-                  "logprobs": None, "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
     return JSONResponse({**head, "object": "chat.completion" if kind == "chat"
-                         else "text_completion", "choices": [choice], "usage": tally.usage()})
+                         else "text_completion", "choices": choices, "usage": tally.usage()})
+
+
+def answer_logprobs(chunk: Chunk, eos_ids) -> list:
+    """The chunk's token log-probabilities, less the end-of-turn token (not in the text)."""
+    scored = chunk.logprobs or []
+    if chunk.finish_reason == "stop" and scored and scored[-1].token in eos_ids:
+        scored = scored[:-1]
+    return scored
+
+
+def logprobs_body(kind: str, tokenizer, scored: list, offset: int = 0) -> dict:
+    """OpenAI's logprobs object: chat's {"content": [...]}, or the legacy completions'
+    parallel arrays (text_offset counts characters from offset)."""
+    def piece(token: int) -> str:
+        return tokenizer.token_to_piece(token)
+
+    if kind == "chat":
+        def entry(token: int, logprob: float) -> dict:
+            return {"token": piece(token), "logprob": logprob,
+                    "bytes": list(tokenizer.token_bytes(token))}
+        return {"content": [{**entry(s.token, s.logprob),
+                             "top_logprobs": [entry(t, lp) for t, lp in s.top]}
+                            for s in scored], "refusal": None}
+    offsets, at = [], offset
+    for s in scored:
+        offsets.append(at)
+        at += len(piece(s.token))
+    return {"tokens": [piece(s.token) for s in scored],
+            "token_logprobs": [s.logprob for s in scored],
+            "top_logprobs": [{piece(t): lp for t, lp in s.top} for s in scored],
+            "text_offset": offsets}
+
+
+def choice_sampling(sampling: SamplingConfig, index: int) -> SamplingConfig:
+    """Choice i of n draws with seed + i: n different answers, each reproducible."""
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return dataclasses.replace(sampling, seed=(sampling.seed + index) % (1 << 64))
+
+
+def final_choice(kind: str, index: int, text: str, reason: str | None,
+                 tool_family: str | None) -> dict:
+    if kind != "chat":
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    message = {"role": "assistant", "content": text, "refusal": None}
+    content, calls = parse_tool_calls(text, tool_family) if tool_family else (text, [])
+    if calls:
+        message["content"] = content or None
+        message["tool_calls"] = [c.openai() for c in calls]
+        reason = "tool_calls"
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
+
+
+def cancel(jobs: list[Job]) -> None:
+    for job in jobs:
+        job.cancelled.set()
 
 
 class JobStream(StreamingResponse):
-    """An SSE response that cancels its job however it ends, even before the first event."""
+    """An SSE response that cancels its jobs however it ends, even before the first event."""
 
-    def __init__(self, job: Job, events: AsyncIterator[str]):
+    def __init__(self, jobs: list[Job], events: AsyncIterator[str]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.job = job
+        self.jobs = jobs
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancelled.set()
+            cancel(self.jobs)
 
 
-async def stream_events(request: Request, job: Job, kind: str, head: dict,
-                        options: RequestOptions, tally: Tally, eos_ids,
-                        echo: str) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk shapes; `data: [DONE]` at the end."""
+async def stream_events(request: Request, jobs: list[Job], kind: str, head: dict,
+                        options: RequestOptions, tally: Tally, tokenizer,
+                        echo: str, tool_family: str | None = None) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk shapes, choice after choice; `data: [DONE]` at
+    the end. With tools, text that may still become a tool call is held back until it is
+    one (then sent as tool_calls deltas) or cannot be (then sent as content)."""
     if options.include_usage:
         head = {**head, "usage": None}  # OpenAI: null on every chunk but the last
+    eos_ids = tokenizer.eos_ids
 
-    def piece(text: str, finish: str | None = None) -> dict:
-        if kind == "chat":
-            return chat_chunk(head, {"content": text} if text or not finish else {}, finish)
-        return completion_chunk(head, text, finish)
-
-    watcher = asyncio.create_task(watch_disconnect(request, job.cancelled))
+    watcher = asyncio.create_task(watch_disconnect(request, jobs))
     try:
-        if kind == "chat":
-            yield sse(chat_chunk(head, {"role": "assistant", "content": ""}))
-        elif echo:
-            yield sse(piece(echo))
-        try:
-            async for chunk in job_chunks(job):
-                tally.add(chunk, eos_ids)
-                if chunk.text:
-                    yield sse(piece(chunk.text))
-        except ApiError as exc:  # the headers are gone: report in the stream, as OpenAI does
-            yield sse(exc.body())
-            return
-        yield sse(piece("", tally.finish_reason))
+        for index, job in enumerate(jobs):
+            def piece(text: str, finish: str | None = None, scored=()) -> dict:
+                if kind == "chat":
+                    event = chat_chunk(head, {"content": text} if text or not finish else {},
+                                       finish, index)
+                else:
+                    event = completion_chunk(head, text, finish, index)
+                if scored:
+                    event["choices"][0]["logprobs"] = logprobs_body(kind, tokenizer,
+                                                                    list(scored))
+                return event
+
+            if kind == "chat":
+                yield sse(chat_chunk(head, {"role": "assistant", "content": ""}, index=index))
+            elif echo:
+                yield sse(piece(echo))
+            held: list[str] | None = [] if tool_family else None  # None: streaming content
+            finish = None
+            try:
+                async for chunk in job_chunks(job):
+                    tally.add(chunk, eos_ids)
+                    finish = chunk.finish_reason or finish
+                    if held is not None:
+                        held.append(chunk.text)
+                        if could_be_tool_call("".join(held), tool_family):
+                            continue
+                        chunk_text, held = "".join(held), None
+                    else:
+                        chunk_text = chunk.text
+                    scored = answer_logprobs(chunk, eos_ids) if held is None else []
+                    if chunk_text or scored:
+                        yield sse(piece(chunk_text, scored=scored))
+            except ApiError as exc:  # the headers are gone: report in the stream, as OpenAI
+                yield sse(exc.body())
+                return
+            if held:
+                content, calls = parse_tool_calls("".join(held), tool_family)
+                if content:
+                    yield sse(piece(content))
+                for i, call in enumerate(calls):
+                    delta = call.openai()
+                    yield sse(chat_chunk(head, {"tool_calls": [
+                        {"index": i, **delta, "function": {**delta["function"], "arguments": ""}}
+                    ]}, index=index))
+                    yield sse(chat_chunk(head, {"tool_calls": [
+                        {"index": i, "function": {"arguments": call.arguments}}]}, index=index))
+                finish = "tool_calls" if calls else finish
+            yield sse(piece("", finish))
         if options.include_usage:
             yield sse({**head, "object": "chat.completion.chunk" if kind == "chat"
                        else "text_completion", "choices": [], "usage": tally.usage()})
         yield sse("[DONE]")
     finally:
         watcher.cancel()
-        job.cancelled.set()
+        cancel(jobs)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """The last resort (a fault outside any route's own handling): still OpenAI's shape."""
+    log.error("unhandled error", exc_info=exc)
+    return ApiError(500, f"Internal error: {type(exc).__name__}: {exc}").response()
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -662,10 +1180,11 @@ class BearerAuth:
 
 
 class RequestLog:
-    """One line per request: client, method, path, status, tokens, time (to the last byte)."""
+    """One line per request: client, method, path, status, tokens, time (to the last byte);
+    and the request counters of /metrics."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, metrics: Metrics | None = None):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -683,6 +1202,9 @@ class RequestLog:
         finally:
             log.info(request_log_line(scope, status[0], slot.get("tally"),
                                       time.perf_counter() - started))
+            if self.metrics is not None:
+                self.metrics.count_request(scope["path"] if scope["path"] in KNOWN_PATHS
+                                           else "other", status[0])
 
 
 def request_log_line(scope: dict, status: int, tally: Tally | None, seconds: float) -> str:
@@ -691,13 +1213,16 @@ def request_log_line(scope: dict, status: int, tally: Tally | None, seconds: flo
     if tally is not None:
         tokens = f"{tally.prompt_tokens}+{tally.completion_tokens} tokens " \
                  f"({tally.finish_reason or 'cancelled'})"
+        if tally.cached_tokens:
+            tokens += f" {tally.cached_tokens} cached"
     return f"{client[0]} {scope['method']} {scope['path']} {status} {tokens} {seconds:.2f}s"
 
 
 def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset(), *,
-               api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> Starlette:
+               api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               parallel: int = 1, cors: tuple[str, ...] = ()) -> Starlette:
     """The ASGI app around a loaded model (llmpress.api.LanguageModel)."""
-    worker = GenerationWorker(lm, max_queue)
+    worker = GenerationWorker(lm, max_queue, parallel)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -710,13 +1235,19 @@ def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset
         Route("/v1/models/{model:path}", endpoint(get_model), methods=["GET"]),
         Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/tokenize", endpoint(tokenize), methods=["POST"]),
+        Route("/detokenize", endpoint(detokenize), methods=["POST"]),
+        Route("/metrics", endpoint(metrics), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error})
+                    exception_handlers={HTTPException: http_error, Exception: internal_error})
     app.state.llmpress = ServerState(lm, model_id, frozenset({model_id, *aliases}), worker)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
-    app.add_middleware(RequestLog)  # added last = outermost: it also logs the 401s
+    if cors:  # outside the key check: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(RequestLog, metrics=worker.metrics)  # outermost: logs the 401s too
     return app
 
 
@@ -778,10 +1309,14 @@ def server_url(sock: socket.socket) -> str:
 def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, ctx: int | None = None, api_key: str | None = None, *,
           mode: str = "fast", device: str | None = None, chat_template: str | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE) -> None:
-    """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY."""
+          max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
+          cors: tuple[str, ...] = ()) -> None:
+    """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY.
+    parallel: how many conversations keep their prompt cache (slots)."""
     from llmpress.api import load  # the public API sits above runtime; only serve needs it
 
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise LlmpressError(f"--parallel must be in 1..{MAX_PARALLEL}, not {parallel}")
     if api_key is None:
         api_key = os.environ.get("LLMPRESS_API_KEY") or None
     lm = load(model_path_or_name, ctx=ctx, mode=mode, device=device, chat_template=chat_template)
@@ -792,7 +1327,8 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    app = create_app(lm, model_id, aliases, api_key=api_key, max_queue=max_queue)
+    app = create_app(lm, model_id, aliases, api_key=api_key, max_queue=max_queue,
+                     parallel=parallel, cors=tuple(cors))
     url = server_url(sock)
     print(f"llmpress: serving {model_id} (context {lm.context_length} tokens, {lm.device}) "
           f"at {url}/v1{' (API key required)' if api_key else ''}", flush=True)
@@ -814,9 +1350,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--ctx", type=int, default=None)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
     args = parser.parse_args(argv)
     try:
-        serve(args.model, args.host, args.port, args.ctx, args.api_key)
+        serve(args.model, args.host, args.port, args.ctx, args.api_key, parallel=args.parallel,
+              cors=tuple(args.cors))
     except LlmpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,85 @@
+"""Prompt cache: keep the KV cache of earlier requests so that a request sharing a prefix
+with one of them (the next turn of a chat: the whole conversation so far) only runs its
+new tokens through the model.
+
+A PromptCache holds `slots` sequences, each a KV cache and the tokens whose keys and
+values it stores. A request takes the free slot with the longest common token prefix
+(ties and misses: the least recently used one), rewinds it to that prefix and goes on
+from there. Rewinding is only moving `cache.length` back: positions past it are
+overwritten by the next tokens. Nothing here is thread-safe; one generation at a time
+uses a PromptCache (a slot in use is skipped, so nested generators stay correct).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class Slot:
+    """One cached sequence: cache.length == len(tokens) whenever the slot is not in use."""
+
+    cache: object  # models.llama.KVCache
+    tokens: list[int] = field(default_factory=list)
+    last_used: int = 0
+    in_use: bool = False
+
+    def rewind(self, n: int) -> None:
+        """Keep only the first n tokens (their keys and values stay valid)."""
+        del self.tokens[n:]
+        self.cache.length = n
+
+    def clear(self) -> None:
+        self.rewind(0)
+
+
+class PromptCache:
+    def __init__(self, new_cache, max_tokens: int, slots: int = 1):
+        """new_cache(max_tokens) -> an empty KV cache (the model's new_cache). Caches are
+        allocated on first use; untouched positions cost address space only."""
+        if slots < 1:
+            raise ValueError("a prompt cache needs at least one slot")
+        self._new_cache, self.max_tokens, self.n_slots = new_cache, max_tokens, slots
+        self.slots: list[Slot] = []
+        self._clock = itertools.count(1)
+        self.hits = 0  # requests that reused at least one token
+        self.reused_tokens = 0
+
+    def acquire(self, prompt_ids: list[int]) -> tuple[Slot, int]:
+        """-> (a slot rewound to the prefix it shares with prompt_ids, that prefix's length).
+        At least the last prompt token is left to run: its logits pick the first token.
+        Release the slot when done."""
+        limit = len(prompt_ids) - 1
+        free = [s for s in self.slots if not s.in_use]
+        shared = {id(s): min(common_prefix(s.tokens, prompt_ids), limit) for s in free}
+        best = max(free, key=lambda s: (shared[id(s)], s.last_used), default=None)
+        if best is None or shared[id(best)] <= 0:  # a miss: a new slot, else the LRU one
+            if len(self.slots) < self.n_slots:
+                best = Slot(self._new_cache(self.max_tokens))
+                self.slots.append(best)
+            elif free:
+                best = min(free, key=lambda s: s.last_used)
+            else:  # every slot is mid-generation: a private cache, not kept
+                return Slot(self._new_cache(self.max_tokens), in_use=True), 0
+        reused = max(0, shared.get(id(best), 0))
+        best.rewind(reused)
+        best.in_use, best.last_used = True, next(self._clock)
+        self.hits += reused > 0
+        self.reused_tokens += reused
+        return best, reused
+
+    def release(self, slot: Slot) -> None:
+        slot.in_use = False
+
+    def clear(self) -> None:
+        for slot in self.slots:
+            slot.clear()

@@ -1,0 +1,179 @@
+"""Tool calls: OpenAI `tools` into the chat template, the model's tool-call text back out
+as OpenAI `tool_calls`.
+
+Each template family writes calls its own way (what its model was trained on):
+  hermes   Qwen 2.5/3, Hermes:  <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+  llama3   Llama 3.x:           {"name": ..., "parameters": {...}} (maybe <|python_tag|>)
+  mistral  Mistral:             [TOOL_CALLS][{"name": ..., "arguments": {...}}]
+  generic  any other template:  a JSON object with "name" and "arguments"
+A template that does not read `tools` at all gets them from us in a system message that
+asks for the hermes format (llama.cpp's server does the same), and earlier calls and
+results written into the messages as text. Forced calls (tool_choice "required" or a
+named function) are decoded under a grammar of the family's format, so they always parse.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from llmpress.runtime.grammar import JSON_LAYOUT
+
+HERMES, LLAMA3, MISTRAL, GENERIC = "hermes", "llama3", "mistral", "generic"
+
+
+def template_family(template: str | None) -> tuple[str, bool]:
+    """-> (the family whose call format the template's model writes, whether the template
+    renders `tools` itself)."""
+    template = template or ""
+    reads_tools = "tools" in template
+    if "<tool_call>" in template:
+        return HERMES, reads_tools
+    if "[TOOL_CALLS]" in template:
+        return MISTRAL, reads_tools
+    if "<|python_tag|>" in template or "ipython" in template:
+        return LLAMA3, reads_tools
+    return (GENERIC if reads_tools else HERMES), reads_tools
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+    id: str
+
+    def openai(self) -> dict:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+# --- into the template ---------------------------------------------------------------------
+def template_messages(messages: list[dict], tools: list[dict] | None,
+                      reads_tools: bool) -> list[dict]:
+    """Messages as the template gets them. Templates that know tools read an assistant's
+    tool_calls with arguments as an object (as transformers passes them); for the others,
+    the tools go into the system message and calls become hermes text."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            calls = [{"id": c["id"], "type": "function",
+                      "function": {"name": c["function"]["name"],
+                                   "arguments": _as_object(c["function"]["arguments"])}}
+                     for c in m["tool_calls"]]
+            if reads_tools:
+                m["tool_calls"] = calls
+            else:
+                text = "\n".join(_hermes_text(c["function"]) for c in calls)
+                m = {"role": m["role"], "content": "\n".join(filter(None, [m["content"], text]))}
+        elif m["role"] == "tool" and not reads_tools:
+            m = {"role": "tool", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
+        out.append(m)
+    if tools and not reads_tools:
+        system = tool_system_prompt(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + system}
+        else:
+            out.insert(0, {"role": "system", "content": system})
+    return out
+
+
+def tool_system_prompt(tools: list[dict]) -> str:
+    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return ("You may call one or more functions to assist with the user query. The "
+            f"functions are:\n<tools>\n{listing}\n</tools>\nTo call a function, answer "
+            "with a JSON object with its name and arguments inside <tool_call></tool_call> "
+            'tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
+            "\n</tool_call>")
+
+
+def _as_object(arguments):
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
+
+
+def _hermes_text(function: dict) -> str:
+    call = {"name": function["name"], "arguments": function["arguments"]}
+    return f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
+
+
+# --- out of the model ------------------------------------------------------------------------
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+
+def parse_tool_calls(text: str, family: str) -> tuple[str, list[ToolCall]]:
+    """-> (the text that is not a call, the calls). Text that only looks like a call
+    (broken JSON, no name) stays text."""
+    if family == HERMES and "<tool_call>" in text:
+        calls = [c for body in _HERMES_CALL.findall(text) for c in _calls_in(body)]
+        if calls:
+            return text[:text.index("<tool_call>")].strip(), calls
+    if family == MISTRAL and "[TOOL_CALLS]" in text:
+        head, _, body = text.partition("[TOOL_CALLS]")
+        if calls := _calls_in(body.strip()):
+            return head.strip(), calls
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    if body.startswith(("{", "[")):  # llama3 and generic: the whole answer is the call
+        if calls := _calls_in(body):
+            return "", calls
+    return text, []
+
+
+def _calls_in(body: str) -> list[ToolCall]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return []
+    if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
+        value = value["tool_calls"]
+    if isinstance(value, dict) and isinstance(value.get("tool_call"), dict):
+        value = value["tool_call"]  # llama.cpp's generic format
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("function"), dict):
+            item = item["function"]
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return []
+        arguments = item.get("arguments", item.get("parameters", {}))
+        if isinstance(arguments, str):
+            arguments = _as_object(arguments)
+        calls.append(ToolCall(item["name"], json.dumps(arguments, ensure_ascii=False),
+                              new_call_id()))
+    return calls
+
+
+def could_be_tool_call(text: str, family: str) -> bool:
+    """While streaming: whether text so far may still turn into a call (hold it back)."""
+    head = text.lstrip()
+    markers = ["<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{", "["]
+    return not head or any(head.startswith(m) or m.startswith(head) for m in markers)
+
+
+# --- forcing a call ----------------------------------------------------------------------------
+def forced_call_grammar(tools: list[dict], family: str) -> str:
+    """A Lark grammar (llguidance's dialect) for exactly one call to one of tools, in the
+    family's format: the call's arguments follow the function's parameter schema."""
+    key = "parameters" if family == LLAMA3 else "arguments"
+    options = [{"type": "object", "additionalProperties": False, "required": ["name", key],
+                "properties": {"name": {"const": t["function"]["name"]},
+                               key: t["function"].get("parameters") or {"type": "object"}}}
+               for t in tools]
+    schema = {"anyOf": options, "x-guidance": JSON_LAYOUT}
+    call = f"%json {json.dumps(schema)}"
+    if family == HERMES:
+        return f"start: {json.dumps('<tool_call>' + chr(10))} call " \
+               f"{json.dumps(chr(10) + '</tool_call>')}\ncall: {call}"
+    if family == MISTRAL:
+        return f'start: "[TOOL_CALLS][" call "]"\ncall: {call}'
+    return f"start: call\ncall: {call}"
