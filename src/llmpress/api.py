@@ -24,7 +24,7 @@ from llmpress.formats import FORMATS, supported_names
 from llmpress.io.gguf import load_gguf
 from llmpress.io.source import ModelSource
 from llmpress.io.tokenizer import Tokenizer
-from llmpress.models.llama import LlamaModel
+from llmpress.models.family import build_model
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.sampling import SamplingConfig
 
@@ -106,7 +106,7 @@ class LanguageModel:
         self.source = source
         self.mode = mode
         self.device = device or default_device()
-        self.model = LlamaModel(source, mode=mode, device=self.device)
+        self.model = build_model(source, mode=mode, device=self.device)
         self.tokenizer = load_tokenizer(source)
         self.context_length = ctx or min(DEFAULT_CONTEXT, self.model.cfg.context_length)
         if self.context_length < 2:
