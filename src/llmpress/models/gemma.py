@@ -106,8 +106,9 @@ class GemmaAttention(nn.Module):
         self.qkv = FusedLinear([QuantLinear(src.tensors[p + n + ".weight"], mode, device)
                                 for n in ("attn_q", "attn_k", "attn_v")])
         self.wo = QuantLinear(src.tensors[p + "attn_output.weight"], mode, device)
-        self.q_norm = dense_tensor(src.tensors[p + "attn_q_norm.weight"], device) if cfg.qk_norm else None
-        self.k_norm = dense_tensor(src.tensors[p + "attn_k_norm.weight"], device) if cfg.qk_norm else None
+        norm = lambda name: dense_tensor(src.tensors[p + name + ".weight"], device)  # noqa: E731
+        self.q_norm = norm("attn_q_norm") if cfg.qk_norm else None
+        self.k_norm = norm("attn_k_norm") if cfg.qk_norm else None
         self.window = cfg.sliding_window if local else 0
         self.scale, self.softcap, self.eps = cfg.query_scale, cfg.attn_softcap, cfg.norm_eps
 
