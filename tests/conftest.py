@@ -41,11 +41,16 @@ def wikitext_bytes() -> bytes:
 def f32_gguf(default_model_path, tmp_path_factory) -> Path:
     """The default model dequantized to F32 by gguf-py (independent of our code), every
     metadata field copied: the "original" of tests/data/README.md."""
+    path = tmp_path_factory.mktemp("f32") / "SmolLM2-135M-Instruct.F32.gguf"
+    return write_f32_gguf(default_model_path, path)
+
+
+def write_f32_gguf(source: Path, path: Path) -> Path:
+    """`source` dequantized to F32 by gguf-py, every metadata field copied, at `path`."""
     import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(default_model_path)
-    path = tmp_path_factory.mktemp("f32") / "SmolLM2-135M-Instruct.F32.gguf"
+    reader = gguf.GGUFReader(source)
     writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):

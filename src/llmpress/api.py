@@ -22,7 +22,7 @@ from llmpress.errors import LlmpressError
 from llmpress.io.loader import load_source, load_tokenizer
 from llmpress.io.source import ModelSource
 from llmpress.kernels.device import default_device
-from llmpress.models.llama import LlamaModel
+from llmpress.models.family import build_model
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import json_schema_grammar
 from llmpress.runtime.prompt_cache import PromptCache
@@ -84,7 +84,7 @@ class LanguageModel:
         self.source = source
         self.mode = mode
         self.device = device or default_device()
-        self.model = LlamaModel(source, mode=mode, device=self.device)
+        self.model = build_model(source, mode=mode, device=self.device)
         self.tokenizer = load_tokenizer(source)
         if chat_template is not None:  # the caller's template replaces the model's
             self.tokenizer.chat_template = chat_template

@@ -25,15 +25,33 @@ def _mib(n: int) -> str:
 # --- pull / info ------------------------------------------------------------------------
 def cmd_pull(args) -> None:
     from llmpress import hub
-    with console.status(f"fetching {args.name} ..."):
-        path = hub.pull(args.name)
+    path = hub.pull(args.name)  # draws its own progress bar
     console.print(f"{args.name}: {path} ({_mib(path.stat().st_size)})")
 
 
+def cmd_list(args) -> None:
+    from llmpress import hub
+    table = Table(title=f"models ({hub.cache_dir() / 'models'})")
+    for col in ("name", "size", "type", "where"):
+        table.add_column(col, justify="right" if col == "size" else "left",
+                         overflow="fold")
+    for name, entry in hub.CATALOG.items():
+        where = str(hub.cached_path(name)) if hub.is_pulled(name) else "not pulled"
+        table.add_row(name, _mib(entry.size), entry.quant_type, where)
+    console.print(table)
+
+
+def cmd_rm(args) -> None:
+    from llmpress import hub
+    console.print(f"removed {hub.remove(args.name)}", highlight=False)
+
+
 def _load(args, **overrides):
+    from llmpress import hub
     from llmpress.api import load
+    model = hub.resolve(args.model)  # a pull draws its own progress bar, before the spinner
     with console.status(f"loading {args.model} ...") if sys.stdout.isatty() else _nothing():
-        return load(args.model, mode=getattr(args, "mode", "fast"), ctx=getattr(args, "ctx", None),
+        return load(model, mode=getattr(args, "mode", "fast"), ctx=getattr(args, "ctx", None),
                     device=getattr(args, "device", None), chat_template=_chat_template(args),
                     **overrides)
 
@@ -279,8 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pull", help="fetch a named model into the cache")
-    p.add_argument("name", help="smollm2, or hf:ORG/NAME[:FILE]")
+    p.add_argument("name", help="a catalog name (see `llmpress list`), or hf:ORG/NAME[:FILE]")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="the catalog's models: size, type, where pulled")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("rm", help="delete a pulled model from the cache")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("info", help="architecture, sizes and tensor types of a model")
     _add_model_args(p)

@@ -82,9 +82,12 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
     if hp["num_attention_heads"] % hp["num_key_value_heads"]:
         raise LlmpressError(f"{where}: num_attention_heads {hp['num_attention_heads']} is not "
                             f"a multiple of num_key_value_heads {hp['num_key_value_heads']}")
-    act = hp.get("hidden_act", "silu")
-    if act != "silu":
-        raise LlmpressError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+    arch = names.HF_MODEL_TYPE_TO_ARCH[model_type]
+    act = hp.get("hidden_activation") or hp.get("hidden_act", "silu")
+    if act != (wanted := names.HF_ACTIVATION.get(arch, "silu")):
+        raise LlmpressError(f"{where}: hidden_act {act!r} is not supported (only {wanted})")
+    if arch in names.NORM_PLUS_ONE_ARCHS:
+        gemma_hyperparameters(hp, where)
     rope = rope_parameters(hp)
     hp["rope_theta"] = positive_number(rope.get("rope_theta", hp["rope_theta"]), "rope_theta",
                                        where)
@@ -95,6 +98,31 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
             rope[key] = positive_number(rope[key], f"rope_parameters.{key}", where)
     hp["rope"] = rope
     return hp
+
+
+def gemma_hyperparameters(hp: dict[str, Any], where: Path) -> None:
+    """Gemma's keys checked and normalized in place: one RoPE base per layer type, the
+    query scale the GGUF implies (llama.cpp: 1/sqrt(head_dim)), the local layers."""
+    rope = hp.get("rope_parameters")
+    if isinstance(rope, dict) and "full_attention" in rope:  # transformers 5: per layer type
+        local = rope.get("sliding_attention") or {}
+        if str(local.get("rope_type", "default")) != "default":
+            raise LlmpressError(f"{where}: RoPE scaling on the sliding-window layers is not "
+                                "supported")
+        hp["rope_local_base_freq"] = local.get("rope_theta", hp.get("rope_local_base_freq"))
+        hp["rope_parameters"] = rope["full_attention"]
+    if hp.get("rope_local_base_freq") is not None:
+        hp["rope_local_base_freq"] = positive_number(hp["rope_local_base_freq"],
+                                                     "rope_local_base_freq", where)
+    if hp["query_pre_attn_scalar"] != hp["head_dim"]:
+        raise LlmpressError(f"{where}: query_pre_attn_scalar {hp['query_pre_attn_scalar']} "
+                            f"differs from head_dim {hp['head_dim']}, which a GGUF file cannot "
+                            "express")
+    types = hp.get("layer_types")
+    if types is not None and (not isinstance(types, list) or len(types) != hp["num_hidden_layers"]
+                              or set(types) - {"sliding_attention", "full_attention"}):
+        raise LlmpressError(f"{where}: config.json layer_types must list sliding_attention "
+                            "or full_attention for each layer")
 
 
 def positive_number(value: Any, key: str, where: Path) -> float:
@@ -133,6 +161,15 @@ def gguf_metadata(hp: dict[str, Any], arch: str, name: str, where: Path) -> dict
     elif rope_type != "default":
         raise LlmpressError(f"{where}: RoPE scaling {rope_type!r} is not supported "
                             "(default, linear and llama3 are)")
+    if arch in names.NORM_PLUS_ONE_ARCHS:
+        for hf_key, gguf_key in names.HF_GEMMA_CONFIG_TO_GGUF.items():
+            if hp.get(hf_key) is not None:
+                meta[f"{arch}.{gguf_key}"] = hp[hf_key]
+        if hp.get("rope_local_base_freq") is not None:
+            meta[f"{arch}.rope.freq_base_swa"] = hp["rope_local_base_freq"]
+        if hp.get("layer_types") is not None:  # llama.cpp reads per-layer flags, true = local
+            meta[f"{arch}.attention.sliding_window_pattern"] = [
+                t == "sliding_attention" for t in hp["layer_types"]]
     return meta
 
 
@@ -222,12 +259,14 @@ def _open(file: Path) -> Any:
         raise LlmpressError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
-def tensor_reader(handle: Any, hf_name: str, permute_heads: int | None
-                   ) -> Callable[[], torch.Tensor]:
+def tensor_reader(handle: Any, hf_name: str, permute_heads: int | None,
+                  plus_one: bool = False) -> Callable[[], torch.Tensor]:
     def read_bytes() -> torch.Tensor:
         tensor = handle.get_tensor(hf_name)
         if permute_heads:
             tensor = permute_qk(tensor, permute_heads)
+        if plus_one:  # Gemma's (1 + w) norm, in float32 as the converter writes norms
+            tensor = tensor.float() + 1
         return tensor.contiguous().view(torch.uint8).reshape(-1)
     return read_bytes
 
@@ -246,6 +285,7 @@ def expected_shapes(hp: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "attn_v.weight": (kv_rows, dim), "attn_v.bias": (kv_rows,),
         "attn_output.weight": (dim, q_rows),
         "attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,),
+        "post_attention_norm.weight": (dim,), "post_ffw_norm.weight": (dim,),  # Gemma
         "ffn_gate.weight": (ffn, dim), "ffn_up.weight": (ffn, dim), "ffn_down.weight": (dim, ffn),
     }
     shapes = {f"blk.*.{k}": v for k, v in block.items()}
@@ -264,6 +304,7 @@ def generic_name(gguf_name: str) -> tuple[str, int | None]:
 
 def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Path) -> None:
     """Every layer has the same tensors (the required ones at least); globals are there."""
+    arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
     per_layer: list[set[str]] = [set() for _ in range(hp["num_hidden_layers"])]
     for name in tensors:
         generic, block = generic_name(name)
@@ -272,12 +313,12 @@ def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Pat
     wanted = set().union(*per_layer) | {f"blk.*.{n}" for n in REQUIRED_BLOCK_TENSORS}
     for i, have in enumerate(per_layer):
         if missing := sorted(wanted - have):
-            hf = [names.hf_tensor_name(m.replace("*", str(i))) for m in missing]
+            hf = [names.hf_tensor_name(m.replace("*", str(i)), arch) for m in missing]
             raise LlmpressError(f"{where}: tensor {', '.join(hf)} is missing "
                                 "(incomplete checkpoint?)")
     for name in ("token_embd.weight", "output_norm.weight"):
         if name not in tensors:
-            raise LlmpressError(f"{where}: tensor {names.hf_tensor_name(name)} is missing")
+            raise LlmpressError(f"{where}: tensor {names.hf_tensor_name(name, arch)} is missing")
     if not hp["tie_word_embeddings"] and "output.weight" not in tensors:
         raise LlmpressError(f"{where}: tensor lm_head.weight is missing and config.json "
                             "does not tie it to the embeddings")
@@ -309,7 +350,7 @@ def load_hf_dir(path: str | Path) -> ModelSource:
     for hf_name, file in located.items():
         if hf_name.endswith(names.HF_IGNORED_SUFFIXES):
             continue
-        gguf_name = names.gguf_tensor_name(hf_name)
+        gguf_name = names.gguf_tensor_name(hf_name, arch)
         if gguf_name is None:
             raise LlmpressError(f"{file}: tensor {hf_name} has no GGUF equivalent for "
                                 f"{hp['model_type']} models")
@@ -332,10 +373,13 @@ def load_hf_dir(path: str | Path) -> ModelSource:
                                 f"config.json implies {list(shapes[generic])}")
         ggml_type, torch_dtype = SAFETENSORS_TYPES[dtype_name]
         heads = permute_heads.get(generic.split(".")[2]) if block is not None else None
+        plus_one = arch in names.NORM_PLUS_ONE_ARCHS and gguf_name.endswith("norm.weight")
+        if plus_one:
+            ggml_type, torch_dtype = SAFETENSORS_TYPES["F32"]
         tensors[gguf_name] = TensorRef(
             name=gguf_name, ggml_type=ggml_type, shape=shape,
             n_bytes=math.prod(shape) * torch_dtype.itemsize,
-            read_bytes=tensor_reader(handles[file], hf_name, heads))
+            read_bytes=tensor_reader(handles[file], hf_name, heads, plus_one))
     check_complete(tensors, hp, path)
 
     if hp["rope"]["rope_type"] == "llama3":

@@ -38,7 +38,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as EngineTokenizer
 
 from llmpress.errors import LlmpressError
-from llmpress.io.chat_template import render_chat
+from llmpress.io.chat_template import BUILTIN_TEMPLATES, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,8 @@ class Tokenizer:
                    eos_ids=_end_of_generation_ids(metadata, tokens, token_ids, ids["eos"]),
                    add_bos=add_bos, add_eos=add_eos,
                    strip_leading_space=kind is None and add_space_prefix,
-                   chat_template=metadata.get("tokenizer.chat_template"),
+                   chat_template=metadata.get("tokenizer.chat_template") or BUILTIN_TEMPLATES.get(
+                       str(metadata.get("general.architecture"))),
                    unused_ids=[i for i, t in enumerate(types) if t == TokenType.UNUSED])
 
     @classmethod

@@ -13,8 +13,12 @@ from llmpress.io.source import ModelSource
 
 # Architectures of the Llama family and how each applies RoPE. llama.cpp's "norm" style
 # rotates adjacent pairs (x[2i], x[2i+1]); "neox" rotates (x[i], x[i + d/2]).
-ROPE_STYLE = {"llama": "norm", "mistral": "norm", "qwen2": "neox", "qwen3": "neox"}
+ROPE_STYLE = {"llama": "norm", "mistral": "norm", "qwen2": "neox", "qwen3": "neox",
+              "gemma2": "neox", "gemma3": "neox"}
 SUPPORTED_ARCHITECTURES = tuple(ROPE_STYLE)
+# Which model class runs which (models/family.py): models/llama.py, models/gemma.py.
+LLAMA_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,16 @@ def _per_layer(value, n_layers: int) -> list[int]:
     return [int(value)] * n_layers
 
 
-def config_from_source(src: ModelSource) -> LlamaConfig:
+def config_from_source(src: ModelSource,
+                       architectures: tuple[str, ...] = LLAMA_ARCHITECTURES) -> LlamaConfig:
+    """The shapes every family shares; `architectures`: those the caller can run."""
     arch = src.architecture
     if arch not in ROPE_STYLE:
         raise LlmpressError(f"{src.path}: architecture {arch!r} is not supported "
                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if arch not in architectures:  # e.g. a Llama-only calibration path given a Gemma file
+        raise LlmpressError(f"{src.path}: architecture {arch!r} is not supported here "
+                            f"(this path runs {', '.join(architectures)})")
 
     def need(key: str):
         value = src.arch_key(key)

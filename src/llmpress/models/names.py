@@ -17,6 +17,8 @@ HF_MODEL_TYPE_TO_ARCH = {
     "mistral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",  # Gemma3ForCausalLM: the text model of Gemma 3
 }
 
 # Architectures whose q/k rows convert_hf_to_gguf permutes (LlamaModel.permute): HF
@@ -48,6 +50,23 @@ HF_TO_GGUF_BLOCK = {
 # HF tensors that carry no weights llama.cpp needs (old checkpoints saved RoPE buffers).
 HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
+# Gemma normalizes before and after attention and the FFN: its post_attention_layernorm
+# is the attention's post-norm, and the FFN's pre-norm has a name of its own.
+GEMMA_BLOCK = HF_TO_GGUF_BLOCK | {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+# GGUF architecture -> its block map, where it is not HF_TO_GGUF_BLOCK
+HF_TO_GGUF_BLOCK_BY_ARCH = {"gemma2": GEMMA_BLOCK, "gemma3": GEMMA_BLOCK}
+
+# Architectures whose RMSNorm multiplies by (1 + w): convert_hf_to_gguf writes w + 1 into
+# every *norm.weight (Gemma's converters), so the GGUF holds plain RMSNorm weights.
+NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
+
+# HF `hidden_act` / `hidden_activation` each architecture's FFN computes.
+HF_ACTIVATION = {"gemma2": "gelu_pytorch_tanh", "gemma3": "gelu_pytorch_tanh"}  # others: silu
+
 GGUF_TO_HF_GLOBAL = {v: k for k, v in HF_TO_GGUF_GLOBAL.items()}
 GGUF_TO_HF_BLOCK = {v: k for k, v in HF_TO_GGUF_BLOCK.items()}
 
@@ -63,6 +82,12 @@ HF_CONFIG_TO_GGUF = {
     "rope_theta": "rope.freq_base",
     "max_position_embeddings": "context_length",
     "head_dim": "attention.key_length",
+}
+# Gemma's extra keys (written where config.json sets them)
+HF_GEMMA_CONFIG_TO_GGUF = {
+    "sliding_window": "attention.sliding_window",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
 }
 GGUF_TO_HF_CONFIG = {v: k for k, v in HF_CONFIG_TO_GGUF.items()}
 
@@ -82,6 +107,14 @@ HF_CONFIG_DEFAULTS = {
               "tie_word_embeddings": False},
     "qwen3": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768,
               "tie_word_embeddings": False, "head_dim": 128},
+    "gemma2": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 8192,
+               "tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256,
+               "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0},
+    "gemma3_text": {"rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+                    "rope_local_base_freq": 10_000.0, "max_position_embeddings": 131_072,
+                    "tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256,
+                    "sliding_window": 4096},
 }
 
 _HF_BLOCK_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -89,22 +122,24 @@ _GGUF_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)\.(weight|bias)")
 _GLOBAL_NAME = re.compile(r"(.+)\.(weight|bias)")
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str | None:
     """"model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight"; None if unknown."""
     if m := _HF_BLOCK_NAME.fullmatch(hf_name):
         block, part, kind = m.groups()
-        return f"blk.{block}.{HF_TO_GGUF_BLOCK[part]}.{kind}" if part in HF_TO_GGUF_BLOCK else None
+        table = HF_TO_GGUF_BLOCK_BY_ARCH.get(arch, HF_TO_GGUF_BLOCK)
+        return f"blk.{block}.{table[part]}.{kind}" if part in table else None
     if m := _GLOBAL_NAME.fullmatch(hf_name):
         part, kind = m.groups()
         return f"{HF_TO_GGUF_GLOBAL[part]}.{kind}" if part in HF_TO_GGUF_GLOBAL else None
     return None
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """"blk.3.ffn_up.weight" -> "model.layers.3.mlp.up_proj.weight"; None if unknown."""
     if m := _GGUF_BLOCK_NAME.fullmatch(gguf_name):
         block, part, kind = m.groups()
-        hf = GGUF_TO_HF_BLOCK.get(part)
+        table = HF_TO_GGUF_BLOCK_BY_ARCH.get(arch, HF_TO_GGUF_BLOCK)
+        hf = {v: k for k, v in table.items()}.get(part)
         return f"model.layers.{block}.{hf}.{kind}" if hf else None
     if m := _GLOBAL_NAME.fullmatch(gguf_name):
         part, kind = m.groups()

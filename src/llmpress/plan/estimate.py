@@ -327,6 +327,9 @@ def load_spec(target: str | Path) -> ModelSpec:
         return spec_from_config(config, path, name)
     if path.is_file():
         return spec_from_gguf(path)
+    from llmpress import hub
+    if str(target) in hub.CATALOG:  # a pulled name: its file
+        return spec_from_gguf(hub.pull(str(target)))
     if str(target).endswith((".gguf", ".json")) or "/" in str(target):
         raise LlmpressError(f"{target}: no such file or directory")
     return spec_from_catalog(str(target))

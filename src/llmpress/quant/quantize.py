@@ -26,6 +26,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType
 
+from llmpress import hub
 from llmpress.errors import LlmpressError
 from llmpress.formats import FORMATS, dequantize_tensor, get_format
 from llmpress.io.gguf_write import (
@@ -77,8 +78,8 @@ class QuantizeConfig:
         self.mix_options(has_imatrix=False)  # validates type names and patterns
         if self.imatrix is not None and not Path(self.imatrix).is_file():
             raise LlmpressError(f"{self.imatrix}: no such importance matrix file")
-        if not isinstance(self.input, ModelSource) and not Path(self.input).exists():
-            raise LlmpressError(f"{self.input}: no such model file or directory")
+        if not isinstance(self.input, ModelSource):  # a file, a directory or a pulled name
+            object.__setattr__(self, "input", hub.resolve(self.input))
         if not isinstance(self.input, ModelSource) and (
                 Path(self.input).resolve() == self.output.resolve()):
             raise LlmpressError(f"{self.output}: the output would overwrite the input; "

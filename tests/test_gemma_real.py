@@ -1,0 +1,149 @@
+"""The real Gemma 3 270M (Q4_K_M, pulled by name from the catalog) against llama.cpp.
+
+llama.cpp (llama-cpp-python) runs the file dequantized to F32 by gguf-py with an F32 KV
+cache; our exact mode runs the Q4_K_M file itself (dequantized exactly, the same values).
+Windows of 1,024 tokens, longer than the model's 512-position sliding window, so the
+local layers' window mask and RoPE base are exercised; we feed each window in chunks
+through the KV cache, so the cached path with a window (keys dropped from the front) is
+too. Every window starts with BOS, as Gemma's tokenizer adds it, so position 0 is a
+reference as well.
+
+Each test prints the numbers it measured (`pytest -s` shows them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_f32_gguf
+
+from llmpress import hub
+from llmpress.api import load
+from llmpress.kernels.linear import KERNEL_MAX_ROWS
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+pytestmark = pytest.mark.slow
+
+WINDOW, N_WINDOWS, CHUNK = 1024, 2, 256  # 2,048 WikiText tokens, fed 256 at a time
+FAST_TOKENS, GREEDY_PROMPT, GREEDY_STEPS = 64, 32, 32
+
+
+@pytest.fixture(scope="module")
+def gemma_path():
+    return hub.pull("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def gemma_f32(gemma_path, tmp_path_factory):
+    return write_f32_gguf(gemma_path, tmp_path_factory.mktemp("gemma") / "gemma-3-270m.F32.gguf")
+
+
+@pytest.fixture(scope="module")
+def llama_f32(gemma_f32):
+    return llama_cpp.Llama(str(gemma_f32), logits_all=True, n_ctx=WINDOW, n_batch=WINDOW,
+                           n_threads=2, verbose=False,
+                           type_k=0, type_v=0)  # F32 KV cache: float math against float math
+
+
+@pytest.fixture(scope="module")
+def reference_tokenizer(gemma_path):
+    return llama_cpp.Llama(str(gemma_path), vocab_only=True, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def windows(reference_tokenizer, wikitext_bytes) -> list[list[int]]:
+    """WikiText-2 test text tokenized by llama.cpp, in windows of BOS + WINDOW - 1 tokens."""
+    ids = reference_tokenizer.tokenize(wikitext_bytes[:40_000], add_bos=False, special=False)
+    body = WINDOW - 1
+    assert len(ids) >= body * N_WINDOWS
+    bos = reference_tokenizer.token_bos()
+    return [[bos] + ids[w * body:(w + 1) * body] for w in range(N_WINDOWS)]
+
+
+@pytest.fixture(scope="module")
+def exact(gemma_path):
+    return load(gemma_path, mode="exact", device="cpu", ctx=WINDOW)
+
+
+def kl_top1_sums(base_logits: torch.Tensor, logits: torch.Tensor, rows: int = 64):
+    """(sum of KL(base || other), number of top-1 agreements) over positions, in float64 as
+    llama-perplexity's --kl-divergence computes them, a few rows at a time (the vocabulary
+    is 262,144 wide)."""
+    kld, agree = 0.0, 0
+    for s in range(0, base_logits.shape[0], rows):
+        base = base_logits[s:s + rows].double().log_softmax(-1)
+        other = logits[s:s + rows].double().log_softmax(-1)
+        kld += (base.exp() * (base - other)).sum(-1).sum().item()
+        agree += int((base.argmax(-1) == other.argmax(-1)).sum())
+    return kld, agree
+
+
+def chunked_logits(model, ids: list[int], chunk: int) -> torch.Tensor:
+    cache = model.new_cache(len(ids))
+    return torch.cat([model(torch.tensor([ids[s:s + chunk]]), cache)[0]
+                      for s in range(0, len(ids), chunk)])
+
+
+def test_tokenizer_matches_llama_cpp(exact, reference_tokenizer, wikitext_bytes):
+    text = wikitext_bytes[:20_000].decode("utf-8")
+    chat = exact.chat_prompt([{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "What is the capital of France?"}])
+    assert chat.startswith("<start_of_turn>user\nBe brief.\n\nWhat is")  # Gemma's own format
+    for sample in (text, chat):
+        assert exact.encode(sample) == reference_tokenizer.tokenize(
+            sample.encode(), add_bos=True, special=True)
+
+
+def test_exact_matches_llama_cpp(llama_f32, exact, windows):
+    llm = llama_f32
+    kld_sum, agree, per_window = 0.0, 0, []
+    for ids in windows:
+        llm.reset()
+        llm.eval(ids)
+        ref = torch.from_numpy(np.array(llm.scores[:WINDOW], dtype=np.float32))
+        ours = chunked_logits(exact.model, ids, CHUNK)
+        kld, top1 = kl_top1_sums(ref, ours)
+        per_window.append(kld / WINDOW)
+        kld_sum, agree = kld_sum + kld, agree + top1
+    n = WINDOW * N_WINDOWS
+    kld, top1 = kld_sum / n, agree / n
+    print(f"\nGemma 3 270M exact vs llama.cpp F32, {n} tokens: mean KLD {kld:.3g} "
+          f"(per window {', '.join(f'{k:.2g}' for k in per_window)}), top-1 {top1:.3%}")
+    assert top1 >= 0.995
+    assert kld <= 1e-4
+
+
+def test_fast_mode_close_to_exact(gemma_path, exact, windows):
+    """Fast mode's packed kernels (prompt chunks, then one token at a time) vs exact."""
+    fast = load(gemma_path, mode="fast", device="cpu", ctx=WINDOW).model
+    ids = windows[0][:FAST_TOKENS]
+    ours = chunked_logits(fast, ids, KERNEL_MAX_ROWS)
+    steps = chunked_logits(fast, ids, 1)  # the decode path: one token per call
+    base = chunked_logits(exact.model, ids, FAST_TOKENS)
+    kld, top1 = kl_top1_sums(base, ours)
+    kld_steps, top1_steps = kl_top1_sums(base, steps)
+    print(f"\nGemma 3 270M fast vs exact, {FAST_TOKENS} tokens: mean KLD {kld / FAST_TOKENS:.3g} "
+          f"(one token a step: {kld_steps / FAST_TOKENS:.3g}), top-1 {top1}/{FAST_TOKENS} "
+          f"({top1_steps}/{FAST_TOKENS})")
+    # the kernels multiply the packed weights with float32 activations: float rounding only
+    assert kld / FAST_TOKENS <= 1e-6 and kld_steps / FAST_TOKENS <= 1e-6
+    assert top1 == top1_steps == FAST_TOKENS
+
+
+def test_greedy_decoding_matches_llama_cpp(gemma_path, llama_f32, windows):
+    """32 greedy steps of fast mode (KV cache, one token at a time); then one llama.cpp
+    pass over prompt + continuation on the F32 file must pick each next token the same
+    way (its teacher-forced argmax at every step is what its greedy decoding takes)."""
+    prompt = windows[1][:GREEDY_PROMPT]
+    fast = load(gemma_path, mode="fast", device="cpu", ctx=256)
+    ours = fast.generate(prompt, max_tokens=GREEDY_STEPS, temperature=0).token_ids
+    assert len(ours) == GREEDY_STEPS
+    llama_f32.reset()
+    llama_f32.eval(prompt + ours)
+    scores = np.array(llama_f32.scores[GREEDY_PROMPT - 1:GREEDY_PROMPT - 1 + GREEDY_STEPS])
+    theirs = scores.argmax(-1).tolist()
+    print(f"\ngreedy: {sum(a == b for a, b in zip(ours, theirs))} of {GREEDY_STEPS} tokens as "
+          "llama.cpp (F32) picks them")
+    assert ours == theirs
