@@ -24,8 +24,16 @@ typedef struct {
     const int16_t *bsum;
 } QRow;
 
-/* sum_k W[k] * x[k] for one weight row of nb blocks. */
-typedef float (*dot_fn)(const uint8_t *row, QRow x, int64_t nb);
+/* out[r] = sum_k W[k] * x[r][k] for one weight row of nb blocks and n_x <= DOT_ROWS
+ * activation rows (several rows share each unpacked weight block: prompt processing). */
+enum { DOT_ROWS = 4 };
+typedef void (*dot_fn)(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out);
+
+/* A multi-row dot from a one-row one, for types without a dedicated multi-row kernel. */
+#define ROWS_FROM_ONE(NAME, ONE)                                                       \
+    static void NAME(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) { \
+        for (int r = 0; r < n_x; r++) out[r] = ONE(row, x[r], nb);                       \
+    }
 
 /* Bytes per block, values per block (0 for a type without a kernel). */
 int64_t qtype_block_bytes(int type);

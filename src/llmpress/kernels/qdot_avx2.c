@@ -45,34 +45,42 @@ static inline int weighted_bsums(const int16_t *bsum, __m256i weights16) {
 
 /* --- k-quants (activation blocks of 256) --- */
 
-static float dot_Q4_K_avx2(const uint8_t *row, QRow x, int64_t nb) {
+static void dot_Q4_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
     const __m256i low4 = _mm256_set1_epi8(15);
-    __m256 acc = _mm256_setzero_ps();
-    float mins_total = 0;
+    __m256 acc[DOT_ROWS];
+    float mins_total[DOT_ROWS];
+    for (int r = 0; r < n_x; r++) { acc[r] = _mm256_setzero_ps(); mins_total[r] = 0; }
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 144, *qs = blk + 16;
-        const int8_t *q = x.q + b * 256;
         int sc[8], mn[8];
         int16_t mins16[16];
         for (int j = 0; j < 8; j++) {
             k4_scale_min(blk + 4, j, sc + j, mn + j);
             mins16[2 * j] = mins16[2 * j + 1] = (int16_t)mn[j];
         }
-        __m256i sum = _mm256_setzero_si256();
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < n_x; r++) sum[r] = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
             const __m256i bytes = load(qs + 32 * p);
             const __m256i lo = _mm256_and_si256(bytes, low4);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-            sum = _mm256_add_epi32(sum, dot32(lo, q + 64 * p, sc[2 * p], sc[2 * p]));
-            sum = _mm256_add_epi32(sum, dot32(hi, q + 64 * p + 32, sc[2 * p + 1], sc[2 * p + 1]));
+            for (int r = 0; r < n_x; r++) {
+                const int8_t *q = x[r].q + b * 256 + 64 * p;
+                sum[r] = _mm256_add_epi32(sum[r], dot32(lo, q, sc[2 * p], sc[2 * p]));
+                sum[r] = _mm256_add_epi32(sum[r], dot32(hi, q + 32, sc[2 * p + 1], sc[2 * p + 1]));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
-        mins_total += half(blk + 2) * x.d[b] * (float)weighted_bsums(x.bsum + b * 16, load(mins16));
+        const float d = half(blk), dmin = half(blk + 2);
+        const __m256i mins = load(mins16);
+        for (int r = 0; r < n_x; r++) {
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[r].d[b]), _mm256_cvtepi32_ps(sum[r]), acc[r]);
+            mins_total[r] += dmin * x[r].d[b] * (float)weighted_bsums(x[r].bsum + b * 16, mins);
+        }
     }
-    return hsum(acc) - mins_total;
+    for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]) - mins_total[r];
 }
 
-static float dot_Q5_K_avx2(const uint8_t *row, QRow x, int64_t nb) {
+static float one_Q5_K(const uint8_t *row, QRow x, int64_t nb) {
     const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps();
     float mins_total = 0;
@@ -105,14 +113,15 @@ static float dot_Q5_K_avx2(const uint8_t *row, QRow x, int64_t nb) {
 }
 
 /* Q6_K: codes 0..63 = 4 low bits (ql) | 2 high bits (qh), value d * scale * (code - 32). */
-static float dot_Q6_K_avx2(const uint8_t *row, QRow x, int64_t nb) {
+static void dot_Q6_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
     const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < n_x; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 210;
-        const int8_t *sc = (const int8_t *)(blk + 192), *q = x.q + b * 256;
-        const __m256i scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
-        __m256i sum = _mm256_setzero_si256();
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < n_x; r++) sum[r] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const __m256i ql0 = load(blk + 64 * h), ql1 = load(blk + 64 * h + 32);
             const __m256i qh = load(blk + 128 + 32 * h);
@@ -123,20 +132,25 @@ static float dot_Q6_K_avx2(const uint8_t *row, QRow x, int64_t nb) {
                 const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), low2);
                 const __m256i codes = _mm256_or_si256(lows[k], _mm256_slli_epi16(high, 4));
                 const int g = 8 * h + 2 * k;
-                sum = _mm256_add_epi32(sum, dot32(codes, q + 128 * h + 32 * k, sc[g], sc[g + 1]));
+                for (int r = 0; r < n_x; r++)
+                    sum[r] = _mm256_add_epi32(sum[r], dot32(codes, x[r].q + b * 256 + 128 * h + 32 * k,
+                                                            sc[g], sc[g + 1]));
             }
         }
         /* minus 32 * scale * (sum of the 16 activation codes), per group */
-        const int offset = 32 * weighted_bsums(x.bsum + b * 16, scales16);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk + 208) * x.d[b]),
-                              _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0))),
-                              acc);
+        const __m256i scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        const float d = half(blk + 208);
+        for (int r = 0; r < n_x; r++) {
+            const int offset = 32 * weighted_bsums(x[r].bsum + b * 16, scales16);
+            const __m256i centered = _mm256_sub_epi32(sum[r], _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[r].d[b]), _mm256_cvtepi32_ps(centered), acc[r]);
+        }
     }
-    return hsum(acc);
+    for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]);
 }
 
 /* Q3_K: codes 0..7 = 2 low bits (qs) | 1 high bit (hmask), value d * scale * (code - 4). */
-static float dot_Q3_K_avx2(const uint8_t *row, QRow x, int64_t nb) {
+static float one_Q3_K(const uint8_t *row, QRow x, int64_t nb) {
     const __m256i low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -162,7 +176,7 @@ static float dot_Q3_K_avx2(const uint8_t *row, QRow x, int64_t nb) {
 }
 
 /* Q2_K: 2-bit codes, value d * (sc & 15) * code - dmin * (sc >> 4), per 16 values. */
-static float dot_Q2_K_avx2(const uint8_t *row, QRow x, int64_t nb) {
+static float one_Q2_K(const uint8_t *row, QRow x, int64_t nb) {
     const __m256i low2 = _mm256_set1_epi8(3);
     __m256 acc = _mm256_setzero_ps();
     float mins_total = 0;
@@ -217,14 +231,14 @@ static inline __m256 legacy_step(__m256 acc, __m256i codes, const int8_t *x, flo
         }                                                                                 \
         return hsum(acc) + offsets;                                                       \
     }
-LEGACY_DOT(dot_Q4_0_avx2, 18, nibbles(blk + 2), -8 * d)
-LEGACY_DOT(dot_Q4_1_avx2, 20, nibbles(blk + 4), half(blk + 2))
-LEGACY_DOT(dot_Q5_0_avx2, 22, _mm256_or_si256(nibbles(blk + 6), fifth_bits(blk + 2)), -16 * d)
-LEGACY_DOT(dot_Q5_1_avx2, 24, _mm256_or_si256(nibbles(blk + 8), fifth_bits(blk + 4)), half(blk + 2))
+LEGACY_DOT(one_Q4_0, 18, nibbles(blk + 2), -8 * d)
+LEGACY_DOT(one_Q4_1, 20, nibbles(blk + 4), half(blk + 2))
+LEGACY_DOT(one_Q5_0, 22, _mm256_or_si256(nibbles(blk + 6), fifth_bits(blk + 2)), -16 * d)
+LEGACY_DOT(one_Q5_1, 24, _mm256_or_si256(nibbles(blk + 8), fifth_bits(blk + 4)), half(blk + 2))
 
 /* Q8_0's codes are signed: |w| times x carrying w's sign keeps maddubs' first operand
  * unsigned. */
-static float dot_Q8_0_avx2(const uint8_t *row, QRow x, int64_t nb) {
+static float one_Q8_0(const uint8_t *row, QRow x, int64_t nb) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 34;
@@ -236,6 +250,11 @@ static float dot_Q8_0_avx2(const uint8_t *row, QRow x, int64_t nb) {
     }
     return hsum(acc);
 }
+
+ROWS_FROM_ONE(dot_Q4_0_avx2, one_Q4_0) ROWS_FROM_ONE(dot_Q4_1_avx2, one_Q4_1)
+ROWS_FROM_ONE(dot_Q5_0_avx2, one_Q5_0) ROWS_FROM_ONE(dot_Q5_1_avx2, one_Q5_1)
+ROWS_FROM_ONE(dot_Q8_0_avx2, one_Q8_0) ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K)
+ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K) ROWS_FROM_ONE(dot_Q5_K_avx2, one_Q5_K)
 
 const dot_fn avx2_dots[N_TYPES] = {
     [Q4_0] = dot_Q4_0_avx2, [Q4_1] = dot_Q4_1_avx2, [Q5_0] = dot_Q5_0_avx2,

@@ -154,8 +154,9 @@ static float dot_legacy_portable(int type, const uint8_t *row, QRow x, int64_t n
 }
 
 #define PORTABLE(T, KIND) \
-    static float dot_##T##_portable(const uint8_t *row, QRow x, int64_t nb) { \
-        return dot_##KIND##_portable(T, row, x, nb); }
+    static float one_##T(const uint8_t *row, QRow x, int64_t nb) { \
+        return dot_##KIND##_portable(T, row, x, nb); } \
+    ROWS_FROM_ONE(dot_##T##_portable, one_##T)
 PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5_1, legacy)
 PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
 PORTABLE(Q6_K, k)
