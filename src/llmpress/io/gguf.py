@@ -23,6 +23,7 @@ from llmpress.io.source import ModelSource, TensorRef
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 16  # arrays of arrays: no real file nests; a hostile one must not recurse deep
 
 # GGUF value type id -> (numpy dtype, struct format) for fixed-size scalars.
 SCALAR_TYPES = {
@@ -79,7 +80,7 @@ class _Cursor:
         self.pos = pos
         return out
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in SCALAR_TYPES:
             return self.scalar(SCALAR_TYPES[vtype][1], what)
         if vtype == STRING:
@@ -93,8 +94,10 @@ class _Cursor:
             if item_type == STRING:
                 return self.strings(self.count(f"{what} array length", 8), what)
             if item_type == ARRAY:
+                if depth >= MAX_NESTING:
+                    raise self.fail(f"{what} nests arrays more than {MAX_NESTING} deep")
                 n = self.count(f"{what} array length", 12)
-                return [self.value(ARRAY, what) for _ in range(n)]
+                return [self.value(ARRAY, what, depth + 1) for _ in range(n)]
             raise self.fail(f"unknown array item type {item_type} in {what}")
         raise self.fail(f"unknown value type {vtype} in {what}")
 
@@ -148,9 +151,10 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple], int, np.m
         except ValueError:
             raise LlmpressError(f"{path}: tensor {name} has unknown tensor type id {type_id}")
         infos.append((name, ggml_type, dims, offset))
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-    if alignment <= 0 or alignment & (alignment - 1):
-        raise LlmpressError(f"{path}: general.alignment {alignment} is not a power of two")
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
+            or alignment & (alignment - 1)):
+        raise LlmpressError(f"{path}: general.alignment {alignment!r} is not a power of two")
     data_start = -(-cur.pos // alignment) * alignment
     return metadata, infos, data_start, mapped
 

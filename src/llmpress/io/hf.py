@@ -98,8 +98,9 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
 
 
 def positive_number(value: Any, key: str, where: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise LlmpressError(f"{where}: config.json {key} must be a positive number, "
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            or not math.isfinite(value)):
+        raise LlmpressError(f"{where}: config.json {key} must be a finite positive number, "
                             f"not {value!r}")
     return float(value)
 
@@ -264,6 +265,10 @@ def _generic_name(gguf_name: str) -> tuple[str, int | None]:
 
 def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Path) -> None:
     """Every layer has the same tensors (the required ones at least); globals are there."""
+    if hp["num_hidden_layers"] * len(REQUIRED_BLOCK_TENSORS) > len(tensors):
+        raise LlmpressError(f"{where}: config.json num_hidden_layers is "
+                            f"{hp['num_hidden_layers']}, but the checkpoint holds only "
+                            f"{len(tensors)} tensors")
     per_layer: list[set[str]] = [set() for _ in range(hp["num_hidden_layers"])]
     for name in tensors:
         generic, block = _generic_name(name)
@@ -294,9 +299,6 @@ def load_hf_dir(path: str | Path) -> ModelSource:
     hp = hyperparameters(config, path)
     arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
     metadata = gguf_metadata(hp, arch, path.resolve().name, path)
-    # tokenizer.* keys as convert_hf_to_gguf writes them, so a converted file loads in
-    # llama.cpp (the runtime itself tokenizes with tokenizer.json: Tokenizer.from_hf_dir)
-    metadata |= tokenizer_metadata(path, arch, hp["vocab_size"])
     shapes = expected_shapes(hp)
     # convert_hf_to_gguf permutes q with the query head count and k with the KV head count.
     permute_heads = ({"attn_q": hp["num_attention_heads"], "attn_k": hp["num_key_value_heads"]}
@@ -335,6 +337,10 @@ def load_hf_dir(path: str | Path) -> ModelSource:
             n_bytes=math.prod(shape) * torch_dtype.itemsize,
             read_bytes=_tensor_reader(handles[file], hf_name, heads))
     check_complete(tensors, hp, path)
+    # tokenizer.* keys as convert_hf_to_gguf writes them, so a converted file loads in
+    # llama.cpp (the runtime itself tokenizes with tokenizer.json: Tokenizer.from_hf_dir).
+    # Only now: vocab_size sizes its lists, and the embedding's shape has vouched for it.
+    metadata |= tokenizer_metadata(path, arch, hp["vocab_size"])
 
     if hp["rope"]["rope_type"] == "llama3":
         factors = llama3_rope_factors(hp)  # (head_dim/2,) float32
