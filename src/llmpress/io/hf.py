@@ -10,7 +10,6 @@ when its read_bytes() is called. F32/F16/BF16 stay in their own type.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from gguf import GGMLQuantizationType
 from safetensors import SafetensorError, safe_open
 
 from llmpress.errors import LlmpressError
+from llmpress.io.files import read_json_file
 from llmpress.io.hf_vocab import tokenizer_metadata
 from llmpress.io.source import ModelSource, TensorRef
 from llmpress.models import names
@@ -51,10 +51,7 @@ def read_config(path: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise LlmpressError(f"{path}: no config.json; a Hugging Face model directory needs "
                             "config.json next to its *.safetensors files")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LlmpressError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json_file(config_path)
     if not isinstance(config, dict):
         raise LlmpressError(f"{config_path}: expected a JSON object")
     return config
@@ -186,9 +183,9 @@ def safetensors_files(path: Path) -> tuple[dict[str, Path], dict[Path, Any]]:
     index_path = path / "model.safetensors.index.json"
     if index_path.is_file():
         try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json_file(index_path)["weight_map"]
             located = {str(name): path / str(file) for name, file in weight_map.items()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise LlmpressError(f"{index_path}: not a valid safetensors index ({exc})") from None
         for file in set(located.values()):
             if not file.is_file():

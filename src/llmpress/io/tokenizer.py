@@ -25,7 +25,6 @@ emits text only once its bytes form complete characters.
 from __future__ import annotations
 
 import codecs
-import json
 import logging
 import re
 import threading
@@ -39,6 +38,7 @@ from tokenizers import Tokenizer as EngineTokenizer
 
 from llmpress.errors import LlmpressError
 from llmpress.io.chat_template import render_chat
+from llmpress.io.files import read_json_file, read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -551,16 +551,33 @@ def _byte_level_engine(metadata: dict, tokens: list[str], token_ids: dict[str, i
     return engine
 
 
+def _token_lengths(token_ids: dict[str, int]) -> tuple[frozenset[int], list[int]]:
+    """The distinct token lengths, as a set and sorted."""
+    present = frozenset(len(t) for t in token_ids)
+    return present, sorted(present)
+
+
+def _split_points(n: int, lengths: tuple[frozenset[int], list[int]]) -> Iterable[int]:
+    """Where a token of n characters can split into two tokens: both parts must have a
+    length some token has. Trying only those keeps a hostile 1 MB token from costing
+    n cuts of n characters each (quadratic); a real vocabulary's lengths are few."""
+    present, ordered = lengths
+    if n <= len(ordered):
+        return (cut for cut in range(1, n) if cut in present and n - cut in present)
+    return (cut for cut in ordered if cut < n and n - cut in present)
+
+
 def _sentencepiece_engine(tokens: list[str], token_ids: dict[str, int], scores: list[float],
                           types: list[int], unk_text: str | None,
                           add_space_prefix: bool) -> EngineTokenizer:
     """SentencePiece merging as BPE: merge (a, b) ranks by the score of the token a+b, so
     the engine merges pairs in the order llm_tokenizer_spm_session does."""
+    lengths = _token_lengths(token_ids)
     candidates = []
     for text, i in token_ids.items():
         if types[i] == TokenType.BYTE or len(text) < 2:
             continue
-        for cut in range(1, len(text)):
+        for cut in _split_points(len(text), lengths):
             left, right = text[:cut], text[cut:]
             if left in token_ids and right in token_ids:
                 candidates.append((-scores[i], i, left, right))
@@ -617,19 +634,16 @@ def _hf_piece_kind(engine: EngineTokenizer, tokenizer_file: Path) -> tuple[str, 
 def _hf_chat_template(path: Path, config: dict) -> str | None:
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the "default" one
-        template = next((t.get("template") for t in template if t.get("name") == "default"),
-                        None)
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
     jinja_file = path / "chat_template.jinja"
     if template is None and jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
+        template = read_text_file(jinja_file)
     return template
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise LlmpressError(f"{path}: not valid JSON ({e})") from None
+    data = read_json_file(path)
     return data if isinstance(data, dict) else {}
