@@ -108,6 +108,9 @@ class LanguageModel:
         self.device = device or default_device()
         self.model = LlamaModel(source, mode=mode, device=self.device)
         self.tokenizer = load_tokenizer(source)
+        if self.tokenizer.vocab_size > self.model.cfg.vocab_size:  # ids index the embedding
+            raise LlmpressError(f"{source.path}: the tokenizer has {self.tokenizer.vocab_size} "
+                                f"tokens but the embedding only {self.model.cfg.vocab_size} rows")
         self.context_length = ctx or min(DEFAULT_CONTEXT, self.model.cfg.context_length)
         if self.context_length < 2:
             raise LlmpressError("the context must hold at least 2 tokens")

@@ -5,12 +5,67 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from llmpress.errors import LlmpressError
+
+
+# --- temporary files beside their target -------------------------------------------------
+# A writer's temporary file is named ".<target name>.<writer pid>.<random><suffix>", so the
+# next write to the same target can tell the leftovers of dead writers (kill -9, power loss)
+# from files that a live writer is still filling, and remove only the former.
+LEGACY_LEFTOVER_SECONDS = 3600  # temp names without a pid (older llmpress): removed when stale
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def remove_dead_leftovers(path: Path, suffix: str) -> list[Path]:
+    """Remove the temporary files of dead writers of `path`; -> the files removed."""
+    removed = []
+    prefix = f".{path.name}."
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        candidates = [p for p in directory.iterdir()
+                      if p.name.startswith(prefix) and p.name.endswith(suffix)]
+    except OSError:
+        return removed
+    for leftover in candidates:
+        middle = leftover.name[len(prefix):-len(suffix)]
+        pid = middle.split(".", 1)[0]
+        try:
+            if pid.isdigit() and "." in middle:
+                dead = not _process_alive(int(pid))
+            else:
+                dead = time.time() - leftover.stat().st_mtime > LEGACY_LEFTOVER_SECONDS
+            if dead:
+                leftover.unlink()
+                removed.append(leftover)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
+def temp_file_beside(path: Path, suffix: str) -> tuple[int, Path]:
+    """(open fd, path) of a new temporary file in path's directory, after removing the
+    leftovers of dead writers of path."""
+    remove_dead_leftovers(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=suffix,
+                               dir=path.parent if str(path.parent) else Path("."))
+    return fd, Path(tmp)
 
 
 @contextmanager
@@ -21,7 +76,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise LlmpressError(f"cannot write {path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, tmp = temp_file_beside(path, ".tmp")
     os.close(fd)
     try:
         yield Path(tmp)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from gguf import GGUFValueType as V
 from typing_extensions import Self
 
 from llmpress.errors import LlmpressError
+from llmpress.io.files import temp_file_beside
 
 GGUF_VERSION = 3
 DEFAULT_ALIGNMENT = 32
@@ -234,9 +234,7 @@ class GGUFStreamWriter:
 
     def __enter__(self) -> Self:
         check_output_path(self.path, self.protect)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                   suffix=".partial")
-        self._tmp = Path(tmp)
+        fd, self._tmp = temp_file_beside(self.path, ".partial")
         self._file = os.fdopen(fd, "wb")
         try:
             self._file.write(self.layout.header)

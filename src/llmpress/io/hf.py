@@ -23,6 +23,7 @@ from llmpress.errors import LlmpressError
 from llmpress.io.files import read_json_file
 from llmpress.io.hf_vocab import tokenizer_metadata
 from llmpress.io.source import ModelSource, TensorRef
+from llmpress.io.tokenizer import engine_errors
 from llmpress.models import names
 
 # safetensors dtype -> (GGML type, torch dtype). Other dtypes (F64, int, FP8) are refused.
@@ -337,7 +338,8 @@ def load_hf_dir(path: str | Path) -> ModelSource:
     # tokenizer.* keys as convert_hf_to_gguf writes them, so a converted file loads in
     # llama.cpp (the runtime itself tokenizes with tokenizer.json: Tokenizer.from_hf_dir).
     # Only now: vocab_size sizes its lists, and the embedding's shape has vouched for it.
-    metadata |= tokenizer_metadata(path, arch, hp["vocab_size"])
+    with engine_errors(path):
+        metadata |= tokenizer_metadata(path, arch, hp["vocab_size"])
 
     if hp["rope"]["rope_type"] == "llama3":
         factors = llama3_rope_factors(hp)  # (head_dim/2,) float32

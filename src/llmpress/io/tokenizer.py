@@ -28,9 +28,10 @@ import codecs
 import logging
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from gguf import TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -43,6 +44,7 @@ from llmpress.io.files import read_json_file, read_text_file
 log = logging.getLogger(__name__)
 
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
+MAX_VOCABULARY = 1 << 24  # the largest real vocabularies hold ~10^6 tokens
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 # --- pre-tokenizer regexes, copied from llm_tokenizer_bpe (llama-vocab.cpp) ----------------
@@ -304,13 +306,20 @@ class Tokenizer:
         if not tokenizer_file.is_file():
             raise LlmpressError(f"{path}: no tokenizer.json (only fast-tokenizer directories "
                                 "are supported; convert tokenizer.model with transformers)")
-        try:
+        with engine_errors(tokenizer_file):
             engine = EngineTokenizer.from_file(str(tokenizer_file))
-        except Exception as e:  # the engine's errors are one-line strings
-            raise LlmpressError(f"{tokenizer_file}: cannot load ({e})") from None
+            return cls._from_hf_engine(path, tokenizer_file, engine)
+
+    @classmethod
+    def _from_hf_engine(cls, path: Path, tokenizer_file: Path,
+                        engine: EngineTokenizer) -> Tokenizer:
         config = _read_json(path / "tokenizer_config.json")
         token_ids = engine.get_vocab(with_added_tokens=True)
-        tokens = [f"[EMPTY_{i}]" for i in range(max(token_ids.values(), default=-1) + 1)]
+        n_ids = max(token_ids.values(), default=-1) + 1
+        if n_ids > MAX_VOCABULARY:  # ids index a list: refuse before allocating it
+            raise LlmpressError(f"{tokenizer_file}: token id {n_ids - 1} is beyond any real "
+                                f"vocabulary (at most {MAX_VOCABULARY:,} ids)")
+        tokens = [f"[EMPTY_{i}]" for i in range(n_ids)]
         for text, i in token_ids.items():
             tokens[i] = text
         special = {i for i, t in engine.get_added_tokens_decoder().items() if t.special}
@@ -457,6 +466,20 @@ class StreamDecoder:
 
 
 # ---- helpers --------------------------------------------------------------------------
+
+
+@contextmanager
+def engine_errors(where: Path | str) -> Iterator[None]:
+    """The tokenizers engine reports some malformed tokenizer.json files (a post-processor
+    naming a missing token) with a Rust panic, a BaseException: one clear line instead."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, LlmpressError):
+        raise
+    except BaseException as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise LlmpressError(f"{where}: the tokenizers library cannot use it "
+                            f"({type(exc).__name__}: {detail})") from None
 
 
 def _int_list(metadata: dict, key: str, n: int, default: int) -> list[int]:

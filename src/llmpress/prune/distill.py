@@ -16,7 +16,6 @@ then renamed) and resumes from it.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +25,7 @@ from torch import nn
 
 from llmpress.calib.runner import block_linears
 from llmpress.errors import LlmpressError
+from llmpress.io.files import replacing
 from llmpress.io.source import ModelSource
 from llmpress.models.llama import LlamaModel, rms_norm
 
@@ -160,9 +160,8 @@ def _same_fingerprint(a: dict, b: dict) -> bool:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:
