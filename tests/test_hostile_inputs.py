@@ -45,6 +45,8 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
     ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "rendered prompt exceeds"),
     ("{{ ('abc'|slice(10**9))|list }}", "took more than"),
     ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursion"),
+    ("{% if true %}" * 100 + "{% endif %}" * 100, "nests too deeply"),  # IndentationError
+    ("{% if true %}" * 5000 + "{% endif %}" * 5000, "nests too deeply"),  # RecursionError
     (7, "is a int, not text"),
     ({"default": "x"}, "is a dict, not text"),
 ])

@@ -52,6 +52,8 @@ def _skip_value(data: bytes, pos: int, vtype: int, key: str, fields: list[Field]
             return pos + n * struct.calcsize(SCALAR_FORMATS[item_type])
         for _ in range(n):
             pos = _skip_value(data, pos, item_type, key + "[]", [])
+            if pos > len(data):
+                raise ValueError(f"{key}: array runs past the end")
         return pos
     raise ValueError(f"unknown GGUF value type {vtype}")
 
@@ -65,6 +67,8 @@ def parse(data: bytes) -> Layout:
     kv_values, infos = {}, {}
     pos = 24
     for _ in range(n_kv):
+        if pos > len(data):
+            raise ValueError("metadata runs past the end")
         fields.append(Field("key-len", pos, "<Q"))
         n = struct.unpack_from("<Q", data, pos)[0]
         key = data[pos + 8:pos + 8 + n].decode("utf-8", "replace")
@@ -78,6 +82,8 @@ def parse(data: bytes) -> Layout:
         kv_values[key] = (vtype, pos, end)
         pos = end
     for _ in range(n_tensors):
+        if pos > len(data):
+            raise ValueError("tensor infos run past the end")
         start = pos
         n = struct.unpack_from("<Q", data, pos)[0]
         fields.append(Field("tensor-name-len", pos, "<Q"))

@@ -305,7 +305,8 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
     except jinja2.TemplateSyntaxError as e:
         raise LlmpressError(f"the model's chat template is not valid Jinja: {_one_line(e)}; "
                             "pass another template") from None
-    except RecursionError:
+    except (RecursionError, SyntaxError, MemoryError):  # Python's own limits on the code
+        # jinja generates: nesting depth, indentation levels
         raise LlmpressError("the model's chat template nests too deeply to compile; "
                             "pass another template") from None
     variables = {"tools": None, "documents": None, **extra}

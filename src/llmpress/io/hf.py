@@ -61,7 +61,7 @@ def read_config(path: Path) -> dict[str, Any]:
 def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
     """config.json with defaults filled in and types checked; keys stay HF's."""
     model_type = config.get("model_type")
-    if model_type not in names.HF_MODEL_TYPE_TO_ARCH:
+    if not isinstance(model_type, str) or model_type not in names.HF_MODEL_TYPE_TO_ARCH:
         supported = ", ".join(names.HF_MODEL_TYPE_TO_ARCH)
         raise LlmpressError(f"{where}: model_type {model_type!r} is not supported "
                             f"(supported: {supported})")

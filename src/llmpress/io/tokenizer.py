@@ -350,6 +350,15 @@ class Tokenizer:
                    add_bos=bool(add_bos), add_eos=bool(add_eos),
                    strip_leading_space=strip, chat_template=_hf_chat_template(path, config))
 
+    def pad_to(self, n_ids: int) -> None:
+        """Make every id below n_ids (the model's embedding rows) decodable: the ids beyond
+        the vocabulary decode to nothing, as convert_hf_to_gguf's [PAD{i}] tokens do."""
+        if n_ids > len(self._tokens):
+            extra = range(len(self._tokens), n_ids)
+            self._tokens = [*self._tokens, *(f"[PAD{i}]" for i in extra)]
+            self._unused_ids = self._unused_ids | frozenset(extra)
+            self._pieces = None
+
     # ---- encoding ---------------------------------------------------------------------
 
     @property
