@@ -169,7 +169,7 @@ def with_config(hf_dir, tmp_path, **changes):
 @pytest.mark.parametrize("changes, named", [
     ({"num_hidden_layers": 10**9}, "num_hidden_layers is 1000000000"),
     ({"vocab_size": 10**9}, "config.json implies [1000000000, 64]"),
-    ({"rms_norm_eps": 1e400}, "rms_norm_eps must be a finite positive number"),
+    ({"rms_norm_eps": 1e400}, "rms_norm_eps must be a positive number, not inf"),
     ({"max_position_embeddings": 2**40}, "context_length must be a positive integer"),
 ])
 def test_hostile_config_json(hf_dir, tmp_path, capsys, changes, named):

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
                    "17%% HF directories, 14%% chat templates (default: the CI set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
-    p.add_argument("--timeout", type=float, default=20.0, help="seconds per case")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per case")
     p.add_argument("--as-gib", type=float, default=4.0, help="address-space limit per worker")
     p.add_argument("--work", type=Path, default=None, help="seeds and case files (temp dir)")
     p.add_argument("--keep", type=Path, default=None, help="copy failing inputs here")

@@ -132,7 +132,7 @@ class Worker:
 
 
 def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs: int = 2,
-                 timeout: float = 20.0, as_bytes: int = 4 << 30, keep: Path | None = None,
+                 timeout: float = 60.0, as_bytes: int = 4 << 30, keep: Path | None = None,
                  progress=None) -> list[Result]:
     work.mkdir(parents=True, exist_ok=True)
     maker = Maker(seeds, work, seed)

@@ -98,7 +98,7 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
 def positive_number(value: Any, key: str, where: Path) -> float:
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
             or not math.isfinite(value)):
-        raise LlmpressError(f"{where}: config.json {key} must be a finite positive number, "
+        raise LlmpressError(f"{where}: config.json {key} must be a positive number, "
                             f"not {value!r}")
     return float(value)
 
