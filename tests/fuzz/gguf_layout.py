@@ -90,6 +90,8 @@ def parse(data: bytes) -> Layout:
         name = data[pos + 8:pos + 8 + n].decode("utf-8", "replace")
         pos += 8 + n
         n_dims = struct.unpack_from("<I", data, pos)[0]
+        if n_dims > 8:  # a mutated count: parsing on would build billions of fields
+            raise ValueError(f"tensor {name} has {n_dims} dimensions")
         fields.append(Field(f"tensor-ndims:{name}", pos, "<I"))
         pos += 4
         for i in range(n_dims):
