@@ -131,6 +131,29 @@ def test_tensor_shape_disagreeing_with_the_others(real_bytes, tmp_path, capsys):
     assert "blk.5.ffn_down.weight has shape [576, 1024]" in line and "ffn=1536" in line
 
 
+def test_half_of_a_bias_group(real_bytes, tmp_path, capsys):
+    """Found by the fuzzer: q has a bias, k does not (the runtime takes q/k/v biases as one)."""
+    data = g.replace_kv(real_bytes, "general.name", STRING, "x")  # any valid file will do
+    from llmpress.io.gguf import load_gguf
+    from llmpress.io.source import ModelSource
+    from llmpress.models.config import config_from_source
+    src = load_gguf(tmp_path.joinpath("m.gguf").write_bytes(data) and tmp_path / "m.gguf")
+    q = src.tensors["blk.0.attn_q.weight"]
+    bias = type(q)("blk.0.attn_q.bias", q.ggml_type, (576,), 0, q.read_bytes)
+    hostile = ModelSource(src.path, src.metadata, {**src.tensors, bias.name: bias},
+                          src.file_bytes)
+    from llmpress.errors import LlmpressError
+    with pytest.raises(LlmpressError, match="tensor blk.0.attn_k.bias is missing"):
+        config_from_source(hostile)
+
+
+def test_names_from_the_file_are_shown_printable():
+    """Found by the fuzzer: a mangled tensor name put raw bytes and newlines in the error."""
+    from llmpress.io.gguf import shown
+    assert shown("blk.1\n\x01.w") == "blk.1\\n\\x01.w"
+    assert len(shown("x" * 10_000)) < 130
+
+
 # --- the reader: nesting and alignment ----------------------------------------------------
 def test_deeply_nested_gguf_arrays(tmp_path, capsys):
     nested = struct.pack("<IQ", ARRAY, 1) * 100_000 + struct.pack("<IQ", U32, 0)
@@ -171,6 +194,7 @@ def with_config(hf_dir, tmp_path, **changes):
     ({"vocab_size": 10**9}, "config.json implies [1000000000, 64]"),
     ({"rms_norm_eps": 1e400}, "rms_norm_eps must be a positive number, not inf"),
     ({"max_position_embeddings": 2**40}, "context_length must be a positive integer"),
+    ({"num_attention_heads": "4"}, "num_attention_heads must be a positive integer"),  # fuzzer
 ])
 def test_hostile_config_json(hf_dir, tmp_path, capsys, changes, named):
     start = time.perf_counter()

@@ -70,13 +70,11 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
         raise LlmpressError(f"{where}: config.json lacks {', '.join(missing)}")
     hp = dict(names.HF_CONFIG_DEFAULTS[model_type])
     hp.update({k: v for k, v in config.items() if v is not None})
+    _check_positive_ints(hp, names.HF_REQUIRED_CONFIG_KEYS, where)  # before any arithmetic
     hp.setdefault("num_key_value_heads", hp["num_attention_heads"])
     hp.setdefault("head_dim", hp["hidden_size"] // hp["num_attention_heads"])
-    for key in (*names.HF_REQUIRED_CONFIG_KEYS, "num_key_value_heads", "head_dim",
-                "max_position_embeddings"):
-        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] <= 0:
-            raise LlmpressError(f"{where}: config.json {key} must be a positive integer, "
-                                f"not {hp[key]!r}")
+    _check_positive_ints(hp, ("num_key_value_heads", "head_dim", "max_position_embeddings"),
+                         where)
     if hp["num_attention_heads"] % hp["num_key_value_heads"]:
         raise LlmpressError(f"{where}: num_attention_heads {hp['num_attention_heads']} is not "
                             f"a multiple of num_key_value_heads {hp['num_key_value_heads']}")
@@ -93,6 +91,13 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
             rope[key] = positive_number(rope[key], f"rope_parameters.{key}", where)
     hp["rope"] = rope
     return hp
+
+
+def _check_positive_ints(hp: dict[str, Any], keys, where: Path) -> None:
+    for key in keys:
+        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] <= 0:
+            raise LlmpressError(f"{where}: config.json {key} must be a positive integer, "
+                                f"not {hp[key]!r}")
 
 
 def positive_number(value: Any, key: str, where: Path) -> float:

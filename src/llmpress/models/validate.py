@@ -156,6 +156,8 @@ class ArchSpec:
     block: tuple[TensorSpec, ...]
     # block tensors whose rows give the layer's widths: symbol -> (tensor, unit symbol)
     widths: tuple[tuple[str, str, str], ...]
+    # optional block tensors the runtime uses as a group: one present means all required
+    together: tuple[tuple[str, ...], ...] = ()
 
 
 LLAMA_FAMILY = ArchSpec(
@@ -184,6 +186,8 @@ LLAMA_FAMILY = ArchSpec(
     ),
     widths=(("q", "attn_q.weight", "head_dim"), ("kv", "attn_k.weight", "head_dim"),
             ("ffn", "ffn_up.weight", "one")),
+    together=(("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+              ("attn_q_norm.weight", "attn_k_norm.weight")),
 )
 ARCHITECTURES: dict[str, ArchSpec] = dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"),
                                                    LLAMA_FAMILY)
@@ -283,6 +287,9 @@ def check_tensors(src: ModelSource, spec: ArchSpec) -> None:
         elif t.required:
             raise LlmpressError(f"{src.path}: tensor {t.name} is missing")
     layer0_has = {t.name for t in spec.block if f"blk.0.{t.name}" in src.tensors}
+    for group in spec.together:
+        if layer0_has.intersection(group):
+            layer0_has.update(group)
     for i in range(_block_count(src, spec)):
         prefix = f"blk.{i}."
         symbols = _layer_symbols(src, spec, prefix, base)
