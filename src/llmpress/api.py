@@ -88,6 +88,10 @@ class LanguageModel:
         self.tokenizer = load_tokenizer(source)
         if chat_template is not None:  # the caller's template replaces the model's
             self.tokenizer.chat_template = chat_template
+        if self.tokenizer.vocab_size > self.model.cfg.vocab_size:  # ids index the embedding
+            raise LlmpressError(f"{source.path}: the tokenizer has {self.tokenizer.vocab_size} "
+                                f"tokens but the embedding only {self.model.cfg.vocab_size} rows")
+        self.tokenizer.pad_to(self.model.cfg.vocab_size)  # the model may pick any row
         self.context_length = ctx or min(DEFAULT_CONTEXT, self.model.cfg.context_length)
         if self.context_length < 2:
             raise LlmpressError("the context must hold at least 2 tokens")

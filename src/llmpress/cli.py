@@ -294,6 +294,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmpress", description="Compress, measure and run "
                                      "large language models locally.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an "
+                        "internal error (also LLMPRESS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pull", help="fetch a named model into the cache")
@@ -376,8 +378,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _crash_log(exc: BaseException) -> Path | None:
+    """The full traceback of an unexpected error, written where the one-line message
+    points; None when even that cannot be written."""
+    import traceback
+
+    from llmpress.hub import cache_dir
+    try:
+        path = cache_dir() / "logs" / "last-error.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+        return path
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("LLMPRESS_DEBUG"))
     try:
         args.func(args)
     except LlmpressError as exc:
@@ -387,11 +405,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as exc:  # a bug of ours: still one line, the traceback on request
-        if os.environ.get("LLMPRESS_DEBUG"):
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # a bug of ours, or a library's panic (the tokenizers
+        # library's Rust PanicException is a BaseException): one line, the log on request
+        if debug:
             raise
-        print(f"error: internal error ({type(exc).__name__}: {exc}); "
-              "set LLMPRESS_DEBUG=1 for the traceback", file=sys.stderr)
+        log = _crash_log(exc)
+        detail = " ".join(str(exc).split())[:300]
+        where = f"full log: {log}" if log else "the log could not be written"
+        print(f"error: internal error, please report ({type(exc).__name__}: {detail}); "
+              f"{where}; --debug prints the traceback", file=sys.stderr)
         return 2
     return 0
 

@@ -23,6 +23,7 @@ from llmpress.io.source import ModelSource, TensorRef
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 16  # arrays of arrays: no real file nests; a hostile one must not recurse deep
 
 # GGUF value type id -> (numpy dtype, struct format) for fixed-size scalars.
 SCALAR_TYPES = {
@@ -33,6 +34,13 @@ SCALAR_TYPES = {
 STRING, ARRAY = 8, 9
 
 
+def shown(text: str, limit: int = 120) -> str:
+    """A name read from the file as it may appear in a one-line message: control and other
+    unprintable characters escaped, long names cut."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return text + ("..." if len(text) >= limit else "")
+
+
 class _Cursor:
     """Bounds-checked reads over the file's bytes; every failure names the offset."""
 
@@ -40,7 +48,8 @@ class _Cursor:
         self.data, self.pos, self.path = data, 0, path
 
     def fail(self, what: str) -> LlmpressError:
-        return LlmpressError(f"{self.path}: not a valid GGUF file ({what} at byte {self.pos})")
+        return LlmpressError(f"{self.path}: not a valid GGUF file ({shown(what, 400)} at byte "
+                             f"{self.pos})")
 
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or self.pos + n > len(self.data):
@@ -79,7 +88,7 @@ class _Cursor:
         self.pos = pos
         return out
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in SCALAR_TYPES:
             return self.scalar(SCALAR_TYPES[vtype][1], what)
         if vtype == STRING:
@@ -93,8 +102,10 @@ class _Cursor:
             if item_type == STRING:
                 return self.strings(self.count(f"{what} array length", 8), what)
             if item_type == ARRAY:
+                if depth >= MAX_NESTING:
+                    raise self.fail(f"{what} nests arrays more than {MAX_NESTING} deep")
                 n = self.count(f"{what} array length", 12)
-                return [self.value(ARRAY, what) for _ in range(n)]
+                return [self.value(ARRAY, what, depth + 1) for _ in range(n)]
             raise self.fail(f"unknown array item type {item_type} in {what}")
         raise self.fail(f"unknown value type {vtype} in {what}")
 
@@ -102,7 +113,7 @@ class _Cursor:
 def tensor_nbytes(ggml_type: GGMLQuantizationType, dims: list[int], name: str) -> int:
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
     if dims[0] % block_size:
-        raise LlmpressError(f"tensor {name}: row length {dims[0]} is not a multiple of "
+        raise LlmpressError(f"tensor {shown(name)}: row length {dims[0]} is not a multiple of "
                             f"{ggml_type.name}'s block size {block_size}")
     n_values = int(np.prod(dims, dtype=object))
     return n_values // block_size * type_size
@@ -146,11 +157,13 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple], int, np.m
         try:
             ggml_type = GGMLQuantizationType(type_id)
         except ValueError:
-            raise LlmpressError(f"{path}: tensor {name} has unknown tensor type id {type_id}")
+            raise LlmpressError(f"{path}: tensor {shown(name)} has unknown tensor type id "
+                                f"{type_id}")
         infos.append((name, ggml_type, dims, offset))
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-    if alignment <= 0 or alignment & (alignment - 1):
-        raise LlmpressError(f"{path}: general.alignment {alignment} is not a power of two")
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
+            or alignment & (alignment - 1)):
+        raise LlmpressError(f"{path}: general.alignment {alignment!r} is not a power of two")
     data_start = -(-cur.pos // alignment) * alignment
     return metadata, infos, data_start, mapped
 
@@ -162,10 +175,10 @@ def load_gguf(path: Path) -> ModelSource:
     tensors: dict[str, TensorRef] = {}
     for name, ggml_type, dims, offset in infos:
         if any(d <= 0 or d > 1 << 40 for d in dims):
-            raise LlmpressError(f"{path}: tensor {name} has impossible dimensions {dims}")
+            raise LlmpressError(f"{path}: tensor {shown(name)} has impossible dimensions {dims}")
         n_bytes = tensor_nbytes(ggml_type, dims, name)
         if offset + n_bytes > data_size:
-            raise LlmpressError(f"{path}: tensor {name} runs past the end of the file "
+            raise LlmpressError(f"{path}: tensor {shown(name)} runs past the end of the file "
                                 "(truncated download?)")
         start = data_start + offset
         tensors[name] = TensorRef(

@@ -39,7 +39,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from llmpress.errors import LlmpressError
-from llmpress.io.files import replacing_directory
+from llmpress.io.files import read_json_file, replacing_directory
 from llmpress.io.source import ModelSource, TensorRef
 
 PACKABLE_BITS = (2, 4, 8)  # bits whose codes tile an int32 word exactly
@@ -139,11 +139,9 @@ def quantization_of(path: Path, config: dict[str, Any]) -> CheckpointQuantizatio
     where = f"{path / 'config.json'}: quantization_config"
     if qc is None and (path / "quantize_config.json").is_file():
         where = str(path / "quantize_config.json")
-        try:
-            qc = json.loads((path / "quantize_config.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LlmpressError(f"{where}: not valid JSON ({exc})") from None
-        qc.setdefault("quant_method", "gptq")
+        qc = read_json_file(path / "quantize_config.json")
+        if isinstance(qc, dict):
+            qc.setdefault("quant_method", "gptq")
     if qc is None:
         return None
     if not isinstance(qc, dict):

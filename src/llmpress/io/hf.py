@@ -10,7 +10,6 @@ when its read_bytes() is called. F32/F16/BF16 stay in their own type.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +20,10 @@ from gguf import GGMLQuantizationType
 from safetensors import SafetensorError, safe_open
 
 from llmpress.errors import LlmpressError
+from llmpress.io.files import read_json_file
 from llmpress.io.hf_vocab import tokenizer_metadata
 from llmpress.io.source import ModelSource, TensorRef
+from llmpress.io.tokenizer import engine_errors
 from llmpress.models import names
 
 # safetensors dtype -> (GGML type, torch dtype). Other dtypes (F64, int, FP8) are refused.
@@ -51,10 +52,7 @@ def read_config(path: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise LlmpressError(f"{path}: no config.json; a Hugging Face model directory needs "
                             "config.json next to its *.safetensors files")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LlmpressError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json_file(config_path)
     if not isinstance(config, dict):
         raise LlmpressError(f"{config_path}: expected a JSON object")
     return config
@@ -63,7 +61,7 @@ def read_config(path: Path) -> dict[str, Any]:
 def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
     """config.json with defaults filled in and types checked; keys stay HF's."""
     model_type = config.get("model_type")
-    if model_type not in names.HF_MODEL_TYPE_TO_ARCH:
+    if not isinstance(model_type, str) or model_type not in names.HF_MODEL_TYPE_TO_ARCH:
         supported = ", ".join(names.HF_MODEL_TYPE_TO_ARCH)
         raise LlmpressError(f"{where}: model_type {model_type!r} is not supported "
                             f"(supported: {supported})")
@@ -72,13 +70,11 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
         raise LlmpressError(f"{where}: config.json lacks {', '.join(missing)}")
     hp = dict(names.HF_CONFIG_DEFAULTS[model_type])
     hp.update({k: v for k, v in config.items() if v is not None})
+    _check_positive_ints(hp, names.HF_REQUIRED_CONFIG_KEYS, where)  # before any arithmetic
     hp.setdefault("num_key_value_heads", hp["num_attention_heads"])
     hp.setdefault("head_dim", hp["hidden_size"] // hp["num_attention_heads"])
-    for key in (*names.HF_REQUIRED_CONFIG_KEYS, "num_key_value_heads", "head_dim",
-                "max_position_embeddings"):
-        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] <= 0:
-            raise LlmpressError(f"{where}: config.json {key} must be a positive integer, "
-                                f"not {hp[key]!r}")
+    _check_positive_ints(hp, ("num_key_value_heads", "head_dim", "max_position_embeddings"),
+                         where)
     if hp["num_attention_heads"] % hp["num_key_value_heads"]:
         raise LlmpressError(f"{where}: num_attention_heads {hp['num_attention_heads']} is not "
                             f"a multiple of num_key_value_heads {hp['num_key_value_heads']}")
@@ -123,10 +119,16 @@ def gemma_hyperparameters(hp: dict[str, Any], where: Path) -> None:
                               or set(types) - {"sliding_attention", "full_attention"}):
         raise LlmpressError(f"{where}: config.json layer_types must list sliding_attention "
                             "or full_attention for each layer")
+def _check_positive_ints(hp: dict[str, Any], keys, where: Path) -> None:
+    for key in keys:
+        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] <= 0:
+            raise LlmpressError(f"{where}: config.json {key} must be a positive integer, "
+                                f"not {hp[key]!r}")
 
 
 def positive_number(value: Any, key: str, where: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            or not math.isfinite(value)):
         raise LlmpressError(f"{where}: config.json {key} must be a positive number, "
                             f"not {value!r}")
     return float(value)
@@ -222,9 +224,9 @@ def safetensors_files(path: Path) -> tuple[dict[str, Path], dict[Path, Any]]:
     index_path = path / "model.safetensors.index.json"
     if index_path.is_file():
         try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json_file(index_path)["weight_map"]
             located = {str(name): path / str(file) for name, file in weight_map.items()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise LlmpressError(f"{index_path}: not a valid safetensors index ({exc})") from None
         for file in set(located.values()):
             if not file.is_file():
@@ -305,6 +307,10 @@ def generic_name(gguf_name: str) -> tuple[str, int | None]:
 def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Path) -> None:
     """Every layer has the same tensors (the required ones at least); globals are there."""
     arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
+    if hp["num_hidden_layers"] * len(REQUIRED_BLOCK_TENSORS) > len(tensors):
+        raise LlmpressError(f"{where}: config.json num_hidden_layers is "
+                            f"{hp['num_hidden_layers']}, but the checkpoint holds only "
+                            f"{len(tensors)} tensors")
     per_layer: list[set[str]] = [set() for _ in range(hp["num_hidden_layers"])]
     for name in tensors:
         generic, block = generic_name(name)
@@ -337,9 +343,6 @@ def load_hf_dir(path: str | Path) -> ModelSource:
     hp = hyperparameters(config, path)
     arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
     metadata = gguf_metadata(hp, arch, path.resolve().name, path)
-    # tokenizer.* keys as convert_hf_to_gguf writes them, so a converted file loads in
-    # llama.cpp (the runtime itself tokenizes with tokenizer.json: Tokenizer.from_hf_dir)
-    metadata |= tokenizer_metadata(path, arch, hp["vocab_size"])
     shapes = expected_shapes(hp)
     # convert_hf_to_gguf permutes q with the query head count and k with the KV head count.
     permute_heads = ({"attn_q": hp["num_attention_heads"], "attn_k": hp["num_key_value_heads"]}
@@ -381,6 +384,11 @@ def load_hf_dir(path: str | Path) -> ModelSource:
             n_bytes=math.prod(shape) * torch_dtype.itemsize,
             read_bytes=tensor_reader(handles[file], hf_name, heads, plus_one))
     check_complete(tensors, hp, path)
+    # tokenizer.* keys as convert_hf_to_gguf writes them, so a converted file loads in
+    # llama.cpp (the runtime itself tokenizes with tokenizer.json: Tokenizer.from_hf_dir).
+    # Only now: vocab_size sizes its lists, and the embedding's shape has vouched for it.
+    with engine_errors(path):
+        metadata |= tokenizer_metadata(path, arch, hp["vocab_size"])
 
     if hp["rope"]["rope_type"] == "llama3":
         factors = llama3_rope_factors(hp)  # (head_dim/2,) float32

@@ -36,6 +36,7 @@ from gguf import Keys, TokenType
 from tokenizers import Tokenizer as EngineTokenizer
 
 from llmpress.errors import LlmpressError
+from llmpress.io.files import read_json_file, read_text_file
 from llmpress.io.tokenizer import PRE_TOKENIZERS
 
 log = logging.getLogger(__name__)
@@ -708,12 +709,12 @@ def _chat_template_files(path: Path) -> str | list | None:
     chat_template.json's chat_template."""
     jinja = path / "chat_template.jinja"
     if jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+        template = read_text_file(jinja)
         extra = sorted((path / "additional_chat_templates").glob("*.jinja"))
         if not extra:
             return template
         return [{"name": "default", "template": template},
-                *({"name": f.stem, "template": f.read_text(encoding="utf-8")} for f in extra)]
+                *({"name": f.stem, "template": read_text_file(f)} for f in extra)]
     data = _read_json(path / "chat_template.json")
     return data.get("chat_template") if data else None
 
@@ -748,10 +749,7 @@ def _read_json(file: Path) -> dict | None:
     """The parsed JSON object, or None when the file is not there."""
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LlmpressError(f"{file}: not valid JSON ({exc})") from None
+    data = read_json_file(file)
     if not isinstance(data, dict):
         raise LlmpressError(f"{file}: expected a JSON object")
     return data

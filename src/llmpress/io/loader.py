@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llmpress.errors import LlmpressError
 from llmpress.formats import FORMATS, supported_names
-from llmpress.io.gguf import load_gguf
+from llmpress.io.gguf import load_gguf, shown
 from llmpress.io.source import ModelSource
 from llmpress.io.tokenizer import Tokenizer
 
@@ -28,8 +28,8 @@ def load_source(model: str | os.PathLike | ModelSource) -> ModelSource:
         source = load_gguf(path)
     for ref in source.tensors.values():
         if ref.ggml_type not in FORMATS:
-            raise LlmpressError(f"{path}: tensor {ref.name} has type {ref.ggml_type.name}, which "
-                                f"llmpress cannot read (it reads {', '.join(supported_names())})")
+            raise LlmpressError(f"{path}: tensor {shown(ref.name)} has type "
+                                f"{ref.ggml_type.name}, which llmpress cannot read (it reads {', '.join(supported_names())})")
     return source
 
 

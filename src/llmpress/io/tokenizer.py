@@ -25,13 +25,13 @@ emits text only once its bytes form complete characters.
 from __future__ import annotations
 
 import codecs
-import json
 import logging
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from gguf import TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -39,10 +39,12 @@ from tokenizers import Tokenizer as EngineTokenizer
 
 from llmpress.errors import LlmpressError
 from llmpress.io.chat_template import BUILTIN_TEMPLATES, render_chat
+from llmpress.io.files import read_json_file, read_text_file
 
 log = logging.getLogger(__name__)
 
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
+MAX_VOCABULARY = 1 << 24  # the largest real vocabularies hold ~10^6 tokens
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 # --- pre-tokenizer regexes, copied from llm_tokenizer_bpe (llama-vocab.cpp) ----------------
@@ -305,13 +307,20 @@ class Tokenizer:
         if not tokenizer_file.is_file():
             raise LlmpressError(f"{path}: no tokenizer.json (only fast-tokenizer directories "
                                 "are supported; convert tokenizer.model with transformers)")
-        try:
+        with engine_errors(tokenizer_file):
             engine = EngineTokenizer.from_file(str(tokenizer_file))
-        except Exception as e:  # the engine's errors are one-line strings
-            raise LlmpressError(f"{tokenizer_file}: cannot load ({e})") from None
+            return cls._from_hf_engine(path, tokenizer_file, engine)
+
+    @classmethod
+    def _from_hf_engine(cls, path: Path, tokenizer_file: Path,
+                        engine: EngineTokenizer) -> Tokenizer:
         config = _read_json(path / "tokenizer_config.json")
         token_ids = engine.get_vocab(with_added_tokens=True)
-        tokens = [f"[EMPTY_{i}]" for i in range(max(token_ids.values(), default=-1) + 1)]
+        n_ids = max(token_ids.values(), default=-1) + 1
+        if n_ids > MAX_VOCABULARY:  # ids index a list: refuse before allocating it
+            raise LlmpressError(f"{tokenizer_file}: token id {n_ids - 1} is beyond any real "
+                                f"vocabulary (at most {MAX_VOCABULARY:,} ids)")
+        tokens = [f"[EMPTY_{i}]" for i in range(n_ids)]
         for text, i in token_ids.items():
             tokens[i] = text
         special = {i for i, t in engine.get_added_tokens_decoder().items() if t.special}
@@ -341,6 +350,15 @@ class Tokenizer:
                    bos_id=bos_id, eos_id=eos_id, eos_ids=end_ids,
                    add_bos=bool(add_bos), add_eos=bool(add_eos),
                    strip_leading_space=strip, chat_template=_hf_chat_template(path, config))
+
+    def pad_to(self, n_ids: int) -> None:
+        """Make every id below n_ids (the model's embedding rows) decodable: the ids beyond
+        the vocabulary decode to nothing, as convert_hf_to_gguf's [PAD{i}] tokens do."""
+        if n_ids > len(self._tokens):
+            extra = range(len(self._tokens), n_ids)
+            self._tokens = [*self._tokens, *(f"[PAD{i}]" for i in extra)]
+            self._unused_ids = self._unused_ids | frozenset(extra)
+            self._pieces = None
 
     # ---- encoding ---------------------------------------------------------------------
 
@@ -460,6 +478,20 @@ class StreamDecoder:
 # ---- helpers --------------------------------------------------------------------------
 
 
+@contextmanager
+def engine_errors(where: Path | str) -> Iterator[None]:
+    """The tokenizers engine reports some malformed tokenizer.json files (a post-processor
+    naming a missing token) with a Rust panic, a BaseException: one clear line instead."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, LlmpressError):
+        raise
+    except BaseException as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise LlmpressError(f"{where}: the tokenizers library cannot use it "
+                            f"({type(exc).__name__}: {detail})") from None
+
+
 def _int_list(metadata: dict, key: str, n: int, default: int) -> list[int]:
     values = metadata.get(key)
     if values is None:
@@ -552,16 +584,33 @@ def _byte_level_engine(metadata: dict, tokens: list[str], token_ids: dict[str, i
     return engine
 
 
+def _token_lengths(token_ids: dict[str, int]) -> tuple[frozenset[int], list[int]]:
+    """The distinct token lengths, as a set and sorted."""
+    present = frozenset(len(t) for t in token_ids)
+    return present, sorted(present)
+
+
+def _split_points(n: int, lengths: tuple[frozenset[int], list[int]]) -> Iterable[int]:
+    """Where a token of n characters can split into two tokens: both parts must have a
+    length some token has. Trying only those keeps a hostile 1 MB token from costing
+    n cuts of n characters each (quadratic); a real vocabulary's lengths are few."""
+    present, ordered = lengths
+    if n <= len(ordered):
+        return (cut for cut in range(1, n) if cut in present and n - cut in present)
+    return (cut for cut in ordered if cut < n and n - cut in present)
+
+
 def _sentencepiece_engine(tokens: list[str], token_ids: dict[str, int], scores: list[float],
                           types: list[int], unk_text: str | None,
                           add_space_prefix: bool) -> EngineTokenizer:
     """SentencePiece merging as BPE: merge (a, b) ranks by the score of the token a+b, so
     the engine merges pairs in the order llm_tokenizer_spm_session does."""
+    lengths = _token_lengths(token_ids)
     candidates = []
     for text, i in token_ids.items():
         if types[i] == TokenType.BYTE or len(text) < 2:
             continue
-        for cut in range(1, len(text)):
+        for cut in _split_points(len(text), lengths):
             left, right = text[:cut], text[cut:]
             if left in token_ids and right in token_ids:
                 candidates.append((-scores[i], i, left, right))
@@ -618,19 +667,16 @@ def _hf_piece_kind(engine: EngineTokenizer, tokenizer_file: Path) -> tuple[str, 
 def _hf_chat_template(path: Path, config: dict) -> str | None:
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the "default" one
-        template = next((t.get("template") for t in template if t.get("name") == "default"),
-                        None)
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
     jinja_file = path / "chat_template.jinja"
     if template is None and jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
+        template = read_text_file(jinja_file)
     return template
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise LlmpressError(f"{path}: not valid JSON ({e})") from None
+    data = read_json_file(path)
     return data if isinstance(data, dict) else {}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource
+from llmpress.models.validate import check_model
 
 # Architectures of the Llama family and how each applies RoPE. llama.cpp's "norm" style
 # rotates adjacent pairs (x[2i], x[2i+1]); "neox" rotates (x[i], x[i + d/2]).
@@ -68,6 +69,7 @@ def config_from_source(src: ModelSource,
     if arch not in architectures:  # e.g. a Llama-only calibration path given a Gemma file
         raise LlmpressError(f"{src.path}: architecture {arch!r} is not supported here "
                             f"(this path runs {', '.join(architectures)})")
+    check_model(src)  # every value used below is now of its type, in range and consistent
 
     def need(key: str):
         value = src.arch_key(key)

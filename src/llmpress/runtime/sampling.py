@@ -79,6 +79,18 @@ def filter_candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.
     return ids[keep], values[keep]
 
 
+def checked_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits with NaN and +inf refused: they come from corrupt weights (or an overflow)
+    and would make the draw raise deep in torch. -inf (a banned token) is fine as long as
+    some token remains possible."""
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise LlmpressError("the model produced NaN or infinite logits (corrupt or overflowing "
+                            "weights?); try --mode exact or another file")
+    if torch.isneginf(logits).all():
+        raise LlmpressError("the model's logits rule out every token")
+    return logits
+
+
 class Sampler:
     def __init__(self, cfg: SamplingConfig):
         self.cfg = cfg
@@ -96,6 +108,8 @@ class Sampler:
         logits = logits.float().cpu()
         if allowed is not None:  # first: penalties and filters then see only these
             logits = logits.masked_fill(~allowed, float("-inf"))
+        if not torch.isfinite(logits).all():
+            logits = checked_logits(logits)
         recent = history[-cfg.repeat_last_n:] if cfg.repeat_last_n else []
         logits = apply_repeat_penalty(logits, recent, cfg.repeat_penalty)
         if cfg.greedy:

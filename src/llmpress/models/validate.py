@@ -1,0 +1,328 @@
+"""The one check between reading a model and running it.
+
+A model file is untrusted input: its metadata drives loop bounds, buffer sizes and divisions
+in the kernels, and its tensors' shapes decide what those buffers hold. `check_model` holds
+every value the runtime will use against a type, a sane range and the tensors themselves, so
+what reaches the kernels, an allocation or the tokenizer is a self-consistent description;
+anything else is one LlmpressError naming the key or the tensor.
+
+Both tables below are data: an architecture is a list of tensors whose shapes are written in
+symbols (dim, vocab, the per-layer widths q/kv/ffn measured from the weights, ...), and each
+metadata key has one kind. Adding an architecture is adding a row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from llmpress.errors import LlmpressError
+from llmpress.io.source import ModelSource
+
+MAX_COUNT = 1 << 31  # any count or width field; the tensors then bound the real sizes
+
+
+# --- metadata kinds ------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a metadata value must be; `ok(value)` and a phrase for the error line."""
+    describe: str
+
+    def ok(self, v: Any) -> bool:  # overridden per kind
+        raise NotImplementedError
+
+
+class Count(Kind):
+    def ok(self, v):
+        return _is_int(v) and 1 <= v <= MAX_COUNT
+
+
+class PerLayerCount(Kind):  # GGUF allows one value per layer for head counts and FFN widths
+    def ok(self, v):
+        return (_is_int(v) and 0 <= v <= MAX_COUNT) or (
+            isinstance(v, list) and bool(v) and all(_is_int(x) and 0 <= x <= MAX_COUNT for x in v))
+
+
+class Positive(Kind):
+    def ok(self, v):
+        return _is_number(v) and v > 0
+
+
+class Text(Kind):
+    def ok(self, v):
+        return isinstance(v, str)
+
+
+class Flag(Kind):
+    def ok(self, v):
+        return isinstance(v, bool) or (_is_int(v) and v in (0, 1))
+
+
+class TokenId(Kind):
+    def ok(self, v):
+        return _is_int(v) and 0 <= v < MAX_COUNT
+
+
+# The list kinds test exact types (which also rules out bool, a subclass of int) with
+# set(map(type, ...)), in C: a vocabulary holds 10^5 entries and loading must stay fast.
+class TextList(Kind):
+    def ok(self, v):
+        return isinstance(v, list) and set(map(type, v)) <= {str}
+
+
+class IntList(Kind):
+    def ok(self, v):
+        return isinstance(v, list) and set(map(type, v)) <= {int}
+
+
+class ScoreList(Kind):  # -inf is a legal score; NaN would make merge order undefined
+    def ok(self, v):
+        return (isinstance(v, list) and set(map(type, v)) <= {int, float}
+                and not any(map(math.isnan, v)))
+
+
+COUNT, PER_LAYER = Count("a positive integer"), PerLayerCount("an integer or one per layer")
+POSITIVE, TEXT, FLAG = Positive("a finite positive number"), Text("a string"), Flag("a boolean")
+TOKEN_ID = TokenId("a token id (an integer >= 0)")
+
+# "<arch>." + key -> kind, for every key the runtime reads from the architecture's namespace.
+ARCH_KEYS: dict[str, Kind] = {
+    "embedding_length": COUNT, "block_count": COUNT, "context_length": COUNT,
+    "vocab_size": COUNT, "feed_forward_length": PER_LAYER,
+    "attention.head_count": PER_LAYER, "attention.head_count_kv": PER_LAYER,
+    "attention.key_length": COUNT, "attention.value_length": COUNT,
+    "attention.layer_norm_rms_epsilon": POSITIVE,
+    "rope.dimension_count": COUNT, "rope.freq_base": POSITIVE,
+    "rope.scaling.type": TEXT, "rope.scaling.factor": POSITIVE,
+    # Gemma 2/3 (models/gemma.py)
+    "attention.sliding_window": COUNT, "rope.freq_base_swa": POSITIVE,
+    "attn_logit_softcapping": POSITIVE, "final_logit_softcapping": POSITIVE,
+}
+REQUIRED_ARCH_KEYS = ("embedding_length", "block_count", "attention.head_count",
+                      "attention.layer_norm_rms_epsilon")
+
+OTHER_KEYS: dict[str, Kind] = {
+    "general.architecture": TEXT, "general.alignment": COUNT,
+    "tokenizer.ggml.model": TEXT, "tokenizer.ggml.pre": TEXT,
+    "tokenizer.ggml.tokens": TextList("a list of strings"),
+    "tokenizer.ggml.merges": TextList("a list of strings"),
+    "tokenizer.ggml.scores": ScoreList("a list of numbers"),
+    "tokenizer.ggml.token_type": IntList("a list of integers"),
+    "tokenizer.ggml.add_bos_token": FLAG, "tokenizer.ggml.add_eos_token": FLAG,
+    "tokenizer.ggml.add_space_prefix": FLAG,
+    "tokenizer.chat_template": TEXT,
+    **{f"tokenizer.ggml.{name}_token_id": TOKEN_ID for name in (
+        "bos", "eos", "unknown", "padding", "separator", "eot", "eom",
+        "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep")},
+}
+
+
+def check_metadata(src: ModelSource) -> None:
+    """Every known key present has its kind; the required architecture keys are there."""
+    arch = src.architecture
+    for key in REQUIRED_ARCH_KEYS:
+        if src.arch_key(key) is None:
+            raise LlmpressError(f"{src.path}: metadata key {arch}.{key} is missing")
+    wanted = {f"{arch}.{k}": kind for k, kind in ARCH_KEYS.items()} | OTHER_KEYS
+    for key, kind in wanted.items():
+        value = src.metadata.get(key)
+        if value is not None and not kind.ok(value):
+            raise LlmpressError(f"{src.path}: metadata key {key} must be {kind.describe}, "
+                                f"not {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- tensors -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # GGUF name; block tensors without their "blk.N." prefix
+    shape: tuple[str, ...]  # torch order, in the symbols of `_symbols`/`_layer_symbols`
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    globals: tuple[TensorSpec, ...]
+    block: tuple[TensorSpec, ...]
+    # block tensors whose rows give the layer's widths: symbol -> (tensor, unit symbol)
+    widths: tuple[tuple[str, str, str], ...]
+    # optional block tensors the runtime uses as a group: one present means all required
+    together: tuple[tuple[str, ...], ...] = ()
+
+
+LLAMA_FAMILY = ArchSpec(
+    globals=(
+        TensorSpec("token_embd.weight", ("vocab", "dim")),
+        TensorSpec("output_norm.weight", ("dim",)),
+        TensorSpec("output.weight", ("vocab", "dim"), required=False),
+        TensorSpec("rope_freqs.weight", ("rope_half",), required=False),
+    ),
+    block=(
+        TensorSpec("attn_norm.weight", ("dim",)),
+        TensorSpec("attn_q.weight", ("q", "dim")),
+        TensorSpec("attn_k.weight", ("kv", "dim")),
+        TensorSpec("attn_v.weight", ("kv", "dim")),
+        TensorSpec("attn_output.weight", ("dim", "q")),
+        TensorSpec("ffn_norm.weight", ("dim",)),
+        TensorSpec("ffn_gate.weight", ("ffn", "dim")),
+        TensorSpec("ffn_up.weight", ("ffn", "dim")),
+        TensorSpec("ffn_down.weight", ("dim", "ffn")),
+        # optional: when layer 0 has one, every layer must (the runtime decides by layer 0)
+        TensorSpec("attn_q.bias", ("q",), required=False),
+        TensorSpec("attn_k.bias", ("kv",), required=False),
+        TensorSpec("attn_v.bias", ("kv",), required=False),
+        TensorSpec("attn_q_norm.weight", ("head_dim",), required=False),
+        TensorSpec("attn_k_norm.weight", ("head_dim",), required=False),
+    ),
+    widths=(("q", "attn_q.weight", "head_dim"), ("kv", "attn_k.weight", "head_dim"),
+            ("ffn", "ffn_up.weight", "one")),
+    together=(("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+              ("attn_q_norm.weight", "attn_k_norm.weight")),
+)
+# Gemma 2/3: a norm after attention and after the FFN too; q/k norms in Gemma 3 only.
+GEMMA_FAMILY = ArchSpec(
+    globals=LLAMA_FAMILY.globals[:3],
+    block=(
+        *(t for t in LLAMA_FAMILY.block if not t.name.endswith(".bias")),
+        TensorSpec("post_attention_norm.weight", ("dim",)),
+        TensorSpec("post_ffw_norm.weight", ("dim",)),
+    ),
+    widths=LLAMA_FAMILY.widths,
+    together=(("attn_q_norm.weight", "attn_k_norm.weight"),),
+)
+ARCHITECTURES: dict[str, ArchSpec] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), LLAMA_FAMILY),
+    **dict.fromkeys(("gemma2", "gemma3"), GEMMA_FAMILY),
+}
+
+
+def _first(value: Any) -> int:
+    return value[0] if isinstance(value, list) else value
+
+
+def _symbols(src: ModelSource) -> dict[str, int]:
+    """The whole-model sizes, each checked against the one tensor that shows it."""
+    where = src.path
+    embd = src.tensors.get("token_embd.weight")
+    if embd is None:
+        raise LlmpressError(f"{where}: tensor token_embd.weight is missing")
+    if len(embd.shape) != 2:
+        raise LlmpressError(f"{where}: tensor token_embd.weight has shape {list(embd.shape)}, "
+                            "expected [vocab, embedding_length]")
+    vocab, width = embd.shape
+    if vocab < 1:
+        raise LlmpressError(f"{where}: tensor token_embd.weight has no rows")
+    arch = src.architecture
+    dim = src.arch_key("embedding_length")
+    if dim != width:
+        raise LlmpressError(f"{where}: metadata key {arch}.embedding_length is {dim}, but "
+                            f"tensor token_embd.weight is {width} wide")
+    heads = _first(src.arch_key("attention.head_count"))
+    if heads < 1:
+        raise LlmpressError(f"{where}: metadata key {arch}.attention.head_count is {heads}; "
+                            "a model needs at least one attention head")
+    head_dim = src.arch_key("attention.key_length") or dim // heads
+    if head_dim < 1:
+        raise LlmpressError(f"{where}: metadata key {arch}.attention.head_count {heads} is "
+                            f"larger than embedding_length {dim}")
+    value_dim = src.arch_key("attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise LlmpressError(f"{where}: metadata key {arch}.attention.value_length {value_dim} "
+                            f"differs from key_length {head_dim}, which llmpress cannot run")
+    rope_dim = src.arch_key("rope.dimension_count") or head_dim
+    if rope_dim % 2 or rope_dim > head_dim:
+        raise LlmpressError(f"{where}: metadata key {arch}.rope.dimension_count {rope_dim} must "
+                            f"be even and at most the head size {head_dim}")
+    n_tokens = len(src.metadata.get("tokenizer.ggml.tokens") or ())
+    if n_tokens > vocab:
+        raise LlmpressError(f"{where}: the vocabulary has {n_tokens} tokens but tensor "
+                            f"token_embd.weight has only {vocab} rows")
+    return {"dim": dim, "vocab": vocab, "head_dim": head_dim, "rope_half": rope_dim // 2,
+            "one": 1}
+
+
+def _block_count(src: ModelSource, spec: ArchSpec) -> int:
+    """block_count, refused before anything loops over it when the tensors cannot hold it."""
+    n = src.arch_key("block_count")
+    required = sum(t.required for t in spec.block)
+    if n * required > len(src.tensors):
+        raise LlmpressError(f"{src.path}: metadata key {src.architecture}.block_count is {n}, "
+                            f"but the file has only {len(src.tensors)} tensors")
+    return n
+
+
+def _layer_symbols(src: ModelSource, spec: ArchSpec, prefix: str, base: dict[str, int]
+                   ) -> dict[str, int]:
+    """Per-layer widths from the rows of this layer's weights (pruned layers differ)."""
+    symbols = dict(base)
+    for symbol, tensor, unit in spec.widths:
+        ref = src.tensors.get(prefix + tensor)
+        if ref is None:
+            raise LlmpressError(f"{src.path}: tensor {prefix + tensor} is missing")
+        rows, size = ref.shape[0], base[unit]
+        if rows < 1 or rows % size:
+            raise LlmpressError(f"{src.path}: tensor {prefix + tensor} has {rows} rows, not a "
+                                f"multiple of the head size {size}")
+        symbols[symbol] = rows
+    heads, kv_heads = symbols["q"] // base["head_dim"], symbols["kv"] // base["head_dim"]
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise LlmpressError(f"{src.path}: layer {prefix[4:-1]} has {heads} query heads and "
+                            f"{kv_heads} key/value heads; needs at least one of each, and "
+                            "a whole number of query heads per key/value head")
+    return symbols
+
+
+def _check_shape(src: ModelSource, name: str, spec: TensorSpec, symbols: dict[str, int]
+                 ) -> None:
+    want = tuple(symbols[s] for s in spec.shape)
+    have = src.tensors[name].shape
+    if tuple(have) != want:
+        described = ", ".join(f"{s}={symbols[s]}" for s in spec.shape)
+        raise LlmpressError(f"{src.path}: tensor {name} has shape {list(have)}, but the model "
+                            f"implies {list(want)} ({described})")
+
+
+def check_tensors(src: ModelSource, spec: ArchSpec) -> None:
+    base = _symbols(src)
+    for t in spec.globals:
+        if t.name in src.tensors:
+            _check_shape(src, t.name, t, base)
+        elif t.required:
+            raise LlmpressError(f"{src.path}: tensor {t.name} is missing")
+    layer0_has = {t.name for t in spec.block if f"blk.0.{t.name}" in src.tensors}
+    for group in spec.together:
+        if layer0_has.intersection(group):
+            layer0_has.update(group)
+    for i in range(_block_count(src, spec)):
+        prefix = f"blk.{i}."
+        symbols = _layer_symbols(src, spec, prefix, base)
+        for t in spec.block:
+            name = prefix + t.name
+            if name in src.tensors:
+                _check_shape(src, name, t, symbols)
+            elif t.required or t.name in layer0_has:
+                raise LlmpressError(f"{src.path}: tensor {name} is missing")
+
+
+# --- the pass ------------------------------------------------------------------------------
+def check_model(src: ModelSource) -> None:
+    """Raise one LlmpressError unless src is a model the runtime can run safely."""
+    spec = ARCHITECTURES.get(src.architecture)
+    if spec is None:
+        raise LlmpressError(f"{src.path}: architecture {src.architecture!r} is not supported "
+                            f"(supported: {', '.join(ARCHITECTURES)})")
+    check_metadata(src)
+    check_tensors(src, spec)

@@ -1,0 +1,200 @@
+"""The fuzzing campaign: makes each case from a seed, runs it in a reusable sandboxed
+worker process (tests/fuzz/worker.py) with a timeout, and tallies the outcomes.
+
+Outcomes: ran, error (a clean LlmpressError), exception (any other Python exception),
+memory (MemoryError under the address-space limit), crash:<signal> (the worker died
+natively), hang (no answer within the timeout). Only the first two are acceptable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import gguf_layout as g
+from .mutate import hostile_template, mutate_gguf, mutate_hf_dir
+from .seeds import Seeds
+
+REPO = Path(__file__).resolve().parents[2]
+ACCEPTABLE = ("ran", "error")
+REAL_MODEL_SHARE = 0.1  # GGUF cases mutating the real default model (slower: ~100 MB each)
+
+
+@dataclass
+class Result:
+    case: int
+    kind: str
+    seed: str
+    outcome: str
+    detail: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def plan(n_gguf: int, n_hf: int, n_templates: int) -> list[str]:
+    kinds = ["gguf"] * n_gguf + ["hf"] * n_hf + ["template"] * n_templates
+    random.Random(0).shuffle(kinds)  # mix slow and fast cases over the workers
+    return kinds
+
+
+class Maker:
+    """Builds case i's input on disk (or as text): the same every run for the same seed."""
+
+    def __init__(self, seeds: Seeds, work: Path, seed: int):
+        self.seeds, self.work, self.seed = seeds, work, seed
+        self.tiny = [(p.name, p.read_bytes()) for p in seeds.tiny_ggufs]
+        self.tiny_layouts = [g.parse(data) for _, data in self.tiny]
+        self._real: tuple[bytes, g.Layout] | None = None
+        self._lock = threading.Lock()
+
+    def real(self) -> tuple[bytes, g.Layout]:
+        with self._lock:
+            if self._real is None:
+                data = self.seeds.real_gguf.read_bytes()
+                self._real = (data, g.parse(data[:1 << 24]))
+            return self._real
+
+    def make(self, i: int, kind: str) -> tuple[dict, str, Path | None]:
+        rng = random.Random(f"{self.seed}:{i}")
+        if kind == "template":
+            return {"kind": "template", "template": hostile_template(rng)}, "template", None
+        if kind == "hf":
+            seed_dir = rng.choice(self.seeds.hf_dirs)
+            target = self.work / f"case-{i}"
+            mutate_hf_dir(seed_dir, target, rng, hostile_template)
+            return {"kind": "hf", "path": str(target)}, seed_dir.name, target
+        if self.seeds.real_gguf is not None and rng.random() < REAL_MODEL_SHARE:
+            (data, layout), name = self.real(), self.seeds.real_gguf.name
+        else:
+            k = rng.randrange(len(self.tiny))
+            (name, data), layout = self.tiny[k], self.tiny_layouts[k]
+        target = self.work / f"case-{i}.gguf"
+        target.write_bytes(mutate_gguf(data, layout, rng, hostile_template))
+        return {"kind": "gguf", "path": str(target)}, name, target
+
+
+class Worker:
+    """One sandboxed process, reused case after case until it dies or hangs."""
+
+    def __init__(self, as_bytes: int):
+        env = dict(os.environ, LLMPRESS_FUZZ_AS_BYTES=str(as_bytes), OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO),
+                                               os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz.worker"], cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, env=env, text=True)
+        ready = self._answer(120)
+        if ready != {"ready": True}:
+            raise RuntimeError(f"fuzz worker did not start: {ready}")
+
+    def _answer(self, timeout: float) -> dict | None:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else {}
+
+    def run(self, case: dict, timeout: float) -> tuple[str, dict]:
+        try:
+            self.proc.stdin.write(json.dumps(case) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        answer = self._answer(timeout)
+        if answer is None:
+            self.kill()
+            return "hang", {}
+        if not answer:  # EOF: the process died
+            status = self.proc.wait()
+            name = signal.Signals(-status).name if status < 0 else f"exit {status}"
+            return f"crash:{name}", {}
+        return answer.pop("outcome"), answer
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs: int = 2,
+                 timeout: float = 60.0, as_bytes: int = 4 << 30, keep: Path | None = None,
+                 progress=None) -> list[Result]:
+    work.mkdir(parents=True, exist_ok=True)
+    maker = Maker(seeds, work, seed)
+    todo: queue.Queue = queue.Queue()
+    for i, kind in enumerate(kinds):
+        todo.put((i, kind))
+    results: list[Result] = []
+    lock = threading.Lock()
+
+    def loop() -> None:
+        worker = Worker(as_bytes)
+        try:
+            while True:
+                try:
+                    i, kind = todo.get_nowait()
+                except queue.Empty:
+                    return
+                case, seed_name, path = maker.make(i, kind)
+                start = time.perf_counter()
+                outcome, detail = worker.run(case, timeout)
+                result = Result(i, kind, seed_name, outcome, detail, time.perf_counter() - start)
+                if outcome not in ACCEPTABLE and keep is not None and path is not None:
+                    keep.mkdir(parents=True, exist_ok=True)
+                    (shutil.copytree if path.is_dir() else shutil.copy)(path, keep / path.name)
+                if outcome not in ACCEPTABLE and kind == "template" and keep is not None:
+                    keep.mkdir(parents=True, exist_ok=True)
+                    (keep / f"case-{i}.jinja").write_text(case["template"][:1_000_000])
+                if path is not None:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                with lock:
+                    results.append(result)
+                    if progress:
+                        progress(result, len(results), len(kinds))
+                if not worker.alive:
+                    worker = Worker(as_bytes)
+        finally:
+            worker.kill()
+
+    threads = [threading.Thread(target=loop) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(results, key=lambda r: r.case)
+
+
+def table(results: list[Result]) -> str:
+    """Outcomes per kind of input, as a Markdown table."""
+    kinds = sorted({r.kind for r in results})
+    outcomes = sorted({r.outcome for r in results},
+                      key=lambda o: (o not in ACCEPTABLE, ACCEPTABLE.index(o)
+                                     if o in ACCEPTABLE else 0, o))
+    counts = Counter((r.kind, r.outcome) for r in results)
+    lines = ["| outcome | " + " | ".join(kinds) + " |",
+             "|---|" + "---:|" * len(kinds)]
+    for o in outcomes:
+        lines.append(f"| {o} | " + " | ".join(str(counts[k, o]) for k in kinds) + " |")
+    lines.append("| total | " + " | ".join(str(sum(r.kind == k for r in results))
+                                           for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def failures(results: list[Result]) -> list[Result]:
+    return [r for r in results if r.outcome not in ACCEPTABLE or (
+        r.outcome == "error" and not r.detail.get("one_line", True))]

@@ -1,0 +1,69 @@
+"""The sandboxed side of the fuzzer: a process that runs one case after another, each
+read as a JSON line on stdin, and answers one JSON line per case on stdout.
+
+It runs under an address-space limit (RLIMIT_AS), so a size field that drives a giant
+allocation shows as MemoryError instead of swapping the machine. A native crash or a hang
+kills only this process: the runner sees the signal or the timeout and starts another.
+Run as `python -m tests.fuzz.worker`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+
+
+def run_case(case: dict) -> None:
+    """What a user does with the input: load the model, render its chat template, ask for
+    two tokens; a template alone is rendered."""
+    if case["kind"] == "template":
+        from llmpress.io.chat_template import render_chat
+        render_chat(case["template"], MESSAGES)
+        return
+    import llmpress
+    lm = llmpress.load(case["path"], ctx=64, device="cpu")
+    prompt = lm.chat_prompt(MESSAGES)
+    lm.generate(prompt, max_tokens=2, temperature=0)
+    lm.generate("Hello", max_tokens=2, temperature=0.8, seed=1)
+
+
+def classify(case: dict) -> dict:
+    from llmpress.errors import LlmpressError
+    try:
+        run_case(case)
+        return {"outcome": "ran"}
+    except LlmpressError as exc:
+        message = str(exc)
+        return {"outcome": "error", "message": message[:300],
+                "one_line": "\n" not in message and bool(message)}
+    except MemoryError:
+        return {"outcome": "memory"}
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # what the CLI would call an internal error
+        import traceback
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return {"outcome": "exception", "type": type(exc).__name__,
+                "message": str(exc)[:300], "where": f"{where.filename}:{where.lineno}"}
+
+
+def main() -> None:
+    limit = int(os.environ.get("LLMPRESS_FUZZ_AS_BYTES", 4 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import torch
+    torch.set_num_threads(1)
+    import llmpress.api  # noqa: F401 (imported once, before the first case's clock starts)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # whatever a case prints must not mix with the answers
+    print(json.dumps({"ready": True}), file=out, flush=True)
+    for line in sys.stdin:
+        result = classify(json.loads(line))
+        print(json.dumps(result), file=out, flush=True)
+
+
+if __name__ == "__main__":
+    main()
