@@ -110,15 +110,13 @@ def gemma_hyperparameters(hp: dict[str, Any], where: Path) -> None:
     if hp.get("rope_local_base_freq") is not None:
         hp["rope_local_base_freq"] = positive_number(hp["rope_local_base_freq"],
                                                      "rope_local_base_freq", where)
-    if hp["query_pre_attn_scalar"] != hp["head_dim"]:
-        raise LlmpressError(f"{where}: query_pre_attn_scalar {hp['query_pre_attn_scalar']} "
-                            f"differs from head_dim {hp['head_dim']}, which a GGUF file cannot "
-                            "express")
     types = hp.get("layer_types")
     if types is not None and (not isinstance(types, list) or len(types) != hp["num_hidden_layers"]
                               or set(types) - {"sliding_attention", "full_attention"}):
         raise LlmpressError(f"{where}: config.json layer_types must list sliding_attention "
                             "or full_attention for each layer")
+
+
 def _check_positive_ints(hp: dict[str, Any], keys, where: Path) -> None:
     for key in keys:
         if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] <= 0:
@@ -342,6 +340,11 @@ def load_hf_dir(path: str | Path) -> ModelSource:
                             "compressed-tensors); float weights are needed here")
     hp = hyperparameters(config, path)
     arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
+    if arch in names.NORM_PLUS_ONE_ARCHS and hp["query_pre_attn_scalar"] != hp["head_dim"]:
+        # the planner still sizes such models; only converting their weights is refused
+        raise LlmpressError(f"{path}: query_pre_attn_scalar {hp['query_pre_attn_scalar']} "
+                            f"differs from head_dim {hp['head_dim']}, which a GGUF file cannot "
+                            "express")
     metadata = gguf_metadata(hp, arch, path.resolve().name, path)
     shapes = expected_shapes(hp)
     # convert_hf_to_gguf permutes q with the query head count and k with the KV head count.
