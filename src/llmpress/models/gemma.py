@@ -198,9 +198,7 @@ class GemmaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False):
         B, T = tokens.shape
-        start = cache.length
-        if start + T > cache.max_tokens:
-            raise ValueError(f"{start + T} tokens exceed the cache of {cache.max_tokens}")
+        start = cache.first_free(T)
         x = self.embed(tokens.to(self.device)) * self.embed_scale  # (B, T, dim)
         positions = torch.arange(start, start + T, device=self.device)
         rotations = {local: rope.rotation(positions) for local, rope in self.ropes.items()}

@@ -69,6 +69,13 @@ class KVCache:
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def first_free(self, n_tokens: int) -> int:
+        """The position of the first of n_tokens new tokens, refused when they do not fit."""
+        if self.length + n_tokens > self.max_tokens:
+            raise ValueError(f"{self.length + n_tokens} tokens exceed the cache of "
+                             f"{self.max_tokens}")
+        return self.length
+
 
 class Attention(nn.Module):
     def __init__(self, src: ModelSource, cfg: LlamaConfig, lc: LayerConfig, mode, device):
@@ -174,9 +181,7 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False):
         B, T = tokens.shape
-        start = cache.length
-        if start + T > cache.max_tokens:
-            raise ValueError(f"{start + T} tokens exceed the cache of {cache.max_tokens}")
+        start = cache.first_free(T)
         x = self.embed(tokens.to(self.device))  # (B, T, dim)
         rotation = self.rope.rotation(torch.arange(start, start + T, device=self.device))
         if self.decoder is not None and B == 1 and T == 1 and cache.dtype == torch.float32:
