@@ -29,7 +29,8 @@ def load_source(model: str | os.PathLike | ModelSource) -> ModelSource:
     for ref in source.tensors.values():
         if ref.ggml_type not in FORMATS:
             raise LlmpressError(f"{path}: tensor {shown(ref.name)} has type "
-                                f"{ref.ggml_type.name}, which llmpress cannot read (it reads {', '.join(supported_names())})")
+                                f"{ref.ggml_type.name}, which llmpress cannot read "
+                                f"(it reads {', '.join(supported_names())})")
     return source
 
 
