@@ -19,12 +19,16 @@ class OptionalBuildExt(build_ext):
             print(f"warning: llmpress CPU kernel not built ({exc}); using the torch fallback")
 
 
+KERNEL_DIR = "src/llmpress/kernels/"
 kernel = Extension(
     "llmpress.kernels._qmatmul",
-    sources=["src/llmpress/kernels/qmatmul.c", "src/llmpress/kernels/decode.c"],
-    # native: the kernel is built on the machine that runs it; fast-math lets the
-    # compiler vectorize the per-block reductions (the sums' order is ours to choose).
-    extra_compile_args=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+    sources=[KERNEL_DIR + name for name in
+             ("qmatmul.c", "qdot_portable.c", "qdot_avx2.c", "decode.c")],
+    depends=[KERNEL_DIR + "qdot.h", KERNEL_DIR + "qmatmul.h"],
+    # No -march=native: the AVX2 kernels are compiled for AVX2 in their own file and
+    # chosen at run time from the CPU's flags, so one build runs on any x86-64.
+    # fast-math lets the compiler vectorize the float reductions (their order is ours).
+    extra_compile_args=["-O3", "-ffast-math", "-fopenmp"],
     extra_link_args=["-fopenmp", "-lm"],  # -lm: the vectorized expf of -ffast-math
 )
 

@@ -1,11 +1,12 @@
 """The fused C decode step (kernels/decode.c) against the layer-by-layer torch model in
 exact mode, for every architecture variant it handles: Llama (adjacent-pair RoPE, GQA),
-Qwen2 (q/k/v biases, neox RoPE), Qwen3 (q/k RMSNorm), and every kernel block type."""
+Qwen2 (q/k/v biases, neox RoPE), """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from tiny import greedy, quantized, save_tiny_hf_model
 
@@ -22,24 +23,35 @@ def tiny_dirs(tmp_path_factory):
             for arch in ("llama", "qwen2", "qwen3")}
 
 
+def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def kl(fast_logits: torch.Tensor, exact_logits: torch.Tensor) -> float:
+    return F.kl_div(fast_logits.log_softmax(-1), exact_logits.log_softmax(-1), log_target=True,
+                    reduction="batchmean").item()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
                                        "Q5_K", "Q6_K"])
-def test_fused_decode_equals_exact_layers(tiny_dirs, arch, type_name):
+def test_fused_decode_equals_layers(tiny_dirs, arch, type_name):
     src = quantized(load_hf_dir(tiny_dirs[arch]), GGMLQuantizationType[type_name])
-    fast, exact = LlamaModel(src, "fast"), LlamaModel(src, "exact")
-    assert fast.decoder is not None and exact.decoder is None
-    # 40 prompt tokens: the kernel takes activation rows 16 at a time (16 + 16 + 8)
+    fused, layers, exact = LlamaModel(src, "fast"), LlamaModel(src, "fast"), LlamaModel(src, "exact")
+    assert fused.decoder is not None and exact.decoder is None
+    layers.decoder = None  # the same kernels, one torch layer at a time
     prompt = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
-    fast_cache, exact_cache = fast.new_cache(80), exact.new_cache(80)
-    a, b = fast(prompt, fast_cache), exact(prompt, exact_cache)
-    assert torch.allclose(a, b, atol=2e-4, rtol=1e-4), (a - b).abs().max()
+    caches = [m.new_cache(80) for m in (fused, layers, exact)]
+    a, b, c = (m(prompt, cache) for m, cache in zip((fused, layers, exact), caches))
+    assert relative_diff(a, c) <= 0.05 and kl(a[0], c[0]) <= 1e-5
     for token in torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(4)):
         step = token.view(1, 1)
-        a, b = fast(step, fast_cache), exact(step, exact_cache)
-        assert torch.allclose(a, b, atol=2e-4, rtol=1e-4), (a - b).abs().max()
-    assert greedy(fast, prompt, 12)[1] == greedy(exact, prompt, 12)[1]
+        a, b, c = (m(step, cache) for m, cache in zip((fused, layers, exact), caches))
+        # same rounding; an activation landing on a rounding boundary may still flip a code
+        assert relative_diff(a, b) <= 1e-2, relative_diff(a, b)
+        assert relative_diff(a, c) <= 0.05 and kl(a[0], c[0]) <= 1e-5, (relative_diff(a, c), kl(a[0], c[0]))
+    assert greedy(fused, prompt, 12)[1] == greedy(layers, prompt, 12)[1]
 
 
 def test_types_without_a_kernel_fall_back_to_the_layers(tiny_dirs):

@@ -1,10 +1,15 @@
 """ctypes binding of the compiled CPU kernel (qmatmul.c). Absent kernel -> supports() is
-False everywhere and the layers use exact dequantize + GEMM instead."""
+False everywhere and the layers use exact dequantize + GEMM instead.
+
+The kernel picks its instruction set (portable C or AVX2) from the CPU at load;
+LLMPRESS_KERNEL_ISA=portable|avx2 forces one (tests run every path), and kernel_info()
+says which one runs."""
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -12,7 +17,24 @@ from functools import lru_cache
 import torch
 from gguf import GGMLQuantizationType
 
+from llmpress.errors import LlmpressError
+
 MAX_WEIGHTS = 8  # weights fused into one call
+ISAS = {"auto": 0, "portable": 1, "avx2": 2}  # qmatmul.h's ISA_* numbers
+ISA_ENV = "LLMPRESS_KERNEL_ISA"
+# qmatmul.h's KernelError codes
+ERRORS = {-1: "a weight type without a kernel", -2: "a dimension that is not positive or not "
+          "a multiple of the block size", -3: "a buffer whose size does not match the shapes",
+          -4: "fewer than one thread", -5: "out of memory for the kernel's scratch space",
+          -6: "this CPU or build lacks the instruction set asked for",
+          -7: "inconsistent head counts or head/rope dimensions",
+          -8: "a position outside the KV cache"}
+
+
+def check(status: int, what: str) -> None:
+    """A non-zero kernel return code as one clear error."""
+    if status:
+        raise LlmpressError(f"{what}: {ERRORS.get(status, f'kernel error {status}')}")
 
 
 @contextmanager
@@ -41,11 +63,42 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(spec.origin)
     except OSError:  # a broken build: the exact torch path still works
         return None
+    if not hasattr(lib, "llmpress_set_isa"):  # a stale build from before the ISA paths
+        return None
     lib.llmpress_qmatmul.restype = ctypes.c_int
     lib.llmpress_qmatmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.llmpress_row_bytes.restype = ctypes.c_int64
+    lib.llmpress_row_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
+    forced = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    if forced not in ISAS:
+        raise LlmpressError(f"{ISA_ENV}={forced!r}: expected one of {', '.join(ISAS)}")
+    check(lib.llmpress_set_isa(ISAS[forced]), f"{ISA_ENV}={forced}")
     return lib
+
+
+def use_isa(name: str) -> None:
+    """Switch the kernel to one instruction set ("auto", "portable", "avx2")."""
+    if name not in ISAS:
+        raise LlmpressError(f"unknown kernel instruction set {name!r}: expected one of {', '.join(ISAS)}")
+    check(_library().llmpress_set_isa(ISAS[name]), f"kernel instruction set {name}")
+
+
+def isas_here() -> list[str]:
+    """The instruction sets this CPU and build can run."""
+    lib = _library()
+    return [] if lib is None else [n for n, i in ISAS.items() if i and lib.llmpress_cpu_has_isa(i)]
+
+
+def kernel_info() -> dict:
+    """Which kernel runs: {"isa": "avx2" | "portable" | None (not built), "available": [...]}."""
+    lib = _library()
+    if lib is None:
+        return {"isa": None, "available": []}
+    names = {i: n for n, i in ISAS.items()}
+    return {"isa": names[lib.llmpress_isa()], "available": isas_here()}
 
 
 def available() -> bool:
@@ -68,6 +121,7 @@ class FusedWeights:
         self.types = (ctypes.c_int * n)(*(int(t) for _, t in weights))
         self.pointers = (ctypes.c_void_p * n)(*(rows.data_ptr() for rows in self.rows))
         self.sizes = (ctypes.c_int64 * n)(*(rows.shape[0] for rows in self.rows))
+        self.bytes = (ctypes.c_int64 * n)(*(rows.numel() * rows.element_size() for rows in self.rows))
         self.out_features = sum(rows.shape[0] for rows in self.rows)
 
 
@@ -77,8 +131,7 @@ def qmatmul(weights: FusedWeights, x: torch.Tensor) -> torch.Tensor:
     T, K = x.shape
     y = torch.empty(T, weights.out_features, dtype=torch.float32)
     status = _library().llmpress_qmatmul(weights.count, weights.types, weights.pointers,
-                                         weights.sizes, x.data_ptr(), y.data_ptr(), K, T,
-                                         torch.get_num_threads())
-    if status:
-        raise RuntimeError(f"qmatmul refused {T} rows of {K}")
+                                         weights.sizes, weights.bytes, x.data_ptr(), x.numel(),
+                                         y.data_ptr(), y.numel(), K, T, torch.get_num_threads())
+    check(status, f"quantized matmul of {T} rows of {K}")
     return y

@@ -5,7 +5,7 @@
  * attention, output projection, RMSNorm, SiLU-gated FFN — so that generating a token
  * costs one call from Python instead of ~30 small torch operations per layer, whose
  * fixed overheads otherwise exceed the matmuls themselves on a small model.
- * Matmuls use qmatmul.c's row kernels; activations stay float32. The whole step is one
+ * Matmuls use qmatmul.c's integer row kernels on activations quantized once per group. The whole step is one
  * OpenMP parallel region: matmul rows and attention heads are shared out among the
  * threads, the small vector work between them runs on one thread (`omp single`), and the
  * implicit barriers keep the order: one fork/join per token instead of one per matmul
@@ -16,11 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int qmatmul_check(int n_weights, const int *types, int64_t K, int64_t T);
-void qmatmul_rows(int n_weights, const int *types, const uint8_t *const *ws,
-                  const int64_t *Ns, const float *x, const float *sums, float *y, int64_t K,
-                  int64_t T);
-void block_sums(const float *x, int64_t K, int64_t T, float *sums);
+#include "qmatmul.h"
 
 enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, N_WEIGHTS };
 
@@ -31,7 +27,9 @@ typedef struct {  /* one decoder layer, filled in from Python (kernels/decode.py
     const float *q_bias, *k_bias, *v_bias;  /* Qwen2, else NULL */
     int types[N_WEIGHTS];                   /* ggml type ids */
     const uint8_t *weights[N_WEIGHTS];
+    int64_t weight_bytes[N_WEIGHTS];        /* each buffer's size, checked against the shapes */
     float *keys, *values;                   /* KV cache, (n_kv, max_tokens, head_dim) */
+    int64_t cache_floats;                   /* size of keys and of values */
 } DecodeLayer;
 
 typedef struct {
@@ -40,7 +38,15 @@ typedef struct {
     float eps;
 } DecodeShape;
 
-static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
+/* The float loops below (norms, attention) get an AVX2 copy too, chosen at load (GCC's
+ * ifunc), since the build targets plain x86-64. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+VECTOR_CLONES static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
     float sum = 0;
     for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
     const float scale = 1.0f / sqrtf(sum / (float)n + eps);
@@ -65,7 +71,7 @@ static void rope(float *v, int64_t n_heads, const DecodeShape *s, const float *c
 
 /* Softmax attention of each query head over positions 0..n_pos-1 of its KV head; heads
  * shared out among the threads. scores: n_heads * n_pos floats. */
-static void attend(const float *q, const DecodeLayer *L, const DecodeShape *s, int64_t n_pos,
+VECTOR_CLONES static void attend(const float *q, const DecodeLayer *L, const DecodeShape *s, int64_t n_pos,
                    float *out, float *scores) {
     const int64_t hd = s->head_dim, group = L->n_heads / L->n_kv;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -97,12 +103,13 @@ static void add_bias(float *v, const float *bias, int64_t n) {
 
 /* Scratch space of one step, shared by the threads. */
 typedef struct {
-    float *xn, *qkv, *attn, *ffn, *sums, *scores;
+    float *xn, *qkv, *attn, *ffn, *scores;
+    Activations acts;
 } Work;
 
 /* One layer, run by every thread of the region. */
 static void layer_step(const DecodeLayer *L, const DecodeShape *s, float *x, int64_t pos,
-                       const float *cos, const float *sin, const Work *w) {
+                       const float *cos, const float *sin, Work *w) {
     const int64_t dim = s->dim, hd = s->head_dim;
     const int64_t nq = L->n_heads * hd, nkv = L->n_kv * hd;
     float *q = w->qkv, *k = w->qkv + nq, *v = w->qkv + nq + nkv;
@@ -110,10 +117,10 @@ static void layer_step(const DecodeLayer *L, const DecodeShape *s, float *x, int
 #pragma omp single
     {
         rms_norm(x, L->attn_norm, dim, s->eps, w->xn);
-        block_sums(w->xn, dim, 1, w->sums);
+        acts_quantize(&w->acts, 3, L->types + W_Q, w->xn, dim, 1);
     }
     const int64_t sizes_qkv[3] = {nq, nkv, nkv};
-    qmatmul_rows(3, L->types + W_Q, L->weights + W_Q, sizes_qkv, w->xn, w->sums, w->qkv, dim, 1);
+    qmatmul_rows(3, L->types + W_Q, L->weights + W_Q, sizes_qkv, &w->acts, w->qkv, dim, 1);
 #pragma omp single
     {
         add_bias(q, L->q_bias, nq); add_bias(k, L->k_bias, nkv); add_bias(v, L->v_bias, nkv);
@@ -130,46 +137,73 @@ static void layer_step(const DecodeLayer *L, const DecodeShape *s, float *x, int
     }
     attend(q, L, s, pos + 1, w->attn, w->scores);
 #pragma omp single
-    block_sums(w->attn, nq, 1, w->sums);
-    qmatmul_rows(1, L->types + W_O, L->weights + W_O, &dim, w->attn, w->sums, w->xn, nq, 1);
+    acts_quantize(&w->acts, 1, L->types + W_O, w->attn, nq, 1);
+    qmatmul_rows(1, L->types + W_O, L->weights + W_O, &dim, &w->acts, w->xn, nq, 1);
 #pragma omp single
     {
         for (int64_t i = 0; i < dim; i++) x[i] += w->xn[i];
         rms_norm(x, L->ffn_norm, dim, s->eps, w->xn);
-        block_sums(w->xn, dim, 1, w->sums);
+        acts_quantize(&w->acts, 2, L->types + W_GATE, w->xn, dim, 1);
     }
     const int64_t sizes_ffn[2] = {L->ffn_dim, L->ffn_dim};
-    qmatmul_rows(2, L->types + W_GATE, L->weights + W_GATE, sizes_ffn, w->xn, w->sums, w->ffn,
-                 dim, 1);
+    qmatmul_rows(2, L->types + W_GATE, L->weights + W_GATE, sizes_ffn, &w->acts, w->ffn, dim, 1);
     float *gate = w->ffn, *up = w->ffn + L->ffn_dim;
 #pragma omp single
     {
         for (int64_t i = 0; i < L->ffn_dim; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        block_sums(gate, L->ffn_dim, 1, w->sums);
+        acts_quantize(&w->acts, 1, L->types + W_DOWN, gate, L->ffn_dim, 1);
     }
-    qmatmul_rows(1, L->types + W_DOWN, L->weights + W_DOWN, &dim, gate, w->sums, w->xn,
-                 L->ffn_dim, 1);
+    qmatmul_rows(1, L->types + W_DOWN, L->weights + W_DOWN, &dim, &w->acts, w->xn, L->ffn_dim, 1);
 #pragma omp single
     for (int64_t i = 0; i < dim; i++) x[i] += w->xn[i];
 }
 
-static int layer_supported(const DecodeLayer *L, const DecodeShape *s) {
-    const int64_t nq = L->n_heads * s->head_dim;
-    return !qmatmul_check(3, L->types + W_Q, s->dim, 1) && !qmatmul_check(1, L->types + W_O, nq, 1)
-        && !qmatmul_check(2, L->types + W_GATE, s->dim, 1)
-        && !qmatmul_check(1, L->types + W_DOWN, L->ffn_dim, 1);
+/* 0 when the layer's description is consistent and its buffers are as large as its shapes
+ * say, else a KernelError. */
+static int check_layer(const DecodeLayer *L, const DecodeShape *s) {
+    if (L->n_kv < 1 || L->n_heads < 1 || L->n_heads % L->n_kv || L->ffn_dim < 1) return ERR_HEADS;
+    const int64_t nq = L->n_heads * s->head_dim, nkv = L->n_kv * s->head_dim;
+    int status;
+    if ((status = qmatmul_check(3, L->types + W_Q, s->dim, 1))
+        || (status = qmatmul_check(1, L->types + W_O, nq, 1))
+        || (status = qmatmul_check(2, L->types + W_GATE, s->dim, 1))
+        || (status = qmatmul_check(1, L->types + W_DOWN, L->ffn_dim, 1)))
+        return status;
+    /* rows and row length of q k v o gate up down */
+    const int64_t rows[N_WEIGHTS] = {nq, nkv, nkv, s->dim, L->ffn_dim, L->ffn_dim, s->dim};
+    const int64_t cols[N_WEIGHTS] = {s->dim, s->dim, s->dim, nq, s->dim, s->dim, L->ffn_dim};
+    for (int i = 0; i < N_WEIGHTS; i++)
+        if (!L->weights[i] || L->weight_bytes[i] != rows[i] * row_bytes(L->types[i], cols[i]))
+            return ERR_BUFFER;
+    if (!L->attn_norm || !L->ffn_norm || !L->keys || !L->values || (!L->q_norm) != (!L->k_norm)
+        || L->cache_floats != nkv * s->max_tokens)
+        return ERR_BUFFER;
+    return 0;
+}
+
+static int check_shape(const DecodeShape *s) {
+    if (s->dim < 1 || s->head_dim < 1 || s->max_tokens < 1) return ERR_SHAPE;
+    if (s->rope_dim < 2 || s->rope_dim > s->head_dim || s->rope_dim % 2) return ERR_HEADS;
+    return 0;
 }
 
 /* x (dim): the new token's embedding, updated in place to the last layer's output.
  * pos: its position (the number of tokens already in the cache). cos/sin: rope_dim/2
- * angles for that position. Returns 0, or -1 if a matmul refused its type or shape
- * (checked before any work, so x is then unchanged). */
+ * angles for that position. Returns 0, or a KernelError if the description is
+ * inconsistent (checked before any work, so x and the cache are then unchanged). */
 int llmpress_decode(const DecodeShape *s, const DecodeLayer *layers, int64_t n_layers,
-                    float *x, int64_t pos, const float *cos, const float *sin, int n_threads) {
+                    float *x, int64_t x_floats, int64_t pos, const float *cos,
+                    const float *sin, int n_threads) {
+    int status;
+    if (!s || !layers || !x || !cos || !sin || n_layers < 1) return ERR_BUFFER;
+    if ((status = check_shape(s))) return status;
+    if (x_floats != s->dim) return ERR_BUFFER;
+    if (n_threads < 1) return ERR_THREADS;
+    if (pos < 0 || pos >= s->max_tokens) return ERR_POSITION;
     int64_t widest_q = 0, widest_kv = 0, widest_ffn = 0, most_heads = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const DecodeLayer *L = layers + l;
-        if (!layer_supported(L, s)) return -1;
+        if ((status = check_layer(L, s))) return status;
         widest_q = L->n_heads * s->head_dim > widest_q ? L->n_heads * s->head_dim : widest_q;
         widest_kv = L->n_kv * s->head_dim > widest_kv ? L->n_kv * s->head_dim : widest_kv;
         widest_ffn = L->ffn_dim > widest_ffn ? L->ffn_dim : widest_ffn;
@@ -178,19 +212,22 @@ int llmpress_decode(const DecodeShape *s, const DecodeLayer *layers, int64_t n_l
     int64_t widest_in = widest_ffn > widest_q ? widest_ffn : widest_q;
     widest_in = s->dim > widest_in ? s->dim : widest_in;
     const size_t n_floats = (size_t)(s->dim + widest_q + 2 * widest_kv + widest_q
-                                     + 2 * widest_ffn + widest_in / 32 + most_heads * (pos + 1));
+                                     + 2 * widest_ffn + most_heads * (pos + 1));
     float *buffer = malloc(sizeof(float) * n_floats);
-    if (!buffer) return -1;
     Work w;
+    if (!buffer || acts_alloc(&w.acts, widest_in, 1)) {
+        free(buffer);
+        return ERR_MEMORY;
+    }
     w.xn = buffer;
     w.qkv = w.xn + s->dim;
     w.attn = w.qkv + widest_q + 2 * widest_kv;
     w.ffn = w.attn + widest_q;
-    w.sums = w.ffn + 2 * widest_ffn;
-    w.scores = w.sums + widest_in / 32;
+    w.scores = w.ffn + 2 * widest_ffn;
 #pragma omp parallel num_threads(n_threads)
     for (int64_t l = 0; l < n_layers; l++)
         layer_step(layers + l, s, x, pos, cos, sin, &w);
+    acts_free(&w.acts);
     free(buffer);
     return 0;
 }

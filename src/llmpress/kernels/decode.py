@@ -23,7 +23,9 @@ class DecodeLayer(ctypes.Structure):
                 ("q_bias", ctypes.c_void_p), ("k_bias", ctypes.c_void_p),
                 ("v_bias", ctypes.c_void_p),
                 ("types", ctypes.c_int * N_WEIGHTS), ("weights", ctypes.c_void_p * N_WEIGHTS),
-                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+                ("weight_bytes", ctypes.c_int64 * N_WEIGHTS),
+                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
+                ("cache_floats", ctypes.c_int64)]
 
 
 class DecodeShape(ctypes.Structure):
@@ -43,7 +45,7 @@ def _library():
     lib.llmpress_decode.restype = ctypes.c_int
     lib.llmpress_decode.argtypes = [ctypes.POINTER(DecodeShape), ctypes.POINTER(DecodeLayer),
                                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -69,6 +71,7 @@ class FusedDecoder:
             layer.q_bias, layer.k_bias, layer.v_bias = (_pointer(b) for b in biases)
             for i, lin in enumerate(linears):
                 layer.types[i], layer.weights[i] = int(lin.ggml_type), lin.rows.data_ptr()
+                layer.weight_bytes[i] = lin.rows.numel() * lin.rows.element_size()
         self.shape = DecodeShape(cfg.dim, cfg.head_dim, cfg.rope_dim, 0,
                                  int(cfg.rope_style == "neox"), cfg.norm_eps)
         self.cache = None
@@ -80,6 +83,7 @@ class FusedDecoder:
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
             assert keys.dtype == torch.float32 and keys.is_contiguous() and keys.shape[0] == 1
             layer.keys, layer.values = keys.data_ptr(), values.data_ptr()
+            layer.cache_floats = keys[0].numel()
         self.shape.max_tokens = cache.max_tokens
         self.cache = cache
 
@@ -89,8 +93,7 @@ class FusedDecoder:
         x = x.contiguous().clone()
         cos, sin = rotation.real.contiguous(), rotation.imag.contiguous()
         status = _library().llmpress_decode(
-            ctypes.byref(self.shape), self.layers, len(self.layers), x.data_ptr(), cache.length,
-            cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
-        if status:
-            raise RuntimeError("the decode kernel refused this model")
+            ctypes.byref(self.shape), self.layers, len(self.layers), x.data_ptr(), x.numel(),
+            cache.length, cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+        cpu.check(status, "fused decode step")
         return x

@@ -1,0 +1,70 @@
+/* Integer dot products of one packed weight row with one 8-bit activation row.
+ *
+ * An activation row of K floats is quantized once per matmul to int8 codes in blocks
+ * (256 values for the k-quant weight types, 32 for the legacy ones), each block with a
+ * float scale d (value ~= d * code) and the integer sum of every 16 codes (bsum), which
+ * turns a weight's zero point or min into one multiply per 16 or 32 values. Every weight
+ * type's dot is then: integer codes times integer codes, summed exactly in int32, scaled
+ * once per block in float. The portable C and AVX2 kernels compute the same integer sums,
+ * so they differ only in the order of their float additions.
+ */
+#ifndef LLMPRESS_QDOT_H
+#define LLMPRESS_QDOT_H
+
+#include <stdint.h>
+#include <string.h>
+
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
+       Q5_K = 13, Q6_K = 14, N_TYPES = 15 };
+
+/* One quantized activation row: K codes, K / block scales, K / 16 sums of codes. */
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const int16_t *bsum;
+} QRow;
+
+/* out[r] = sum_k W[k] * x[r][k] for one weight row of nb blocks and n_x <= DOT_ROWS
+ * activation rows (several rows share each unpacked weight block: prompt processing). */
+enum { DOT_ROWS = 4 };
+typedef void (*dot_fn)(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out);
+
+/* A multi-row dot from a one-row one, for types without a dedicated multi-row kernel. */
+#define ROWS_FROM_ONE(NAME, ONE)                                                       \
+    static void NAME(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) { \
+        for (int r = 0; r < n_x; r++) out[r] = ONE(row, x[r], nb);                       \
+    }
+
+/* Bytes per block, values per block (0 for a type without a kernel). */
+int64_t qtype_block_bytes(int type);
+int64_t qtype_block_values(int type);
+/* Activation block size this type's kernel wants (256 or 32). */
+int64_t qtype_act_block(int type);
+
+/* The portable kernels, and the AVX2 ones (NULL entries where not compiled in). */
+extern const dot_fn portable_dots[N_TYPES];
+extern const dot_fn avx2_dots[N_TYPES];
+int avx2_compiled(void);
+
+/* Quantize T rows of K floats to blocks of `block` codes. */
+void quantize_rows(const float *x, int64_t K, int64_t T, int64_t block, int8_t *q, float *d,
+                   int16_t *bsum);
+
+float half_to_float(uint16_t h);
+static inline float read_half(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return half_to_float(h); }
+
+/* Q3_K's scale i (0..15): low 4 bits in byte i % 8 (nibble i / 8), high 2 bits in byte
+ * 8 + i % 4 (pair i / 4), stored plus 32. */
+static inline int q3_k_scale(const uint8_t *s, int i) {
+    return (((s[i % 8] >> (4 * (i / 8))) & 15) | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32;
+}
+
+/* Q4_K/Q5_K's scale and min of sub-block j (0..7), 6 bits each in 12 bytes: sub-blocks 0-3
+ * keep them in bytes j and j + 4; 4-7 take 4 low bits from byte j + 4 and the 2 high bits
+ * from the tops of bytes j - 4 (scale) and j (min). */
+static inline void k4_scale_min(const uint8_t *s, int j, int *scale, int *min) {
+    *scale = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+    *min = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+}
+
+#endif

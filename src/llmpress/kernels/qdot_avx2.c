@@ -1,0 +1,268 @@
+/* AVX2 kernels: the same integer sums as qdot_portable.c, 32 codes at a time.
+ *
+ * Unsigned weight codes times signed activation codes, pairwise added to int16
+ * (_mm256_maddubs_epi16: at most 2 * 63 * 127, no saturation), then times the 16-value
+ * groups' integer scales and added to int32 (_mm256_madd_epi16); one float multiply-add
+ * per block. Compiled for AVX2 whatever the build's -march, and only called when the CPU
+ * has it (qmatmul.c checks at run time), so one build runs on every x86-64.
+ */
+#include "qdot.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+int avx2_compiled(void) { return 1; }
+
+static inline float half(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return _cvtsh_ss(h); }
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline __m256i load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* 32 codes times 32 activation codes, each 16-value half times its own integer scale. */
+static inline __m256i dot32(__m256i codes, const int8_t *x, int scale_a, int scale_b) {
+    const __m256i scales = _mm256_set_m128i(_mm_set1_epi16((short)scale_b), _mm_set1_epi16((short)scale_a));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, load(x)), scales);
+}
+
+/* sum_g weights[g] * bsum[g] over a super-block's 16 groups. */
+static inline int weighted_bsums(const int16_t *bsum, __m256i weights16) {
+    return hsum_i32(_mm256_madd_epi16(load(bsum), weights16));
+}
+
+/* --- k-quants (activation blocks of 256) --- */
+
+static void dot_Q4_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    __m256 acc[DOT_ROWS];
+    float mins_total[DOT_ROWS];
+    for (int r = 0; r < n_x; r++) { acc[r] = _mm256_setzero_ps(); mins_total[r] = 0; }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 144, *qs = blk + 16;
+        int sc[8], mn[8];
+        int16_t mins16[16];
+        for (int j = 0; j < 8; j++) {
+            k4_scale_min(blk + 4, j, sc + j, mn + j);
+            mins16[2 * j] = mins16[2 * j + 1] = (int16_t)mn[j];
+        }
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < n_x; r++) sum[r] = _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++) {
+            const __m256i bytes = load(qs + 32 * p);
+            const __m256i lo = _mm256_and_si256(bytes, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            for (int r = 0; r < n_x; r++) {
+                const int8_t *q = x[r].q + b * 256 + 64 * p;
+                sum[r] = _mm256_add_epi32(sum[r], dot32(lo, q, sc[2 * p], sc[2 * p]));
+                sum[r] = _mm256_add_epi32(sum[r], dot32(hi, q + 32, sc[2 * p + 1], sc[2 * p + 1]));
+            }
+        }
+        const float d = half(blk), dmin = half(blk + 2);
+        const __m256i mins = load(mins16);
+        for (int r = 0; r < n_x; r++) {
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[r].d[b]), _mm256_cvtepi32_ps(sum[r]), acc[r]);
+            mins_total[r] += dmin * x[r].d[b] * (float)weighted_bsums(x[r].bsum + b * 16, mins);
+        }
+    }
+    for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]) - mins_total[r];
+}
+
+static float one_Q5_K(const uint8_t *row, QRow x, int64_t nb) {
+    const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    float mins_total = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 176, *qs = blk + 48;
+        const int8_t *q = x.q + b * 256;
+        const __m256i qh = load(blk + 16);
+        int sc[8], mn[8];
+        int16_t mins16[16];
+        for (int j = 0; j < 8; j++) {
+            k4_scale_min(blk + 4, j, sc + j, mn + j);
+            mins16[2 * j] = mins16[2 * j + 1] = (int16_t)mn[j];
+        }
+        __m256i sum = _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++) {
+            const __m256i bytes = load(qs + 32 * p);
+            /* bit j of qh[l] is the fifth bit of value l of sub-block j */
+            const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * p), one);
+            const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * p + 1), one);
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(bytes, low4), _mm256_slli_epi16(h0, 4));
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4),
+                                               _mm256_slli_epi16(h1, 4));
+            sum = _mm256_add_epi32(sum, dot32(lo, q + 64 * p, sc[2 * p], sc[2 * p]));
+            sum = _mm256_add_epi32(sum, dot32(hi, q + 64 * p + 32, sc[2 * p + 1], sc[2 * p + 1]));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
+        mins_total += half(blk + 2) * x.d[b] * (float)weighted_bsums(x.bsum + b * 16, load(mins16));
+    }
+    return hsum(acc) - mins_total;
+}
+
+/* Q6_K: codes 0..63 = 4 low bits (ql) | 2 high bits (qh), value d * scale * (code - 32). */
+static void dot_Q6_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
+    const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < n_x; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 210;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < n_x; r++) sum[r] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i ql0 = load(blk + 64 * h), ql1 = load(blk + 64 * h + 32);
+            const __m256i qh = load(blk + 128 + 32 * h);
+            const __m256i lows[4] = {_mm256_and_si256(ql0, low4), _mm256_and_si256(ql1, low4),
+                                     _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                                     _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4)};
+            for (int k = 0; k < 4; k++) {
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), low2);
+                const __m256i codes = _mm256_or_si256(lows[k], _mm256_slli_epi16(high, 4));
+                const int g = 8 * h + 2 * k;
+                for (int r = 0; r < n_x; r++)
+                    sum[r] = _mm256_add_epi32(sum[r], dot32(codes, x[r].q + b * 256 + 128 * h + 32 * k,
+                                                            sc[g], sc[g + 1]));
+            }
+        }
+        /* minus 32 * scale * (sum of the 16 activation codes), per group */
+        const __m256i scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        const float d = half(blk + 208);
+        for (int r = 0; r < n_x; r++) {
+            const int offset = 32 * weighted_bsums(x[r].bsum + b * 16, scales16);
+            const __m256i centered = _mm256_sub_epi32(sum[r], _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[r].d[b]), _mm256_cvtepi32_ps(centered), acc[r]);
+        }
+    }
+    for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]);
+}
+
+/* Q3_K: codes 0..7 = 2 low bits (qs) | 1 high bit (hmask), value d * scale * (code - 4). */
+static float one_Q3_K(const uint8_t *row, QRow x, int64_t nb) {
+    const __m256i low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 110;
+        const int8_t *q = x.q + b * 256;
+        int16_t sc[16];
+        for (int g = 0; g < 16; g++) sc[g] = (int16_t)q3_k_scale(blk + 96, g);
+        const __m256i hmask = load(blk);
+        __m256i sum = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            const __m256i qs = load(blk + 32 + 32 * (j / 4));
+            const __m256i low = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * (j % 4)), low2);
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(hmask, j), one);
+            const __m256i codes = _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
+            sum = _mm256_add_epi32(sum, dot32(codes, q + 32 * j, sc[2 * j], sc[2 * j + 1]));
+        }
+        const int offset = 4 * weighted_bsums(x.bsum + b * 16, load(sc));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk + 108) * x.d[b]),
+                              _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0))),
+                              acc);
+    }
+    return hsum(acc);
+}
+
+/* Q2_K: 2-bit codes, value d * (sc & 15) * code - dmin * (sc >> 4), per 16 values. */
+static float one_Q2_K(const uint8_t *row, QRow x, int64_t nb) {
+    const __m256i low2 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps();
+    float mins_total = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 84;
+        const int8_t *q = x.q + b * 256;
+        const __m256i packed = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)blk));
+        const __m256i mins16 = _mm256_srli_epi16(packed, 4);
+        __m256i sum = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            const __m256i qs = load(blk + 16 + 32 * (j / 4));
+            const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * (j % 4)), low2);
+            sum = _mm256_add_epi32(sum, dot32(codes, q + 32 * j, blk[2 * j] & 15, blk[2 * j + 1] & 15));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk + 80) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
+        mins_total += half(blk + 82) * x.d[b] * (float)weighted_bsums(x.bsum + b * 16, mins16);
+    }
+    return hsum(acc) - mins_total;
+}
+
+/* --- legacy types (activation blocks of 32): value = d * code + m --- */
+
+static inline __m256i nibbles(const uint8_t *qs) {  /* 16 bytes -> 32 codes, low nibbles first */
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)qs), low4 = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
+}
+
+static inline __m256i fifth_bits(const uint8_t *qh_bytes) {  /* bit j of 32 -> 0x10 in byte j */
+    uint32_t qh;
+    memcpy(&qh, qh_bytes, 4);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+}
+
+static inline __m256 legacy_step(__m256 acc, __m256i codes, const int8_t *x, float scale) {
+    const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, load(x)), _mm256_set1_epi16(1));
+    return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sum), acc);
+}
+
+#define LEGACY_DOT(NAME, BYTES, CODES, MIN)                                              \
+    static float NAME(const uint8_t *row, QRow x, int64_t nb) {                           \
+        __m256 acc = _mm256_setzero_ps();                                                 \
+        float offsets = 0;                                                                \
+        for (int64_t b = 0; b < nb; b++) {                                                \
+            const uint8_t *blk = row + b * (BYTES);                                       \
+            const float d = half(blk);                                                    \
+            acc = legacy_step(acc, CODES, x.q + 32 * b, d * x.d[b]);                       \
+            offsets += (MIN) * x.d[b] * (float)(x.bsum[2 * b] + x.bsum[2 * b + 1]);       \
+        }                                                                                 \
+        return hsum(acc) + offsets;                                                       \
+    }
+LEGACY_DOT(one_Q4_0, 18, nibbles(blk + 2), -8 * d)
+LEGACY_DOT(one_Q4_1, 20, nibbles(blk + 4), half(blk + 2))
+LEGACY_DOT(one_Q5_0, 22, _mm256_or_si256(nibbles(blk + 6), fifth_bits(blk + 2)), -16 * d)
+LEGACY_DOT(one_Q5_1, 24, _mm256_or_si256(nibbles(blk + 8), fifth_bits(blk + 4)), half(blk + 2))
+
+/* Q8_0's codes are signed: |w| times x carrying w's sign keeps maddubs' first operand
+ * unsigned. */
+static float one_Q8_0(const uint8_t *row, QRow x, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 34;
+        const __m256i w = load(blk + 2);
+        const __m256i signed_x = _mm256_sign_epi8(load(x.q + 32 * b), w);
+        const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), signed_x),
+                                              _mm256_set1_epi16(1));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+
+ROWS_FROM_ONE(dot_Q4_0_avx2, one_Q4_0) ROWS_FROM_ONE(dot_Q4_1_avx2, one_Q4_1)
+ROWS_FROM_ONE(dot_Q5_0_avx2, one_Q5_0) ROWS_FROM_ONE(dot_Q5_1_avx2, one_Q5_1)
+ROWS_FROM_ONE(dot_Q8_0_avx2, one_Q8_0) ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K)
+ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K) ROWS_FROM_ONE(dot_Q5_K_avx2, one_Q5_K)
+
+const dot_fn avx2_dots[N_TYPES] = {
+    [Q4_0] = dot_Q4_0_avx2, [Q4_1] = dot_Q4_1_avx2, [Q5_0] = dot_Q5_0_avx2,
+    [Q5_1] = dot_Q5_1_avx2, [Q8_0] = dot_Q8_0_avx2, [Q2_K] = dot_Q2_K_avx2,
+    [Q3_K] = dot_Q3_K_avx2, [Q4_K] = dot_Q4_K_avx2, [Q5_K] = dot_Q5_K_avx2,
+    [Q6_K] = dot_Q6_K_avx2,
+};
+#else
+int avx2_compiled(void) { return 0; }
+const dot_fn avx2_dots[N_TYPES] = {0};
+#endif

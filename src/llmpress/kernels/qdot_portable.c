@@ -1,0 +1,169 @@
+/* Portable C kernels (any CPU) and the shared pieces: block sizes, half floats, and the
+ * quantization of activation rows. See qdot.h for the scheme. */
+#include <math.h>
+
+#include "qdot.h"
+
+float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000 | (man << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (man) {  /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    } else bits = sign;
+    float f; memcpy(&f, &bits, 4); return f;
+}
+
+int64_t qtype_block_bytes(int type) {
+    switch (type) {
+    case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22;
+    case Q5_1: return 24; case Q8_0: return 34;
+    case Q2_K: return 84; case Q3_K: return 110; case Q4_K: return 144; case Q5_K: return 176; case Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+static int is_k_quant(int type) { return type >= Q2_K && type <= Q6_K; }
+int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
+int64_t qtype_act_block(int type) { return qtype_block_values(type); }
+
+/* Symmetric 8-bit blocks: d = max|x| / 127, code = round(x / d). */
+void quantize_rows(const float *x, int64_t K, int64_t T, int64_t block, int8_t *q, float *d,
+                   int16_t *bsum) {
+    for (int64_t b = 0; b < T * K / block; b++) {
+        const float *xb = x + b * block;
+        float amax = 0;
+        for (int64_t j = 0; j < block; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float scale = amax / 127.0f, inverse = amax > 0 ? 127.0f / amax : 0.0f;
+        d[b] = scale;
+        for (int64_t g = 0; g < block / 16; g++) {
+            int sum = 0;
+            for (int j = 0; j < 16; j++) {
+                const float v = xb[g * 16 + j] * inverse;
+                const int c = (int)(v + (v >= 0 ? 0.5f : -0.5f));  /* round half away from 0 */
+                q[b * block + g * 16 + j] = (int8_t)c;
+                sum += c;
+            }
+            bsum[b * block / 16 + g] = (int16_t)sum;
+        }
+    }
+}
+
+/* One k-quant super-block as unsigned codes with integer scales and mins per 16 values:
+ * value_i = d * scale[i/16] * code_i - dmin * min[i/16]. Q6_K's and Q3_K's signed codes
+ * (code - 32, code - 4) become mins of 32 * scale and 4 * scale with dmin = d. */
+static void unpack_k_block(int type, const uint8_t *b, uint8_t *codes, int *scale, int *min,
+                           float *d, float *dmin) {
+    if (type == Q6_K) {
+        *d = *dmin = read_half(b + 208);
+        for (int i = 0; i < 256; i++) {
+            const int half = i / 128, k = (i % 128) / 32, l = i % 32;
+            const int low = (b[half * 64 + (k & 1) * 32 + l] >> (4 * (k >> 1))) & 15;
+            const int high = (b[128 + half * 32 + l] >> (2 * k)) & 3;
+            codes[i] = (uint8_t)(low | (high << 4));
+        }
+        for (int g = 0; g < 16; g++) { scale[g] = ((const int8_t *)(b + 192))[g]; min[g] = 32 * scale[g]; }
+    } else if (type == Q3_K) {
+        *d = *dmin = read_half(b + 108);
+        for (int i = 0; i < 256; i++) {
+            const int half = i / 128, k = (i % 128) / 32, l = i % 32;
+            const int low = (b[32 + half * 32 + l] >> (2 * k)) & 3, high = (b[l] >> (i / 32)) & 1;
+            codes[i] = (uint8_t)(low | (high << 2));
+        }
+        for (int g = 0; g < 16; g++) { scale[g] = q3_k_scale(b + 96, g); min[g] = 4 * scale[g]; }
+    } else if (type == Q2_K) {
+        *d = read_half(b + 80); *dmin = read_half(b + 82);
+        for (int i = 0; i < 256; i++) {
+            const int half = i / 128, k = (i % 128) / 32, l = i % 32;
+            codes[i] = (b[16 + half * 32 + l] >> (2 * k)) & 3;
+        }
+        for (int g = 0; g < 16; g++) { scale[g] = b[g] & 15; min[g] = b[g] >> 4; }
+    } else {  /* Q4_K, Q5_K: 8 sub-blocks of 32 */
+        *d = read_half(b); *dmin = read_half(b + 2);
+        const uint8_t *qh = b + 16, *qs = b + (type == Q5_K ? 48 : 16);
+        for (int j = 0; j < 8; j++) {
+            int sc, mn;
+            k4_scale_min(b + 4, j, &sc, &mn);
+            scale[2 * j] = scale[2 * j + 1] = sc;
+            min[2 * j] = min[2 * j + 1] = mn;
+            for (int l = 0; l < 32; l++) {
+                int c = (qs[(j / 2) * 32 + l] >> (4 * (j & 1))) & 15;
+                if (type == Q5_K) c |= ((qh[l] >> j) & 1) << 4;
+                codes[j * 32 + l] = (uint8_t)c;
+            }
+        }
+    }
+}
+
+static float dot_k_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
+    const int64_t bb = qtype_block_bytes(type);
+    float total = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t codes[256];
+        int scale[16], min[16];
+        float d, dmin;
+        unpack_k_block(type, row + b * bb, codes, scale, min, &d, &dmin);
+        const int8_t *q = x.q + b * 256;
+        int32_t scaled = 0, mins = 0;
+        for (int g = 0; g < 16; g++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 16; j++) sum += codes[g * 16 + j] * q[g * 16 + j];
+            scaled += scale[g] * sum;
+            mins += min[g] * x.bsum[b * 16 + g];
+        }
+        total += x.d[b] * (d * (float)scaled - dmin * (float)mins);
+    }
+    return total;
+}
+
+/* One 32-value block as codes with value_i = d * code_i + m. */
+static void unpack_block(int type, const uint8_t *blk, int *codes, float *d, float *m) {
+    const uint8_t *qs;
+    uint32_t qh = 0;
+    *d = read_half(blk);
+    switch (type) {
+    case Q8_0:
+        *m = 0;
+        for (int j = 0; j < 32; j++) codes[j] = ((const int8_t *)(blk + 2))[j];
+        return;
+    case Q4_0: *m = -8 * *d; qs = blk + 2; break;
+    case Q4_1: *m = read_half(blk + 2); qs = blk + 4; break;
+    case Q5_0: *m = -16 * *d; memcpy(&qh, blk + 2, 4); qs = blk + 6; break;
+    default:   *m = read_half(blk + 2); memcpy(&qh, blk + 4, 4); qs = blk + 8; break;
+    }
+    for (int j = 0; j < 16; j++) {
+        codes[j] = (qs[j] & 15) | (((qh >> j) & 1) << 4);
+        codes[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+    }
+}
+
+static float dot_legacy_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
+    const int64_t bb = qtype_block_bytes(type);
+    float total = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        int codes[32];
+        float d, m;
+        unpack_block(type, row + b * bb, codes, &d, &m);
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) sum += codes[j] * x.q[b * 32 + j];
+        total += x.d[b] * (d * (float)sum + m * (float)(x.bsum[2 * b] + x.bsum[2 * b + 1]));
+    }
+    return total;
+}
+
+#define PORTABLE(T, KIND) \
+    static float one_##T(const uint8_t *row, QRow x, int64_t nb) { \
+        return dot_##KIND##_portable(T, row, x, nb); } \
+    ROWS_FROM_ONE(dot_##T##_portable, one_##T)
+PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5_1, legacy)
+PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
+PORTABLE(Q6_K, k)
+
+const dot_fn portable_dots[N_TYPES] = {
+    [Q4_0] = dot_Q4_0_portable, [Q4_1] = dot_Q4_1_portable, [Q5_0] = dot_Q5_0_portable,
+    [Q5_1] = dot_Q5_1_portable, [Q8_0] = dot_Q8_0_portable, [Q2_K] = dot_Q2_K_portable,
+    [Q3_K] = dot_Q3_K_portable, [Q4_K] = dot_Q4_K_portable, [Q5_K] = dot_Q5_K_portable,
+    [Q6_K] = dot_Q6_K_portable,
+};

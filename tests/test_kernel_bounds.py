@@ -1,0 +1,140 @@
+"""The C entry points refuse inconsistent descriptions with an error code (turned into one
+LlmpressError line) instead of reading or writing outside their buffers."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from tiny import quantized, save_tiny_hf_model
+
+from llmpress.errors import LlmpressError
+from llmpress.formats import get_format
+from llmpress.io.hf import load_hf_dir
+from llmpress.kernels import cpu
+from llmpress.models.llama import LlamaModel
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C kernel was not built")
+
+
+def packed_weights(ggml_type, n: int, k: int) -> torch.Tensor:
+    values = torch.randn(n, k, generator=torch.Generator().manual_seed(0)).numpy()
+    return torch.from_numpy(get_format(ggml_type).quantize(values)).view(n, -1)
+
+
+def call_qmatmul(rows, ggml_type, x, n_threads=1, n_rows=None, k=None):
+    """llmpress_qmatmul with every argument under the test's control."""
+    weights = cpu.FusedWeights([(rows, ggml_type)])
+    if n_rows is not None:
+        weights.sizes[0] = n_rows
+    T, K = x.shape
+    y = torch.empty(T, weights.sizes[0])
+    return cpu._library().llmpress_qmatmul(1, weights.types, weights.pointers, weights.sizes,
+                                           weights.bytes, x.data_ptr(), x.numel(), y.data_ptr(),
+                                           y.numel(), K if k is None else k, T, n_threads)
+
+
+def test_qmatmul_accepts_a_consistent_call():
+    rows = packed_weights(GGMLQuantizationType.Q4_K, 8, 256)
+    assert call_qmatmul(rows, GGMLQuantizationType.Q4_K, torch.randn(2, 256)) == 0
+
+
+@pytest.mark.parametrize("case, code", [
+    ("unsupported type", -1), ("K not a multiple of the block", -2), ("no rows", -2),
+    ("more rows than bytes", -3), ("weights too short", -3), ("x shorter than K * T", -3),
+    ("no threads", -4)])
+def test_qmatmul_refuses(case, code):
+    t = GGMLQuantizationType.Q4_K
+    rows, x = packed_weights(t, 8, 256), torch.randn(2, 256)
+    kwargs = {}
+    if case == "unsupported type":
+        rows, t = packed_weights(GGMLQuantizationType.IQ4_NL, 8, 256), GGMLQuantizationType.IQ4_NL
+    elif case == "K not a multiple of the block":
+        rows, t, x = packed_weights(GGMLQuantizationType.Q4_0, 8, 96), GGMLQuantizationType.Q4_0, torch.randn(2, 96)
+        kwargs["k"] = 80
+    elif case == "no rows":
+        kwargs["n_rows"] = 0
+    elif case == "more rows than bytes":
+        kwargs["n_rows"] = 9
+    elif case == "weights too short":
+        rows = rows[:, :-1].contiguous()
+    elif case == "x shorter than K * T":
+        kwargs["k"] = 512
+    elif case == "no threads":
+        kwargs["n_threads"] = 0
+    assert call_qmatmul(rows, t, x, **kwargs) == code
+    with pytest.raises(LlmpressError, match=cpu.ERRORS[code]):
+        cpu.check(code, "matmul")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    src = quantized(load_hf_dir(save_tiny_hf_model(tmp_path_factory.mktemp("llama"), "llama")),
+                    GGMLQuantizationType.Q8_0)
+    return LlamaModel(src, "fast")
+
+
+def decode_status(model, cache, pos=None, n_threads=1, x=None):
+    decoder = model.decoder
+    decoder._bind(cache)
+    x = torch.zeros(model.cfg.dim) if x is None else x
+    angles = torch.zeros(model.cfg.rope_dim // 2)
+    return cpu._library().llmpress_decode(
+        ctypes.byref(decoder.shape), decoder.layers, len(decoder.layers), x.data_ptr(),
+        x.numel(), cache.length if pos is None else pos, angles.data_ptr(), angles.data_ptr(),
+        n_threads)
+
+
+@pytest.mark.parametrize("case, code", [
+    ("consistent", 0), ("no KV heads", -7), ("heads not a multiple of KV heads", -7),
+    ("rope wider than a head", -7), ("odd rope", -7), ("position past the cache", -8),
+    ("negative position", -8), ("no threads", -4), ("weights too short", -3),
+    ("cache smaller than said", -3), ("x not dim long", -3), ("zero dim", -2)])
+def test_decode_refuses(model, case, code):
+    cache = model.new_cache(8)
+    decode_status(model, cache)  # bind the cache first
+    shape, layer = model.decoder.shape, model.decoder.layers[0]
+    saved = (shape.dim, shape.rope_dim, layer.n_kv, layer.n_heads, layer.weight_bytes[0],
+             layer.cache_floats)
+    kwargs = {}
+    if case == "no KV heads":
+        layer.n_kv = 0
+    elif case == "heads not a multiple of KV heads":
+        layer.n_heads = layer.n_kv * 2 + 1
+    elif case == "rope wider than a head":
+        shape.rope_dim = shape.head_dim + 2
+    elif case == "odd rope":
+        shape.rope_dim -= 1
+    elif case == "position past the cache":
+        kwargs["pos"] = 8
+    elif case == "negative position":
+        kwargs["pos"] = -1
+    elif case == "no threads":
+        kwargs["n_threads"] = 0
+    elif case == "weights too short":
+        layer.weight_bytes[0] -= 1
+    elif case == "cache smaller than said":
+        layer.cache_floats += 1
+    elif case == "x not dim long":
+        kwargs["x"] = torch.zeros(model.cfg.dim - 1)
+    elif case == "zero dim":
+        shape.dim = 0
+    try:
+        assert decode_status(model, cache, **kwargs) == code
+    finally:
+        (shape.dim, shape.rope_dim, layer.n_kv, layer.n_heads, layer.weight_bytes[0],
+         layer.cache_floats) = saved
+
+
+def test_a_refused_step_raises_llmpress_error(model):
+    cache = model.new_cache(4)
+    model.decoder._bind(cache)
+    model.decoder.layers[0].n_kv = 0
+    try:
+        with pytest.raises(LlmpressError, match="fused decode step: inconsistent head counts"):
+            model.decoder.step(torch.zeros(model.cfg.dim), cache, torch.ones(model.cfg.rope_dim // 2,
+                                                                               dtype=torch.complex64))
+    finally:
+        model.decoder.layers[0].n_kv = model.cfg.layers[0].n_kv_heads

@@ -1,0 +1,135 @@
+"""The integer matmul kernels (kernels/qdot_*.c) for every weight type and every
+instruction set this CPU runs (forced one at a time, as LLMPRESS_KERNEL_ISA does).
+
+Two references, both independent of the C code:
+- the same 8-bit activation rounding written here in numpy (symmetric blocks of 256 for
+  k-quants, 32 for the legacy types), times the exactly dequantized weights in float64:
+  the kernel must agree to float32 rounding, which checks its integer arithmetic;
+- exact mode (dequantize + float GEMM): the kernel must stay within the activation
+  rounding's noise of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from llmpress.errors import LlmpressError
+from llmpress.formats import get_format
+from llmpress.io.gguf import load_gguf
+from llmpress.kernels import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C kernel was not built")
+
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+K_QUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+
+
+@pytest.fixture(params=["portable", "avx2"])
+def isa(request):
+    if request.param not in cpu.isas_here():
+        pytest.skip(f"this CPU has no {request.param}")
+    cpu.use_isa(request.param)
+    yield request.param
+    cpu.use_isa("auto")
+
+
+def rounding_steps(x: np.ndarray, block: int) -> np.ndarray:
+    """Each activation's code step d = max|x| / 127 of its block."""
+    blocks = np.abs(x.reshape(-1, block)).astype(np.float64)
+    return np.repeat(blocks.max(axis=1) / 127, block).reshape(x.shape)
+
+
+def quantized_activations(x: np.ndarray, block: int) -> np.ndarray:
+    """x rounded as the kernel rounds it: per block, d = max|x| / 127, code = round(x / d)
+    (halves away from zero), back to floats as d * code."""
+    blocks = x.reshape(-1, block).astype(np.float32)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+    inverse = np.where(d > 0, np.float32(127) / np.abs(blocks).max(axis=1, keepdims=True), 0)
+    scaled = (blocks * inverse).astype(np.float32)
+    codes = np.trunc(scaled + np.where(scaled >= 0, 0.5, -0.5).astype(np.float32))
+    return (codes * d).reshape(x.shape).astype(np.float64)
+
+
+def run_kernel(packed: torch.Tensor, ggml_type, n_rows: int, x: np.ndarray) -> np.ndarray:
+    rows = packed.view(n_rows, -1)
+    weights = cpu.FusedWeights([(rows, ggml_type)])
+    return cpu.qmatmul(weights, torch.from_numpy(x.astype(np.float32))).double().numpy()
+
+
+def check_against_references(packed, ggml_type, shape, x):
+    n, k = shape
+    dense = get_format(ggml_type).dequantize(packed, shape).double().numpy()
+    block = 256 if ggml_type.name in K_QUANTS else 32
+    expected = quantized_activations(x, block) @ dense.T
+    exact = x.astype(np.float64) @ dense.T
+    got = run_kernel(packed, ggml_type, n, x)
+    scale = np.abs(exact).max()
+    assert np.abs(got - expected).max() <= 2e-5 * scale, np.abs(got - expected).max() / scale
+    # activation rounding moves each x by at most half its block's code step
+    bound = np.abs(dense) @ (rounding_steps(x, block) / 2).T  # (n, T)
+    assert np.all(np.abs(got - exact) <= bound.T + 2e-5 * scale)
+    assert np.abs(got - exact).max() > 0  # the rounding is real: this is not exact mode
+    return got
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_random_blocks(isa, type_name):
+    rng = np.random.default_rng(0)
+    ggml_type = GGMLQuantizationType[type_name]
+    shape = (37, 512)  # 37 rows: not a multiple of the thread count
+    weights = rng.standard_normal(shape).astype(np.float32)
+    packed = torch.from_numpy(get_format(ggml_type).quantize(weights).reshape(-1))
+    for n_rows in (1, 3, 20):  # decode and a few prompt rows
+        x = rng.standard_normal((n_rows, shape[1])).astype(np.float32) * rng.uniform(0.1, 10)
+        x[0, :7] = 0  # an all-zero start must not divide by zero
+        check_against_references(packed, ggml_type, shape, x)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_isas_agree(type_name):
+    """Every instruction set computes the same integer sums: results equal to float
+    rounding of the final additions."""
+    isas = cpu.isas_here()
+    rng = np.random.default_rng(1)
+    ggml_type = GGMLQuantizationType[type_name]
+    weights = rng.standard_normal((16, 1024)).astype(np.float32)
+    packed = torch.from_numpy(get_format(ggml_type).quantize(weights).reshape(-1))
+    x = rng.standard_normal((2, 1024)).astype(np.float32)
+    results = []
+    for name in isas:
+        cpu.use_isa(name)
+        results.append(run_kernel(packed, ggml_type, 16, x))
+    cpu.use_isa("auto")
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], rtol=1e-5, atol=1e-5 * np.abs(results[0]).max())
+
+
+def test_real_model_rows(isa, default_model_path):
+    """Rows of every matmul type in the default model (legacy types and the k-quant
+    ffn_down), with activations shaped like the real ones (a few large outliers)."""
+    src = load_gguf(default_model_path)
+    seen = {}
+    for name, ref in src.tensors.items():
+        if len(ref.shape) == 2 and cpu.supports(ref.ggml_type) and ref.ggml_type not in seen:
+            seen[ref.ggml_type] = ref
+    assert {t.name for t in seen} >= {"Q4_1", "Q6_K"} or len(seen) >= 2, seen
+    rng = np.random.default_rng(2)
+    for ggml_type, ref in seen.items():
+        rows = ref.read_bytes().view(ref.shape[0], -1)[:64].reshape(-1)
+        shape = (64, ref.shape[1])
+        x = rng.standard_normal((2, shape[1])).astype(np.float32)
+        x[:, rng.integers(0, shape[1], 4)] *= 30  # outlier channels, as in real activations
+        check_against_references(rows, ggml_type, shape, x)
+
+
+def test_forcing_an_unknown_isa_is_a_clear_error():
+    with pytest.raises(LlmpressError, match="unknown kernel instruction set"):
+        cpu.use_isa("sse9")
+
+
+def test_kernel_info_names_the_path():
+    info = cpu.kernel_info()
+    assert info["isa"] in info["available"] and "portable" in info["available"]
