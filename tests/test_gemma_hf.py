@@ -85,9 +85,16 @@ def test_tiny_gemma_matches_transformers(case, tmp_path):
     _, our_tokens = greedy(ours, prompt, GREEDY_STEPS)  # one token a step, the KV cache
     assert our_tokens == hf_tokens
 
-    # fast mode: the packed Q8_0 kernels against exact mode on the same Q8_0 weights
+    # fast mode: the packed Q8_0 kernels (8-bit activations, as llama.cpp's) against exact
+    # mode on the same Q8_0 weights, both reading exact mode's greedy continuation
     q8 = quantized(source, GGMLQuantizationType.Q8_0)
-    exact_logits, exact_tokens = greedy(GemmaModel(q8, mode="exact"), prompt, GREEDY_STEPS)
-    fast_logits, fast_tokens = greedy(GemmaModel(q8, mode="fast"), prompt, GREEDY_STEPS)
-    assert fast_tokens == exact_tokens
-    torch.testing.assert_close(fast_logits, exact_logits, rtol=0, atol=1e-3 * scale)
+    exact = GemmaModel(q8, mode="exact")
+    _, exact_tokens = greedy(exact, prompt, GREEDY_STEPS)
+    sequence = torch.cat([prompt, torch.tensor([exact_tokens])], dim=1)
+    exact_logits = exact(sequence, exact.new_cache(sequence.shape[1]))[0]
+    fast = GemmaModel(q8, mode="fast")
+    fast_logits = fast(sequence, fast.new_cache(sequence.shape[1]))[0]
+    relative = ((fast_logits - exact_logits).abs().max() / scale).item()
+    same_top1 = (fast_logits.argmax(-1) == exact_logits.argmax(-1)).float().mean().item()
+    print(f"fast vs exact: max |diff| {relative:.3g} of the logit scale, same top-1 {same_top1:.1%}")
+    assert relative <= 0.06 and same_top1 >= 0.95  # measured: 0.020-0.039, 100%

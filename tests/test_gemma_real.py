@@ -20,7 +20,6 @@ from conftest import write_f32_gguf
 
 from llmpress import hub
 from llmpress.api import load
-from llmpress.kernels.linear import KERNEL_MAX_ROWS
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -115,30 +114,35 @@ def test_exact_matches_llama_cpp(llama_f32, exact, windows):
     assert kld <= 1e-4
 
 
-def test_fast_mode_close_to_exact(gemma_path, exact, windows):
-    """Fast mode's packed kernels (prompt chunks, then one token at a time) vs exact."""
+def test_fast_mode_costs_no_more_than_llama_cpp(gemma_path, exact, windows):
+    """Fast mode (8-bit activations into the packed kernels, as llama.cpp's) against exact
+    mode on a 1,024-token window, next to llama.cpp on the same Q4_K_M file against the
+    same exact logits: the price of the integer kernels, ours beside theirs."""
+    ids = windows[0]
+    base = chunked_logits(exact.model, ids, CHUNK)
     fast = load(gemma_path, mode="fast", device="cpu", ctx=WINDOW).model
-    ids = windows[0][:FAST_TOKENS]
-    ours = chunked_logits(fast, ids, KERNEL_MAX_ROWS)
-    steps = chunked_logits(fast, ids, 1)  # the decode path: one token per call
-    base = chunked_logits(exact.model, ids, FAST_TOKENS)
-    kld, top1 = kl_top1_sums(base, ours)
-    kld_steps, top1_steps = kl_top1_sums(base, steps)
-    print(f"\nGemma 3 270M fast vs exact, {FAST_TOKENS} tokens: mean KLD {kld / FAST_TOKENS:.3g} "
-          f"(one token a step: {kld_steps / FAST_TOKENS:.3g}), top-1 {top1}/{FAST_TOKENS} "
-          f"({top1_steps}/{FAST_TOKENS})")
-    # the kernels multiply the packed weights with float32 activations: float rounding only
-    assert kld / FAST_TOKENS <= 1e-6 and kld_steps / FAST_TOKENS <= 1e-6
-    assert top1 == top1_steps == FAST_TOKENS
+    kld, top1 = kl_top1_sums(base, chunked_logits(fast, ids, CHUNK))
+    steps = chunked_logits(fast, ids[:FAST_TOKENS], 1)  # the decode path: one token per call
+    kld_steps, top1_steps = kl_top1_sums(base[:FAST_TOKENS], steps)
+    llm = llama_cpp.Llama(str(gemma_path), logits_all=True, n_ctx=WINDOW, n_batch=WINDOW,
+                          n_threads=2, verbose=False)
+    llm.eval(ids)
+    theirs, their_top1 = kl_top1_sums(base, torch.from_numpy(np.array(llm.scores[:WINDOW],
+                                                                      dtype=np.float32)))
+    n = len(ids)
+    print(f"\nGemma 3 270M fast vs exact, {n} tokens: mean KLD {kld / n:.3g}, top-1 {top1 / n:.2%}"
+          f" (llama.cpp on the same file: {theirs / n:.3g}, {their_top1 / n:.2%}); one token a "
+          f"step over {FAST_TOKENS}: {kld_steps / FAST_TOKENS:.3g}, top-1 {top1_steps}")
+    assert 0 < kld / n <= 1.25 * theirs / n  # equal up to the noise of one window
+    assert kld_steps / FAST_TOKENS <= 2 * theirs / n and top1_steps >= 0.9 * FAST_TOKENS
 
 
-def test_greedy_decoding_matches_llama_cpp(gemma_path, llama_f32, windows):
-    """32 greedy steps of fast mode (KV cache, one token at a time); then one llama.cpp
+def test_greedy_decoding_matches_llama_cpp(exact, llama_f32, windows):
+    """32 greedy steps of exact mode (KV cache, one token at a time); then one llama.cpp
     pass over prompt + continuation on the F32 file must pick each next token the same
     way (its teacher-forced argmax at every step is what its greedy decoding takes)."""
     prompt = windows[1][:GREEDY_PROMPT]
-    fast = load(gemma_path, mode="fast", device="cpu", ctx=256)
-    ours = fast.generate(prompt, max_tokens=GREEDY_STEPS, temperature=0).token_ids
+    ours = exact.generate(prompt, max_tokens=GREEDY_STEPS, temperature=0).token_ids
     assert len(ours) == GREEDY_STEPS
     llama_f32.reset()
     llama_f32.eval(prompt + ours)

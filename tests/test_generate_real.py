@@ -10,11 +10,19 @@ import torch
 
 import llmpress
 from llmpress.errors import LlmpressError
+from llmpress.kernels import cpu
 
 
 @pytest.fixture(scope="module")
 def lm(default_model_path):
     return llmpress.load(default_model_path, ctx=512)
+
+
+@pytest.fixture(scope="module")
+def exact_lm(default_model_path):
+    """Fast mode's 8-bit activations flip near-ties as llama.cpp's do (on the question below
+    both answer "L'Étoile, ..."); the float32 reference answers "Paris"."""
+    return llmpress.load(default_model_path, ctx=512, mode="exact")
 
 
 def chat(lm, text):
@@ -31,8 +39,9 @@ def test_streamed_chunks_concatenate_to_the_generated_answer(lm):
     assert all(c.finish_reason is None for c in chunks[:-1])
 
 
-def test_chat_answer_ends_at_end_of_turn(lm):
-    answer = lm.generate(chat(lm, "What is the capital of France?"), max_tokens=64, temperature=0)
+def test_chat_answer_ends_at_end_of_turn(exact_lm):
+    answer = exact_lm.generate(chat(exact_lm, "What is the capital of France?"), max_tokens=64,
+                               temperature=0)
     assert answer.finish_reason == "stop"
     assert "Paris" in answer.text and "<|im_end|>" not in answer.text
 
@@ -74,13 +83,15 @@ def test_fast_mode_logits_match_exact_mode(lm, default_model_path, wikitext_byte
     exact = llmpress.load(default_model_path, mode="exact", ctx=512)
     ids = lm.encode(wikitext_bytes[:3000].decode("utf-8"))[:200]
     fast_logits, exact_logits = lm.logits(ids), exact.logits(ids)
-    # prefill of 200 tokens takes the dequantize + GEMM path; check the kernel path too,
-    # one token at a time
+    # 8-bit activations cost what llama.cpp's do (test_kernel_kld measures both) ...
+    base = exact_logits.double().log_softmax(-1)
+    kld = (base.exp() * (base - fast_logits.double().log_softmax(-1))).sum(-1).mean().item()
+    same_top1 = (fast_logits.argmax(-1) == exact_logits.argmax(-1)).float().mean().item()
+    assert kld <= 0.01 and same_top1 >= 0.9, (kld, same_top1)
+    # ... and one token at a time gives the very bits of the 200-token prefill
     cache = lm.model.new_cache(16)
     stepwise = torch.cat([lm.model(torch.tensor([[t]]), cache)[0] for t in ids[:16]])
-    assert torch.allclose(fast_logits, exact_logits, atol=1e-3, rtol=1e-4)
-    assert torch.allclose(stepwise, exact_logits[:16], atol=1e-3, rtol=1e-4)
-    assert (stepwise.argmax(-1) == exact_logits[:16].argmax(-1)).all()
+    assert torch.equal(stepwise, fast_logits[:16])
 
 
 def test_cli_run_streams_the_same_greedy_answer(lm, default_model_path):
@@ -101,3 +112,5 @@ def test_cli_info_json(default_model_path):
     types = {t["type_name"]: t["count"] for t in info["tensor_types"]}
     assert types == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
     assert info["has_chat_template"] and info["context_length"] == 8192
+    isa = cpu.kernel_info()["isa"]  # the kernel .so is built (CI checks it), so never None
+    assert info["matmul"] == f"fast: C kernels ({isa}, 8-bit activations) + all layers in one call"

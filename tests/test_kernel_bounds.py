@@ -76,21 +76,22 @@ def model(tmp_path_factory):
     return LlamaModel(src, "fast")
 
 
-def decode_status(model, cache, pos=None, n_threads=1, x=None):
+def decode_status(model, cache, pos=None, n_threads=1, x=None, n_tokens=1, angle_floats=None):
     decoder = model.decoder
     decoder._bind(cache)
-    x = torch.zeros(model.cfg.dim) if x is None else x
-    angles = torch.zeros(model.cfg.rope_dim // 2)
-    return cpu._library().llmpress_decode(
+    x = torch.zeros(model.cfg.dim * n_tokens) if x is None else x
+    angles = torch.zeros(model.cfg.rope_dim // 2 * n_tokens)
+    return cpu._library().llmpress_forward(
         ctypes.byref(decoder.shape), decoder.layers, len(decoder.layers), x.data_ptr(),
-        x.numel(), cache.length if pos is None else pos, angles.data_ptr(), angles.data_ptr(),
-        n_threads)
+        x.numel(), cache.length if pos is None else pos, n_tokens, angles.data_ptr(),
+        angles.data_ptr(), angles.numel() if angle_floats is None else angle_floats, n_threads)
 
 
 @pytest.mark.parametrize("case, code", [
     ("consistent", 0), ("no KV heads", -7), ("heads not a multiple of KV heads", -7),
     ("rope wider than a head", -7), ("odd rope", -7), ("position past the cache", -8),
-    ("negative position", -8), ("no threads", -4), ("weights too short", -3),
+    ("negative position", -8), ("tokens past the cache", -8), ("no tokens", -3),
+    ("angles for fewer tokens", -3), ("no threads", -4), ("weights too short", -3),
     ("cache smaller than said", -3), ("x not dim long", -3), ("zero dim", -2)])
 def test_decode_refuses(model, case, code):
     cache = model.new_cache(8)
@@ -111,6 +112,12 @@ def test_decode_refuses(model, case, code):
         kwargs["pos"] = 8
     elif case == "negative position":
         kwargs["pos"] = -1
+    elif case == "tokens past the cache":
+        kwargs.update(pos=5, n_tokens=4)
+    elif case == "no tokens":
+        kwargs.update(n_tokens=0, x=torch.zeros(model.cfg.dim))
+    elif case == "angles for fewer tokens":
+        kwargs.update(n_tokens=2, angle_floats=model.cfg.rope_dim // 2)
     elif case == "no threads":
         kwargs["n_threads"] = 0
     elif case == "weights too short":
@@ -133,8 +140,8 @@ def test_a_refused_step_raises_llmpress_error(model):
     model.decoder._bind(cache)
     model.decoder.layers[0].n_kv = 0
     try:
-        with pytest.raises(LlmpressError, match="fused decode step: inconsistent head counts"):
-            model.decoder.step(torch.zeros(model.cfg.dim), cache, torch.ones(model.cfg.rope_dim // 2,
-                                                                               dtype=torch.complex64))
+        with pytest.raises(LlmpressError, match="fused decoder layers: inconsistent head counts"):
+            model.decoder.forward(torch.zeros(1, model.cfg.dim), cache,
+                                  torch.ones(1, model.cfg.rope_dim // 2, dtype=torch.complex64))
     finally:
         model.decoder.layers[0].n_kv = model.cfg.layers[0].n_kv_heads

@@ -22,6 +22,7 @@ from llmpress.errors import LlmpressError
 from llmpress.io.loader import load_source, load_tokenizer
 from llmpress.io.source import ModelSource
 from llmpress.kernels.device import default_device
+from llmpress.kernels.linear import matmul_path
 from llmpress.models.family import build_model
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import json_schema_grammar
@@ -68,6 +69,7 @@ class ModelInfo:
     tensor_bytes: int
     tensor_types: tuple[TensorTypeSummary, ...]
     has_chat_template: bool
+    matmul: str = ""  # how the matmuls run: mode, kernel instruction set
 
     @property
     def bits_per_weight(self) -> float:
@@ -164,6 +166,7 @@ class LanguageModel:
             tensor_bytes=sum(size.values()),
             tensor_types=tuple(TensorTypeSummary(t, count[t], size[t]) for t in sorted(count)),
             has_chat_template=bool(self.tokenizer.chat_template),
+            matmul=matmul_path(self.model, self.mode),
         )
 
 

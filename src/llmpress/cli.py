@@ -98,6 +98,7 @@ def cmd_info(args) -> None:
         ("context length", f"{info.context_length:,}"), ("file size", _mib(info.file_bytes)),
         ("bits per weight", f"{info.bits_per_weight:.2f}"),
         ("chat template", "yes" if info.has_chat_template else "no"),
+        ("matmuls", info.matmul),
     ]
     for key, value in rows:
         table.add_row(key, str(value))

@@ -1,20 +1,23 @@
-/* One decode step (a single new token) through every decoder layer in one call.
+/* The decoder layers of a Llama-family model for T new tokens in one call: a prompt's
+ * prefill (T rows) and each generated token (T = 1) take the same path.
  *
- * Mirrors LlamaModel's layer (models/llama.py) operation for operation — RMSNorm, fused
+ * Mirrors LlamaModel's layer (models/llama.py) operation for operation: RMSNorm, fused
  * q/k/v matmul (+ Qwen2 biases, Qwen3 q/k norms), RoPE, KV-cache append, grouped-query
- * attention, output projection, RMSNorm, SiLU-gated FFN — so that generating a token
- * costs one call from Python instead of ~30 small torch operations per layer, whose
- * fixed overheads otherwise exceed the matmuls themselves on a small model.
- * Matmuls use qmatmul.c's integer row kernels on activations quantized once per group. The whole step is one
- * OpenMP parallel region: matmul rows and attention heads are shared out among the
- * threads, the small vector work between them runs on one thread (`omp single`), and the
- * implicit barriers keep the order: one fork/join per token instead of one per matmul
- * (worth about 2% on the default model with 2 threads; the matmuls dominate).
+ * attention, output projection, RMSNorm, SiLU-gated FFN. One call from Python instead of
+ * ~30 small torch operations per layer, whose fixed overheads otherwise exceed the
+ * matmuls on a small model. Matmuls use qmatmul.c's integer kernels on activations
+ * quantized once per row and group (q/k/v share one, gate/up share one). The whole call
+ * is one OpenMP parallel region: rows, matmul tiles and (row, head) attention pairs are
+ * shared out among the threads, and the implicit barriers of the `omp for` loops keep
+ * the order.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "qmatmul.h"
 
@@ -69,31 +72,26 @@ static void rope(float *v, int64_t n_heads, const DecodeShape *s, const float *c
     }
 }
 
-/* Softmax attention of each query head over positions 0..n_pos-1 of its KV head; heads
- * shared out among the threads. scores: n_heads * n_pos floats. */
-VECTOR_CLONES static void attend(const float *q, const DecodeLayer *L, const DecodeShape *s, int64_t n_pos,
-                   float *out, float *scores) {
-    const int64_t hd = s->head_dim, group = L->n_heads / L->n_kv;
+/* Softmax attention of query row t (at position pos + t) and head h over positions
+ * 0..pos+t of its KV head. scores: room for pos + t + 1 floats. */
+VECTOR_CLONES static void attend_one(const float *qh, const DecodeLayer *L, const DecodeShape *s,
+                                     int64_t h, int64_t n_pos, float *oh, float *scores) {
+    const int64_t hd = s->head_dim, kv = h / (L->n_heads / L->n_kv);
     const float scale = 1.0f / sqrtf((float)hd);
-#pragma omp for schedule(static)
-    for (int64_t h = 0; h < L->n_heads; h++) {
-        const float *qh = q + h * hd;
-        const float *keys = L->keys + (h / group) * s->max_tokens * hd;
-        const float *values = L->values + (h / group) * s->max_tokens * hd;
-        float *p = scores + h * n_pos, best = -INFINITY, total = 0;
-        for (int64_t t = 0; t < n_pos; t++) {
-            float dot = 0;
-            for (int64_t j = 0; j < hd; j++) dot += qh[j] * keys[t * hd + j];
-            p[t] = dot * scale;
-            best = p[t] > best ? p[t] : best;
-        }
-        for (int64_t t = 0; t < n_pos; t++) total += (p[t] = expf(p[t] - best));
-        float *oh = out + h * hd;
-        memset(oh, 0, sizeof(float) * (size_t)hd);
-        for (int64_t t = 0; t < n_pos; t++) {
-            const float w = p[t] / total;
-            for (int64_t j = 0; j < hd; j++) oh[j] += w * values[t * hd + j];
-        }
+    const float *keys = L->keys + kv * s->max_tokens * hd;
+    const float *values = L->values + kv * s->max_tokens * hd;
+    float best = -INFINITY, total = 0;
+    for (int64_t t = 0; t < n_pos; t++) {
+        float dot = 0;
+        for (int64_t j = 0; j < hd; j++) dot += qh[j] * keys[t * hd + j];
+        scores[t] = dot * scale;
+        best = scores[t] > best ? scores[t] : best;
+    }
+    for (int64_t t = 0; t < n_pos; t++) total += (scores[t] = expf(scores[t] - best));
+    memset(oh, 0, sizeof(float) * (size_t)hd);
+    for (int64_t t = 0; t < n_pos; t++) {
+        const float w = scores[t] / total;
+        for (int64_t j = 0; j < hd; j++) oh[j] += w * values[t * hd + j];
     }
 }
 
@@ -101,61 +99,91 @@ static void add_bias(float *v, const float *bias, int64_t n) {
     if (bias) for (int64_t i = 0; i < n; i++) v[i] += bias[i];
 }
 
-/* Scratch space of one step, shared by the threads. */
+static int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* Scratch space of one call, shared by the threads; every buffer holds T rows. */
 typedef struct {
-    float *xn, *qkv, *attn, *ffn, *scores;
+    float *xn, *qkv, *attn, *ffn, *hidden, *scores;
+    int64_t scores_per_thread;
     Activations acts;
 } Work;
 
-/* One layer, run by every thread of the region. */
-static void layer_step(const DecodeLayer *L, const DecodeShape *s, float *x, int64_t pos,
-                       const float *cos, const float *sin, Work *w) {
-    const int64_t dim = s->dim, hd = s->head_dim;
-    const int64_t nq = L->n_heads * hd, nkv = L->n_kv * hd;
-    float *q = w->qkv, *k = w->qkv + nq, *v = w->qkv + nq + nkv;
+/* q/k/v of row t: biases, Qwen3's q/k norms, RoPE at the row's position, and the key and
+ * value stored in the cache. */
+static void place_qkv(const DecodeLayer *L, const DecodeShape *s, float *q, float *k,
+                      const float *v, int64_t pos, const float *cos, const float *sin) {
+    const int64_t hd = s->head_dim, nq = L->n_heads * hd, nkv = L->n_kv * hd;
+    add_bias(q, L->q_bias, nq); add_bias(k, L->k_bias, nkv); add_bias((float *)v, L->v_bias, nkv);
+    if (L->q_norm) {
+        for (int64_t h = 0; h < L->n_heads; h++) rms_norm(q + h * hd, L->q_norm, hd, s->eps, q + h * hd);
+        for (int64_t h = 0; h < L->n_kv; h++) rms_norm(k + h * hd, L->k_norm, hd, s->eps, k + h * hd);
+    }
+    rope(q, L->n_heads, s, cos, sin);
+    rope(k, L->n_kv, s, cos, sin);
+    for (int64_t h = 0; h < L->n_kv; h++) {
+        memcpy(L->keys + (h * s->max_tokens + pos) * hd, k + h * hd, sizeof(float) * (size_t)hd);
+        memcpy(L->values + (h * s->max_tokens + pos) * hd, v + h * hd, sizeof(float) * (size_t)hd);
+    }
+}
 
-#pragma omp single
-    {
-        rms_norm(x, L->attn_norm, dim, s->eps, w->xn);
-        acts_quantize(&w->acts, 3, L->types + W_Q, w->xn, dim, 1);
-    }
+/* One layer for T token rows at positions pos..pos+T-1, run by every thread of the
+ * region. Every row goes through the same operations in the same order whatever T is
+ * and whichever thread takes it, so a token's result does not depend on how a prompt
+ * was split into calls: a prompt-cache hit or a one-token step gives the same bits as
+ * one long prefill. */
+static void layer_rows(const DecodeLayer *L, const DecodeShape *s, float *x, int64_t pos,
+                       int64_t T, const float *cos, const float *sin, Work *w) {
+    const int64_t dim = s->dim, hd = s->head_dim, half = s->rope_dim / 2;
+    const int64_t nq = L->n_heads * hd, nkv = L->n_kv * hd, nqkv = nq + 2 * nkv;
+    const int64_t ffn = L->ffn_dim;
+
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) rms_norm(x + t * dim, L->attn_norm, dim, s->eps, w->xn + t * dim);
+    acts_quantize(&w->acts, 3, L->types + W_Q, w->xn, dim, T);
     const int64_t sizes_qkv[3] = {nq, nkv, nkv};
-    qmatmul_rows(3, L->types + W_Q, L->weights + W_Q, sizes_qkv, &w->acts, w->qkv, dim, 1);
-#pragma omp single
-    {
-        add_bias(q, L->q_bias, nq); add_bias(k, L->k_bias, nkv); add_bias(v, L->v_bias, nkv);
-        if (L->q_norm) {
-            for (int64_t h = 0; h < L->n_heads; h++) rms_norm(q + h * hd, L->q_norm, hd, s->eps, q + h * hd);
-            for (int64_t h = 0; h < L->n_kv; h++) rms_norm(k + h * hd, L->k_norm, hd, s->eps, k + h * hd);
-        }
-        rope(q, L->n_heads, s, cos, sin);
-        rope(k, L->n_kv, s, cos, sin);
-        for (int64_t h = 0; h < L->n_kv; h++) {
-            memcpy(L->keys + (h * s->max_tokens + pos) * hd, k + h * hd, sizeof(float) * (size_t)hd);
-            memcpy(L->values + (h * s->max_tokens + pos) * hd, v + h * hd, sizeof(float) * (size_t)hd);
-        }
+    qmatmul_rows(3, L->types + W_Q, L->weights + W_Q, sizes_qkv, &w->acts, w->qkv, dim, T);
+    /* every row's key and value are in the cache before any row attends (rows see the
+     * keys of the rows before them) */
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *q = w->qkv + t * nqkv;
+        place_qkv(L, s, q, q + nq, q + nq + nkv, pos + t, cos + t * half, sin + t * half);
     }
-    attend(q, L, s, pos + 1, w->attn, w->scores);
-#pragma omp single
-    acts_quantize(&w->acts, 1, L->types + W_O, w->attn, nq, 1);
-    qmatmul_rows(1, L->types + W_O, L->weights + W_O, &dim, &w->acts, w->xn, nq, 1);
-#pragma omp single
-    {
-        for (int64_t i = 0; i < dim; i++) x[i] += w->xn[i];
-        rms_norm(x, L->ffn_norm, dim, s->eps, w->xn);
-        acts_quantize(&w->acts, 2, L->types + W_GATE, w->xn, dim, 1);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < L->n_heads; h++)
+            attend_one(w->qkv + t * nqkv + h * hd, L, s, h, pos + t + 1, w->attn + t * nq + h * hd,
+                       w->scores + thread_index() * w->scores_per_thread);
+    acts_quantize(&w->acts, 1, L->types + W_O, w->attn, nq, T);
+    qmatmul_rows(1, L->types + W_O, L->weights + W_O, &dim, &w->acts, w->xn, nq, T);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *xt = x + t * dim, *out = w->xn + t * dim;
+        for (int64_t i = 0; i < dim; i++) xt[i] += out[i];
+        rms_norm(xt, L->ffn_norm, dim, s->eps, out);
     }
-    const int64_t sizes_ffn[2] = {L->ffn_dim, L->ffn_dim};
-    qmatmul_rows(2, L->types + W_GATE, L->weights + W_GATE, sizes_ffn, &w->acts, w->ffn, dim, 1);
-    float *gate = w->ffn, *up = w->ffn + L->ffn_dim;
-#pragma omp single
-    {
-        for (int64_t i = 0; i < L->ffn_dim; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        acts_quantize(&w->acts, 1, L->types + W_DOWN, gate, L->ffn_dim, 1);
+    acts_quantize(&w->acts, 2, L->types + W_GATE, w->xn, dim, T);
+    const int64_t sizes_ffn[2] = {ffn, ffn};
+    qmatmul_rows(2, L->types + W_GATE, L->weights + W_GATE, sizes_ffn, &w->acts, w->ffn, dim, T);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *gate = w->ffn + t * 2 * ffn, *up = gate + ffn;
+        float *h = w->hidden + t * ffn;
+        for (int64_t i = 0; i < ffn; i++) h[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }
-    qmatmul_rows(1, L->types + W_DOWN, L->weights + W_DOWN, &dim, &w->acts, w->xn, L->ffn_dim, 1);
-#pragma omp single
-    for (int64_t i = 0; i < dim; i++) x[i] += w->xn[i];
+    acts_quantize(&w->acts, 1, L->types + W_DOWN, w->hidden, ffn, T);
+    qmatmul_rows(1, L->types + W_DOWN, L->weights + W_DOWN, &dim, &w->acts, w->xn, ffn, T);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *xt = x + t * dim, *out = w->xn + t * dim;
+        for (int64_t i = 0; i < dim; i++) xt[i] += out[i];
+    }
 }
 
 /* 0 when the layer's description is consistent and its buffers are as large as its shapes
@@ -187,46 +215,48 @@ static int check_shape(const DecodeShape *s) {
     return 0;
 }
 
-/* x (dim): the new token's embedding, updated in place to the last layer's output.
- * pos: its position (the number of tokens already in the cache). cos/sin: rope_dim/2
- * angles for that position. Returns 0, or a KernelError if the description is
- * inconsistent (checked before any work, so x and the cache are then unchanged). */
-int llmpress_decode(const DecodeShape *s, const DecodeLayer *layers, int64_t n_layers,
-                    float *x, int64_t x_floats, int64_t pos, const float *cos,
-                    const float *sin, int n_threads) {
+/* x (T, dim): the new tokens' embeddings, updated in place to the last layer's output.
+ * pos: the first one's position (the number of tokens already in the cache). cos/sin:
+ * (T, rope_dim/2) angles for their positions. Returns 0, or a KernelError if the
+ * description is inconsistent (checked before any work, so x and the cache are then
+ * unchanged). */
+int llmpress_forward(const DecodeShape *s, const DecodeLayer *layers, int64_t n_layers,
+                     float *x, int64_t x_floats, int64_t pos, int64_t T, const float *cos,
+                     const float *sin, int64_t angle_floats, int n_threads) {
     int status;
     if (!s || !layers || !x || !cos || !sin || n_layers < 1) return ERR_BUFFER;
     if ((status = check_shape(s))) return status;
-    if (x_floats != s->dim) return ERR_BUFFER;
+    if (T < 1 || x_floats != s->dim * T || angle_floats != s->rope_dim / 2 * T) return ERR_BUFFER;
     if (n_threads < 1) return ERR_THREADS;
-    if (pos < 0 || pos >= s->max_tokens) return ERR_POSITION;
-    int64_t widest_q = 0, widest_kv = 0, widest_ffn = 0, most_heads = 0;
+    if (pos < 0 || pos > s->max_tokens - T) return ERR_POSITION;
+    int64_t widest_q = 0, widest_kv = 0, widest_ffn = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const DecodeLayer *L = layers + l;
         if ((status = check_layer(L, s))) return status;
         widest_q = L->n_heads * s->head_dim > widest_q ? L->n_heads * s->head_dim : widest_q;
         widest_kv = L->n_kv * s->head_dim > widest_kv ? L->n_kv * s->head_dim : widest_kv;
         widest_ffn = L->ffn_dim > widest_ffn ? L->ffn_dim : widest_ffn;
-        most_heads = L->n_heads > most_heads ? L->n_heads : most_heads;
     }
     int64_t widest_in = widest_ffn > widest_q ? widest_ffn : widest_q;
     widest_in = s->dim > widest_in ? s->dim : widest_in;
-    const size_t n_floats = (size_t)(s->dim + widest_q + 2 * widest_kv + widest_q
-                                     + 2 * widest_ffn + most_heads * (pos + 1));
-    float *buffer = malloc(sizeof(float) * n_floats);
     Work w;
-    if (!buffer || acts_alloc(&w.acts, widest_in, 1)) {
+    w.scores_per_thread = pos + T;
+    const int64_t row_floats = s->dim + (widest_q + 2 * widest_kv) + widest_q + 2 * widest_ffn
+                               + widest_ffn;
+    float *buffer = malloc(sizeof(float) * (size_t)(T * row_floats + n_threads * w.scores_per_thread));
+    if (!buffer || acts_alloc(&w.acts, widest_in, T)) {
         free(buffer);
         return ERR_MEMORY;
     }
     w.xn = buffer;
-    w.qkv = w.xn + s->dim;
-    w.attn = w.qkv + widest_q + 2 * widest_kv;
-    w.ffn = w.attn + widest_q;
-    w.scores = w.ffn + 2 * widest_ffn;
+    w.qkv = w.xn + T * s->dim;
+    w.attn = w.qkv + T * (widest_q + 2 * widest_kv);
+    w.ffn = w.attn + T * widest_q;
+    w.hidden = w.ffn + T * 2 * widest_ffn;
+    w.scores = w.hidden + T * widest_ffn;
 #pragma omp parallel num_threads(n_threads)
     for (int64_t l = 0; l < n_layers; l++)
-        layer_step(layers + l, s, x, pos, cos, sin, &w);
+        layer_rows(layers + l, s, x, pos, T, cos, sin, &w);
     acts_free(&w.acts);
     free(buffer);
     return 0;

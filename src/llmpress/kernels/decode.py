@@ -1,4 +1,4 @@
-"""The whole-model decode step in C (decode.c): one call per generated token.
+"""The decoder layers in C (decode.c): one call per prompt chunk or generated token.
 
 Built from a LlamaModel whose every matmul weight has a CPU kernel; the C structs hold
 pointers into the model's own tensors (packed weights, norms, the KV cache), which the
@@ -40,12 +40,13 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 def _library():
     lib = cpu._library()
-    if lib is None or not hasattr(lib, "llmpress_decode"):
+    if lib is None or not hasattr(lib, "llmpress_forward"):
         return None
-    lib.llmpress_decode.restype = ctypes.c_int
-    lib.llmpress_decode.argtypes = [ctypes.POINTER(DecodeShape), ctypes.POINTER(DecodeLayer),
-                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.llmpress_forward.restype = ctypes.c_int
+    lib.llmpress_forward.argtypes = [
+        ctypes.POINTER(DecodeShape), ctypes.POINTER(DecodeLayer), ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib
 
 
@@ -87,13 +88,15 @@ class FusedDecoder:
         self.shape.max_tokens = cache.max_tokens
         self.cache = cache
 
-    def step(self, x: torch.Tensor, cache, rotation: torch.Tensor) -> torch.Tensor:
-        """x: (dim,) float32 embedding of the token at position cache.length."""
+    def forward(self, x: torch.Tensor, cache, rotation: torch.Tensor) -> torch.Tensor:
+        """x: (T, dim) float32 embeddings of the tokens at positions cache.length onwards;
+        rotation: (T, rope_dim/2) their RoPE angles. -> (T, dim) the last layer's output."""
         self._bind(cache)
         x = x.contiguous().clone()
         cos, sin = rotation.real.contiguous(), rotation.imag.contiguous()
-        status = _library().llmpress_decode(
+        status = _library().llmpress_forward(
             ctypes.byref(self.shape), self.layers, len(self.layers), x.data_ptr(), x.numel(),
-            cache.length, cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
-        cpu.check(status, "fused decode step")
+            cache.length, x.shape[0], cos.data_ptr(), sin.data_ptr(), cos.numel(),
+            torch.get_num_threads())
+        cpu.check(status, "fused decoder layers")
         return x

@@ -5,8 +5,9 @@ Q4 model occupies about Q4 memory while it runs. Two matmul paths:
 - exact: dequantize (exactly, in row chunks, so at most CHUNK_VALUES floats exist at once)
   and multiply in float32 — the reference the fast path is measured against;
 - fast: the compiled CPU kernel dots the packed blocks with activations rounded to 8 bits
-  (llmpress/kernels/qmatmul.c), up to KERNEL_MAX_ROWS rows at a time; longer prompts
-  take the dequantize + GEMM path, where one dequantization serves many rows.
+  (llmpress/kernels/qmatmul.c), for any number of rows: each row's result is the same
+  bits whether it comes alone or with others, so a prompt's logits do not depend on how
+  it was split into calls.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ from llmpress.io.source import TensorRef
 from llmpress.kernels import cpu
 
 CHUNK_VALUES = 1 << 22  # dequantize at most 4M weights (16 MiB) at a time
-# Up to this many activation rows the integer kernel wins; beyond, one dequantization
-# amortized over the rows plus a float GEMM is as fast (Qwen2.5-1.5B's FFN matrices,
-# 2 threads: the kernel 3x faster at 64 rows, even at 512).
-KERNEL_MAX_ROWS = 256
 
 
 def dense_tensor(ref: TensorRef, device) -> torch.Tensor:
@@ -59,7 +56,7 @@ class QuantLinear(nn.Module):
         if self.dense is not None:
             return F.linear(x, self.dense, bias)
         flat = x.reshape(-1, self.in_features)
-        if self.kernel is not None and flat.shape[0] <= KERNEL_MAX_ROWS:
+        if self.kernel is not None:
             y = cpu.qmatmul(self.kernel, flat)
         else:
             step = max(1, CHUNK_VALUES // self.in_features)
@@ -85,7 +82,7 @@ class FusedLinear(nn.Module):
     def forward(self, x: torch.Tensor, biases=None) -> list[torch.Tensor]:
         biases = biases or [None] * len(self.linears)
         flat = x.reshape(-1, x.shape[-1])
-        if self.kernel is None or flat.shape[0] > KERNEL_MAX_ROWS:
+        if self.kernel is None:
             return [lin(x, b) for lin, b in zip(self.linears, biases)]
         outputs = cpu.qmatmul(self.kernel, flat).split(self.splits, dim=-1)
         return [(y if b is None else y + b).view(*x.shape[:-1], y.shape[-1])
@@ -105,3 +102,20 @@ class QuantEmbedding(nn.Module):
         picked = self.rows[tokens.reshape(-1)]  # (n, row_bytes)
         values = self.format.dequantize(picked.reshape(-1), (picked.shape[0], self.dim))
         return values.view(*tokens.shape, self.dim)
+
+
+def matmul_path(model: nn.Module, mode: str) -> str:
+    """How this model's matmuls run, in words (for `llmpress info`)."""
+    if mode == "exact":
+        return "exact: dequantize + float32"
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and m.dense is None]
+    packed = sum(m.kernel is not None for m in linears)
+    isa = cpu.kernel_info()["isa"]
+    if isa is None:
+        return "fast requested, but the C kernel was not built: dequantize + float32"
+    if packed < len(linears):
+        missing = sorted({m.ggml_type.name for m in linears if m.kernel is None})
+        return (f"fast: C kernels ({isa}) for {packed} of {len(linears)} matmuls; "
+                f"{', '.join(missing)} dequantize + float32")
+    fused = " + all layers in one call" if getattr(model, "decoder", None) is not None else ""
+    return f"fast: C kernels ({isa}, 8-bit activations){fused}"

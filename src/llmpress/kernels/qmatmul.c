@@ -91,18 +91,26 @@ void acts_free(Activations *a) {
     memset(a, 0, sizeof(*a));
 }
 
-/* Quantize x (T rows of K) in the block sizes these weights read. */
+/* Quantize x (T rows of K) in the block sizes these weights read, one row at a time so
+ * that a row's codes never depend on the rows beside it. An orphaned `omp for`: inside a
+ * parallel region the threads share the rows (ending in a barrier), outside it one
+ * thread does them all. */
 void acts_quantize(Activations *a, int n_weights, const int *types, const float *x, int64_t K,
                    int64_t T) {
-    a->K = K;
-    if (needs_block(n_weights, types, 32))
-        quantize_rows(x, K, T, 32, a->by32.q, a->by32.d, a->by32.bsum);
-    if (needs_block(n_weights, types, 256))
-        quantize_rows(x, K, T, 256, a->by256.q, a->by256.d, a->by256.bsum);
+    const int by32 = needs_block(n_weights, types, 32), by256 = needs_block(n_weights, types, 256);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        if (by32)
+            quantize_rows(x + t * K, K, 1, 32, a->by32.q + t * K, a->by32.d + t * (K / 32),
+                          a->by32.bsum + t * (K / 16));
+        if (by256)
+            quantize_rows(x + t * K, K, 1, 256, a->by256.q + t * K, a->by256.d + t * (K / 256),
+                          a->by256.bsum + t * (K / 16));
+    }
 }
 
-static QRow act_row(const Activations *a, int type, int64_t t) {
-    const int64_t block = qtype_act_block(type), K = a->K;
+static QRow act_row(const Activations *a, int type, int64_t K, int64_t t) {
+    const int64_t block = qtype_act_block(type);
     const ActBuffer *buf = block == 256 ? &a->by256 : &a->by32;
     QRow r = {buf->q + t * K, buf->d + t * (K / block), buf->bsum + t * (K / 16)};
     return r;
@@ -134,7 +142,7 @@ void qmatmul_rows(int n_weights, const int *types, const uint8_t *const *ws,
                 const int type = types[i];
                 QRow xs[DOT_ROWS];
                 float out[DOT_ROWS];
-                for (int r = 0; r < n_x; r++) xs[r] = act_row(a, type, t + r);
+                for (int r = 0; r < n_x; r++) xs[r] = act_row(a, type, K, t + r);
                 dots[type](ws[i] + (n - starts[i]) * row_bytes(type, K), xs, n_x,
                            K / qtype_block_values(type), out);
                 for (int r = 0; r < n_x; r++) y[(t + r) * total + n] = out[r];
@@ -162,9 +170,11 @@ int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
     if (!x || !y || x_floats != K * T || y_floats != total * T) return ERR_BUFFER;
     Activations a;
     if (acts_alloc(&a, K, T)) return ERR_MEMORY;
-    acts_quantize(&a, n_weights, types, x, K, T);
 #pragma omp parallel num_threads(n_threads)
-    qmatmul_rows(n_weights, types, ws, Ns, &a, y, K, T);
+    {
+        acts_quantize(&a, n_weights, types, x, K, T);
+        qmatmul_rows(n_weights, types, ws, Ns, &a, y, K, T);
+    }
     acts_free(&a);
     return 0;
 }

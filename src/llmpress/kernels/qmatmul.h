@@ -21,7 +21,7 @@ enum KernelError {
 
 typedef struct { int8_t *q; float *d; int16_t *bsum; } ActBuffer;
 /* Quantized activation rows, in the two block sizes the kernels read. */
-typedef struct { ActBuffer by32, by256; int64_t K; } Activations;
+typedef struct { ActBuffer by32, by256; } Activations;
 
 int64_t row_bytes(int type, int64_t K);
 int qmatmul_check(int n_weights, const int *types, int64_t K, int64_t T);

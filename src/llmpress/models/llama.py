@@ -168,7 +168,7 @@ class LlamaModel(nn.Module):
         self.norm = dense_tensor(src.tensors["output_norm.weight"], self.device)
         head = src.tensors["token_embd.weight" if cfg.tied_output else "output.weight"]
         self.output = QuantLinear(head, mode, self.device)
-        # fast mode on the CPU: one C call per generated token when every type has a kernel
+        # fast mode on the CPU: one C call per forward pass when every type has a kernel
         self.decoder = (FusedDecoder(self) if mode == "fast" and self.device.type == "cpu"
                         and can_decode(self) else None)
         freqs = src.tensors.get("rope_freqs.weight")
@@ -184,8 +184,8 @@ class LlamaModel(nn.Module):
         start = cache.first_free(T)
         x = self.embed(tokens.to(self.device))  # (B, T, dim)
         rotation = self.rope.rotation(torch.arange(start, start + T, device=self.device))
-        if self.decoder is not None and B == 1 and T == 1 and cache.dtype == torch.float32:
-            x = self.decoder.step(x[0, 0], cache, rotation[0]).view(1, 1, -1)
+        if self.decoder is not None and B == 1 and cache.dtype == torch.float32:
+            x = self.decoder.forward(x[0], cache, rotation).view(1, T, -1)
         else:
             for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
                 x = block(x, self.rope, rotation, ck, cv, start)
