@@ -15,7 +15,18 @@
 #include <string.h>
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
-       Q5_K = 13, Q6_K = 14, N_TYPES = 15 };
+       Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, N_TYPES = 24 };
+
+/* IQ4_NL / IQ4_XS: 4-bit indices into this signed table (ggml's kvalues_iq4nl). */
+static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                      1, 13, 25, 38, 53, 69, 89, 113};
+
+/* IQ4_XS's 6-bit scale of sub-block j (0..7), stored plus 32: 4 low bits in nibble j % 2
+ * of scales_l[j / 2], 2 high bits in bit pair j of the little-endian u16 scales_h. */
+static inline int iq4_xs_scale(const uint8_t *blk, int j) {
+    const int high = ((blk[2] | (blk[3] << 8)) >> (2 * j)) & 3;
+    return (((blk[4 + j / 2] >> (4 * (j % 2))) & 15) | (high << 4)) - 32;
+}
 
 /* One quantized activation row: K codes, K / block scales, K / 16 sums of codes. */
 typedef struct {

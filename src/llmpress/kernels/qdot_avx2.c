@@ -251,16 +251,54 @@ static float one_Q8_0(const uint8_t *row, QRow x, int64_t nb) {
     return hsum(acc);
 }
 
+/* IQ4_NL / IQ4_XS: the indices become signed table values by a byte shuffle; |value|
+ * times x carrying the value's sign keeps maddubs' first operand unsigned, as for Q8_0. */
+static inline __m256i iq4_values(const uint8_t *qs) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_VALUES));
+    return _mm256_shuffle_epi8(table, nibbles(qs));
+}
+
+static inline __m256i signed_dot32(__m256i w, const int8_t *x) {  /* 8 int32 partial sums */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(load(x), w)),
+                             _mm256_set1_epi16(1));
+}
+
+static float one_IQ4_NL(const uint8_t *row, QRow x, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 18;
+        const __m256i sum = signed_dot32(iq4_values(blk + 2), x.q + 32 * b);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+
+static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 136;
+        const int8_t *q = x.q + b * 256;
+        __m256i sum = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            const __m256i part = signed_dot32(iq4_values(blk + 8 + 16 * j), q + 32 * j);
+            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(part, _mm256_set1_epi32(iq4_xs_scale(blk, j))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+
 ROWS_FROM_ONE(dot_Q4_0_avx2, one_Q4_0) ROWS_FROM_ONE(dot_Q4_1_avx2, one_Q4_1)
 ROWS_FROM_ONE(dot_Q5_0_avx2, one_Q5_0) ROWS_FROM_ONE(dot_Q5_1_avx2, one_Q5_1)
 ROWS_FROM_ONE(dot_Q8_0_avx2, one_Q8_0) ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K)
 ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K) ROWS_FROM_ONE(dot_Q5_K_avx2, one_Q5_K)
+ROWS_FROM_ONE(dot_IQ4_NL_avx2, one_IQ4_NL) ROWS_FROM_ONE(dot_IQ4_XS_avx2, one_IQ4_XS)
 
 const dot_fn avx2_dots[N_TYPES] = {
     [Q4_0] = dot_Q4_0_avx2, [Q4_1] = dot_Q4_1_avx2, [Q5_0] = dot_Q5_0_avx2,
     [Q5_1] = dot_Q5_1_avx2, [Q8_0] = dot_Q8_0_avx2, [Q2_K] = dot_Q2_K_avx2,
     [Q3_K] = dot_Q3_K_avx2, [Q4_K] = dot_Q4_K_avx2, [Q5_K] = dot_Q5_K_avx2,
-    [Q6_K] = dot_Q6_K_avx2,
+    [Q6_K] = dot_Q6_K_avx2, [IQ4_NL] = dot_IQ4_NL_avx2, [IQ4_XS] = dot_IQ4_XS_avx2,
 };
 #else
 int avx2_compiled(void) { return 0; }

@@ -21,11 +21,12 @@ int64_t qtype_block_bytes(int type) {
     case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22;
     case Q5_1: return 24; case Q8_0: return 34;
     case Q2_K: return 84; case Q3_K: return 110; case Q4_K: return 144; case Q5_K: return 176; case Q6_K: return 210;
+    case IQ4_NL: return 18; case IQ4_XS: return 136;
     default: return 0;
     }
 }
 
-static int is_k_quant(int type) { return type >= Q2_K && type <= Q6_K; }
+static int is_k_quant(int type) { return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS; }
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
 int64_t qtype_act_block(int type) { return qtype_block_values(type); }
 
@@ -153,6 +154,40 @@ static float dot_legacy_portable(int type, const uint8_t *row, QRow x, int64_t n
     return total;
 }
 
+/* IQ4_NL: 32 signed table values per block, times d. */
+static float one_IQ4_NL(const uint8_t *row, QRow x, int64_t nb) {
+    float total = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 18;
+        const int8_t *q = x.q + b * 32;
+        int32_t sum = 0;
+        for (int j = 0; j < 16; j++)
+            sum += IQ4_VALUES[blk[2 + j] & 15] * q[j] + IQ4_VALUES[blk[2 + j] >> 4] * q[j + 16];
+        total += x.d[b] * read_half(blk) * (float)sum;
+    }
+    return total;
+}
+
+/* IQ4_XS: 8 sub-blocks of 32 table values, each with its integer scale, times d. */
+static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
+    float total = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 136, *qs = blk + 8;
+        const int8_t *q = x.q + b * 256;
+        int32_t scaled = 0;
+        for (int j = 0; j < 8; j++) {
+            int32_t sum = 0;
+            for (int l = 0; l < 16; l++)
+                sum += IQ4_VALUES[qs[16 * j + l] & 15] * q[32 * j + l]
+                     + IQ4_VALUES[qs[16 * j + l] >> 4] * q[32 * j + l + 16];
+            scaled += iq4_xs_scale(blk, j) * sum;
+        }
+        total += x.d[b] * read_half(blk) * (float)scaled;
+    }
+    return total;
+}
+ROWS_FROM_ONE(dot_IQ4_NL_portable, one_IQ4_NL) ROWS_FROM_ONE(dot_IQ4_XS_portable, one_IQ4_XS)
+
 #define PORTABLE(T, KIND) \
     static float one_##T(const uint8_t *row, QRow x, int64_t nb) { \
         return dot_##KIND##_portable(T, row, x, nb); } \
@@ -165,5 +200,5 @@ const dot_fn portable_dots[N_TYPES] = {
     [Q4_0] = dot_Q4_0_portable, [Q4_1] = dot_Q4_1_portable, [Q5_0] = dot_Q5_0_portable,
     [Q5_1] = dot_Q5_1_portable, [Q8_0] = dot_Q8_0_portable, [Q2_K] = dot_Q2_K_portable,
     [Q3_K] = dot_Q3_K_portable, [Q4_K] = dot_Q4_K_portable, [Q5_K] = dot_Q5_K_portable,
-    [Q6_K] = dot_Q6_K_portable,
+    [Q6_K] = dot_Q6_K_portable, [IQ4_NL] = dot_IQ4_NL_portable, [IQ4_XS] = dot_IQ4_XS_portable,
 };
