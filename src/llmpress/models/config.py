@@ -10,15 +10,18 @@ from dataclasses import dataclass
 
 from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource
+from llmpress.models.names import MOE_NORMALIZES_TOP_K
 from llmpress.models.validate import check_model
 
 # Architectures of the Llama family and how each applies RoPE. llama.cpp's "norm" style
 # rotates adjacent pairs (x[2i], x[2i+1]); "neox" rotates (x[i], x[i + d/2]).
 ROPE_STYLE = {"llama": "norm", "mistral": "norm", "qwen2": "neox", "qwen3": "neox",
-              "gemma2": "neox", "gemma3": "neox"}
+              "qwen2moe": "neox", "qwen3moe": "neox", "gemma2": "neox", "gemma3": "neox"}
 SUPPORTED_ARCHITECTURES = tuple(ROPE_STYLE)
 # Which model class runs which (models/family.py): models/llama.py, models/gemma.py.
-LLAMA_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# The Llama family's mixtures of experts (Mixtral is "llama" with experts) run their FFN
+# in models/moe.py.
+LLAMA_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
 GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 
 
@@ -27,7 +30,7 @@ class LayerConfig:
     index: int  # blk.N in the file
     n_heads: int
     n_kv_heads: int
-    ffn_dim: int
+    ffn_dim: int  # of one expert in a mixture of experts
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class LlamaConfig:
     tied_output: bool
     qkv_bias: bool
     qk_norm: bool
+    n_experts: int  # 0: a dense FFN; else routed experts (models/moe.py)
+    n_experts_used: int  # experts each token is routed to
+    normalize_top_k: bool  # the routed weights renormalized to sum to 1
 
     @property
     def n_layers(self) -> int:
@@ -85,12 +91,15 @@ def config_from_source(src: ModelSource,
         raise LlmpressError(f"{src.path}: tensor token_embd.weight is missing")
     vocab = src.tensors["token_embd.weight"].shape[0]
 
+    n_experts = int(src.arch_key("expert_count", 0) or 0)
+    up_name = "ffn_up_exps" if n_experts else "ffn_up"  # experts: (n_experts, ffn, dim)
     layers = []
     for i in range(n_blocks):
-        q, k, up = (src.tensors.get(f"blk.{i}.{n}.weight") for n in ("attn_q", "attn_k", "ffn_up"))
+        q, k, up = (src.tensors.get(f"blk.{i}.{n}.weight") for n in ("attn_q", "attn_k", up_name))
         if q is None or k is None or up is None:
             raise LlmpressError(f"{src.path}: layer {i} is missing attention or FFN weights")
-        layers.append(LayerConfig(i, q.shape[0] // head_dim, k.shape[0] // head_dim, up.shape[0]))
+        layers.append(LayerConfig(i, q.shape[0] // head_dim, k.shape[0] // head_dim,
+                                  up.shape[-2]))
 
     scaling = src.arch_key("rope.scaling.type")
     rope_scale = 1.0
@@ -113,4 +122,7 @@ def config_from_source(src: ModelSource,
         tied_output="output.weight" not in src.tensors,
         qkv_bias="blk.0.attn_q.bias" in src.tensors,
         qk_norm="blk.0.attn_q_norm.weight" in src.tensors,
+        n_experts=n_experts,
+        n_experts_used=int(src.arch_key("expert_used_count", 0) or 0) if n_experts else 0,
+        normalize_top_k=MOE_NORMALIZES_TOP_K.get(arch, False),
     )

@@ -1,5 +1,6 @@
 """The Llama family in one file: Llama 2/3, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k
-norm), SmolLM/SmolLM2, TinyLlama. Tensor names are GGUF's; weights stay packed in their
+norm), SmolLM/SmolLM2, TinyLlama; and its mixtures of experts, Mixtral, Qwen2-MoE and
+Qwen3-MoE, whose FFN is models/moe.py's. Tensor names are GGUF's; weights stay packed in their
 block format and each Linear multiplies them with its own kernel (llmpress.kernels).
 """
 
@@ -15,6 +16,7 @@ from llmpress.io.source import ModelSource
 from llmpress.kernels.decode import FusedDecoder, can_decode
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
 from llmpress.models.config import LayerConfig, LlamaConfig, config_from_source
+from llmpress.models.moe import GatedFFN, MoeFeedForward
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,17 +124,11 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-class FeedForward(nn.Module):
+class FeedForward(GatedFFN):
     def __init__(self, src: ModelSource, lc: LayerConfig, mode, device):
-        super().__init__()
         p = f"blk.{lc.index}."
-        self.gate_up = FusedLinear([QuantLinear(src.tensors[p + n + ".weight"], mode, device)
-                                    for n in ("ffn_gate", "ffn_up")])
-        self.down = QuantLinear(src.tensors[p + "ffn_down.weight"], mode, device)
-
-    def forward(self, x):
-        gate, up = self.gate_up(x)
-        return self.down(F.silu(gate) * up)
+        super().__init__(*(src.tensors[p + n + ".weight"] for n in ("ffn_gate", "ffn_up",
+                                                                     "ffn_down")), mode, device)
 
 
 class Block(nn.Module):
@@ -142,7 +138,8 @@ class Block(nn.Module):
         self.attn_norm = dense_tensor(src.tensors[p + "attn_norm.weight"], device)
         self.ffn_norm = dense_tensor(src.tensors[p + "ffn_norm.weight"], device)
         self.attn = Attention(src, cfg, lc, mode, device)
-        self.ffn = FeedForward(src, lc, mode, device)
+        self.ffn = (MoeFeedForward(src, cfg, lc.index, mode, device) if cfg.n_experts
+                    else FeedForward(src, lc, mode, device))
         self.eps = cfg.norm_eps
 
     def forward(self, x, rope, rotation, cache_k, cache_v, start):
@@ -169,8 +166,9 @@ class LlamaModel(nn.Module):
         head = src.tensors["token_embd.weight" if cfg.tied_output else "output.weight"]
         self.output = QuantLinear(head, mode, self.device)
         # fast mode on the CPU: one C call per generated token when every type has a kernel
+        # (the C step has no expert routing: a mixture of experts runs block by block)
         self.decoder = (FusedDecoder(self) if mode == "fast" and self.device.type == "cpu"
-                        and can_decode(self) else None)
+                        and not cfg.n_experts and can_decode(self) else None)
         freqs = src.tensors.get("rope_freqs.weight")
         self.rope = RotaryEmbedding(cfg, dense_tensor(freqs, self.device) if freqs else None,
                                     self.device)
