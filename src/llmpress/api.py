@@ -23,6 +23,7 @@ from llmpress.io.loader import load_source, load_tokenizer
 from llmpress.io.source import ModelSource
 from llmpress.kernels.device import default_device
 from llmpress.models.family import build_model
+from llmpress.models.moe import active_parameters
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import json_schema_grammar
 from llmpress.runtime.prompt_cache import PromptCache
@@ -68,6 +69,9 @@ class ModelInfo:
     tensor_bytes: int
     tensor_types: tuple[TensorTypeSummary, ...]
     has_chat_template: bool
+    experts: int = 0  # a mixture of experts: experts per layer (0: dense)
+    experts_used: int = 0  # experts each token is routed to
+    active_parameters: int = 0  # parameters one token computes with
 
     @property
     def bits_per_weight(self) -> float:
@@ -164,6 +168,9 @@ class LanguageModel:
             tensor_bytes=sum(size.values()),
             tensor_types=tuple(TensorTypeSummary(t, count[t], size[t]) for t in sorted(count)),
             has_chat_template=bool(self.tokenizer.chat_template),
+            experts=cfg.n_experts, experts_used=cfg.n_experts_used,
+            active_parameters=active_parameters(
+                ((ref.name, ref.shape) for ref in src.tensors.values()), cfg.n_experts_used),
         )
 
 
