@@ -271,3 +271,17 @@ def test_bad_hf_experts_are_one_clear_error(tiny, tmp_path):
     with pytest.raises(LlmpressError, match=r"model\.layers\.1\.mlp\.experts\.5\.up_proj\.weight "
                                             r"is missing \(1 of 8 experts"):
         load_hf_dir(tmp_path)
+
+
+def test_calibration_and_pruning_refuse_experts(converted, tmp_path, capsys):
+    """Not covered yet (statistics per expert): one error line, no traceback, no output."""
+    path = converted("qwen2_moe", "F32")
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    for args in (["imatrix", str(path), "--text", str(text), "-o", str(tmp_path / "im.gguf")],
+                 ["prune", str(path), "-o", str(tmp_path / "p.gguf"), "--method", "magnitude",
+                  "--sparsity", "0.5"]):
+        assert main(args) != 0
+        err = capsys.readouterr().err
+        assert "does not cover mixtures of experts yet" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.gguf"))
