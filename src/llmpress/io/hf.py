@@ -2,8 +2,10 @@
 
 The directory is converted on the fly into what convert_hf_to_gguf.py would write: GGUF
 tensor names and metadata keys (llmpress.models.names), q/k rows permuted for llama.cpp's
-RoPE layout, llama3 RoPE scaling turned into a `rope_freqs.weight` tensor, and the
-tokenizer's tokenizer.* keys (llmpress.io.hf_vocab). Of the weights nothing is read up
+RoPE layout, llama3 RoPE scaling turned into a `rope_freqs.weight` tensor (Phi-3's
+LongRoPE into `rope_factors_long/short.weight`), each mixture-of-experts layer's experts
+stacked into 3-D `ffn_*_exps` tensors, and the tokenizer's tokenizer.* keys
+(llmpress.io.hf_vocab). Of the weights nothing is read up
 front but the safetensors headers: each tensor's bytes are read (and permuted)
 when its read_bytes() is called. F32/F16/BF16 stay in their own type.
 """
@@ -45,6 +47,8 @@ EXPERT_TENSORS = frozenset({"ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_
                             "ffn_down_exps.weight"})
 SHARED_EXPERT_TENSORS = frozenset({"ffn_gate_inp_shexp.weight", "ffn_gate_shexp.weight",
                                    "ffn_up_shexp.weight", "ffn_down_shexp.weight"})
+PHI3_BLOCK_TENSORS = frozenset({"attn_norm.weight", "attn_qkv.weight", "attn_output.weight",
+                                "ffn_norm.weight", "ffn_up.weight", "ffn_down.weight"})
 SQUEEZED = ("ffn_gate_inp_shexp.weight",)  # (1, dim) in HF checkpoints, (dim,) in GGUF
 OPTIONAL_BLOCK_TENSORS = frozenset({
     "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight",
@@ -94,6 +98,9 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
     if model_type in names.HF_MOE_MODEL_TYPES:
         moe_hyperparameters(hp, arch, where)
     rope = rope_parameters(hp)
+    hp["rope_dim"] = hp["head_dim"]
+    if arch == "phi3":
+        phi3_rope(hp, rope, where)
     hp["rope_theta"] = positive_number(rope.get("rope_theta", hp["rope_theta"]), "rope_theta",
                                        where)
     hp["rms_norm_eps"] = positive_number(hp["rms_norm_eps"], "rms_norm_eps", where)
@@ -153,6 +160,33 @@ def moe_hyperparameters(hp: dict[str, Any], arch: str, where: Path) -> None:
                             "(decoder_sparse_step, mlp_only_layers) are not supported")
 
 
+def phi3_rope(hp: dict[str, Any], rope: dict[str, Any], where: Path) -> None:
+    """Phi-3's RoPE checked, in place, as convert_hf_to_gguf's Phi3MiniModel reads it: the
+    rotated share of each head, the training context, LongRoPE's factors and attention
+    factor (from max / original context, whatever config.json's `factor` says)."""
+    share = rope.get("partial_rotary_factor", hp.get("partial_rotary_factor", 1.0))
+    share = positive_number(share, "partial_rotary_factor", where)
+    hp["rope_dim"] = int(share * hp["hidden_size"]) // hp["num_attention_heads"]
+    if hp["rope_dim"] % 2 or not 0 < hp["rope_dim"] <= hp["head_dim"]:
+        raise LlmpressError(f"{where}: partial_rotary_factor {share} rotates {hp['rope_dim']} "
+                            f"dimensions of {hp['head_dim']}; needs an even number, at least 2")
+    original = rope.get("original_max_position_embeddings",
+                        hp["original_max_position_embeddings"])
+    hp["original_max_position_embeddings"] = original
+    _check_positive_ints(hp, ("original_max_position_embeddings",), where)
+    if rope["rope_type"] != "longrope":
+        return
+    for key in ("short_factor", "long_factor"):
+        factors = rope.get(key)
+        if not isinstance(factors, list) or len(factors) != hp["rope_dim"] // 2:
+            raise LlmpressError(f"{where}: config.json rope_parameters.{key} must list "
+                                f"{hp['rope_dim'] // 2} numbers (one per rotated pair)")
+        rope[key] = [positive_number(f, f"rope_parameters.{key}", where) for f in factors]
+    scale = hp["max_position_embeddings"] / original
+    hp["rope_attn_factor"] = (math.sqrt(1 + math.log(scale) / math.log(original))
+                              if scale > 1 else 1.0)
+
+
 def _check_positive_ints(hp: dict[str, Any], keys, where: Path) -> None:
     for key in keys:
         if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] <= 0:
@@ -184,8 +218,13 @@ def gguf_metadata(hp: dict[str, Any], arch: str, name: str, where: Path) -> dict
     for hf_key, gguf_key in names.HF_CONFIG_TO_GGUF.items():
         meta[f"{arch}.{gguf_key}"] = hp[hf_key]
     meta[f"{arch}.attention.value_length"] = hp["head_dim"]
-    meta[f"{arch}.rope.dimension_count"] = hp["head_dim"]
+    meta[f"{arch}.rope.dimension_count"] = hp.get("rope_dim", hp["head_dim"])
     rope_type = hp["rope"]["rope_type"]
+    if arch == "phi3":
+        meta[f"{arch}.rope.scaling.original_context_length"] = (
+            hp["original_max_position_embeddings"])
+        if rope_type == "longrope":  # its factors are the rope_factors_* tensors
+            meta[f"{arch}.rope.scaling.attn_factor"] = hp["rope_attn_factor"]
     if rope_type == "linear":
         if "factor" not in hp["rope"]:
             raise LlmpressError(f"{where}: linear RoPE scaling without a factor in config.json")
@@ -194,9 +233,9 @@ def gguf_metadata(hp: dict[str, Any], arch: str, name: str, where: Path) -> dict
     elif rope_type == "llama3":
         if arch != "llama":
             raise LlmpressError(f"{where}: llama3 RoPE scaling on a {arch} model is not supported")
-    elif rope_type != "default":
+    elif rope_type != "default" and not (rope_type == "longrope" and arch == "phi3"):
         raise LlmpressError(f"{where}: RoPE scaling {rope_type!r} is not supported "
-                            "(default, linear and llama3 are)")
+                            "(default, linear, llama3 and Phi-3's longrope are)")
     for hf_key, gguf_key in names.HF_MOE_CONFIG_TO_GGUF.items():
         if hp["model_type"] in names.HF_MOE_MODEL_TYPES and hp.get(hf_key) is not None:
             meta[f"{arch}.{gguf_key}"] = hp[hf_key]
@@ -351,6 +390,9 @@ def expected_shapes(hp: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "post_attention_norm.weight": (dim,), "post_ffw_norm.weight": (dim,),  # Gemma
         "ffn_gate.weight": (ffn, dim), "ffn_up.weight": (ffn, dim), "ffn_down.weight": (dim, ffn),
     }
+    block["attn_qkv.weight"] = (q_rows + 2 * kv_rows, dim)  # Phi-3: q, k, v fused
+    if hp["model_type"] == "phi3":  # gate and up fused: gate rows, then up rows
+        block["ffn_up.weight"] = (2 * ffn, dim)
     if hp["model_type"] in names.HF_MOE_MODEL_TYPES:  # experts: (n, rows, row_length)
         n, expert_ffn = hp["num_experts"], hp.get("moe_intermediate_size", ffn)
         shared = hp.get("shared_expert_intermediate_size", ffn)
@@ -375,6 +417,8 @@ def generic_name(gguf_name: str) -> tuple[str, int | None]:
 
 
 def required_block_tensors(hp: dict[str, Any]) -> frozenset[str]:
+    if hp["model_type"] == "phi3":
+        return PHI3_BLOCK_TENSORS
     if hp["model_type"] == "qwen2_moe":
         return REQUIRED_BLOCK_TENSORS - DENSE_FFN_TENSORS | EXPERT_TENSORS | SHARED_EXPERT_TENSORS
     if hp["model_type"] in names.HF_MOE_MODEL_TYPES:
@@ -412,8 +456,9 @@ def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Pat
 
 # --- the loader --------------------------------------------------------------------------
 def load_hf_dir(path: str | Path) -> ModelSource:
-    """A Hugging Face model directory of float weights (Llama, Mistral, Qwen2, Qwen3) as a
-    lazy ModelSource. io.loader.load_source also reads integer-quantized ones."""
+    """A Hugging Face model directory of float weights (models.names.HF_MODEL_TYPE_TO_ARCH:
+    the Llama family, its mixtures of experts, Gemma 2/3, Phi-3) as a lazy ModelSource.
+    io.loader.load_source also reads integer-quantized ones."""
     path = Path(path)
     config = read_config(path)
     if config.get("quantization_config") or (path / "quantize_config.json").is_file():
@@ -493,11 +538,16 @@ def load_hf_dir(path: str | Path) -> ModelSource:
     with engine_errors(path):
         metadata |= tokenizer_metadata(path, arch, hp["vocab_size"])
 
+    extra = {}  # the float32 RoPE factor tensors convert_hf_to_gguf adds
     if hp["rope"]["rope_type"] == "llama3":
-        factors = llama3_rope_factors(hp)  # (head_dim/2,) float32
-        tensors["rope_freqs.weight"] = TensorRef(
-            name="rope_freqs.weight", ggml_type=GGMLQuantizationType.F32,
-            shape=tuple(factors.shape), n_bytes=factors.numel() * 4,
-            read_bytes=lambda: factors.view(torch.uint8))
+        extra["rope_freqs.weight"] = llama3_rope_factors(hp)  # (head_dim/2,)
+    elif hp["rope"]["rope_type"] == "longrope":  # Phi-3: (rope_dim/2,) each
+        extra["rope_factors_long.weight"] = torch.tensor(hp["rope"]["long_factor"])
+        extra["rope_factors_short.weight"] = torch.tensor(hp["rope"]["short_factor"])
+    for name, factors in extra.items():
+        factors = factors.float().contiguous()
+        tensors[name] = TensorRef(
+            name=name, ggml_type=GGMLQuantizationType.F32, shape=tuple(factors.shape),
+            n_bytes=factors.numel() * 4, read_bytes=lambda f=factors: f.view(torch.uint8))
     file_bytes = sum(file.stat().st_size for file in handles)
     return ModelSource(path=path, metadata=metadata, tensors=tensors, file_bytes=file_bytes)

@@ -34,11 +34,13 @@ class RotaryEmbedding:
             inv_freq = inv_freq / freq_factors.to(device, torch.float64)
         self.inv_freq = (inv_freq / cfg.rope_scale).float()
         self.style, self.rope_dim = cfg.rope_style, cfg.rope_dim
+        self.magnitude = cfg.rope_attn_factor  # 1 but for LongRoPE (Phi-3)
 
     def rotation(self, positions: torch.Tensor) -> torch.Tensor:
-        """Unit complex numbers e^(i * pos * freq): (T, rope_dim/2)."""
+        """Complex numbers m * e^(i * pos * freq), m the attention factor (usually 1):
+        (T, rope_dim/2)."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]
-        return torch.polar(torch.ones_like(angles), angles)
+        return torch.polar(torch.full_like(angles, self.magnitude), angles)
 
     def apply(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H, hd). Rotates the first rope_dim dims of each head as complex pairs."""
@@ -155,9 +157,10 @@ class LlamaModel(nn.Module):
     multiplies in float32; "fast" uses the packed kernels where one exists for the type.
     """
 
-    def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu"):
+    def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu",
+                 cfg: LlamaConfig | None = None):
         super().__init__()
-        self.cfg = config_from_source(src)
+        self.cfg = cfg or config_from_source(src)  # cfg: a family built on this one (Phi-3)
         self.device = torch.device(device)
         cfg = self.cfg
         self.embed = QuantEmbedding(src.tensors["token_embd.weight"], self.device)
@@ -176,17 +179,22 @@ class LlamaModel(nn.Module):
     def new_cache(self, max_tokens: int, batch: int = 1, dtype=torch.float32) -> KVCache:
         return KVCache(self.cfg, max_tokens, batch, dtype, self.device)
 
+    def rope_for(self, cache: KVCache) -> RotaryEmbedding:
+        """The RoPE tables for a cache (Phi-3's depend on the context size)."""
+        return self.rope
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False):
         B, T = tokens.shape
         start = cache.first_free(T)
         x = self.embed(tokens.to(self.device))  # (B, T, dim)
-        rotation = self.rope.rotation(torch.arange(start, start + T, device=self.device))
+        rope = self.rope_for(cache)
+        rotation = rope.rotation(torch.arange(start, start + T, device=self.device))
         if self.decoder is not None and B == 1 and T == 1 and cache.dtype == torch.float32:
             x = self.decoder.step(x[0, 0], cache, rotation[0]).view(1, 1, -1)
         else:
             for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
-                x = block(x, self.rope, rotation, ck, cv, start)
+                x = block(x, rope, rotation, ck, cv, start)
         cache.length = start + T
         if last_only:
             x = x[:, -1:]

@@ -22,6 +22,7 @@ HF_MODEL_TYPE_TO_ARCH = {
     "mixtral": "llama",  # a Llama with experts (expert_count > 0)
     "qwen2_moe": "qwen2moe",
     "qwen3_moe": "qwen3moe",
+    "phi3": "phi3",
 }
 
 # Architectures whose q/k rows convert_hf_to_gguf permutes (LlamaModel.permute): HF
@@ -78,10 +79,20 @@ QWEN_MOE_BLOCK = HF_TO_GGUF_BLOCK | {
     "mlp.shared_expert.down_proj": "ffn_down_shexp",
     "mlp.shared_expert_gate": "ffn_gate_inp_shexp",  # (1, dim) in HF, (dim,) in GGUF
 }
+# Phi-3 fuses q/k/v and gate/up into one matrix each; GGUF keeps them fused
+PHI3_BLOCK = {
+    "input_layernorm": "attn_norm",
+    "self_attn.qkv_proj": "attn_qkv",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_up_proj": "ffn_up",  # gate rows, then up rows
+    "mlp.down_proj": "ffn_down",
+}
 # GGUF architecture -> its block map, where it is not HF_TO_GGUF_BLOCK. (Mixtral's GGUF
 # architecture is "llama": its HF model_type picks MIXTRAL_BLOCK, see block_map.)
 HF_TO_GGUF_BLOCK_BY_ARCH = {"gemma2": GEMMA_BLOCK, "gemma3": GEMMA_BLOCK,
-                            "qwen2moe": QWEN_MOE_BLOCK, "qwen3moe": QWEN_MOE_BLOCK}
+                            "qwen2moe": QWEN_MOE_BLOCK, "qwen3moe": QWEN_MOE_BLOCK,
+                            "phi3": PHI3_BLOCK}
 HF_TO_GGUF_BLOCK_BY_MODEL_TYPE = {"mixtral": MIXTRAL_BLOCK}
 
 # Architectures whose RMSNorm multiplies by (1 + w): convert_hf_to_gguf writes w + 1 into
@@ -160,6 +171,8 @@ HF_CONFIG_DEFAULTS = {
     "qwen3_moe": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768,
                   "tie_word_embeddings": False, "head_dim": 128, "moe_intermediate_size": 768,
                   "norm_topk_prob": False, "decoder_sparse_step": 1},
+    "phi3": {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+             "original_max_position_embeddings": 4096, "tie_word_embeddings": False},
     "gemma3_text": {"rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
                     "rope_local_base_freq": 10_000.0, "max_position_embeddings": 131_072,
                     "tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256,

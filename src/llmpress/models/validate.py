@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource
@@ -165,12 +165,24 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Width:
-    """A per-layer width read from one block tensor's shape: `axis` counts rows (0 for a
-    matrix, 1 for a stack of experts), in multiples of the `unit` symbol."""
+    """A per-layer width read from one block tensor's shape: its size along `axis` (0: the
+    rows of a matrix; 1: its columns, or the rows of a stack of experts), in multiples of
+    the `unit` symbol."""
     symbol: str
     tensor: str
     unit: str
     axis: int = 0
+    ndim: int = 2
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A per-layer width computed from the measured ones, e.g. Phi-3's attn_qkv holding
+    q + 2 kv rows: kv = (qkv - q) / 2; it must be a positive multiple of `unit`."""
+    symbol: str
+    formula: str  # shown in the error line
+    compute: Callable[[dict[str, int]], float]
+    unit: str
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,8 @@ class ArchSpec:
     block: tuple[TensorSpec, ...]
     # block tensors whose rows give the layer's widths
     widths: tuple[Width, ...]
+    # widths that follow from the others' (fused tensors)
+    derived: tuple[Derived, ...] = ()
     # optional block tensors the runtime uses as a group: one present means all required
     together: tuple[tuple[str, ...], ...] = ()
 
@@ -235,7 +249,8 @@ LLAMA_MOE_FAMILY = ArchSpec(
         TensorSpec("ffn_up_exps.weight", ("experts", "ffn", "dim")),
         TensorSpec("ffn_down_exps.weight", ("experts", "dim", "ffn")),
     ),
-    widths=(*LLAMA_FAMILY.widths[:2], Width("ffn", "ffn_up_exps.weight", "one", axis=1)),
+    widths=(*LLAMA_FAMILY.widths[:2],
+            Width("ffn", "ffn_up_exps.weight", "one", axis=1, ndim=3)),
     together=LLAMA_FAMILY.together,
 )
 # Qwen2-MoE: a shared expert every token goes through, with a gate of its own.
@@ -251,8 +266,31 @@ QWEN2_MOE_FAMILY = ArchSpec(
     widths=(*LLAMA_MOE_FAMILY.widths, Width("shexp", "ffn_up_shexp.weight", "one")),
     together=LLAMA_MOE_FAMILY.together,
 )
+# Phi-3: q, k and v in one matrix (attn_qkv), the FFN's gate and up in one (ffn_up, gate
+# rows first); LongRoPE's frequency factors for short and long contexts.
+PHI3_FAMILY = ArchSpec(
+    globals=(
+        *LLAMA_FAMILY.globals[:3],
+        TensorSpec("rope_factors_long.weight", ("rope_half",), required=False),
+        TensorSpec("rope_factors_short.weight", ("rope_half",), required=False),
+    ),
+    block=(
+        TensorSpec("attn_norm.weight", ("dim",)),
+        TensorSpec("attn_qkv.weight", ("qkv", "dim")),
+        TensorSpec("attn_output.weight", ("dim", "q")),
+        TensorSpec("ffn_norm.weight", ("dim",)),
+        TensorSpec("ffn_up.weight", ("gate_up", "dim")),
+        TensorSpec("ffn_down.weight", ("dim", "ffn")),
+    ),
+    widths=(Width("q", "attn_output.weight", "head_dim", axis=1),
+            Width("qkv", "attn_qkv.weight", "head_dim"),
+            Width("ffn", "ffn_down.weight", "one", axis=1)),
+    derived=(Derived("kv", "(qkv - q) / 2", lambda s: (s["qkv"] - s["q"]) / 2, "head_dim"),
+             Derived("gate_up", "2 ffn", lambda s: 2 * s["ffn"], "one")),
+)
 ARCHITECTURES: dict[str, ArchSpec] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), LLAMA_FAMILY),
+    "phi3": PHI3_FAMILY,
     **dict.fromkeys(("gemma2", "gemma3"), GEMMA_FAMILY),
     "qwen3moe": LLAMA_MOE_FAMILY, "qwen2moe": QWEN2_MOE_FAMILY,
 }
@@ -325,14 +363,22 @@ def _layer_symbols(src: ModelSource, spec: ArchSpec, prefix: str, base: dict[str
         ref = src.tensors.get(name)
         if ref is None:
             raise LlmpressError(f"{src.path}: tensor {name} is missing")
-        if len(ref.shape) != width.axis + 2:
+        if len(ref.shape) != width.ndim:
             raise LlmpressError(f"{src.path}: tensor {name} has {len(ref.shape)} dimensions, "
-                                f"expected {width.axis + 2}")
+                                f"expected {width.ndim}")
         rows, size = ref.shape[width.axis], base[width.unit]
         if rows < 1 or rows % size:
             raise LlmpressError(f"{src.path}: tensor {name} has {rows} rows, not a "
                                 f"multiple of the head size {size}")
         symbols[width.symbol] = rows
+    for d in spec.derived:
+        value = d.compute(symbols)
+        if value <= 0 or value != int(value) or value % symbols[d.unit]:
+            measured = ", ".join(f"{k}={v}" for k, v in symbols.items() if k in d.formula)
+            raise LlmpressError(f"{src.path}: layer {prefix[4:-1]}: {d.symbol} = {d.formula} "
+                                f"= {value:g} ({measured}) is not a positive multiple of "
+                                f"{d.unit} {symbols[d.unit]}")
+        symbols[d.symbol] = int(value)
     heads, kv_heads = symbols["q"] // base["head_dim"], symbols["kv"] // base["head_dim"]
     if heads < 1 or kv_heads < 1 or heads % kv_heads:
         raise LlmpressError(f"{src.path}: layer {prefix[4:-1]} has {heads} query heads and "

@@ -100,14 +100,12 @@ PLANNER_ONLY_MODEL_TYPES = {
     "gemma2": ("gemma2", {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "head_dim": 256,
                           "max_position_embeddings": 8192, "tie_word_embeddings": True,
                           "sliding_window": 4096}),
-    "phi3": ("phi3", {"rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                      "max_position_embeddings": 4096, "tie_word_embeddings": False}),
 }
 # llama.cpp architectures whose every other layer uses a sliding-window cache
 # (llama_kv_cache_iswa; gemma2: load_swa_pattern(ml, 2), n_swa 4096 by default).
 SWA_EVERY_OTHER_LAYER = {"gemma2": 4096}
 # Architectures `llmpress run` executes (models/config.py ROPE_STYLE).
-LLMPRESS_RUNTIME_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+LLMPRESS_RUNTIME_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3")
 TORCH_DTYPES = {"bfloat16": T.BF16, "float16": T.F16, "float32": T.F32}
 
 
@@ -280,12 +278,7 @@ def _config_tensors(arch: str, hp: dict[str, Any]) -> list[TensorInfo]:
     """The tensors convert_hf_to_gguf writes for this config, in GGUF names and shapes."""
     from llmpress.io import hf
     shapes = hf.expected_shapes(hp)
-    dim, ffn, hd = hp["hidden_size"], hp["intermediate_size"], hp["head_dim"]
-    q_rows, kv_rows = hp["num_attention_heads"] * hd, hp["num_key_value_heads"] * hd
-    shapes |= {"blk.*.post_attention_norm.weight": (dim,), "blk.*.post_ffw_norm.weight": (dim,),
-               "blk.*.attn_qkv.weight": (q_rows + 2 * kv_rows, dim)}
-    if arch == "phi3":  # gate and up projections stored as one matrix
-        shapes["blk.*.ffn_up.weight"] = (2 * ffn, dim)
+    hd = hp["head_dim"]
     weight_type = TORCH_DTYPES.get(str(hp.get("torch_dtype")), T.F16)
 
     def info(name: str, shape: tuple[int, ...]) -> TensorInfo:
