@@ -219,6 +219,9 @@ def test_info_and_planner_count_experts(tiny, converted, capsys):
     assert (info.experts, info.experts_used) == (N_EXPERTS, used)
     assert main(["info", str(path)]) == 0
     assert f"{used} / {N_EXPERTS}" in capsys.readouterr().out
+    assert main(["fit", str(path), "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)["model"]
+    assert (fit["parameters"], fit["active_parameters"]) == (total, active)
 
     spec = spec_from_gguf(path)
     planned = spec_from_config(json.loads((directory / "config.json").read_text()), directory,
