@@ -1,6 +1,7 @@
 """Tiny random mixtures of experts built in transformers: Mixtral (GGUF "llama" with
 experts, top-k renormalized), Qwen2-MoE (a shared expert with a sigmoid gate, top-k not
-renormalized) and Qwen3-MoE (q/k norms, top-k renormalized).
+renormalized), Qwen3-MoE (q/k norms per head, top-k renormalized) and OLMoE (q/k norms over
+all heads, top-k not renormalized).
 
 Each is converted by our own HF loader (io/hf.py stacks the experts into 3-D tensors) and
 run by models/llama.py + models/moe.py, against transformers on the directory; then
@@ -51,6 +52,9 @@ CASES = {  # name -> (config class, model class, GGUF architecture, settings)
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "qwen3moe",
                   dict(num_experts=N_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=256,
                        head_dim=64, norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "olmoe",
+              dict(num_experts=N_EXPERTS, num_experts_per_tok=2, norm_topk_prob=False,
+                   num_key_value_heads=4)),  # llama.cpp's OLMoE: no grouped-query attention
 }
 
 
@@ -75,7 +79,7 @@ def tiny(tmp_path_factory, corpus):
     def make(case: str):
         if case not in made:
             config_cls, model_cls, _, settings = CASES[case]
-            config = getattr(transformers, config_cls)(**COMMON, **settings)
+            config = getattr(transformers, config_cls)(**(COMMON | settings))
             config._attn_implementation = "eager"
             torch.manual_seed(0)
             model = getattr(transformers, model_cls)(config).eval()

@@ -139,7 +139,7 @@ def moe_hyperparameters(hp: dict[str, Any], arch: str, where: Path) -> None:
     if hp.get("num_experts") is None:
         hp["num_experts"] = hp.get("num_local_experts")
     wanted = ["num_experts", "num_experts_per_tok"]
-    if hp["model_type"] != "mixtral":
+    if hp["model_type"] in ("qwen2_moe", "qwen3_moe"):  # the others: intermediate_size
         wanted.append("moe_intermediate_size")
     if hp["model_type"] == "qwen2_moe":
         wanted.append("shared_expert_intermediate_size")
@@ -155,6 +155,11 @@ def moe_hyperparameters(hp: dict[str, Any], arch: str, where: Path) -> None:
     if bool(hp.get("norm_topk_prob", normalizes)) != normalizes:
         raise LlmpressError(f"{where}: config.json norm_topk_prob {hp['norm_topk_prob']} "
                             f"differs from what {arch} files compute in llama.cpp ({normalizes})")
+    if hp["model_type"] == "olmoe" and (hp.get("clip_qkv") is not None or
+                                        hp["num_key_value_heads"] != hp["num_attention_heads"]):
+        # llama.cpp's olmoe graph clips nothing, and its k norm is as wide as q
+        raise LlmpressError(f"{where}: OLMoE with clip_qkv or grouped-query attention "
+                            "(num_key_value_heads < num_attention_heads) is not supported")
     if hp.get("decoder_sparse_step", 1) != 1 or hp.get("mlp_only_layers"):
         raise LlmpressError(f"{where}: dense layers among the expert layers "
                             "(decoder_sparse_step, mlp_only_layers) are not supported")
@@ -391,6 +396,8 @@ def expected_shapes(hp: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "ffn_gate.weight": (ffn, dim), "ffn_up.weight": (ffn, dim), "ffn_down.weight": (dim, ffn),
     }
     block["attn_qkv.weight"] = (q_rows + 2 * kv_rows, dim)  # Phi-3: q, k, v fused
+    if hp["model_type"] == "olmoe":  # q/k norms over all heads, not per head
+        block["attn_q_norm.weight"], block["attn_k_norm.weight"] = (q_rows,), (kv_rows,)
     if hp["model_type"] == "phi3":  # gate and up fused: gate rows, then up rows
         block["ffn_up.weight"] = (2 * ffn, dim)
     if hp["model_type"] in names.HF_MOE_MODEL_TYPES:  # experts: (n, rows, row_length)

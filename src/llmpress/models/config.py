@@ -17,12 +17,12 @@ from llmpress.models.validate import check_model
 # rotates adjacent pairs (x[2i], x[2i+1]); "neox" rotates (x[i], x[i + d/2]).
 ROPE_STYLE = {"llama": "norm", "mistral": "norm", "qwen2": "neox", "qwen3": "neox",
               "qwen2moe": "neox", "qwen3moe": "neox", "gemma2": "neox", "gemma3": "neox",
-              "phi3": "neox"}
+              "phi3": "neox", "olmoe": "neox"}
 SUPPORTED_ARCHITECTURES = tuple(ROPE_STYLE)
 # Which model class runs which (models/family.py): models/llama.py, models/gemma.py.
-# The Llama family's mixtures of experts (Mixtral is "llama" with experts) run their FFN
-# in models/moe.py.
-LLAMA_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+# The Llama family's mixtures of experts (Mixtral is "llama" with experts; OLMoE) run
+# their FFN in models/moe.py.
+LLAMA_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe")
 GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 PHI3_ARCHITECTURES = ("phi3",)  # models/phi3.py
 

@@ -101,8 +101,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, KV, hd)
         v = v.view(B, T, self.n_kv, self.head_dim)
-        if self.q_norm is not None:  # Qwen3: RMSNorm per head before RoPE
+        if self.q_norm is not None:  # RMSNorm before RoPE: per head (Qwen3), or over all
+            # heads at once (OLMoE: a weight as wide as q), which view(B, T, -1) gives
+            per_head = self.q_norm.numel() == self.head_dim
+            q, k = (q, k) if per_head else (q.view(B, T, -1), k.view(B, T, -1))
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+            q, k = q.view(B, T, self.n_heads, -1), k.view(B, T, self.n_kv, -1)
         q, k = rope.apply(q, rotation), rope.apply(k, rotation)
         end = start + T
         cache_k[:, :, start:end] = k.transpose(1, 2)

@@ -1,11 +1,11 @@
 """The feed-forward layers of the Llama family: the gated (SwiGLU) FFN, and the mixture of
-experts of Mixtral (GGUF "llama" with experts), Qwen2-MoE and Qwen3-MoE, as llama.cpp's
-build_moe_ffn computes them (src/llama-graph.cpp) and transformers' sparse MoE blocks do:
+experts of Mixtral (GGUF "llama" with experts), Qwen2-MoE, Qwen3-MoE and OLMoE, as
+llama.cpp's build_moe_ffn computes them (src/llama-graph.cpp) and transformers' sparse MoE blocks do:
 
 - a router (`ffn_gate_inp`, one row per expert) scores each token; softmax over all
   experts, then the top `expert_used_count` are picked;
-- Mixtral and Qwen3-MoE renormalize the picked weights to sum to 1, Qwen2-MoE does not
-  (config.MOE_NORMALIZE_TOP_K);
+- Mixtral and Qwen3-MoE renormalize the picked weights to sum to 1, Qwen2-MoE and OLMoE
+  do not (names.MOE_NORMALIZES_TOP_K);
 - each picked expert is a gated FFN whose weights are one slice of the 3-D tensors
   `ffn_{gate,up,down}_exps` (n_experts, rows, row_length); the output is the weighted sum;
 - Qwen2-MoE adds a shared expert (`ffn_*_shexp`) that every token goes through, scaled by

@@ -23,6 +23,7 @@ HF_MODEL_TYPE_TO_ARCH = {
     "qwen2_moe": "qwen2moe",
     "qwen3_moe": "qwen3moe",
     "phi3": "phi3",
+    "olmoe": "olmoe",
 }
 
 # Architectures whose q/k rows convert_hf_to_gguf permutes (LlamaModel.permute): HF
@@ -92,7 +93,7 @@ PHI3_BLOCK = {
 # architecture is "llama": its HF model_type picks MIXTRAL_BLOCK, see block_map.)
 HF_TO_GGUF_BLOCK_BY_ARCH = {"gemma2": GEMMA_BLOCK, "gemma3": GEMMA_BLOCK,
                             "qwen2moe": QWEN_MOE_BLOCK, "qwen3moe": QWEN_MOE_BLOCK,
-                            "phi3": PHI3_BLOCK}
+                            "olmoe": QWEN_MOE_BLOCK, "phi3": PHI3_BLOCK}
 HF_TO_GGUF_BLOCK_BY_MODEL_TYPE = {"mixtral": MIXTRAL_BLOCK}
 
 # Architectures whose RMSNorm multiplies by (1 + w): convert_hf_to_gguf writes w + 1 into
@@ -128,10 +129,10 @@ GGUF_TO_HF_CONFIG = {v: k for k, v in HF_CONFIG_TO_GGUF.items()}
 # Whether each MoE architecture renormalizes the router's top-k weights to sum to 1, as
 # llama.cpp's graphs hard-code it (src/models/llama.cpp, qwen2moe.cpp, qwen3moe.cpp); an HF
 # config.json whose norm_topk_prob says otherwise has no GGUF equivalent.
-MOE_NORMALIZES_TOP_K = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+MOE_NORMALIZES_TOP_K = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
 MAX_EXPERTS = 512  # llama.cpp's LLAMA_MAX_EXPERTS
 # HF model types that are mixtures of experts
-HF_MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
+HF_MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
 # Their keys (written where config.json sets them). The expert count is num_local_experts
 # or num_experts, depending on the model and the transformers version that saved it; the
 # loader keeps it as num_experts.
@@ -171,6 +172,8 @@ HF_CONFIG_DEFAULTS = {
     "qwen3_moe": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768,
                   "tie_word_embeddings": False, "head_dim": 128, "moe_intermediate_size": 768,
                   "norm_topk_prob": False, "decoder_sparse_step": 1},
+    "olmoe": {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+              "tie_word_embeddings": False, "norm_topk_prob": False},
     "phi3": {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
              "original_max_position_embeddings": 4096, "tie_word_embeddings": False},
     "gemma3_text": {"rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,

@@ -288,15 +288,27 @@ PHI3_FAMILY = ArchSpec(
     derived=(Derived("kv", "(qkv - q) / 2", lambda s: (s["qkv"] - s["q"]) / 2, "head_dim"),
              Derived("gate_up", "2 ffn", lambda s: 2 * s["ffn"], "one")),
 )
+# OLMoE: RMSNorm over the whole q and k projections (not per head) before RoPE.
+OLMOE_FAMILY = ArchSpec(
+    globals=LLAMA_MOE_FAMILY.globals,
+    block=(
+        *(t for t in LLAMA_MOE_FAMILY.block
+          if t.name not in ("attn_q_norm.weight", "attn_k_norm.weight")),
+        TensorSpec("attn_q_norm.weight", ("q",)),
+        TensorSpec("attn_k_norm.weight", ("kv",)),
+    ),
+    widths=LLAMA_MOE_FAMILY.widths,
+    together=(("attn_q.bias", "attn_k.bias", "attn_v.bias"),),
+)
 ARCHITECTURES: dict[str, ArchSpec] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), LLAMA_FAMILY),
     "phi3": PHI3_FAMILY,
     **dict.fromkeys(("gemma2", "gemma3"), GEMMA_FAMILY),
-    "qwen3moe": LLAMA_MOE_FAMILY, "qwen2moe": QWEN2_MOE_FAMILY,
+    "qwen3moe": LLAMA_MOE_FAMILY, "qwen2moe": QWEN2_MOE_FAMILY, "olmoe": OLMOE_FAMILY,
 }
 # The spec of a file whose expert_count is not 0, where it differs from the above.
 WITH_EXPERTS: dict[str, ArchSpec] = {"llama": LLAMA_MOE_FAMILY}
-MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")  # those that have experts or are refused
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "olmoe")  # those that have experts or are refused
 
 
 def _first(value: Any) -> int:

@@ -91,6 +91,7 @@ ARCH_BLOCK_TENSORS = {
                                    "ffn_gate_inp_shexp.weight", "ffn_gate_shexp.weight",
                                    "ffn_up_shexp.weight", "ffn_down_shexp.weight"),
     "qwen3moe": LLAMA_MOE_BLOCK + ("attn_q_norm.weight", "attn_k_norm.weight"),
+    "olmoe": LLAMA_MOE_BLOCK + ("attn_q_norm.weight", "attn_k_norm.weight"),
     "phi3": ("attn_norm.weight", "attn_qkv.weight", "attn_output.weight", "ffn_norm.weight",
              "ffn_up.weight", "ffn_down.weight"),
 }
@@ -105,7 +106,8 @@ PLANNER_ONLY_MODEL_TYPES = {
 # (llama_kv_cache_iswa; gemma2: load_swa_pattern(ml, 2), n_swa 4096 by default).
 SWA_EVERY_OTHER_LAYER = {"gemma2": 4096}
 # Architectures `llmpress run` executes (models/config.py ROPE_STYLE).
-LLMPRESS_RUNTIME_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3")
+LLMPRESS_RUNTIME_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe",
+                          "phi3")
 TORCH_DTYPES = {"bfloat16": T.BF16, "float16": T.F16, "float32": T.F32}
 
 
