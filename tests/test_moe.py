@@ -292,3 +292,39 @@ def test_calibration_and_pruning_refuse_experts(converted, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "does not cover mixtures of experts yet" in err and "Traceback" not in err
     assert not list(tmp_path.glob("*.gguf"))
+
+
+LLAMA_FTYPES = {"Q8_0": 7, "Q4_K_M": 15, "Q3_K_M": 12, "IQ4_XS": 30}  # llama_ftype numbers
+
+
+def tensors_by_name(path) -> dict[str, tuple[str, bytes]]:
+    from gguf import GGUFReader
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes())
+            for t in GGUFReader(path).tensors}
+
+
+def llama_quantize(source, out, file_type: str):
+    """llama.cpp's quantizer (llama_model_quantize, the code behind llama-quantize)."""
+    import ctypes
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = LLAMA_FTYPES[file_type], 1
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(),
+                                          ctypes.byref(params)) == 0
+
+
+@pytest.mark.parametrize("file_type", list(LLAMA_FTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_quantized_experts_are_llama_quantizes_bytes(case, file_type, converted, tmp_path):
+    """`llmpress quantize` of our F32 file writes, tensor by tensor, the types and bytes
+    llama-quantize writes from the same file: its MoE rules (8 experts: attn_v and
+    attn_k to 8 bits...) and the 3-D expert tensors quantized expert by expert."""
+    source = converted(case, "F32")
+    llama_quantize(source, tmp_path / "theirs.gguf", file_type)
+    quantize_model(QuantizeConfig(source, tmp_path / "ours.gguf", file_type, error_rows=0))
+    theirs = tensors_by_name(tmp_path / "theirs.gguf")
+    ours = tensors_by_name(tmp_path / "ours.gguf")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert ours[name][0] == theirs[name][0], name
+        assert ours[name][1] == theirs[name][1], name
+    assert theirs["blk.0.ffn_down_exps.weight"][0] not in ("F32", "F16")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from test_hf_to_gguf import BYTE_LEVEL_CASES, MODEL_VOCAB, write_byte_level_tokenizer
+from test_moe import LLAMA_FTYPES, llama_quantize, tensors_by_name
 from tiny import greedy
 
 from llmpress.errors import LlmpressError
@@ -159,6 +160,22 @@ def test_converted_phi3_gguf_matches_llama_cpp(case, file_type, tiny, tmp_path):
     assert fast_tokens == exact_tokens
     torch.testing.assert_close(fast_logits, exact_logits, rtol=0,
                                atol=1e-3 * exact_logits.abs().max().item())
+
+
+@pytest.mark.parametrize("file_type", list(LLAMA_FTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_quantized_phi3_is_llama_quantizes_bytes(case, file_type, tiny, tmp_path):
+    """`llmpress quantize` of our F32 file writes, tensor by tensor, the types and bytes
+    llama-quantize writes from the same file (fused attn_qkv and ffn_up included)."""
+    source = tmp_path / "f32.gguf"
+    quantize_model(QuantizeConfig(tiny(case)[1], source, "F32", error_rows=0))
+    llama_quantize(source, tmp_path / "theirs.gguf", file_type)
+    quantize_model(QuantizeConfig(source, tmp_path / "ours.gguf", file_type, error_rows=0))
+    theirs = tensors_by_name(tmp_path / "theirs.gguf")
+    ours = tensors_by_name(tmp_path / "ours.gguf")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert ours[name] == theirs[name], name
 
 
 # --- what is refused ----------------------------------------------------------------------
