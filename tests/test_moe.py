@@ -328,3 +328,60 @@ def test_quantized_experts_are_llama_quantizes_bytes(case, file_type, converted,
         assert ours[name][0] == theirs[name][0], name
         assert ours[name][1] == theirs[name][1], name
     assert theirs["blk.0.ffn_down_exps.weight"][0] not in ("F32", "F16")
+
+
+def write_expert_imatrix(source, path) -> dict[str, np.ndarray]:
+    """A random importance matrix for every matrix of `source` but the embedding, as
+    llama-imatrix's GGUF stores it: per weight the squared-activation sums of each expert
+    (one for a dense weight) and the rows each expert was routed. -> name -> the means
+    llama-quantize divides out of it (float32, n_expert * row_length)."""
+    import gguf
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), arch="")
+    writer.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes none
+    writer.add_string("general.type", "imatrix")
+    means = {}
+    for ref in load_gguf(source).tensors.values():
+        if len(ref.shape) < 2 or ref.name == "token_embd.weight":
+            continue
+        n_expert = ref.shape[0] if len(ref.shape) == 3 else 1
+        counts = rng.integers(1, 200, n_expert).astype(np.float32)
+        sums = (rng.gamma(1.0, 1.0, (n_expert, ref.shape[-1])) * counts[:, None]
+                ).astype(np.float32)
+        writer.add_tensor(ref.name + ".in_sum2", sums)
+        writer.add_tensor(ref.name + ".counts", counts[:, None])
+        means[ref.name] = (sums / counts[:, None]).astype(np.float32).ravel()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return means
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "IQ4_XS"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe"])
+def test_experts_quantized_with_an_imatrix_are_llama_quantizes_bytes(case, file_type,
+                                                                     converted, tmp_path):
+    """With an importance matrix of one row of statistics per expert, too: each expert's
+    slice is quantized with its own importance, as llama-quantize does (which gets the
+    same means through llama_model_imatrix_data)."""
+    import ctypes
+    source = converted(case, "F32")
+    means = write_expert_imatrix(source, tmp_path / "imatrix.gguf")
+    entries = (llama_cpp.llama_model_imatrix_data * (len(means) + 1))()
+    for entry, (name, values) in zip(entries, means.items()):
+        entry.name, entry.size = name.encode(), values.size
+        entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.imatrix = LLAMA_FTYPES[file_type], 1, entries
+    assert llama_cpp.llama_model_quantize(str(source).encode(),
+                                          str(tmp_path / "theirs.gguf").encode(),
+                                          ctypes.byref(params)) == 0
+    quantize_model(QuantizeConfig(source, tmp_path / "ours.gguf", file_type, error_rows=0,
+                                  imatrix=tmp_path / "imatrix.gguf"))
+    theirs = tensors_by_name(tmp_path / "theirs.gguf")
+    ours = tensors_by_name(tmp_path / "ours.gguf")
+    for name in theirs:
+        assert ours[name] == theirs[name], name
+    without = tensors_by_name(converted(case, file_type))  # the importance changed the bytes
+    assert without["blk.0.ffn_up_exps.weight"] != ours["blk.0.ffn_up_exps.weight"]
