@@ -19,7 +19,7 @@ ROPE_STYLE = {"llama": "norm", "mistral": "norm", "qwen2": "neox", "qwen3": "neo
               "qwen2moe": "neox", "qwen3moe": "neox", "gemma2": "neox", "gemma3": "neox",
               "phi3": "neox", "olmoe": "neox"}
 SUPPORTED_ARCHITECTURES = tuple(ROPE_STYLE)
-# Which model class runs which (models/family.py): models/llama.py, models/gemma.py.
+# Which model class runs which (models/family.py): models/llama.py, gemma.py, phi3.py.
 # The Llama family's mixtures of experts (Mixtral is "llama" with experts; OLMoE) run
 # their FFN in models/moe.py.
 LLAMA_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe")

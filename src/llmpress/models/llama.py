@@ -1,7 +1,8 @@
 """The Llama family in one file: Llama 2/3, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k
-norm), SmolLM/SmolLM2, TinyLlama; and its mixtures of experts, Mixtral, Qwen2-MoE and
-Qwen3-MoE, whose FFN is models/moe.py's. Tensor names are GGUF's; weights stay packed in their
-block format and each Linear multiplies them with its own kernel (llmpress.kernels).
+norm), SmolLM/SmolLM2, TinyLlama; and its mixtures of experts, Mixtral, Qwen2-MoE,
+Qwen3-MoE and OLMoE (q/k norm over all heads), whose FFN is models/moe.py's. Tensor names
+are GGUF's; weights stay packed in their block format and each Linear multiplies them with
+its own kernel (llmpress.kernels).
 """
 
 from __future__ import annotations
