@@ -271,13 +271,22 @@ def test_bad_hf_experts_are_one_clear_error(tiny, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"norm_topk_prob": True}))
     with pytest.raises(LlmpressError, match="norm_topk_prob True differs from what qwen2moe"):
         load_hf_dir(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    weights_ = load_file(tmp_path / "model.safetensors")
-    del weights_["model.layers.1.mlp.experts.5.up_proj.weight"]
-    save_file(weights_, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(LlmpressError, match=r"model\.layers\.1\.mlp\.experts\.5\.up_proj\.weight "
-                                            r"is missing \(1 of 8 experts"):
+    (tmp_path / "config.json").write_text(json.dumps(config | {"num_experts_per_tok": 9}))
+    with pytest.raises(LlmpressError, match="has 8 experts and 9 per token"):
         load_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    original = load_file(tmp_path / "model.safetensors")
+    up = "model.layers.1.mlp.experts.{}.up_proj.weight"
+    for change, message in (
+            ({up.format(5): None}, r"experts\.5\.up_proj\.weight is missing \(1 of 8 experts"),
+            ({up.format(8): original[up.format(0)].clone()}, "belongs to expert 8, but config.json "
+                                                     "has 8 experts"),
+            ({up.format(3): original[up.format(3)].half()}, "experts of blk.1.ffn_up_exps.weight "
+                                                            "mix dtypes F16, F32")):
+        weights_ = {k: v for k, v in (original | change).items() if v is not None}
+        save_file(weights_, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(LlmpressError, match=message):
+            load_hf_dir(tmp_path)
 
 
 def test_calibration_and_pruning_refuse_experts(converted, tmp_path, capsys):
