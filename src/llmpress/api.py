@@ -24,6 +24,7 @@ from llmpress.io.source import ModelSource
 from llmpress.kernels.device import default_device
 from llmpress.kernels.linear import matmul_path
 from llmpress.models.family import build_model
+from llmpress.models.moe import active_parameters
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import json_schema_grammar
 from llmpress.runtime.prompt_cache import PromptCache
@@ -70,6 +71,9 @@ class ModelInfo:
     tensor_types: tuple[TensorTypeSummary, ...]
     has_chat_template: bool
     matmul: str = ""  # how the matmuls run: mode, kernel instruction set
+    experts: int = 0  # a mixture of experts: experts per layer (0: dense)
+    experts_used: int = 0  # experts each token is routed to
+    active_parameters: int = 0  # parameters one token computes with
 
     @property
     def bits_per_weight(self) -> float:
@@ -167,6 +171,9 @@ class LanguageModel:
             tensor_types=tuple(TensorTypeSummary(t, count[t], size[t]) for t in sorted(count)),
             has_chat_template=bool(self.tokenizer.chat_template),
             matmul=matmul_path(self.model, self.mode),
+            experts=cfg.n_experts, experts_used=cfg.n_experts_used,
+            active_parameters=active_parameters(
+                ((ref.name, ref.shape) for ref in src.tensors.values()), cfg.n_experts_used),
         )
 
 

@@ -100,6 +100,9 @@ def cmd_info(args) -> None:
         ("chat template", "yes" if info.has_chat_template else "no"),
         ("matmuls", info.matmul),
     ]
+    if info.experts:  # a mixture of experts: what one token computes with
+        rows[3:3] = [("experts (used / total)", f"{info.experts_used} / {info.experts}"),
+                     ("active parameters", f"{info.active_parameters:,}")]
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)

@@ -123,6 +123,7 @@ def report_dict(report) -> dict:
     return {
         "model": {"name": spec.name, "origin": spec.origin, "where": spec.where,
                   "architecture": spec.architecture, "parameters": spec.parameters,
+                  "active_parameters": spec.active_parameters,
                   "layers": spec.n_layers, "context_length": spec.context_length,
                   "file_type": spec.file_type, "header_exact": spec.header_exact},
         "machine": asdict(m), "ctx": report.ctx, "cache_type": report.cache,
@@ -163,8 +164,11 @@ def _placement_text(o) -> str:
 def _show_report(report) -> None:
     from llmpress.plan.advise import run_commands
     spec = report.spec
-    title = (f"{spec.name}: {spec.parameters / 1e9:.2f}B parameters, {spec.architecture}, "
-             f"{spec.n_layers} layers, trained context {spec.context_length:,}")
+    active = (f" ({spec.active_parameters / 1e9:.2f}B active per token)"
+              if spec.active_parameters != spec.parameters else "")  # a mixture of experts
+    title = (f"{spec.name}: {spec.parameters / 1e9:.2f}B parameters{active}, "
+             f"{spec.architecture}, {spec.n_layers} layers, trained context "
+             f"{spec.context_length:,}")
     table = Table(title=title)
     kv_title = f"KV {report.ctx:,} {report.cache}"
     gpu = report.machine.has_gpu

@@ -34,8 +34,10 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from llmpress.errors import LlmpressError
 from llmpress.kernels.linear import QuantLinear
 from llmpress.models.llama import Block, LlamaModel
+from llmpress.models.moe import MoeFeedForward
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -100,6 +102,9 @@ Accumulate = Callable[[object, torch.Tensor], object]
 # --- one layer ----------------------------------------------------------------------------
 def block_linears(block: Block) -> dict[str, QuantLinear]:
     """The Linears of a decoder layer by GGUF short name."""
+    if isinstance(block.ffn, MoeFeedForward):  # statistics per expert: not yet
+        raise LlmpressError("calibration (imatrix, GPTQ, AWQ, pruning by activations) does "
+                            "not cover mixtures of experts yet")
     q, k, v = block.attn.qkv.linears
     gate, up = block.ffn.gate_up.linears
     return {"attn_q": q, "attn_k": k, "attn_v": v, "attn_output": block.attn.wo,

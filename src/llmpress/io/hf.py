@@ -2,8 +2,10 @@
 
 The directory is converted on the fly into what convert_hf_to_gguf.py would write: GGUF
 tensor names and metadata keys (llmpress.models.names), q/k rows permuted for llama.cpp's
-RoPE layout, llama3 RoPE scaling turned into a `rope_freqs.weight` tensor, and the
-tokenizer's tokenizer.* keys (llmpress.io.hf_vocab). Of the weights nothing is read up
+RoPE layout, llama3 RoPE scaling turned into a `rope_freqs.weight` tensor (Phi-3's
+LongRoPE into `rope_factors_long/short.weight`), each mixture-of-experts layer's experts
+stacked into 3-D `ffn_*_exps` tensors, and the tokenizer's tokenizer.* keys
+(llmpress.io.hf_vocab). Of the weights nothing is read up
 front but the safetensors headers: each tensor's bytes are read (and permuted)
 when its read_bytes() is called. F32/F16/BF16 stay in their own type.
 """
@@ -11,6 +13,7 @@ when its read_bytes() is called. F32/F16/BF16 stay in their own type.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,14 @@ REQUIRED_BLOCK_TENSORS = frozenset({
     "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
     "ffn_down.weight",
 })
+DENSE_FFN_TENSORS = frozenset({"ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"})
+EXPERT_TENSORS = frozenset({"ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight",
+                            "ffn_down_exps.weight"})
+SHARED_EXPERT_TENSORS = frozenset({"ffn_gate_inp_shexp.weight", "ffn_gate_shexp.weight",
+                                   "ffn_up_shexp.weight", "ffn_down_shexp.weight"})
+PHI3_BLOCK_TENSORS = frozenset({"attn_norm.weight", "attn_qkv.weight", "attn_output.weight",
+                                "ffn_norm.weight", "ffn_up.weight", "ffn_down.weight"})
+SQUEEZED = ("ffn_gate_inp_shexp.weight",)  # (1, dim) in HF checkpoints, (dim,) in GGUF
 OPTIONAL_BLOCK_TENSORS = frozenset({
     "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight",
 })
@@ -84,7 +95,12 @@ def hyperparameters(config: dict[str, Any], where: Path) -> dict[str, Any]:
         raise LlmpressError(f"{where}: hidden_act {act!r} is not supported (only {wanted})")
     if arch in names.NORM_PLUS_ONE_ARCHS:
         gemma_hyperparameters(hp, where)
+    if model_type in names.HF_MOE_MODEL_TYPES:
+        moe_hyperparameters(hp, arch, where)
     rope = rope_parameters(hp)
+    hp["rope_dim"] = hp["head_dim"]
+    if arch == "phi3":
+        phi3_rope(hp, rope, where)
     hp["rope_theta"] = positive_number(rope.get("rope_theta", hp["rope_theta"]), "rope_theta",
                                        where)
     hp["rms_norm_eps"] = positive_number(hp["rms_norm_eps"], "rms_norm_eps", where)
@@ -115,6 +131,65 @@ def gemma_hyperparameters(hp: dict[str, Any], where: Path) -> None:
                               or set(types) - {"sliding_attention", "full_attention"}):
         raise LlmpressError(f"{where}: config.json layer_types must list sliding_attention "
                             "or full_attention for each layer")
+
+
+def moe_hyperparameters(hp: dict[str, Any], arch: str, where: Path) -> None:
+    """A mixture of experts' keys checked, in place: the expert count as num_experts, the
+    routing llama.cpp hard-codes for the architecture, every layer sparse."""
+    if hp.get("num_experts") is None:
+        hp["num_experts"] = hp.get("num_local_experts")
+    wanted = ["num_experts", "num_experts_per_tok"]
+    if hp["model_type"] in ("qwen2_moe", "qwen3_moe"):  # the others: intermediate_size
+        wanted.append("moe_intermediate_size")
+    if hp["model_type"] == "qwen2_moe":
+        wanted.append("shared_expert_intermediate_size")
+    for key in wanted:
+        if hp.get(key) is None:
+            raise LlmpressError(f"{where}: config.json lacks {key}")
+    _check_positive_ints(hp, wanted, where)
+    n, used = hp["num_experts"], hp["num_experts_per_tok"]
+    if n > names.MAX_EXPERTS or used > n:
+        raise LlmpressError(f"{where}: config.json has {n} experts and {used} per token; at "
+                            f"most {names.MAX_EXPERTS} experts, and at most all per token")
+    normalizes = names.MOE_NORMALIZES_TOP_K[arch]
+    if bool(hp.get("norm_topk_prob", normalizes)) != normalizes:
+        raise LlmpressError(f"{where}: config.json norm_topk_prob {hp['norm_topk_prob']} "
+                            f"differs from what {arch} files compute in llama.cpp ({normalizes})")
+    if hp["model_type"] == "olmoe" and (hp.get("clip_qkv") is not None or
+                                        hp["num_key_value_heads"] != hp["num_attention_heads"]):
+        # llama.cpp's olmoe graph clips nothing, and its k norm is as wide as q
+        raise LlmpressError(f"{where}: OLMoE with clip_qkv or grouped-query attention "
+                            "(num_key_value_heads < num_attention_heads) is not supported")
+    if hp.get("decoder_sparse_step", 1) != 1 or hp.get("mlp_only_layers"):
+        raise LlmpressError(f"{where}: dense layers among the expert layers "
+                            "(decoder_sparse_step, mlp_only_layers) are not supported")
+
+
+def phi3_rope(hp: dict[str, Any], rope: dict[str, Any], where: Path) -> None:
+    """Phi-3's RoPE checked, in place, as convert_hf_to_gguf's Phi3MiniModel reads it: the
+    rotated share of each head, the training context, LongRoPE's factors and attention
+    factor (from max / original context, whatever config.json's `factor` says)."""
+    share = rope.get("partial_rotary_factor", hp.get("partial_rotary_factor", 1.0))
+    share = positive_number(share, "partial_rotary_factor", where)
+    hp["rope_dim"] = int(share * hp["hidden_size"]) // hp["num_attention_heads"]
+    if hp["rope_dim"] % 2 or not 0 < hp["rope_dim"] <= hp["head_dim"]:
+        raise LlmpressError(f"{where}: partial_rotary_factor {share} rotates {hp['rope_dim']} "
+                            f"dimensions of {hp['head_dim']}; needs an even number, at least 2")
+    original = rope.get("original_max_position_embeddings",
+                        hp["original_max_position_embeddings"])
+    hp["original_max_position_embeddings"] = original
+    _check_positive_ints(hp, ("original_max_position_embeddings",), where)
+    if rope["rope_type"] != "longrope":
+        return
+    for key in ("short_factor", "long_factor"):
+        factors = rope.get(key)
+        if not isinstance(factors, list) or len(factors) != hp["rope_dim"] // 2:
+            raise LlmpressError(f"{where}: config.json rope_parameters.{key} must list "
+                                f"{hp['rope_dim'] // 2} numbers (one per rotated pair)")
+        rope[key] = [positive_number(f, f"rope_parameters.{key}", where) for f in factors]
+    scale = hp["max_position_embeddings"] / original
+    hp["rope_attn_factor"] = (math.sqrt(1 + math.log(scale) / math.log(original))
+                              if scale > 1 else 1.0)
 
 
 def _check_positive_ints(hp: dict[str, Any], keys, where: Path) -> None:
@@ -148,8 +223,13 @@ def gguf_metadata(hp: dict[str, Any], arch: str, name: str, where: Path) -> dict
     for hf_key, gguf_key in names.HF_CONFIG_TO_GGUF.items():
         meta[f"{arch}.{gguf_key}"] = hp[hf_key]
     meta[f"{arch}.attention.value_length"] = hp["head_dim"]
-    meta[f"{arch}.rope.dimension_count"] = hp["head_dim"]
+    meta[f"{arch}.rope.dimension_count"] = hp.get("rope_dim", hp["head_dim"])
     rope_type = hp["rope"]["rope_type"]
+    if arch == "phi3":
+        meta[f"{arch}.rope.scaling.original_context_length"] = (
+            hp["original_max_position_embeddings"])
+        if rope_type == "longrope":  # its factors are the rope_factors_* tensors
+            meta[f"{arch}.rope.scaling.attn_factor"] = hp["rope_attn_factor"]
     if rope_type == "linear":
         if "factor" not in hp["rope"]:
             raise LlmpressError(f"{where}: linear RoPE scaling without a factor in config.json")
@@ -158,9 +238,12 @@ def gguf_metadata(hp: dict[str, Any], arch: str, name: str, where: Path) -> dict
     elif rope_type == "llama3":
         if arch != "llama":
             raise LlmpressError(f"{where}: llama3 RoPE scaling on a {arch} model is not supported")
-    elif rope_type != "default":
+    elif rope_type != "default" and not (rope_type == "longrope" and arch == "phi3"):
         raise LlmpressError(f"{where}: RoPE scaling {rope_type!r} is not supported "
-                            "(default, linear and llama3 are)")
+                            "(default, linear, llama3 and Phi-3's longrope are)")
+    for hf_key, gguf_key in names.HF_MOE_CONFIG_TO_GGUF.items():
+        if hp["model_type"] in names.HF_MOE_MODEL_TYPES and hp.get(hf_key) is not None:
+            meta[f"{arch}.{gguf_key}"] = hp[hf_key]
     if arch in names.NORM_PLUS_ONE_ARCHS:
         for hf_key, gguf_key in names.HF_GEMMA_CONFIG_TO_GGUF.items():
             if hp.get(hf_key) is not None:
@@ -271,10 +354,34 @@ def tensor_reader(handle: Any, hf_name: str, permute_heads: int | None,
     return read_bytes
 
 
+def stacked_experts(gguf_name: str, parts: dict[int, tuple[Any, str, str]],
+                    shape: tuple[int, ...], where: Path) -> TensorRef:
+    """The experts' 2-D tensors as the 3-D tensor convert_hf_to_gguf writes: expert e is
+    slice e. Every expert must be there, all in one dtype."""
+    n_experts = shape[0]
+    if missing := sorted(set(range(n_experts)) - set(parts)):
+        _, hf_name, _ = next(iter(parts.values()))
+        example = re.sub(r"\.experts\.\d+\.", f".experts.{missing[0]}.", hf_name)
+        raise LlmpressError(f"{where}: tensor {example} is missing ({len(missing)} of "
+                            f"{n_experts} experts' tensors; incomplete checkpoint?)")
+    dtypes = {dtype for _, _, dtype in parts.values()}
+    if len(dtypes) > 1:
+        raise LlmpressError(f"{where}: the experts of {gguf_name} mix dtypes "
+                            f"{', '.join(sorted(dtypes))}")
+    ggml_type, torch_dtype = SAFETENSORS_TYPES[dtypes.pop()]
+
+    def read_bytes() -> torch.Tensor:
+        stacked = torch.stack([handle.get_tensor(hf_name)
+                               for handle, hf_name, _ in (parts[e] for e in range(n_experts))])
+        return stacked.view(torch.uint8).reshape(-1)
+    return TensorRef(name=gguf_name, ggml_type=ggml_type, shape=shape,
+                     n_bytes=math.prod(shape) * torch_dtype.itemsize, read_bytes=read_bytes)
+
+
 # --- the expected tensors ----------------------------------------------------------------
 def expected_shapes(hp: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every tensor the runtime takes (block tensors as "blk.*.x") -> the torch-order shape
-    config.json implies."""
+    config.json implies, as the GGUF file holds it."""
     dim, hd, vocab, ffn = hp["hidden_size"], hp["head_dim"], hp["vocab_size"], \
         hp["intermediate_size"]
     q_rows, kv_rows = hp["num_attention_heads"] * hd, hp["num_key_value_heads"] * hd
@@ -288,6 +395,20 @@ def expected_shapes(hp: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "post_attention_norm.weight": (dim,), "post_ffw_norm.weight": (dim,),  # Gemma
         "ffn_gate.weight": (ffn, dim), "ffn_up.weight": (ffn, dim), "ffn_down.weight": (dim, ffn),
     }
+    block["attn_qkv.weight"] = (q_rows + 2 * kv_rows, dim)  # Phi-3: q, k, v fused
+    if hp["model_type"] == "olmoe":  # q/k norms over all heads, not per head
+        block["attn_q_norm.weight"], block["attn_k_norm.weight"] = (q_rows,), (kv_rows,)
+    if hp["model_type"] == "phi3":  # gate and up fused: gate rows, then up rows
+        block["ffn_up.weight"] = (2 * ffn, dim)
+    if hp["model_type"] in names.HF_MOE_MODEL_TYPES:  # experts: (n, rows, row_length)
+        n, expert_ffn = hp["num_experts"], hp.get("moe_intermediate_size", ffn)
+        shared = hp.get("shared_expert_intermediate_size", ffn)
+        block |= {"ffn_gate_inp.weight": (n, dim), "ffn_gate_exps.weight": (n, expert_ffn, dim),
+                  "ffn_up_exps.weight": (n, expert_ffn, dim),
+                  "ffn_down_exps.weight": (n, dim, expert_ffn),
+                  "ffn_gate_inp_shexp.weight": (dim,),  # (1, dim) in HF: SQUEEZED
+                  "ffn_gate_shexp.weight": (shared, dim), "ffn_up_shexp.weight": (shared, dim),
+                  "ffn_down_shexp.weight": (dim, shared)}
     shapes = {f"blk.*.{k}": v for k, v in block.items()}
     shapes.update({"token_embd.weight": (vocab, dim), "output.weight": (vocab, dim),
                    "output_norm.weight": (dim,)})
@@ -302,10 +423,21 @@ def generic_name(gguf_name: str) -> tuple[str, int | None]:
     return gguf_name, None
 
 
+def required_block_tensors(hp: dict[str, Any]) -> frozenset[str]:
+    if hp["model_type"] == "phi3":
+        return PHI3_BLOCK_TENSORS
+    if hp["model_type"] == "qwen2_moe":
+        return REQUIRED_BLOCK_TENSORS - DENSE_FFN_TENSORS | EXPERT_TENSORS | SHARED_EXPERT_TENSORS
+    if hp["model_type"] in names.HF_MOE_MODEL_TYPES:
+        return REQUIRED_BLOCK_TENSORS - DENSE_FFN_TENSORS | EXPERT_TENSORS
+    return REQUIRED_BLOCK_TENSORS
+
+
 def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Path) -> None:
     """Every layer has the same tensors (the required ones at least); globals are there."""
-    arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
-    if hp["num_hidden_layers"] * len(REQUIRED_BLOCK_TENSORS) > len(tensors):
+    arch, model_type = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]], hp["model_type"]
+    required = required_block_tensors(hp)
+    if hp["num_hidden_layers"] * len(required) > len(tensors):
         raise LlmpressError(f"{where}: config.json num_hidden_layers is "
                             f"{hp['num_hidden_layers']}, but the checkpoint holds only "
                             f"{len(tensors)} tensors")
@@ -314,10 +446,11 @@ def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Pat
         generic, block = generic_name(name)
         if block is not None:
             per_layer[block].add(generic)
-    wanted = set().union(*per_layer) | {f"blk.*.{n}" for n in REQUIRED_BLOCK_TENSORS}
+    wanted = set().union(*per_layer) | {f"blk.*.{n}" for n in required}
     for i, have in enumerate(per_layer):
         if missing := sorted(wanted - have):
-            hf = [names.hf_tensor_name(m.replace("*", str(i)), arch) for m in missing]
+            hf = [names.hf_tensor_name(m.replace("*", str(i), 1), arch, model_type)
+                  for m in missing]
             raise LlmpressError(f"{where}: tensor {', '.join(hf)} is missing "
                                 "(incomplete checkpoint?)")
     for name in ("token_embd.weight", "output_norm.weight"):
@@ -330,8 +463,9 @@ def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Pat
 
 # --- the loader --------------------------------------------------------------------------
 def load_hf_dir(path: str | Path) -> ModelSource:
-    """A Hugging Face model directory of float weights (Llama, Mistral, Qwen2, Qwen3) as a
-    lazy ModelSource. io.loader.load_source also reads integer-quantized ones."""
+    """A Hugging Face model directory of float weights (models.names.HF_MODEL_TYPE_TO_ARCH:
+    the Llama family, its mixtures of experts, Gemma 2/3, Phi-3) as a lazy ModelSource.
+    io.loader.load_source also reads integer-quantized ones."""
     path = Path(path)
     config = read_config(path)
     if config.get("quantization_config") or (path / "quantize_config.json").is_file():
@@ -353,10 +487,11 @@ def load_hf_dir(path: str | Path) -> ModelSource:
 
     located, handles = safetensors_files(path)
     tensors: dict[str, TensorRef] = {}
+    experts: dict[str, dict[int, tuple[Any, str, str]]] = {}  # 3-D name -> e -> (handle, ...)
     for hf_name, file in located.items():
         if hf_name.endswith(names.HF_IGNORED_SUFFIXES):
             continue
-        gguf_name = names.gguf_tensor_name(hf_name, arch)
+        gguf_name = names.gguf_tensor_name(hf_name, arch, hp["model_type"])
         if gguf_name is None:
             raise LlmpressError(f"{file}: tensor {hf_name} has no GGUF equivalent for "
                                 f"{hp['model_type']} models")
@@ -374,9 +509,23 @@ def load_hf_dir(path: str | Path) -> ModelSource:
         if dtype_name not in SAFETENSORS_TYPES:
             raise LlmpressError(f"{file}: tensor {hf_name} has dtype {dtype_name}; "
                                 "only F32, F16 and BF16 are supported")
-        if shape != shapes[generic]:
+        expert = names.expert_index(hf_name)
+        wanted = shapes[generic]
+        if expert is not None:  # one expert's matrix of the 3-D tensor
+            wanted = wanted[1:]
+        elif generic.endswith(SQUEEZED):
+            wanted = (1, *wanted)
+        if shape != wanted:
             raise LlmpressError(f"{file}: tensor {hf_name} has shape {list(shape)}, but "
-                                f"config.json implies {list(shapes[generic])}")
+                                f"config.json implies {list(wanted)}")
+        if expert is not None:  # one slice of a 3-D tensor, stacked below
+            if expert >= hp["num_experts"]:
+                raise LlmpressError(f"{file}: tensor {hf_name} belongs to expert {expert}, "
+                                    f"but config.json has {hp['num_experts']} experts")
+            experts.setdefault(gguf_name, {})[expert] = (handles[file], hf_name, dtype_name)
+            continue
+        if generic.endswith(SQUEEZED):
+            shape = shape[1:]  # (1, dim) -> (dim,), as convert_hf_to_gguf writes it
         ggml_type, torch_dtype = SAFETENSORS_TYPES[dtype_name]
         heads = permute_heads.get(generic.split(".")[2]) if block is not None else None
         plus_one = arch in names.NORM_PLUS_ONE_ARCHS and gguf_name.endswith("norm.weight")
@@ -386,6 +535,9 @@ def load_hf_dir(path: str | Path) -> ModelSource:
             name=gguf_name, ggml_type=ggml_type, shape=shape,
             n_bytes=math.prod(shape) * torch_dtype.itemsize,
             read_bytes=tensor_reader(handles[file], hf_name, heads, plus_one))
+    for gguf_name, parts in experts.items():
+        tensors[gguf_name] = stacked_experts(gguf_name, parts, shapes[generic_name(gguf_name)[0]],
+                                             path)
     check_complete(tensors, hp, path)
     # tokenizer.* keys as convert_hf_to_gguf writes them, so a converted file loads in
     # llama.cpp (the runtime itself tokenizes with tokenizer.json: Tokenizer.from_hf_dir).
@@ -393,11 +545,16 @@ def load_hf_dir(path: str | Path) -> ModelSource:
     with engine_errors(path):
         metadata |= tokenizer_metadata(path, arch, hp["vocab_size"])
 
+    extra = {}  # the float32 RoPE factor tensors convert_hf_to_gguf adds
     if hp["rope"]["rope_type"] == "llama3":
-        factors = llama3_rope_factors(hp)  # (head_dim/2,) float32
-        tensors["rope_freqs.weight"] = TensorRef(
-            name="rope_freqs.weight", ggml_type=GGMLQuantizationType.F32,
-            shape=tuple(factors.shape), n_bytes=factors.numel() * 4,
-            read_bytes=lambda: factors.view(torch.uint8))
+        extra["rope_freqs.weight"] = llama3_rope_factors(hp)  # (head_dim/2,)
+    elif hp["rope"]["rope_type"] == "longrope":  # Phi-3: (rope_dim/2,) each
+        extra["rope_factors_long.weight"] = torch.tensor(hp["rope"]["long_factor"])
+        extra["rope_factors_short.weight"] = torch.tensor(hp["rope"]["short_factor"])
+    for name, factors in extra.items():
+        factors = factors.float().contiguous()
+        tensors[name] = TensorRef(
+            name=name, ggml_type=GGMLQuantizationType.F32, shape=tuple(factors.shape),
+            n_bytes=factors.numel() * 4, read_bytes=lambda f=factors: f.view(torch.uint8))
     file_bytes = sum(file.stat().st_size for file in handles)
     return ModelSource(path=path, metadata=metadata, tensors=tensors, file_bytes=file_bytes)

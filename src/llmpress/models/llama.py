@@ -1,6 +1,8 @@
 """The Llama family in one file: Llama 2/3, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k
-norm), SmolLM/SmolLM2, TinyLlama. Tensor names are GGUF's; weights stay packed in their
-block format and each Linear multiplies them with its own kernel (llmpress.kernels).
+norm), SmolLM/SmolLM2, TinyLlama; and its mixtures of experts, Mixtral, Qwen2-MoE,
+Qwen3-MoE and OLMoE (q/k norm over all heads), whose FFN is models/moe.py's. Tensor names
+are GGUF's; weights stay packed in their block format and each Linear multiplies them with
+its own kernel (llmpress.kernels).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from llmpress.io.source import ModelSource
 from llmpress.kernels.decode import FusedDecoder, can_decode
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
 from llmpress.models.config import LayerConfig, LlamaConfig, config_from_source
+from llmpress.models.moe import GatedFFN, MoeFeedForward
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -32,11 +35,13 @@ class RotaryEmbedding:
             inv_freq = inv_freq / freq_factors.to(device, torch.float64)
         self.inv_freq = (inv_freq / cfg.rope_scale).float()
         self.style, self.rope_dim = cfg.rope_style, cfg.rope_dim
+        self.magnitude = cfg.rope_attn_factor  # 1 but for LongRoPE (Phi-3)
 
     def rotation(self, positions: torch.Tensor) -> torch.Tensor:
-        """Unit complex numbers e^(i * pos * freq): (T, rope_dim/2)."""
+        """Complex numbers m * e^(i * pos * freq), m the attention factor (usually 1):
+        (T, rope_dim/2)."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]
-        return torch.polar(torch.ones_like(angles), angles)
+        return torch.polar(torch.full_like(angles, self.magnitude), angles)
 
     def apply(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H, hd). Rotates the first rope_dim dims of each head as complex pairs."""
@@ -97,8 +102,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, KV, hd)
         v = v.view(B, T, self.n_kv, self.head_dim)
-        if self.q_norm is not None:  # Qwen3: RMSNorm per head before RoPE
+        if self.q_norm is not None:  # RMSNorm before RoPE: per head (Qwen3), or over all
+            # heads at once (OLMoE: a weight as wide as q), which view(B, T, -1) gives
+            per_head = self.q_norm.numel() == self.head_dim
+            q, k = (q, k) if per_head else (q.view(B, T, -1), k.view(B, T, -1))
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+            q, k = q.view(B, T, self.n_heads, -1), k.view(B, T, self.n_kv, -1)
         q, k = rope.apply(q, rotation), rope.apply(k, rotation)
         end = start + T
         cache_k[:, :, start:end] = k.transpose(1, 2)
@@ -122,17 +131,11 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-class FeedForward(nn.Module):
+class FeedForward(GatedFFN):
     def __init__(self, src: ModelSource, lc: LayerConfig, mode, device):
-        super().__init__()
         p = f"blk.{lc.index}."
-        self.gate_up = FusedLinear([QuantLinear(src.tensors[p + n + ".weight"], mode, device)
-                                    for n in ("ffn_gate", "ffn_up")])
-        self.down = QuantLinear(src.tensors[p + "ffn_down.weight"], mode, device)
-
-    def forward(self, x):
-        gate, up = self.gate_up(x)
-        return self.down(F.silu(gate) * up)
+        super().__init__(*(src.tensors[p + n + ".weight"] for n in ("ffn_gate", "ffn_up",
+                                                                     "ffn_down")), mode, device)
 
 
 class Block(nn.Module):
@@ -142,7 +145,8 @@ class Block(nn.Module):
         self.attn_norm = dense_tensor(src.tensors[p + "attn_norm.weight"], device)
         self.ffn_norm = dense_tensor(src.tensors[p + "ffn_norm.weight"], device)
         self.attn = Attention(src, cfg, lc, mode, device)
-        self.ffn = FeedForward(src, lc, mode, device)
+        self.ffn = (MoeFeedForward(src, cfg, lc.index, mode, device) if cfg.n_experts
+                    else FeedForward(src, lc, mode, device))
         self.eps = cfg.norm_eps
 
     def forward(self, x, rope, rotation, cache_k, cache_v, start):
@@ -158,9 +162,10 @@ class LlamaModel(nn.Module):
     multiplies in float32; "fast" uses the packed kernels where one exists for the type.
     """
 
-    def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu"):
+    def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu",
+                 cfg: LlamaConfig | None = None):
         super().__init__()
-        self.cfg = config_from_source(src)
+        self.cfg = cfg or config_from_source(src)  # cfg: a family built on this one (Phi-3)
         self.device = torch.device(device)
         cfg = self.cfg
         self.embed = QuantEmbedding(src.tensors["token_embd.weight"], self.device)
@@ -169,8 +174,9 @@ class LlamaModel(nn.Module):
         head = src.tensors["token_embd.weight" if cfg.tied_output else "output.weight"]
         self.output = QuantLinear(head, mode, self.device)
         # fast mode on the CPU: one C call per forward pass when every type has a kernel
+        # (the C path has no expert routing: a mixture of experts runs block by block)
         self.decoder = (FusedDecoder(self) if mode == "fast" and self.device.type == "cpu"
-                        and can_decode(self) else None)
+                        and not cfg.n_experts and can_decode(self) else None)
         freqs = src.tensors.get("rope_freqs.weight")
         self.rope = RotaryEmbedding(cfg, dense_tensor(freqs, self.device) if freqs else None,
                                     self.device)
@@ -178,17 +184,22 @@ class LlamaModel(nn.Module):
     def new_cache(self, max_tokens: int, batch: int = 1, dtype=torch.float32) -> KVCache:
         return KVCache(self.cfg, max_tokens, batch, dtype, self.device)
 
+    def rope_for(self, cache: KVCache) -> RotaryEmbedding:
+        """The RoPE tables for a cache (Phi-3's depend on the context size)."""
+        return self.rope
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False):
         B, T = tokens.shape
         start = cache.first_free(T)
         x = self.embed(tokens.to(self.device))  # (B, T, dim)
-        rotation = self.rope.rotation(torch.arange(start, start + T, device=self.device))
+        rope = self.rope_for(cache)
+        rotation = rope.rotation(torch.arange(start, start + T, device=self.device))
         if self.decoder is not None and B == 1 and cache.dtype == torch.float32:
             x = self.decoder.forward(x[0], cache, rotation).view(1, T, -1)
         else:
             for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
-                x = block(x, self.rope, rotation, ck, cv, start)
+                x = block(x, rope, rotation, ck, cv, start)
         cache.length = start + T
         if last_only:
             x = x[:, -1:]

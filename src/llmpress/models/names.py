@@ -19,6 +19,11 @@ HF_MODEL_TYPE_TO_ARCH = {
     "qwen3": "qwen3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",  # Gemma3ForCausalLM: the text model of Gemma 3
+    "mixtral": "llama",  # a Llama with experts (expert_count > 0)
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "phi3": "phi3",
+    "olmoe": "olmoe",
 }
 
 # Architectures whose q/k rows convert_hf_to_gguf permutes (LlamaModel.permute): HF
@@ -57,8 +62,39 @@ GEMMA_BLOCK = HF_TO_GGUF_BLOCK | {
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffw_norm",
 }
-# GGUF architecture -> its block map, where it is not HF_TO_GGUF_BLOCK
-HF_TO_GGUF_BLOCK_BY_ARCH = {"gemma2": GEMMA_BLOCK, "gemma3": GEMMA_BLOCK}
+# Mixtures of experts: the router and, per expert e, "experts.e.<part>" -> one slice of a
+# 3-D GGUF tensor (written here with "*" for e; io/hf.py stacks the experts in order).
+MIXTRAL_BLOCK = HF_TO_GGUF_BLOCK | {
+    "block_sparse_moe.gate": "ffn_gate_inp",
+    "block_sparse_moe.experts.*.w1": "ffn_gate_exps",
+    "block_sparse_moe.experts.*.w3": "ffn_up_exps",
+    "block_sparse_moe.experts.*.w2": "ffn_down_exps",
+}
+QWEN_MOE_BLOCK = HF_TO_GGUF_BLOCK | {
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.experts.*.gate_proj": "ffn_gate_exps",
+    "mlp.experts.*.up_proj": "ffn_up_exps",
+    "mlp.experts.*.down_proj": "ffn_down_exps",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",  # Qwen2-MoE's shared expert
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",  # (1, dim) in HF, (dim,) in GGUF
+}
+# Phi-3 fuses q/k/v and gate/up into one matrix each; GGUF keeps them fused
+PHI3_BLOCK = {
+    "input_layernorm": "attn_norm",
+    "self_attn.qkv_proj": "attn_qkv",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_up_proj": "ffn_up",  # gate rows, then up rows
+    "mlp.down_proj": "ffn_down",
+}
+# GGUF architecture -> its block map, where it is not HF_TO_GGUF_BLOCK. (Mixtral's GGUF
+# architecture is "llama": its HF model_type picks MIXTRAL_BLOCK, see block_map.)
+HF_TO_GGUF_BLOCK_BY_ARCH = {"gemma2": GEMMA_BLOCK, "gemma3": GEMMA_BLOCK,
+                            "qwen2moe": QWEN_MOE_BLOCK, "qwen3moe": QWEN_MOE_BLOCK,
+                            "olmoe": QWEN_MOE_BLOCK, "phi3": PHI3_BLOCK}
+HF_TO_GGUF_BLOCK_BY_MODEL_TYPE = {"mixtral": MIXTRAL_BLOCK}
 
 # Architectures whose RMSNorm multiplies by (1 + w): convert_hf_to_gguf writes w + 1 into
 # every *norm.weight (Gemma's converters), so the GGUF holds plain RMSNorm weights.
@@ -90,6 +126,22 @@ HF_GEMMA_CONFIG_TO_GGUF = {
     "final_logit_softcapping": "final_logit_softcapping",
 }
 GGUF_TO_HF_CONFIG = {v: k for k, v in HF_CONFIG_TO_GGUF.items()}
+# Whether each MoE architecture renormalizes the router's top-k weights to sum to 1, as
+# llama.cpp's graphs hard-code it (src/models/llama.cpp, qwen2moe.cpp, qwen3moe.cpp); an HF
+# config.json whose norm_topk_prob says otherwise has no GGUF equivalent.
+MOE_NORMALIZES_TOP_K = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
+MAX_EXPERTS = 512  # llama.cpp's LLAMA_MAX_EXPERTS
+# HF model types that are mixtures of experts
+HF_MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
+# Their keys (written where config.json sets them). The expert count is num_local_experts
+# or num_experts, depending on the model and the transformers version that saved it; the
+# loader keeps it as num_experts.
+HF_MOE_CONFIG_TO_GGUF = {
+    "num_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count",
+    "moe_intermediate_size": "expert_feed_forward_length",
+    "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
+}
 
 # config.json keys a loader cannot do without; the others have the defaults below.
 HF_REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers",
@@ -111,6 +163,19 @@ HF_CONFIG_DEFAULTS = {
                "tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256,
                "sliding_window": 4096, "attn_logit_softcapping": 50.0,
                "final_logit_softcapping": 30.0},
+    "mixtral": {"rms_norm_eps": 1e-5, "rope_theta": 1_000_000.0,
+                "max_position_embeddings": 4096 * 32, "tie_word_embeddings": False},
+    "qwen2_moe": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768,
+                  "tie_word_embeddings": False, "moe_intermediate_size": 1408,
+                  "shared_expert_intermediate_size": 5632,
+                  "norm_topk_prob": False, "decoder_sparse_step": 1},
+    "qwen3_moe": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768,
+                  "tie_word_embeddings": False, "head_dim": 128, "moe_intermediate_size": 768,
+                  "norm_topk_prob": False, "decoder_sparse_step": 1},
+    "olmoe": {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+              "tie_word_embeddings": False, "norm_topk_prob": False},
+    "phi3": {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+             "original_max_position_embeddings": 4096, "tie_word_embeddings": False},
     "gemma3_text": {"rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
                     "rope_local_base_freq": 10_000.0, "max_position_embeddings": 131_072,
                     "tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256,
@@ -118,15 +183,33 @@ HF_CONFIG_DEFAULTS = {
 }
 
 _HF_BLOCK_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_HF_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _GGUF_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)\.(weight|bias)")
 _GLOBAL_NAME = re.compile(r"(.+)\.(weight|bias)")
 
 
-def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str | None:
-    """"model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight"; None if unknown."""
+def block_map(arch: str, model_type: str | None = None) -> dict[str, str]:
+    """The HF -> GGUF block name map of an architecture (or HF model_type, where two
+    model types share a GGUF architecture)."""
+    return (HF_TO_GGUF_BLOCK_BY_MODEL_TYPE.get(model_type)
+            or HF_TO_GGUF_BLOCK_BY_ARCH.get(arch, HF_TO_GGUF_BLOCK))
+
+
+def expert_index(hf_name: str) -> int | None:
+    """"model.layers.0.mlp.experts.5.up_proj.weight" -> 5; None for other tensors."""
+    m = _HF_EXPERT.search(hf_name)
+    return int(m.group(1)) if m else None
+
+
+def gguf_tensor_name(hf_name: str, arch: str = "llama", model_type: str | None = None
+                     ) -> str | None:
+    """"model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight"; None if unknown. An
+    expert's tensor maps to the 3-D tensor of all experts: "...experts.5.up_proj.weight"
+    -> "blk.3.ffn_up_exps.weight" (expert_index tells which slice)."""
     if m := _HF_BLOCK_NAME.fullmatch(hf_name):
         block, part, kind = m.groups()
-        table = HF_TO_GGUF_BLOCK_BY_ARCH.get(arch, HF_TO_GGUF_BLOCK)
+        part = _HF_EXPERT.sub(".experts.*.", f"{part}.")[:-1]
+        table = block_map(arch, model_type)
         return f"blk.{block}.{table[part]}.{kind}" if part in table else None
     if m := _GLOBAL_NAME.fullmatch(hf_name):
         part, kind = m.groups()
@@ -134,11 +217,13 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str | None:
     return None
 
 
-def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
-    """"blk.3.ffn_up.weight" -> "model.layers.3.mlp.up_proj.weight"; None if unknown."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama", model_type: str | None = None
+                   ) -> str | None:
+    """"blk.3.ffn_up.weight" -> "model.layers.3.mlp.up_proj.weight"; None if unknown.
+    (Experts' tensors come out as "...experts.*.up_proj.weight".)"""
     if m := _GGUF_BLOCK_NAME.fullmatch(gguf_name):
         block, part, kind = m.groups()
-        table = HF_TO_GGUF_BLOCK_BY_ARCH.get(arch, HF_TO_GGUF_BLOCK)
+        table = block_map(arch, model_type)
         hf = {v: k for k, v in table.items()}.get(part)
         return f"model.layers.{block}.{hf}.{kind}" if hf else None
     if m := _GLOBAL_NAME.fullmatch(gguf_name):

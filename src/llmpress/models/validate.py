@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource
+from llmpress.models.names import MAX_EXPERTS
 
 MAX_COUNT = 1 << 31  # any count or width field; the tensors then bound the real sizes
 
@@ -50,6 +51,11 @@ class PerLayerCount(Kind):  # GGUF allows one value per layer for head counts an
     def ok(self, v):
         return (_is_int(v) and 0 <= v <= MAX_COUNT) or (
             isinstance(v, list) and bool(v) and all(_is_int(x) and 0 <= x <= MAX_COUNT for x in v))
+
+
+class Experts(Kind):
+    def ok(self, v):
+        return _is_int(v) and 0 <= v <= MAX_EXPERTS
 
 
 class Positive(Kind):
@@ -93,6 +99,7 @@ class ScoreList(Kind):  # -inf is a legal score; NaN would make merge order unde
 COUNT, PER_LAYER = Count("a positive integer"), PerLayerCount("an integer or one per layer")
 POSITIVE, TEXT, FLAG = Positive("a finite positive number"), Text("a string"), Flag("a boolean")
 TOKEN_ID = TokenId("a token id (an integer >= 0)")
+EXPERTS = Experts(f"an integer from 0 to {MAX_EXPERTS}")
 
 # "<arch>." + key -> kind, for every key the runtime reads from the architecture's namespace.
 ARCH_KEYS: dict[str, Kind] = {
@@ -103,6 +110,9 @@ ARCH_KEYS: dict[str, Kind] = {
     "attention.layer_norm_rms_epsilon": POSITIVE,
     "rope.dimension_count": COUNT, "rope.freq_base": POSITIVE,
     "rope.scaling.type": TEXT, "rope.scaling.factor": POSITIVE,
+    # mixtures of experts (models/moe.py)
+    "expert_count": EXPERTS, "expert_used_count": EXPERTS,
+    "expert_feed_forward_length": PER_LAYER, "expert_shared_feed_forward_length": COUNT,
     # Gemma 2/3 (models/gemma.py)
     "attention.sliding_window": COUNT, "rope.freq_base_swa": POSITIVE,
     "attn_logit_softcapping": POSITIVE, "final_logit_softcapping": POSITIVE,
@@ -154,11 +164,35 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Width:
+    """A per-layer width read from one block tensor's shape: its size along `axis` (0: the
+    rows of a matrix; 1: its columns, or the rows of a stack of experts), in multiples of
+    the `unit` symbol."""
+    symbol: str
+    tensor: str
+    unit: str
+    axis: int = 0
+    ndim: int = 2
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A per-layer width computed from the measured ones, e.g. Phi-3's attn_qkv holding
+    q + 2 kv rows: kv = (qkv - q) / 2; it must be a positive multiple of `unit`."""
+    symbol: str
+    formula: str  # shown in the error line
+    compute: Callable[[dict[str, int]], float]
+    unit: str
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     globals: tuple[TensorSpec, ...]
     block: tuple[TensorSpec, ...]
-    # block tensors whose rows give the layer's widths: symbol -> (tensor, unit symbol)
-    widths: tuple[tuple[str, str, str], ...]
+    # block tensors whose rows give the layer's widths
+    widths: tuple[Width, ...]
+    # widths that follow from the others' (fused tensors)
+    derived: tuple[Derived, ...] = ()
     # optional block tensors the runtime uses as a group: one present means all required
     together: tuple[tuple[str, ...], ...] = ()
 
@@ -187,8 +221,8 @@ LLAMA_FAMILY = ArchSpec(
         TensorSpec("attn_q_norm.weight", ("head_dim",), required=False),
         TensorSpec("attn_k_norm.weight", ("head_dim",), required=False),
     ),
-    widths=(("q", "attn_q.weight", "head_dim"), ("kv", "attn_k.weight", "head_dim"),
-            ("ffn", "ffn_up.weight", "one")),
+    widths=(Width("q", "attn_q.weight", "head_dim"), Width("kv", "attn_k.weight", "head_dim"),
+            Width("ffn", "ffn_up.weight", "one")),
     together=(("attn_q.bias", "attn_k.bias", "attn_v.bias"),
               ("attn_q_norm.weight", "attn_k_norm.weight")),
 )
@@ -203,10 +237,78 @@ GEMMA_FAMILY = ArchSpec(
     widths=LLAMA_FAMILY.widths,
     together=(("attn_q_norm.weight", "attn_k_norm.weight"),),
 )
+# Mixtral, Qwen3-MoE: the Llama block with the FFN made of routed experts, 3-D tensors of
+# one (rows, row_length) matrix per expert; "experts" is the file's expert_count.
+_DENSE_FFN = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+LLAMA_MOE_FAMILY = ArchSpec(
+    globals=LLAMA_FAMILY.globals,
+    block=(
+        *(t for t in LLAMA_FAMILY.block if t.name not in _DENSE_FFN),
+        TensorSpec("ffn_gate_inp.weight", ("experts", "dim")),
+        TensorSpec("ffn_gate_exps.weight", ("experts", "ffn", "dim")),
+        TensorSpec("ffn_up_exps.weight", ("experts", "ffn", "dim")),
+        TensorSpec("ffn_down_exps.weight", ("experts", "dim", "ffn")),
+    ),
+    widths=(*LLAMA_FAMILY.widths[:2],
+            Width("ffn", "ffn_up_exps.weight", "one", axis=1, ndim=3)),
+    together=LLAMA_FAMILY.together,
+)
+# Qwen2-MoE: a shared expert every token goes through, with a gate of its own.
+QWEN2_MOE_FAMILY = ArchSpec(
+    globals=LLAMA_MOE_FAMILY.globals,
+    block=(
+        *LLAMA_MOE_FAMILY.block,
+        TensorSpec("ffn_gate_inp_shexp.weight", ("dim",)),
+        TensorSpec("ffn_gate_shexp.weight", ("shexp", "dim")),
+        TensorSpec("ffn_up_shexp.weight", ("shexp", "dim")),
+        TensorSpec("ffn_down_shexp.weight", ("dim", "shexp")),
+    ),
+    widths=(*LLAMA_MOE_FAMILY.widths, Width("shexp", "ffn_up_shexp.weight", "one")),
+    together=LLAMA_MOE_FAMILY.together,
+)
+# Phi-3: q, k and v in one matrix (attn_qkv), the FFN's gate and up in one (ffn_up, gate
+# rows first); LongRoPE's frequency factors for short and long contexts.
+PHI3_FAMILY = ArchSpec(
+    globals=(
+        *LLAMA_FAMILY.globals[:3],
+        TensorSpec("rope_factors_long.weight", ("rope_half",), required=False),
+        TensorSpec("rope_factors_short.weight", ("rope_half",), required=False),
+    ),
+    block=(
+        TensorSpec("attn_norm.weight", ("dim",)),
+        TensorSpec("attn_qkv.weight", ("qkv", "dim")),
+        TensorSpec("attn_output.weight", ("dim", "q")),
+        TensorSpec("ffn_norm.weight", ("dim",)),
+        TensorSpec("ffn_up.weight", ("gate_up", "dim")),
+        TensorSpec("ffn_down.weight", ("dim", "ffn")),
+    ),
+    widths=(Width("q", "attn_output.weight", "head_dim", axis=1),
+            Width("qkv", "attn_qkv.weight", "head_dim"),
+            Width("ffn", "ffn_down.weight", "one", axis=1)),
+    derived=(Derived("kv", "(qkv - q) / 2", lambda s: (s["qkv"] - s["q"]) / 2, "head_dim"),
+             Derived("gate_up", "2 ffn", lambda s: 2 * s["ffn"], "one")),
+)
+# OLMoE: RMSNorm over the whole q and k projections (not per head) before RoPE.
+OLMOE_FAMILY = ArchSpec(
+    globals=LLAMA_MOE_FAMILY.globals,
+    block=(
+        *(t for t in LLAMA_MOE_FAMILY.block
+          if t.name not in ("attn_q_norm.weight", "attn_k_norm.weight")),
+        TensorSpec("attn_q_norm.weight", ("q",)),
+        TensorSpec("attn_k_norm.weight", ("kv",)),
+    ),
+    widths=LLAMA_MOE_FAMILY.widths,
+    together=(("attn_q.bias", "attn_k.bias", "attn_v.bias"),),
+)
 ARCHITECTURES: dict[str, ArchSpec] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), LLAMA_FAMILY),
+    "phi3": PHI3_FAMILY,
     **dict.fromkeys(("gemma2", "gemma3"), GEMMA_FAMILY),
+    "qwen3moe": LLAMA_MOE_FAMILY, "qwen2moe": QWEN2_MOE_FAMILY, "olmoe": OLMOE_FAMILY,
 }
+# The spec of a file whose expert_count is not 0, where it differs from the above.
+WITH_EXPERTS: dict[str, ArchSpec] = {"llama": LLAMA_MOE_FAMILY}
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "olmoe")  # those that have experts or are refused
 
 
 def _first(value: Any) -> int:
@@ -251,7 +353,7 @@ def _symbols(src: ModelSource) -> dict[str, int]:
         raise LlmpressError(f"{where}: the vocabulary has {n_tokens} tokens but tensor "
                             f"token_embd.weight has only {vocab} rows")
     return {"dim": dim, "vocab": vocab, "head_dim": head_dim, "rope_half": rope_dim // 2,
-            "one": 1}
+            "one": 1, "experts": src.arch_key("expert_count", 0)}
 
 
 def _block_count(src: ModelSource, spec: ArchSpec) -> int:
@@ -268,15 +370,27 @@ def _layer_symbols(src: ModelSource, spec: ArchSpec, prefix: str, base: dict[str
                    ) -> dict[str, int]:
     """Per-layer widths from the rows of this layer's weights (pruned layers differ)."""
     symbols = dict(base)
-    for symbol, tensor, unit in spec.widths:
-        ref = src.tensors.get(prefix + tensor)
+    for width in spec.widths:
+        name = prefix + width.tensor
+        ref = src.tensors.get(name)
         if ref is None:
-            raise LlmpressError(f"{src.path}: tensor {prefix + tensor} is missing")
-        rows, size = ref.shape[0], base[unit]
+            raise LlmpressError(f"{src.path}: tensor {name} is missing")
+        if len(ref.shape) != width.ndim:
+            raise LlmpressError(f"{src.path}: tensor {name} has {len(ref.shape)} dimensions, "
+                                f"expected {width.ndim}")
+        rows, size = ref.shape[width.axis], base[width.unit]
         if rows < 1 or rows % size:
-            raise LlmpressError(f"{src.path}: tensor {prefix + tensor} has {rows} rows, not a "
+            raise LlmpressError(f"{src.path}: tensor {name} has {rows} rows, not a "
                                 f"multiple of the head size {size}")
-        symbols[symbol] = rows
+        symbols[width.symbol] = rows
+    for d in spec.derived:
+        value = d.compute(symbols)
+        if value <= 0 or value != int(value) or value % symbols[d.unit]:
+            measured = ", ".join(f"{k}={v}" for k, v in symbols.items() if k in d.formula)
+            raise LlmpressError(f"{src.path}: layer {prefix[4:-1]}: {d.symbol} = {d.formula} "
+                                f"= {value:g} ({measured}) is not a positive multiple of "
+                                f"{d.unit} {symbols[d.unit]}")
+        symbols[d.symbol] = int(value)
     heads, kv_heads = symbols["q"] // base["head_dim"], symbols["kv"] // base["head_dim"]
     if heads < 1 or kv_heads < 1 or heads % kv_heads:
         raise LlmpressError(f"{src.path}: layer {prefix[4:-1]} has {heads} query heads and "
@@ -317,12 +431,33 @@ def check_tensors(src: ModelSource, spec: ArchSpec) -> None:
                 raise LlmpressError(f"{src.path}: tensor {name} is missing")
 
 
+def check_experts(src: ModelSource) -> ArchSpec:
+    """The spec of src's architecture, with experts or without as its metadata says (whose
+    kinds check_metadata has checked); the expert counts consistent."""
+    arch, where = src.architecture, src.path
+    n_experts = src.arch_key("expert_count", 0)
+    used = src.arch_key("expert_used_count", 0)
+    if not n_experts:
+        if arch in MOE_ARCHITECTURES:
+            raise LlmpressError(f"{where}: metadata key {arch}.expert_count is missing or 0; "
+                                f"{arch} is a mixture of experts")
+        return ARCHITECTURES[arch]
+    spec = WITH_EXPERTS.get(arch) or (ARCHITECTURES[arch] if arch in MOE_ARCHITECTURES
+                                      else None)
+    if spec is None:
+        raise LlmpressError(f"{where}: {arch} with experts (expert_count {n_experts}) is not "
+                            "supported")
+    if not 1 <= used <= n_experts:
+        raise LlmpressError(f"{where}: metadata key {arch}.expert_used_count is {used}; it "
+                            f"must be from 1 to expert_count {n_experts}")
+    return spec
+
+
 # --- the pass ------------------------------------------------------------------------------
 def check_model(src: ModelSource) -> None:
     """Raise one LlmpressError unless src is a model the runtime can run safely."""
-    spec = ARCHITECTURES.get(src.architecture)
-    if spec is None:
+    if src.architecture not in ARCHITECTURES:
         raise LlmpressError(f"{src.path}: architecture {src.architecture!r} is not supported "
                             f"(supported: {', '.join(ARCHITECTURES)})")
     check_metadata(src)
-    check_tensors(src, spec)
+    check_tensors(src, check_experts(src))

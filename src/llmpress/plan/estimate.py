@@ -31,6 +31,7 @@ from gguf import GGMLQuantizationType as T
 
 from llmpress.errors import LlmpressError
 from llmpress.kernels.linear import CHUNK_VALUES  # weights dequantized at once
+from llmpress.models.moe import active_parameters, active_share
 from llmpress.quant.mix import (
     FILE_TYPES,
     MixOptions,
@@ -75,6 +76,10 @@ HEADER_TOKENIZER_EXTRA = 16 * 1024
 LLAMA_BLOCK = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
                "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
                "ffn_down.weight")
+# A mixture of experts' FFN: the router and one 3-D tensor per projection (Mixtral is
+# "llama" with these; models/moe.py)
+LLAMA_MOE_BLOCK = LLAMA_BLOCK[:6] + ("ffn_gate_inp.weight", "ffn_gate_exps.weight",
+                                     "ffn_up_exps.weight", "ffn_down_exps.weight")
 # The block tensors convert_hf_to_gguf writes for each architecture (llama.cpp's
 # LLM_TENSOR_NAMES); shapes come from io.hf.expected_shapes plus EXTRA_SHAPES.
 ARCH_BLOCK_TENSORS = {
@@ -82,6 +87,11 @@ ARCH_BLOCK_TENSORS = {
     "qwen2": LLAMA_BLOCK + ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
     "qwen3": LLAMA_BLOCK + ("attn_q_norm.weight", "attn_k_norm.weight"),
     "gemma2": LLAMA_BLOCK + ("post_attention_norm.weight", "post_ffw_norm.weight"),
+    "qwen2moe": LLAMA_MOE_BLOCK + ("attn_q.bias", "attn_k.bias", "attn_v.bias",
+                                   "ffn_gate_inp_shexp.weight", "ffn_gate_shexp.weight",
+                                   "ffn_up_shexp.weight", "ffn_down_shexp.weight"),
+    "qwen3moe": LLAMA_MOE_BLOCK + ("attn_q_norm.weight", "attn_k_norm.weight"),
+    "olmoe": LLAMA_MOE_BLOCK + ("attn_q_norm.weight", "attn_k_norm.weight"),
     "phi3": ("attn_norm.weight", "attn_qkv.weight", "attn_output.weight", "ffn_norm.weight",
              "ffn_up.weight", "ffn_down.weight"),
 }
@@ -91,14 +101,13 @@ PLANNER_ONLY_MODEL_TYPES = {
     "gemma2": ("gemma2", {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "head_dim": 256,
                           "max_position_embeddings": 8192, "tie_word_embeddings": True,
                           "sliding_window": 4096}),
-    "phi3": ("phi3", {"rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                      "max_position_embeddings": 4096, "tie_word_embeddings": False}),
 }
 # llama.cpp architectures whose every other layer uses a sliding-window cache
 # (llama_kv_cache_iswa; gemma2: load_swa_pattern(ml, 2), n_swa 4096 by default).
 SWA_EVERY_OTHER_LAYER = {"gemma2": 4096}
 # Architectures `llmpress run` executes (models/config.py ROPE_STYLE).
-LLMPRESS_RUNTIME_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+LLMPRESS_RUNTIME_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe",
+                          "phi3")
 TORCH_DTYPES = {"bfloat16": T.BF16, "float16": T.F16, "float32": T.F32}
 
 
@@ -180,6 +189,18 @@ class ModelSpec:
         return sum(math.prod(t.shape) for t in self.tensors if t.name != "rope_freqs.weight")
 
     @property
+    def experts_used(self) -> int:
+        """Experts each token is routed to; 0 for a dense model."""
+        return int(self.key("expert_used_count", 0) or 0) if self.key("expert_count") else 0
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one token computes with: of a mixture of experts' expert tensors,
+        only the used experts' share."""
+        return active_parameters(((t.name, t.shape) for t in self.tensors
+                                  if t.name != "rope_freqs.weight"), self.experts_used)
+
+    @property
     def runs_in_llmpress(self) -> bool:
         return self.architecture in LLMPRESS_RUNTIME_ARCHS
 
@@ -259,12 +280,7 @@ def _config_tensors(arch: str, hp: dict[str, Any]) -> list[TensorInfo]:
     """The tensors convert_hf_to_gguf writes for this config, in GGUF names and shapes."""
     from llmpress.io import hf
     shapes = hf.expected_shapes(hp)
-    dim, ffn, hd = hp["hidden_size"], hp["intermediate_size"], hp["head_dim"]
-    q_rows, kv_rows = hp["num_attention_heads"] * hd, hp["num_key_value_heads"] * hd
-    shapes |= {"blk.*.post_attention_norm.weight": (dim,), "blk.*.post_ffw_norm.weight": (dim,),
-               "blk.*.attn_qkv.weight": (q_rows + 2 * kv_rows, dim)}
-    if arch == "phi3":  # gate and up projections stored as one matrix
-        shapes["blk.*.ffn_up.weight"] = (2 * ffn, dim)
+    hd = hp["head_dim"]
     weight_type = TORCH_DTYPES.get(str(hp.get("torch_dtype")), T.F16)
 
     def info(name: str, shape: tuple[int, ...]) -> TensorInfo:
@@ -277,8 +293,11 @@ def _config_tensors(arch: str, hp: dict[str, Any]) -> list[TensorInfo]:
         tensors.append(info("output.weight", shapes["output.weight"]))
     if hp["rope"]["rope_type"] == "llama3":  # the rope_freqs tensor io.hf adds
         tensors.append(TensorInfo("rope_freqs.weight", (hd // 2,), T.F32))
+    block = ARCH_BLOCK_TENSORS[arch]
+    if hp["model_type"] == "mixtral":  # a Llama with experts
+        block = LLAMA_MOE_BLOCK
     for i in range(hp["num_hidden_layers"]):
-        tensors += [info(f"blk.{i}.{n}", shapes[f"blk.*.{n}"]) for n in ARCH_BLOCK_TENSORS[arch]]
+        tensors += [info(f"blk.{i}.{n}", shapes[f"blk.*.{n}"]) for n in block]
     return tensors
 
 
@@ -369,6 +388,7 @@ class Weights:
     token_embd_bytes: int
     output_bytes: int  # the output matrix; 0 when tied to token_embd
     types: dict[str, int]  # type name -> bytes
+    unused_expert_bytes: int = 0  # a mixture of experts: what a token's router skips
 
     @property
     def non_layer_bytes(self) -> int:
@@ -377,10 +397,11 @@ class Weights:
     @property
     def read_per_token(self) -> int:
         """Weight bytes one generated token reads: everything but the embedding table,
-        of which one row is read; a tied table is read whole as the output matrix."""
+        of which one row is read (a tied table is read whole as the output matrix), and of
+        the experts only those the token is routed to."""
         if self.output_bytes:
-            return self.data_bytes - self.token_embd_bytes
-        return self.data_bytes
+            return self.data_bytes - self.token_embd_bytes - self.unused_expert_bytes
+        return self.data_bytes - self.unused_expert_bytes
 
 
 def weights(spec: ModelSpec, choices: Sequence[TensorChoice]) -> Weights:
@@ -392,8 +413,11 @@ def weights(spec: ModelSpec, choices: Sequence[TensorChoice]) -> Weights:
         if c.name.startswith("blk."):
             layers[int(c.name.split(".")[1])] += sizes[c.name]
     data = sum(sizes.values())
+    unused = sum(round(sizes[c.name] * (1 - active_share(c.name, c.shape, spec.experts_used)))
+                 for c in choices)
     return Weights(spec.header_bytes + data, data, tuple(layers),
-                   sizes.get("token_embd.weight", 0), sizes.get("output.weight", 0), types)
+                   sizes.get("token_embd.weight", 0), sizes.get("output.weight", 0), types,
+                   unused)
 
 
 # --- KV cache ----------------------------------------------------------------------------

@@ -194,6 +194,8 @@ def prune_model(source: ModelSource, config: PruneConfig, tokenizer=None,
     every method but plain magnitude pruning)."""
     started = time.perf_counter()
     cfg = config_from_source(source)
+    if cfg.n_experts:  # the methods below know one dense FFN per layer
+        raise LlmpressError(f"{source.path}: pruning does not cover mixtures of experts yet")
     tokens = None
     if config.needs_calibration:
         if tokenizer is None:
