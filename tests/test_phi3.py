@@ -152,14 +152,16 @@ def test_converted_phi3_gguf_matches_llama_cpp(case, file_type, tiny, tmp_path):
             assert diff <= 0.03 * scale and top1 >= 0.85
 
     fast = Phi3Model(source, mode="fast")
-    if file_type == "Q8_0":  # every type has a kernel: one C call per token, row slices
+    if file_type == "Q8_0":  # every type has a kernel: one C call per pass, row slices
         assert fast.decoder is not None  # and LongRoPE's scaled cos/sin included
-    prompt = ids_of(SEQ, 4)[:, :PROMPT]
-    exact_logits, exact_tokens = greedy(exact, prompt, GREEDY_STEPS)
-    fast_logits, fast_tokens = greedy(fast, prompt, GREEDY_STEPS)
-    assert fast_tokens == exact_tokens
-    torch.testing.assert_close(fast_logits, exact_logits, rtol=0,
-                               atol=1e-3 * exact_logits.abs().max().item())
+    # fast mode rounds activations to 8 bits as llama.cpp does: the same bound as above
+    ids = ids_of(SEQ, 4)
+    fast_logits, exact_logits = logits(fast, ids), logits(exact, ids)
+    scale = exact_logits.abs().max().item()
+    diff = (fast_logits - exact_logits).abs().max().item()
+    top1 = (fast_logits.argmax(-1) == exact_logits.argmax(-1)).float().mean().item()
+    print(f"fast vs exact max |diff| {diff:.3g} (scale {scale:.3g}), top-1 {top1:.0%}")
+    assert diff <= 0.03 * scale and top1 >= 0.85
 
 
 @pytest.mark.parametrize("file_type", list(LLAMA_FTYPES))
