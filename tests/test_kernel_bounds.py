@@ -50,7 +50,7 @@ def test_qmatmul_refuses(case, code):
     rows, x = packed_weights(t, 8, 256), torch.randn(2, 256)
     kwargs = {}
     if case == "unsupported type":
-        rows, t = packed_weights(GGMLQuantizationType.IQ4_NL, 8, 256), GGMLQuantizationType.IQ4_NL
+        rows, t = packed_weights(GGMLQuantizationType.F16, 8, 256), GGMLQuantizationType.F16
     elif case == "K not a multiple of the block":
         rows, t, x = packed_weights(GGMLQuantizationType.Q4_0, 8, 96), GGMLQuantizationType.Q4_0, torch.randn(2, 96)
         kwargs["k"] = 80
@@ -98,7 +98,7 @@ def test_decode_refuses(model, case, code):
     decode_status(model, cache)  # bind the cache first
     shape, layer = model.decoder.shape, model.decoder.layers[0]
     saved = (shape.dim, shape.rope_dim, layer.n_kv, layer.n_heads, layer.weight_bytes[0],
-             layer.cache_floats)
+             layer.cache_values)
     kwargs = {}
     if case == "no KV heads":
         layer.n_kv = 0
@@ -123,7 +123,7 @@ def test_decode_refuses(model, case, code):
     elif case == "weights too short":
         layer.weight_bytes[0] -= 1
     elif case == "cache smaller than said":
-        layer.cache_floats += 1
+        layer.cache_values += 1
     elif case == "x not dim long":
         kwargs["x"] = torch.zeros(model.cfg.dim - 1)
     elif case == "zero dim":
@@ -132,7 +132,7 @@ def test_decode_refuses(model, case, code):
         assert decode_status(model, cache, **kwargs) == code
     finally:
         (shape.dim, shape.rope_dim, layer.n_kv, layer.n_heads, layer.weight_bytes[0],
-         layer.cache_floats) = saved
+         layer.cache_values) = saved
 
 
 def test_a_refused_step_raises_llmpress_error(model):

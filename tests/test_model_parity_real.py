@@ -184,3 +184,22 @@ def test_exact_matches_llama_cpp(f32_gguf, exact_windows, wikitext_ids):
           f"(per window {', '.join(f'{k:.2g}' for k in klds)}), top-1 {top1:.3%}")
     assert top1 >= 0.995
     assert kld <= 1e-4
+
+
+def test_f16_kv_cache_matches_llama_cpp_with_the_same_cache(f32_gguf, wikitext_ids):
+    """Our f16 KV cache against llama.cpp's f16 cache (its default) on the F32 file: the
+    keys and values are rounded the same way (to nearest even), so our exact mode with that
+    cache lands closer to llama.cpp's than with a float32 cache, and within float noise."""
+    ids = wikitext_ids[:WINDOW]
+    llm = llama_cpp.Llama(str(f32_gguf), logits_all=True, n_ctx=WINDOW, n_batch=WINDOW,
+                          n_threads=2, verbose=False, type_k=1, type_v=1)  # 1: GGML_TYPE_F16
+    llm.eval(ids)
+    ref = torch.from_numpy(np.array(llm.scores[:WINDOW], dtype=np.float32))
+    model = LlamaModel(load_gguf(f32_gguf), mode="exact")
+    klds = {}
+    for name, dtype in (("f32", torch.float32), ("f16", torch.float16)):
+        model.kv_dtypes = (dtype, dtype)
+        klds[name], _ = kl_and_top1(ref, model(torch.tensor([ids]), model.new_cache(WINDOW))[0])
+    print(f"\nllama.cpp with an f16 cache vs ours: mean KLD {klds['f16']:.3g} with the same "
+          f"cache, {klds['f32']:.3g} with f32")
+    assert klds["f16"] < klds["f32"] and klds["f16"] <= 1e-5

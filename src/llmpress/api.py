@@ -24,6 +24,7 @@ from llmpress.io.source import ModelSource
 from llmpress.kernels.device import default_device
 from llmpress.kernels.linear import matmul_path
 from llmpress.models.family import build_model
+from llmpress.models.llama import kv_dtype
 from llmpress.models.moe import active_parameters
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import json_schema_grammar
@@ -84,13 +85,19 @@ class LanguageModel:
     """A loaded model with its tokenizer and chat template."""
 
     def __init__(self, source: ModelSource, *, mode: str = "fast", device: str | None = None,
-                 ctx: int | None = None, chat_template: str | None = None):
+                 ctx: int | None = None, chat_template: str | None = None,
+                 cache_type_k: str | None = None, cache_type_v: str | None = None):
+        """cache_type_k/_v: "f16" (fast mode's default, as llama.cpp's) or "f32" (exact
+        mode's: float32 everywhere)."""
         if mode not in ("fast", "exact"):
             raise LlmpressError(f"mode must be 'fast' or 'exact', not {mode!r}")
+        default_cache = "f16" if mode == "fast" else "f32"
+        kv_dtypes = (kv_dtype(cache_type_k or default_cache), kv_dtype(cache_type_v or default_cache))
         self.source = source
         self.mode = mode
         self.device = device or default_device()
         self.model = build_model(source, mode=mode, device=self.device)
+        self.model.kv_dtypes = kv_dtypes
         self.tokenizer = load_tokenizer(source)
         if chat_template is not None:  # the caller's template replaces the model's
             self.tokenizer.chat_template = chat_template
@@ -178,8 +185,11 @@ class LanguageModel:
 
 
 def load(model: str | os.PathLike, *, mode: str = "fast", device: str | None = None,
-         ctx: int | None = None, chat_template: str | None = None) -> LanguageModel:
+         ctx: int | None = None, chat_template: str | None = None,
+         cache_type_k: str | None = None, cache_type_v: str | None = None) -> LanguageModel:
     """Load a GGUF file, a Hugging Face directory, or a pulled name ("smollm2").
-    chat_template: Jinja text used instead of the model's own template."""
+    chat_template: Jinja text used instead of the model's own template. cache_type_k/_v:
+    the KV cache's element types, "f16" or "f32" (default: f16 in fast mode)."""
     return LanguageModel(load_source(hub.resolve(model)), mode=mode, device=device, ctx=ctx,
-                         chat_template=chat_template)
+                         chat_template=chat_template, cache_type_k=cache_type_k,
+                         cache_type_v=cache_type_v)

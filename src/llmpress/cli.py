@@ -53,7 +53,8 @@ def _load(args, **overrides):
     with console.status(f"loading {args.model} ...") if sys.stdout.isatty() else _nothing():
         return load(model, mode=getattr(args, "mode", "fast"), ctx=getattr(args, "ctx", None),
                     device=getattr(args, "device", None), chat_template=_chat_template(args),
-                    **overrides)
+                    cache_type_k=getattr(args, "cache_type_k", None),
+                    cache_type_v=getattr(args, "cache_type_v", None), **overrides)
 
 
 def _chat_template(args) -> str | None:
@@ -264,7 +265,7 @@ def cmd_serve(args) -> None:
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx,
           api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"), mode=args.mode,
           device=args.device, chat_template=_chat_template(args), parallel=args.parallel,
-          cors=tuple(args.cors))
+          cors=tuple(args.cors), cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
 
 
 # --- argument parsing -------------------------------------------------------------------
@@ -275,6 +276,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length (default 4096 "
                    "or the model's limit if smaller)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("-ctk", "--cache-type-k", default=None, metavar="TYPE", help="KV cache "
+                   "type of the keys: f16 (fast mode's default) or f32 (exact mode's)")
+    p.add_argument("-ctv", "--cache-type-v", default=None, metavar="TYPE", help="KV cache "
+                   "type of the values: f16 or f32")
 
 
 def _add_chat_args(p: argparse.ArgumentParser) -> None:

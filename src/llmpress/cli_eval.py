@@ -59,10 +59,11 @@ class WindowProgress:
         return False
 
 
-def _load(model: str, mode: str, device: str | None, ctx: int):
+def _load(model: str, args, ctx: int):
     from llmpress.api import load
     with err.status(f"loading {model} ...") if err.is_terminal else _Quiet():
-        return load(model, mode=mode, device=device, ctx=ctx)
+        return load(model, mode=args.mode, device=args.device, ctx=ctx,
+                    cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
 
 
 class _Quiet:
@@ -121,7 +122,7 @@ def cmd_eval(args) -> None:
             raise LlmpressError(f"{args.base_logits} holds windows of {base.n_ctx} tokens; "
                                 f"drop --ctx or give --ctx {base.n_ctx}")
         base = base.first_windows(args.chunks)
-        lm = _load(args.model, args.mode, args.device, base.n_ctx)
+        lm = _load(args.model, args, base.n_ctx)
         K.check_vocabulary(lm, base.n_vocab, f"{args.base_logits}")
         if args.text:
             tokens, _ = _text_tokens(lm, args.text, base.n_ctx, None)
@@ -133,8 +134,8 @@ def cmd_eval(args) -> None:
                            "mode": base.mode}}
     elif args.base:
         ctx = args.ctx or DEFAULT_CTX
-        base_lm = _load(args.base, args.mode, args.device, ctx)
-        lm = _load(args.model, args.mode, args.device, ctx)
+        base_lm = _load(args.base, args, ctx)
+        lm = _load(args.model, args, ctx)
         K.check_vocabulary(lm, base_lm.model.cfg.vocab_size, f"the base {args.base}")
         tokens, plan = _text_tokens(base_lm, args.text, ctx, args.chunks)
         own, _ = _text_tokens(lm, args.text, ctx, args.chunks)
@@ -145,7 +146,7 @@ def cmd_eval(args) -> None:
     else:
         kld = None
         ctx = args.ctx or DEFAULT_CTX
-        lm = _load(args.model, args.mode, args.device, ctx)
+        lm = _load(args.model, args, ctx)
         tokens, plan = _text_tokens(lm, args.text, ctx, args.chunks)
         with WindowProgress("perplexity", not args.json) as progress:
             if args.save_base:
@@ -322,6 +323,10 @@ def _add_quality_args(p: argparse.ArgumentParser, text_required: bool = False) -
     p.add_argument("--mode", choices=("exact", "fast"), default="exact",
                    help="exact (default): dequantized weights, float32 math; fast: packed kernels")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("-ctk", "--cache-type-k", default=None, metavar="TYPE",
+                   help="KV cache type of the keys: f16 or f32 (default: the mode's)")
+    p.add_argument("-ctv", "--cache-type-v", default=None, metavar="TYPE",
+                   help="KV cache type of the values: f16 or f32")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 

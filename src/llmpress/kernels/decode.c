@@ -31,20 +31,25 @@ typedef struct {  /* one decoder layer, filled in from Python (kernels/decode.py
     int types[N_WEIGHTS];                   /* ggml type ids */
     const uint8_t *weights[N_WEIGHTS];
     int64_t weight_bytes[N_WEIGHTS];        /* each buffer's size, checked against the shapes */
-    float *keys, *values;                   /* KV cache, (n_kv, max_tokens, head_dim) */
-    int64_t cache_floats;                   /* size of keys and of values */
+    void *keys, *values;                    /* KV cache, (n_kv, max_tokens, head_dim) */
+    int64_t cache_values;                   /* elements in keys and in values */
 } DecodeLayer;
 
 typedef struct {
     int64_t dim, head_dim, rope_dim, max_tokens;
     int64_t neox;  /* RoPE pairs (i, i + d/2) instead of (2i, 2i + 1) */
     float eps;
+    int64_t key_half, value_half;  /* the cache keeps keys / values as f16, else f32 */
 } DecodeShape;
 
-/* The float loops below (norms, attention) get an AVX2 copy too, chosen at load (GCC's
- * ifunc), since the build targets plain x86-64. */
+/* An f16 KV cache: _Float16 converts with round-to-nearest-even, as torch's .half() does,
+ * so the C path and the torch layers store the same bits. */
+typedef _Float16 half_t;
+
+/* The float loops below (norms, attention) get an AVX2 + FMA + F16C copy too, chosen at
+ * load (GCC's ifunc), since the build targets plain x86-64. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define VECTOR_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define VECTOR_CLONES
 #endif
@@ -78,12 +83,17 @@ VECTOR_CLONES static void attend_one(const float *qh, const DecodeLayer *L, cons
                                      int64_t h, int64_t n_pos, float *oh, float *scores) {
     const int64_t hd = s->head_dim, kv = h / (L->n_heads / L->n_kv);
     const float scale = 1.0f / sqrtf((float)hd);
-    const float *keys = L->keys + kv * s->max_tokens * hd;
-    const float *values = L->values + kv * s->max_tokens * hd;
+    const int64_t first = kv * s->max_tokens * hd;  /* this KV head's first element */
     float best = -INFINITY, total = 0;
     for (int64_t t = 0; t < n_pos; t++) {
         float dot = 0;
-        for (int64_t j = 0; j < hd; j++) dot += qh[j] * keys[t * hd + j];
+        if (s->key_half) {
+            const half_t *key = (const half_t *)L->keys + first + t * hd;
+            for (int64_t j = 0; j < hd; j++) dot += qh[j] * (float)key[j];
+        } else {
+            const float *key = (const float *)L->keys + first + t * hd;
+            for (int64_t j = 0; j < hd; j++) dot += qh[j] * key[j];
+        }
         scores[t] = dot * scale;
         best = scores[t] > best ? scores[t] : best;
     }
@@ -91,8 +101,22 @@ VECTOR_CLONES static void attend_one(const float *qh, const DecodeLayer *L, cons
     memset(oh, 0, sizeof(float) * (size_t)hd);
     for (int64_t t = 0; t < n_pos; t++) {
         const float w = scores[t] / total;
-        for (int64_t j = 0; j < hd; j++) oh[j] += w * values[t * hd + j];
+        if (s->value_half) {
+            const half_t *value = (const half_t *)L->values + first + t * hd;
+            for (int64_t j = 0; j < hd; j++) oh[j] += w * (float)value[j];
+        } else {
+            const float *value = (const float *)L->values + first + t * hd;
+            for (int64_t j = 0; j < hd; j++) oh[j] += w * value[j];
+        }
     }
+}
+
+/* Store n floats at element `at` of a cache buffer, as f16 or f32. */
+static void store(void *cache, int half, int64_t at, const float *v, int64_t n) {
+    if (half)
+        for (int64_t j = 0; j < n; j++) ((half_t *)cache)[at + j] = (half_t)v[j];
+    else
+        memcpy((float *)cache + at, v, sizeof(float) * (size_t)n);
 }
 
 static void add_bias(float *v, const float *bias, int64_t n) {
@@ -127,8 +151,8 @@ static void place_qkv(const DecodeLayer *L, const DecodeShape *s, float *q, floa
     rope(q, L->n_heads, s, cos, sin);
     rope(k, L->n_kv, s, cos, sin);
     for (int64_t h = 0; h < L->n_kv; h++) {
-        memcpy(L->keys + (h * s->max_tokens + pos) * hd, k + h * hd, sizeof(float) * (size_t)hd);
-        memcpy(L->values + (h * s->max_tokens + pos) * hd, v + h * hd, sizeof(float) * (size_t)hd);
+        store(L->keys, (int)s->key_half, (h * s->max_tokens + pos) * hd, k + h * hd, hd);
+        store(L->values, (int)s->value_half, (h * s->max_tokens + pos) * hd, v + h * hd, hd);
     }
 }
 
@@ -204,7 +228,7 @@ static int check_layer(const DecodeLayer *L, const DecodeShape *s) {
         if (!L->weights[i] || L->weight_bytes[i] != rows[i] * row_bytes(L->types[i], cols[i]))
             return ERR_BUFFER;
     if (!L->attn_norm || !L->ffn_norm || !L->keys || !L->values || (!L->q_norm) != (!L->k_norm)
-        || L->cache_floats != nkv * s->max_tokens)
+        || L->cache_values != nkv * s->max_tokens)
         return ERR_BUFFER;
     return 0;
 }

@@ -25,13 +25,14 @@ class DecodeLayer(ctypes.Structure):
                 ("types", ctypes.c_int * N_WEIGHTS), ("weights", ctypes.c_void_p * N_WEIGHTS),
                 ("weight_bytes", ctypes.c_int64 * N_WEIGHTS),
                 ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
-                ("cache_floats", ctypes.c_int64)]
+                ("cache_values", ctypes.c_int64)]
 
 
 class DecodeShape(ctypes.Structure):
     _fields_ = [("dim", ctypes.c_int64), ("head_dim", ctypes.c_int64),
                 ("rope_dim", ctypes.c_int64), ("max_tokens", ctypes.c_int64),
-                ("neox", ctypes.c_int64), ("eps", ctypes.c_float)]
+                ("neox", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("key_half", ctypes.c_int64), ("value_half", ctypes.c_int64)]
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -82,10 +83,11 @@ class FusedDecoder:
         if self.cache is cache:
             return
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            assert keys.dtype == torch.float32 and keys.is_contiguous() and keys.shape[0] == 1
+            assert keys.is_contiguous() and values.is_contiguous() and keys.shape[0] == 1
             layer.keys, layer.values = keys.data_ptr(), values.data_ptr()
-            layer.cache_floats = keys[0].numel()
+            layer.cache_values = keys[0].numel()
         self.shape.max_tokens = cache.max_tokens
+        self.shape.key_half, self.shape.value_half = (int(t == torch.float16) for t in cache.dtypes)
         self.cache = cache
 
     def forward(self, x: torch.Tensor, cache, rotation: torch.Tensor) -> torch.Tensor:

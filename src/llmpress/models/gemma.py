@@ -126,7 +126,8 @@ class GemmaAttention(nn.Module):
         cache_v[:, :, start:end] = v.transpose(1, 2)
         # a local layer's earliest visible key is window - 1 before the first query
         first = max(0, start - self.window + 1) if self.window else 0
-        keys, values = cache_k[:, :, first:end], cache_v[:, :, first:end]  # (B, KV, S, hd)
+        keys = cache_k[:, :, first:end].to(q.dtype)  # (B, KV, S, hd)
+        values = cache_v[:, :, first:end].to(q.dtype)
         mask = attention_mask(start, end, first, self.window, x.device)  # (T, S)
         out = self._attend(q.transpose(1, 2), keys, values, mask)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -191,9 +192,10 @@ class GemmaModel(nn.Module):
         self.ropes = {False: RotaryEmbedding(cfg, None, self.device),
                       True: RotaryEmbedding(replace(cfg, rope_base=cfg.local_rope_base,
                                                     rope_scale=1.0), None, self.device)}
+        self.kv_dtypes = (torch.float32, torch.float32)  # of the caches new_cache makes
 
-    def new_cache(self, max_tokens: int, batch: int = 1, dtype=torch.float32) -> KVCache:
-        return KVCache(self.cfg, max_tokens, batch, dtype, self.device)
+    def new_cache(self, max_tokens: int, batch: int = 1) -> KVCache:
+        return KVCache(self.cfg, max_tokens, batch, self.kv_dtypes, self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource
 from llmpress.kernels.decode import FusedDecoder, can_decode
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
@@ -56,19 +57,33 @@ class RotaryEmbedding:
         return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
 
 
+# KV cache element types by llama.cpp's --cache-type names.
+KV_TYPES = {"f32": torch.float32, "f16": torch.float16}
+
+
+def kv_dtype(name: str) -> torch.dtype:
+    if name not in KV_TYPES:
+        raise LlmpressError(f"unknown KV cache type {name!r}: llmpress keeps keys and values "
+                            f"as {' or '.join(KV_TYPES)} (llama.cpp's q8_0/q4_0 caches are not "
+                            "implemented yet)")
+    return KV_TYPES[name]
+
+
 class KVCache:
     """Per-layer key/value buffers, allocated for the whole context up front.
 
     torch.empty only reserves address space: pages become resident as positions are
     written, so memory grows with the tokens actually used, not with the context limit.
+    Keys and values each keep their own type (f32 or f16); attention computes in float32.
     """
 
     def __init__(self, cfg: LlamaConfig, max_tokens: int, batch: int = 1,
-                 dtype=torch.float32, device=None):
-        self.max_tokens, self.dtype = max_tokens, dtype
+                 dtypes: tuple[torch.dtype, torch.dtype] = (torch.float32, torch.float32),
+                 device=None):
+        self.max_tokens, self.dtypes = max_tokens, dtypes
         self.keys = [torch.empty(batch, lc.n_kv_heads, max_tokens, cfg.head_dim,
-                                 dtype=dtype, device=device) for lc in cfg.layers]
-        self.values = [torch.empty_like(k) for k in self.keys]
+                                 dtype=dtypes[0], device=device) for lc in cfg.layers]
+        self.values = [torch.empty_like(k, dtype=dtypes[1]) for k in self.keys]
         self.length = 0  # tokens stored so far
 
     def bytes(self) -> int:
@@ -112,7 +127,8 @@ class Attention(nn.Module):
         end = start + T
         cache_k[:, :, start:end] = k.transpose(1, 2)
         cache_v[:, :, start:end] = v.transpose(1, 2)
-        keys, values = cache_k[:, :, :end], cache_v[:, :, :end]  # (B, KV, S, hd)
+        keys = cache_k[:, :, :end].to(q.dtype)  # (B, KV, S, hd)
+        values = cache_v[:, :, :end].to(q.dtype)
         q = q.transpose(1, 2)  # (B, H, T, hd)
         scale = 1.0 / math.sqrt(self.head_dim)
         if T == 1:  # decode: three small ops beat SDPA's parallel kernel for one query
@@ -180,9 +196,10 @@ class LlamaModel(nn.Module):
         freqs = src.tensors.get("rope_freqs.weight")
         self.rope = RotaryEmbedding(cfg, dense_tensor(freqs, self.device) if freqs else None,
                                     self.device)
+        self.kv_dtypes = (torch.float32, torch.float32)  # of the caches new_cache makes
 
-    def new_cache(self, max_tokens: int, batch: int = 1, dtype=torch.float32) -> KVCache:
-        return KVCache(self.cfg, max_tokens, batch, dtype, self.device)
+    def new_cache(self, max_tokens: int, batch: int = 1) -> KVCache:
+        return KVCache(self.cfg, max_tokens, batch, self.kv_dtypes, self.device)
 
     def rope_for(self, cache: KVCache) -> RotaryEmbedding:
         """The RoPE tables for a cache (Phi-3's depend on the context size)."""
@@ -195,7 +212,7 @@ class LlamaModel(nn.Module):
         x = self.embed(tokens.to(self.device))  # (B, T, dim)
         rope = self.rope_for(cache)
         rotation = rope.rotation(torch.arange(start, start + T, device=self.device))
-        if self.decoder is not None and B == 1 and cache.dtype == torch.float32:
+        if self.decoder is not None and B == 1:
             x = self.decoder.forward(x[0], cache, rotation).view(1, T, -1)
         else:
             for block, ck, cv in zip(self.blocks, cache.keys, cache.values):

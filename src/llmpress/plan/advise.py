@@ -191,7 +191,7 @@ def _memory_at(spec: ModelSpec, w: Weights, runtime: str, ctx: int, cache: str,
                flash_attn: bool = True) -> tuple[RuntimeMemory, RuntimeMemory]:
     """(on the CPU, all on the GPU) at a context."""
     if runtime == "llmpress":
-        return llmpress_memory(spec, w, ctx), llmpress_gpu_memory(spec, w, ctx)
+        return llmpress_memory(spec, w, ctx, cache), llmpress_gpu_memory(spec, w, ctx, cache)
     return (llama_cpp_memory(spec, w, ctx, cache, flash_attn),
             llama_cpp_gpu_memory(spec, w, ctx, cache, flash_attn))
 

@@ -463,9 +463,9 @@ def kv_cache_bytes(spec: ModelSpec, ctx: int, cache: str = "f16") -> int:
     return sum(kv_cache_layers(spec, llama_cpp_cells(spec, ctx), cache_type(cache)))
 
 
-def llmpress_kv_bytes(spec: ModelSpec, tokens: int) -> int:
-    """models/llama.py KVCache: float32, resident for the tokens written."""
-    return sum(kv_cache_layers(spec, [tokens] * spec.n_layers, T.F32))
+def llmpress_kv_bytes(spec: ModelSpec, tokens: int, cache: str = "f16") -> int:
+    """models/llama.py KVCache: resident for the tokens written."""
+    return sum(kv_cache_layers(spec, [tokens] * spec.n_layers, llmpress_cache_type(cache)))
 
 
 # --- compute buffers ---------------------------------------------------------------------
@@ -562,7 +562,7 @@ class RuntimeMemory:
 class Estimate:
     ftype: str  # a file type ("Q4_K_M"), or "file": the GGUF as it is
     ctx: int
-    cache_type: str  # llama.cpp's KV type (llmpress always caches float32)
+    cache_type: str  # the KV type (llmpress: f16 for llama.cpp's quantized ones)
     weights: Weights
     llama_cpp: RuntimeMemory  # on the CPU: what must fit in RAM
     llmpress: RuntimeMemory
@@ -595,10 +595,16 @@ def llama_cpp_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f16",
                          w.layer_bytes, tuple(layer_kv), read_kv)
 
 
-def llmpress_memory(spec: ModelSpec, w: Weights, ctx: int) -> RuntimeMemory:
+def llmpress_cache_type(cache: str) -> T:
+    """llmpress keeps its KV cache in f16 (the default) or f32; for llama.cpp's quantized
+    cache types it has no counterpart yet and uses f16."""
+    return T.F32 if cache_type(cache) == T.F32 else T.F16
+
+
+def llmpress_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f16") -> RuntimeMemory:
     """Peak RSS of `llmpress run` with the context full: the whole file is mapped and
-    touched, the float32 cache holds ctx tokens."""
-    layer_kv = kv_cache_layers(spec, [ctx] * spec.n_layers, T.F32)
+    touched, the cache holds ctx tokens."""
+    layer_kv = kv_cache_layers(spec, [ctx] * spec.n_layers, llmpress_cache_type(cache))
     overhead = TORCH_BASELINE + llmpress_loader_bytes(spec)
     return RuntimeMemory("llmpress", w.file_bytes, sum(layer_kv),
                          llmpress_workspace_bytes(spec, ctx), overhead, w.layer_bytes,
@@ -612,11 +618,12 @@ def llama_cpp_gpu_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f1
     return replace(llama_cpp_memory(spec, w, ctx, cache, flash_attn), overhead=CUDA_CONTEXT)
 
 
-def llmpress_gpu_memory(spec: ModelSpec, w: Weights, ctx: int) -> RuntimeMemory:
-    """`llmpress run --device cuda`: packed weights copied to the GPU, the float32 cache
-    allocated there for the whole context, the GPU workspace and the CUDA context. Each
-    token also writes and reads every weight dequantized to float32 (8 bytes a value)."""
-    layer_kv = kv_cache_layers(spec, [ctx] * spec.n_layers, T.F32)
+def llmpress_gpu_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f16"
+                        ) -> RuntimeMemory:
+    """`llmpress run --device cuda`: packed weights copied to the GPU, the cache allocated
+    there for the whole context, the GPU workspace and the CUDA context. Each token also
+    writes and reads every weight dequantized to float32 (8 bytes a value)."""
+    layer_kv = kv_cache_layers(spec, [ctx] * spec.n_layers, llmpress_cache_type(cache))
     values = sum(math.prod(t.shape) for t in spec.tensors
                  if len(t.shape) == 2 and (t.name != "token_embd.weight" or spec.tied_output))
     return RuntimeMemory("llmpress", w.data_bytes, sum(layer_kv),
@@ -632,6 +639,6 @@ def estimate(spec: ModelSpec, ftype: str, ctx: int, cache: str = "f16",
     name = "file" if ftype == "file" else file_type(ftype).name
     w = weights(spec, mix_types(spec, name, has_imatrix))
     return Estimate(name, ctx, cache, w, llama_cpp_memory(spec, w, ctx, cache, flash_attn),
-                    llmpress_memory(spec, w, ctx),
+                    llmpress_memory(spec, w, ctx, cache),
                     llama_cpp_gpu_memory(spec, w, ctx, cache, flash_attn),
-                    llmpress_gpu_memory(spec, w, ctx), spec.parameters)
+                    llmpress_gpu_memory(spec, w, ctx, cache), spec.parameters)

@@ -1310,7 +1310,8 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, ctx: int | None = None, api_key: str | None = None, *,
           mode: str = "fast", device: str | None = None, chat_template: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
-          cors: tuple[str, ...] = ()) -> None:
+          cors: tuple[str, ...] = (), cache_type_k: str | None = None,
+          cache_type_v: str | None = None) -> None:
     """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY.
     parallel: how many conversations keep their prompt cache (slots)."""
     from llmpress.api import load  # the public API sits above runtime; only serve needs it
@@ -1319,7 +1320,8 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
         raise LlmpressError(f"--parallel must be in 1..{MAX_PARALLEL}, not {parallel}")
     if api_key is None:
         api_key = os.environ.get("LLMPRESS_API_KEY") or None
-    lm = load(model_path_or_name, ctx=ctx, mode=mode, device=device, chat_template=chat_template)
+    lm = load(model_path_or_name, ctx=ctx, mode=mode, device=device, chat_template=chat_template,
+              cache_type_k=cache_type_k, cache_type_v=cache_type_v)
     model_id, aliases = model_names(Path(lm.source.path), str(model_path_or_name))
     sock = bind_socket(host, port)
     if not logging.getLogger().handlers and not log.handlers:
