@@ -99,14 +99,7 @@ def build_hf_model(case: Case, directory: Path, seed: int = 0):
     return model, directory
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all overhead: with several threads torch spends its time waking them
-    (5x slower on a busy 2-core machine), so this module runs single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models
 
 
 @pytest.fixture(scope="module")

@@ -61,12 +61,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 SPECIAL_TEXT = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n<tool> ok"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models
 
 
 @pytest.fixture(scope="module")

@@ -58,12 +58,7 @@ CASES = {  # name -> (config class, model class, GGUF architecture, settings)
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: waking threads costs more than it saves
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models
 
 
 @pytest.fixture(scope="module")

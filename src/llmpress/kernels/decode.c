@@ -156,6 +156,16 @@ static void place_qkv(const DecodeLayer *L, const DecodeShape *s, float *q, floa
     }
 }
 
+/* x += out, row by row (the residual); with a norm weight, out then holds the normed x. */
+static void add_rows(float *x, float *out, int64_t T, int64_t dim, const float *norm, float eps) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *xt = x + t * dim, *ot = out + t * dim;
+        for (int64_t i = 0; i < dim; i++) xt[i] += ot[i];
+        if (norm) rms_norm(xt, norm, dim, eps, ot);
+    }
+}
+
 /* One layer for T token rows at positions pos..pos+T-1, run by every thread of the
  * region. Every row goes through the same operations in the same order whatever T is
  * and whichever thread takes it, so a token's result does not depend on how a prompt
@@ -186,12 +196,7 @@ static void layer_rows(const DecodeLayer *L, const DecodeShape *s, float *x, int
                        w->scores + thread_index() * w->scores_per_thread);
     acts_quantize(&w->acts, 1, L->types + W_O, w->attn, nq, T);
     qmatmul_rows(1, L->types + W_O, L->weights + W_O, &dim, &w->acts, w->xn, nq, T);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        float *xt = x + t * dim, *out = w->xn + t * dim;
-        for (int64_t i = 0; i < dim; i++) xt[i] += out[i];
-        rms_norm(xt, L->ffn_norm, dim, s->eps, out);
-    }
+    add_rows(x, w->xn, T, dim, L->ffn_norm, s->eps);
     acts_quantize(&w->acts, 2, L->types + W_GATE, w->xn, dim, T);
     const int64_t sizes_ffn[2] = {ffn, ffn};
     qmatmul_rows(2, L->types + W_GATE, L->weights + W_GATE, sizes_ffn, &w->acts, w->ffn, dim, T);
@@ -203,11 +208,7 @@ static void layer_rows(const DecodeLayer *L, const DecodeShape *s, float *x, int
     }
     acts_quantize(&w->acts, 1, L->types + W_DOWN, w->hidden, ffn, T);
     qmatmul_rows(1, L->types + W_DOWN, L->weights + W_DOWN, &dim, &w->acts, w->xn, ffn, T);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        float *xt = x + t * dim, *out = w->xn + t * dim;
-        for (int64_t i = 0; i < dim; i++) xt[i] += out[i];
-    }
+    add_rows(x, w->xn, T, dim, NULL, 0);
 }
 
 /* 0 when the layer's description is consistent and its buffers are as large as its shapes
