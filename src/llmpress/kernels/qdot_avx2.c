@@ -45,39 +45,94 @@ static inline int weighted_bsums(const int16_t *bsum, __m256i weights16) {
 
 /* --- k-quants (activation blocks of 256) --- */
 
-static void dot_Q4_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
+/* Q4_K/Q5_K's 8 scales and 8 mins (6 bits each, packed in 12 bytes, see k4_scale_min) as
+ * bytes, unpacked four at a time in 32-bit words. */
+static inline void k4_scales_mins(const uint8_t *packed, uint8_t scales[8], uint8_t mins[8]) {
+    uint32_t u[3], out[4];
+    memcpy(u, packed, 12);
+    out[0] = u[0] & 0x3f3f3f3f;                                            /* scales 0-3 */
+    out[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);      /* scales 4-7 */
+    out[2] = u[1] & 0x3f3f3f3f;                                            /* mins 0-3 */
+    out[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4); /* mins 4-7 */
+    memcpy(scales, out, 8);
+    memcpy(mins, out + 2, 8);
+}
+
+/* Each of 8 byte values twice, as 16 int16 (one per 16-value group of the activation sums). */
+static inline __m256i pairs16(const uint8_t values[8]) {
+    const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)values));
+    return _mm256_set_m128i(_mm_unpackhi_epi16(v, v), _mm_unpacklo_epi16(v, v));
+}
+
+/* One row (decode): everything stays in registers. */
+static float one_Q4_K(const uint8_t *row, QRow x, int64_t nb) {
     const __m256i low4 = _mm256_set1_epi8(15);
-    __m256 acc[DOT_ROWS];
-    float mins_total[DOT_ROWS];
-    for (int r = 0; r < n_x; r++) { acc[r] = _mm256_setzero_ps(); mins_total[r] = 0; }
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 144, *qs = blk + 16;
-        int sc[8], mn[8];
-        int16_t mins16[16];
-        for (int j = 0; j < 8; j++) {
-            k4_scale_min(blk + 4, j, sc + j, mn + j);
-            mins16[2 * j] = mins16[2 * j + 1] = (int16_t)mn[j];
-        }
-        __m256i sum[DOT_ROWS];
-        for (int r = 0; r < n_x; r++) sum[r] = _mm256_setzero_si256();
+        const int8_t *q = x.q + b * 256;
+        uint8_t sc[8], mn[8];
+        k4_scales_mins(blk + 4, sc, mn);
+        __m256i sum = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
             const __m256i bytes = load(qs + 32 * p);
             const __m256i lo = _mm256_and_si256(bytes, low4);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            const __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(q + 64 * p)),
+                                                _mm256_set1_epi16(sc[2 * p]));
+            const __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(q + 64 * p + 32)),
+                                                _mm256_set1_epi16(sc[2 * p + 1]));
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(a, c));
+        }
+        const __m256 min_part = _mm256_cvtepi32_ps(_mm256_madd_epi16(load(x.bsum + b * 16), pairs16(mn)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
+        acc = _mm256_fnmadd_ps(_mm256_set1_ps(half(blk + 2) * x.d[b]), min_part, acc);
+    }
+    return hsum(acc);
+}
+
+/* Several rows (prompts) share each unpacked block; a row's float operations are one_Q4_K's,
+ * in the same order, so a row gives the same bits alone or with others. Inlined with a
+ * constant n_x, its per-row sums stay in registers. */
+static inline __attribute__((always_inline)) void rows_Q4_K(const uint8_t *row, const QRow *x,
+                                                            const int n_x, int64_t nb, float *out) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 144, *qs = blk + 16;
+        uint8_t sc[8], mn[8];
+        k4_scales_mins(blk + 4, sc, mn);
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < DOT_ROWS; r++) sum[r] = _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++) {
+            const __m256i bytes = load(qs + 32 * p);
+            const __m256i lo = _mm256_and_si256(bytes, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            const __m256i scale_lo = _mm256_set1_epi16(sc[2 * p]), scale_hi = _mm256_set1_epi16(sc[2 * p + 1]);
             for (int r = 0; r < n_x; r++) {
                 const int8_t *q = x[r].q + b * 256 + 64 * p;
-                sum[r] = _mm256_add_epi32(sum[r], dot32(lo, q, sc[2 * p], sc[2 * p]));
-                sum[r] = _mm256_add_epi32(sum[r], dot32(hi, q + 32, sc[2 * p + 1], sc[2 * p + 1]));
+                const __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(q)), scale_lo);
+                const __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(q + 32)), scale_hi);
+                sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(a, c));
             }
         }
         const float d = half(blk), dmin = half(blk + 2);
-        const __m256i mins = load(mins16);
+        const __m256i mins = pairs16(mn);
         for (int r = 0; r < n_x; r++) {
+            /* d * sum(scale * code * x) - dmin * sum(min * group sum of x), kept in lanes */
+            const __m256 min_part = _mm256_cvtepi32_ps(_mm256_madd_epi16(load(x[r].bsum + b * 16), mins));
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[r].d[b]), _mm256_cvtepi32_ps(sum[r]), acc[r]);
-            mins_total[r] += dmin * x[r].d[b] * (float)weighted_bsums(x[r].bsum + b * 16, mins);
+            acc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * x[r].d[b]), min_part, acc[r]);
         }
     }
-    for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]) - mins_total[r];
+    for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]);
+}
+
+static void dot_Q4_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
+    if (n_x == 1) out[0] = one_Q4_K(row, x[0], nb);
+    else if (n_x == DOT_ROWS) rows_Q4_K(row, x, DOT_ROWS, nb, out);
+    else rows_Q4_K(row, x, n_x, nb, out);
 }
 
 static float one_Q5_K(const uint8_t *row, QRow x, int64_t nb) {
@@ -112,16 +167,19 @@ static float one_Q5_K(const uint8_t *row, QRow x, int64_t nb) {
     return hsum(acc) - mins_total;
 }
 
-/* Q6_K: codes 0..63 = 4 low bits (ql) | 2 high bits (qh), value d * scale * (code - 32). */
-static void dot_Q6_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
+/* Q6_K: codes 0..63 = 4 low bits (ql) | 2 high bits (qh), value d * scale * (code - 32).
+ * Rows as Q4_K's: one row alone, or several sharing each unpacked block, with the same
+ * float operations per row. */
+static inline __attribute__((always_inline)) void rows_Q6_K(const uint8_t *row, const QRow *x,
+                                                            const int n_x, int64_t nb, float *out) {
     const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
     __m256 acc[DOT_ROWS];
-    for (int r = 0; r < n_x; r++) acc[r] = _mm256_setzero_ps();
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 210;
         const int8_t *sc = (const int8_t *)(blk + 192);
         __m256i sum[DOT_ROWS];
-        for (int r = 0; r < n_x; r++) sum[r] = _mm256_setzero_si256();
+        for (int r = 0; r < DOT_ROWS; r++) sum[r] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const __m256i ql0 = load(blk + 64 * h), ql1 = load(blk + 64 * h + 32);
             const __m256i qh = load(blk + 128 + 32 * h);
@@ -132,21 +190,29 @@ static void dot_Q6_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb
                 const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), low2);
                 const __m256i codes = _mm256_or_si256(lows[k], _mm256_slli_epi16(high, 4));
                 const int g = 8 * h + 2 * k;
-                for (int r = 0; r < n_x; r++)
-                    sum[r] = _mm256_add_epi32(sum[r], dot32(codes, x[r].q + b * 256 + 128 * h + 32 * k,
-                                                            sc[g], sc[g + 1]));
+                const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
+                for (int r = 0; r < n_x; r++) {
+                    const __m256i part = _mm256_maddubs_epi16(codes, load(x[r].q + b * 256 + 128 * h + 32 * k));
+                    sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(part, scales));
+                }
             }
         }
-        /* minus 32 * scale * (sum of the 16 activation codes), per group */
-        const __m256i scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        /* minus 32 * scale * (sum of the 16 activation codes), per group, in lanes */
+        const __m256i scales16 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)), 5);
         const float d = half(blk + 208);
         for (int r = 0; r < n_x; r++) {
-            const int offset = 32 * weighted_bsums(x[r].bsum + b * 16, scales16);
-            const __m256i centered = _mm256_sub_epi32(sum[r], _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[r].d[b]), _mm256_cvtepi32_ps(centered), acc[r]);
+            const __m256i offsets = _mm256_madd_epi16(load(x[r].bsum + b * 16), scales16);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[r].d[b]),
+                                     _mm256_cvtepi32_ps(_mm256_sub_epi32(sum[r], offsets)), acc[r]);
         }
     }
     for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]);
+}
+
+static void dot_Q6_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
+    if (n_x == 1) rows_Q6_K(row, x, 1, nb, out);
+    else if (n_x == DOT_ROWS) rows_Q6_K(row, x, DOT_ROWS, nb, out);
+    else rows_Q6_K(row, x, n_x, nb, out);
 }
 
 /* Q3_K: codes 0..7 = 2 low bits (qs) | 1 high bit (hmask), value d * scale * (code - 4). */
