@@ -138,17 +138,12 @@ static void dot_Q4_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb
 static float one_Q5_K(const uint8_t *row, QRow x, int64_t nb) {
     const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps();
-    float mins_total = 0;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 176, *qs = blk + 48;
         const int8_t *q = x.q + b * 256;
         const __m256i qh = load(blk + 16);
-        int sc[8], mn[8];
-        int16_t mins16[16];
-        for (int j = 0; j < 8; j++) {
-            k4_scale_min(blk + 4, j, sc + j, mn + j);
-            mins16[2 * j] = mins16[2 * j + 1] = (int16_t)mn[j];
-        }
+        uint8_t sc[8], mn[8];
+        k4_scales_mins(blk + 4, sc, mn);
         __m256i sum = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
             const __m256i bytes = load(qs + 32 * p);
@@ -158,13 +153,17 @@ static float one_Q5_K(const uint8_t *row, QRow x, int64_t nb) {
             const __m256i lo = _mm256_or_si256(_mm256_and_si256(bytes, low4), _mm256_slli_epi16(h0, 4));
             const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4),
                                                _mm256_slli_epi16(h1, 4));
-            sum = _mm256_add_epi32(sum, dot32(lo, q + 64 * p, sc[2 * p], sc[2 * p]));
-            sum = _mm256_add_epi32(sum, dot32(hi, q + 64 * p + 32, sc[2 * p + 1], sc[2 * p + 1]));
+            const __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(q + 64 * p)),
+                                                _mm256_set1_epi16(sc[2 * p]));
+            const __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(q + 64 * p + 32)),
+                                                _mm256_set1_epi16(sc[2 * p + 1]));
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(a, c));
         }
+        const __m256 min_part = _mm256_cvtepi32_ps(_mm256_madd_epi16(load(x.bsum + b * 16), pairs16(mn)));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
-        mins_total += half(blk + 2) * x.d[b] * (float)weighted_bsums(x.bsum + b * 16, load(mins16));
+        acc = _mm256_fnmadd_ps(_mm256_set1_ps(half(blk + 2) * x.d[b]), min_part, acc);
     }
-    return hsum(acc) - mins_total;
+    return hsum(acc);
 }
 
 /* Q6_K: codes 0..63 = 4 low bits (ql) | 2 high bits (qh), value d * scale * (code - 32).
