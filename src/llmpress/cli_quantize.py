@@ -160,26 +160,26 @@ def print_budget(plan, output) -> None:
     (OUT with .bits.png)."""
     from pathlib import Path
 
-    from llmpress.quant.budget import bits_by_layer
+    from llmpress.quant.budget import LINEAR_KINDS, bits_by_layer
 
     sens = plan.sensitivity
     by_layer = bits_by_layer(plan)
-    kinds = sorted({k for row in by_layer.values() for k in row})
+    kinds = [k for k in LINEAR_KINDS if any(k in row for row in by_layer.values())]
     table = Table(title=f"types chosen for {plan.budget:,} bytes (predicted KLD "
                   f"{plan.predicted_kld:.4f})")
     table.add_column("layer")
-    for kind in kinds:
-        table.add_column(kind)
-    for t in sens.tensors:
-        if t.layer < 0 and not t.fixed:
-            table.add_row(t.info.name, *[plan.picked[t.info.name].type.name if k == t.kind
-                                         else "" for k in kinds])
+    for kind in kinds:  # attn_q -> q, ffn_gate -> gate: the table fits a terminal
+        table.add_column(kind.split("_", 1)[1] if kind.startswith("attn_") else kind[4:])
     by_name = {(t.layer, t.kind): plan.picked[t.info.name] for t in sens.tensors
                if t.layer >= 0 and not t.fixed}
     for layer in sorted(by_layer):
         table.add_row(str(layer), *[by_name[layer, k].type.name if (layer, k) in by_name
                                     else "" for k in kinds])
     console.print(table)
+    for t in sens.tensors:  # the embedding / output matrix
+        if t.layer < 0 and not t.fixed:
+            console.print(f"{t.info.name}: {plan.picked[t.info.name].type.name}",
+                          highlight=False)
     passes = ", ".join(f"{k} {v:.4f}" for k, v in sens.probes.items())
     console.print(f"perturbation passes (KLD at the probe type): {passes}", highlight=False)
     console.print(f"file {plan.file_bytes:,} bytes of {plan.budget:,} "
@@ -196,8 +196,10 @@ def _plot_bits(by_layer: dict, path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from llmpress.quant.budget import LINEAR_KINDS
+
     layers = sorted(by_layer)
-    kinds = sorted({k for row in by_layer.values() for k in row})
+    kinds = [k for k in LINEAR_KINDS if any(k in row for row in by_layer.values())]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for kind in kinds:
         ax.plot(layers, [by_layer[i].get(kind, float("nan")) for i in layers], marker="o",
