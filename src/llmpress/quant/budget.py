@@ -18,11 +18,12 @@ preset rules): it yields the same TensorChoice list, which the one writer
    not move the logits alike (a q/k error goes through softmax, a late ffn_down error
    lands on a larger residual), so a few perturbation passes measure the real thing:
    each kind of tensor (attn_q, ..., ffn_down, the embedding/head) in every layer, and
-   every tensor of each third of the layers, quantized to a 4-bit probe type (PROBE_TYPES) while the rest stays exact; the KLD of each
-   pass against the base gives a scale per kind (KLD / its raw error) and then one per
-   depth (the layer group's KLD / its kind-scaled raw error). Predicted KLD of a tensor
-   and type = kind scale × depth scale × raw error; of a mix = the sum (second order:
-   small independent perturbations add).
+   every tensor of each third of the layers, quantized to a 4-bit probe type
+   (PROBE_TYPES) while the rest stays exact; the KLD of each pass against the base
+   gives a scale per kind (KLD / its raw error) and then one per depth (the layer
+   group's KLD / its kind-scaled raw error). Predicted KLD of a tensor and type = kind
+   scale × depth scale × raw error; of a mix = the sum (second order: small independent
+   perturbations add).
 5. Allocation. A knapsack: the least summed predicted KLD within the budget, solved by
    dynamic programming over the budget in 2^17 units (bytes rounded up, so it never
    overshoots), then a greedy pass spends what the rounding left on the upgrades with
