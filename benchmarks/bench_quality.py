@@ -23,7 +23,32 @@ set and reused for every size. A Pareto PNG (size against KLD) is written to --o
     python benchmarks/bench_quality.py [--presets Q4_K_M Q3_K_M] [--chunks 40]
         [--exclude-source-type] [--gptq] [--out DIR]
 
-Measured: see MEASURED below (filled in from the run in the branch's report).
+Measured (2026-12-07, 2-core shared CPU under load, `--chunks 16 --exclude-source-type`:
+16 windows = 4,080 scored tokens; sensitivities from 1,024 pydoc tokens, default settings):
+
+| preset | method | MiB | mean KLD | ratio to preset |
+|---|---|---:|---:|---:|
+| Q2_K | preset | 84.12 | 0.29618 ± 0.00494 | 1.00 |
+| Q2_K | mixed | 84.10 | 0.01720 ± 0.00022 | 0.06 |
+| Q2_K | mixed-noQ4_1 | 84.12 | 0.06496 ± 0.00150 | 0.22 |
+| Q3_K_M | preset | 89.18 | 0.08515 ± 0.00167 | 1.00 |
+| Q3_K_M | mixed | 85.37 | 0.01651 ± 0.00020 | 0.19 |
+| Q3_K_M | mixed-noQ4_1 | 89.18 | 0.03342 ± 0.00077 | 0.39 |
+| IQ4_XS | preset | 86.69 | 0.10240 ± 0.00237 | 1.00 |
+| IQ4_XS | mixed | 85.37 | 0.01651 ± 0.00020 | 0.16 |
+| IQ4_XS | mixed-noQ4_1 | 86.68 | 0.04834 ± 0.00115 | 0.47 |
+| Q4_K_S | preset | 97.31 | 0.03383 ± 0.00064 | 1.00 |
+| Q4_K_S | mixed | 93.81 | 0.00000 ± 0.00000 | 0.00 |
+| Q4_K_S | mixed-noQ4_1 | 97.31 | 0.01858 ± 0.00066 | 0.55 |
+MORE_ROWS
+"mixed" below the budget (Q3_K_M, IQ4_XS): every tensor but the embedding is already at
+its lossless Q4_1 there and the embedding's next step up does not fit, so more bytes buy
+nothing. From the Q4_K_S size up "mixed" is 93.81 MiB: the source's own types (Q4_1,
+embedding Q8_0), lossless; "mixed-noQ4_1" stops at 110 MiB below Q6_K's 132 MiB, Q5_1
+being all but lossless on Q4_1 weights.
+Sensitivity took 3-9 minutes per candidate set on the loaded machine (statistics 27-40 s,
+raw errors 43-105 s, 11 perturbation passes 6-50 s each); planning each further size
+from it, seconds.
 """
 
 from __future__ import annotations
