@@ -96,11 +96,10 @@ def test_sizes_and_targets_parse_or_fail_clearly():
 
 
 # --- the real default model -----------------------------------------------------------------
-# Fast settings: 256 calibration tokens of the built-in text (not WikiText), 64 rows per
+# Fast settings: 2 x 256 calibration tokens of the built-in text (not WikiText), 64 rows per
 # tensor. Q4_1 is left out: the default model's weights are Q4_1, so rounding them to Q4_1
 # again is lossless, and the test is of the optimizer, not of that free lunch.
-FAST = BudgetSettings(tokens=256, seq_len=256, sample_rows=64, layer_groups=2,
-                      excluded=(T.Q4_1,))
+FAST = BudgetSettings(tokens=512, seq_len=256, sample_rows=64, excluded=(T.Q4_1,))
 
 
 @pytest.fixture(scope="module")
