@@ -40,7 +40,11 @@ Measured (2026-12-07, 2-core shared CPU under load, `--chunks 16 --exclude-sourc
 | Q4_K_S | preset | 97.31 | 0.03383 ± 0.00064 | 1.00 |
 | Q4_K_S | mixed | 93.81 | 0.00000 ± 0.00000 | 0.00 |
 | Q4_K_S | mixed-noQ4_1 | 97.31 | 0.01858 ± 0.00066 | 0.55 |
-MORE_ROWS
+| Q4_K_M | preset | 100.57 | 0.03124 ± 0.00060 | 1.00 |
+| Q4_K_M | mixed | 93.81 | 0.00000 ± 0.00000 | 0.00 |
+| Q4_K_M | mixed-noQ4_1 | 100.57 | 0.00421 ± 0.00016 | 0.13 |
+
+(Q5_K_M and Q6_K: the run did not finish their KLD before the session ended.)
 "mixed" below the budget (Q3_K_M, IQ4_XS): every tensor but the embedding is already at
 its lossless Q4_1 there and the embedding's next step up does not fit, so more bytes buy
 nothing. From the Q4_K_S size up "mixed" is 93.81 MiB: the source's own types (Q4_1,
