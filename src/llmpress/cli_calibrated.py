@@ -63,16 +63,11 @@ def _shrink(args) -> float:
 def cmd_quantize_calibrated(args) -> None:
     from rich.table import Table
 
-    from llmpress.cli_quantize import print_report
+    from llmpress.cli_quantize import print_report, quantize_config
     from llmpress.quant.calibrated import CalibrationConfig, calibrated_quantize
     from llmpress.quant.gptq import GPTQConfig
-    from llmpress.quant.quantize import QuantizeConfig
 
-    config = QuantizeConfig(
-        input=args.input, output=args.output, type=args.type, imatrix=args.imatrix,
-        allow_requantize=args.allow_requantize, tensor_types=tuple(args.tensor_type),
-        output_type=args.output_type, embedding_type=args.embedding_type, pure=args.pure,
-    )
+    config, _ = quantize_config(args)  # TYPE, or the types chosen for --target-*
     calib = CalibrationConfig(method=args.method, text=args.calib, tokens=args.calib_tokens,
                               seq_len=args.calib_ctx, awq_grid=args.awq_grid, device=args.device,
                               gptq=GPTQConfig(damp=args.damp, act_order=args.act_order,

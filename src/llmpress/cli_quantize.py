@@ -31,7 +31,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                        description=f"Quantize a GGUF file or a Hugging Face directory. TYPE: {types}.")
     p.add_argument("input", metavar="IN", help="GGUF file or Hugging Face directory")
     p.add_argument("output", metavar="OUT", help="the GGUF file to write")
-    p.add_argument("type", metavar="TYPE", help="file type, e.g. Q4_K_M")
+    p.add_argument("type", metavar="TYPE", nargs="?", default=None,
+                   help="file type, e.g. Q4_K_M (or leave it out and give --target-bpw or "
+                   "--target-size)")
     p.add_argument("--imatrix", metavar="FILE", default=None,
                    help="importance matrix (llama.cpp imatrix GGUF or legacy .dat)")
     p.add_argument("--allow-requantize", action="store_true",
@@ -47,6 +49,15 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="no mix: every quantizable tensor gets TYPE's base type")
     p.add_argument("--summary", action="store_true",
                    help="print the per-type summary only, not every tensor")
+    group = p.add_argument_group("mixed precision to a size (instead of TYPE)")
+    group.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
+                       help="file size in bits per weight, e.g. 4.25: a type for every "
+                       "tensor chosen for the least predicted KL divergence")
+    group.add_argument("--target-size", default=None, metavar="SIZE",
+                       help="file size, e.g. 900MiB, 1.2GB or bytes")
+    group.add_argument("--report", action="store_true",
+                       help="print the chosen type of every tensor by layer and kind, and "
+                       "write a PNG of bits per layer next to OUT")
     p.set_defaults(func=cmd_quantize)
     return p
 
@@ -59,14 +70,49 @@ def _error(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from llmpress.quant.quantize import QuantizeConfig, quantize_model
+def quantize_config(args: argparse.Namespace):
+    """The QuantizeConfig of `quantize`'s arguments; with --target-bpw / --target-size the
+    type of every tensor is chosen here (quant.budget). -> (config, BudgetPlan or None)."""
+    from llmpress.errors import LlmpressError
+    from llmpress.quant.quantize import QuantizeConfig
 
+    target = None
+    if args.target_bpw is not None or args.target_size is not None:
+        from llmpress.quant.budget import BudgetTarget, parse_size
+
+        size = None if args.target_size is None else parse_size(args.target_size)
+        target = BudgetTarget(bpw=args.target_bpw, size=size)
+        if args.type is not None:
+            raise LlmpressError(f"give either TYPE ({args.type}) or a target size, not both: "
+                                "the target chooses the type of every tensor")
+        if args.tensor_type or args.output_type or args.embedding_type or args.pure:
+            raise LlmpressError("--tensor-type, --output-type, --embedding-type and --pure set "
+                                "types by rule; a target size chooses every type itself")
+    elif args.type is None:
+        raise LlmpressError("give a TYPE (e.g. Q4_K_M) or --target-bpw / --target-size")
     config = QuantizeConfig(
-        input=args.input, output=args.output, type=args.type, imatrix=args.imatrix,
+        input=args.input, output=args.output, type=args.type or "F16", imatrix=args.imatrix,
         allow_requantize=args.allow_requantize, tensor_types=tuple(args.tensor_type),
         output_type=args.output_type, embedding_type=args.embedding_type, pure=args.pure,
     )
+    if target is None:
+        return config, None
+    from llmpress.quant.budget import BudgetSettings, budget_config
+
+    settings = BudgetSettings(text=getattr(args, "calib", None),
+                              device=getattr(args, "device", None))
+    err = Console(stderr=True)
+    config, plan = budget_config(config, target, settings,
+                                 progress=lambda line: err.print(line, highlight=False))
+    if args.report:
+        print_budget(plan, config.output)
+    return config, plan
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from llmpress.quant.quantize import quantize_model
+
+    config, _ = quantize_config(args)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[tensor]}"),
                   console=Console(stderr=True), transient=True,
@@ -109,5 +155,65 @@ def print_report(report, per_tensor: bool) -> None:
                   f"parameters, {report.seconds:.1f} s{imatrix}")
 
 
-__all__ = ["add_quantize_parser", "cmd_quantize", "print_report"]
+def print_budget(plan, output) -> None:
+    """The chosen types by layer and kind, the predicted KLD, and a PNG of bits per layer
+    (OUT with .bits.png)."""
+    from pathlib import Path
+
+    from llmpress.quant.budget import LINEAR_KINDS, bits_by_layer
+
+    sens = plan.sensitivity
+    by_layer = bits_by_layer(plan)
+    kinds = [k for k in LINEAR_KINDS if any(k in row for row in by_layer.values())]
+    table = Table(title=f"types chosen for {plan.budget:,} bytes (predicted KLD "
+                  f"{plan.predicted_kld:.4f})")
+    table.add_column("layer")
+    for kind in kinds:  # attn_q -> q, ffn_gate -> gate: the table fits a terminal
+        table.add_column(kind.split("_", 1)[1] if kind.startswith("attn_") else kind[4:])
+    by_name = {(t.layer, t.kind): plan.picked[t.info.name] for t in sens.tensors
+               if t.layer >= 0 and not t.fixed}
+    for layer in sorted(by_layer):
+        table.add_row(str(layer), *[by_name[layer, k].type.name if (layer, k) in by_name
+                                    else "" for k in kinds])
+    console.print(table)
+    for t in sens.tensors:  # the embedding / output matrix
+        if t.layer < 0 and not t.fixed:
+            console.print(f"{t.info.name}: {plan.picked[t.info.name].type.name}",
+                          highlight=False)
+    passes = ", ".join(f"{k} {v:.4f}" for k, v in sens.probes.items())
+    console.print(f"perturbation passes (KLD at the probe type): {passes}", highlight=False)
+    console.print(f"file {plan.file_bytes:,} bytes of {plan.budget:,} "
+                  f"({plan.file_bytes * 8 / sens.n_params:.3f} bits per weight); "
+                  f"measuring took {sum(sens.seconds.values()):.0f} s", highlight=False)
+    png = Path(str(output) + ".bits.png")
+    _plot_bits(by_layer, png, f"{Path(output).name}: bits per weight by layer")
+    console.print(f"wrote {png}", highlight=False)
+
+
+def _plot_bits(by_layer: dict, path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmpress.quant.budget import LINEAR_KINDS
+
+    layers = sorted(by_layer)
+    kinds = [k for k in LINEAR_KINDS if any(k in row for row in by_layer.values())]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for kind in kinds:
+        ax.plot(layers, [by_layer[i].get(kind, float("nan")) for i in layers], marker="o",
+                markersize=3, label=kind)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("bits per weight")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["add_quantize_parser", "cmd_quantize", "print_budget", "print_report",
+           "quantize_config"]
 

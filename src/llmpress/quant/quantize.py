@@ -71,6 +71,9 @@ class QuantizeConfig:
     embedding_type: str | None = None
     pure: bool = False
     error_rows: int = 256  # rows per tensor dequantized back to report the error; 0: none
+    # The type of every tensor, chosen elsewhere (quant.budget), instead of the mix's rules;
+    # `type` then only names general.file_type.
+    choices: tuple[TensorChoice, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output", Path(self.output))
@@ -203,8 +206,14 @@ def plan_quantization(source: ModelSource, config: QuantizeConfig,
                       imatrix: ImportanceMatrix | None = None) -> QuantizePlan:
     """Types, metadata and layout of the output, from names, shapes and metadata only."""
     options = config.mix_options(has_imatrix=imatrix is not None)
-    choices = choose_types(tensors_of(source.tensors.values()), model_facts(source.metadata),
-                           options)
+    if config.choices is not None:
+        choices = list(config.choices)
+        if {c.name for c in choices} != set(source.tensors):
+            raise LlmpressError(f"{source.path}: the type plan does not name this model's "
+                                "tensors; was it made for another model?")
+    else:
+        choices = choose_types(tensors_of(source.tensors.values()),
+                               model_facts(source.metadata), options)
     if source.path.is_dir():  # a Hugging Face directory: converted on the way
         choices = [_converted_type(c) for c in choices]
     for c in choices:
