@@ -64,20 +64,27 @@ static inline __m256i pairs16(const uint8_t values[8]) {
     return _mm256_set_m128i(_mm_unpackhi_epi16(v, v), _mm_unpacklo_epi16(v, v));
 }
 
-/* One row (decode): everything stays in registers. */
-static float one_Q4_K(const uint8_t *row, QRow x, int64_t nb) {
-    const __m256i low4 = _mm256_set1_epi8(15);
+/* One row (decode) of Q4_K, or of Q5_K (fifth bits in qh), everything in registers. */
+static inline __attribute__((always_inline)) float one_k4(const uint8_t *row, QRow x, int64_t nb,
+                                                          const int fifth_bit) {
+    const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    const int64_t block_bytes = fifth_bit ? 176 : 144;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * 144, *qs = blk + 16;
+        const uint8_t *blk = row + b * block_bytes, *qs = blk + (fifth_bit ? 48 : 16);
         const int8_t *q = x.q + b * 256;
         uint8_t sc[8], mn[8];
         k4_scales_mins(blk + 4, sc, mn);
         __m256i sum = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
             const __m256i bytes = load(qs + 32 * p);
-            const __m256i lo = _mm256_and_si256(bytes, low4);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            __m256i lo = _mm256_and_si256(bytes, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            if (fifth_bit) {  /* bit j of qh[l] is the fifth bit of value l of sub-block j */
+                const __m256i qh = load(blk + 16);
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * p), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * p + 1), one), 4));
+            }
             const __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(q + 64 * p)),
                                                 _mm256_set1_epi16(sc[2 * p]));
             const __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(q + 64 * p + 32)),
@@ -90,6 +97,9 @@ static float one_Q4_K(const uint8_t *row, QRow x, int64_t nb) {
     }
     return hsum(acc);
 }
+
+static float one_Q4_K(const uint8_t *row, QRow x, int64_t nb) { return one_k4(row, x, nb, 0); }
+static float one_Q5_K(const uint8_t *row, QRow x, int64_t nb) { return one_k4(row, x, nb, 1); }
 
 /* Several rows (prompts) share each unpacked block; a row's float operations are one_Q4_K's,
  * in the same order, so a row gives the same bits alone or with others. Inlined with a
@@ -133,37 +143,6 @@ static void dot_Q4_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb
     if (n_x == 1) out[0] = one_Q4_K(row, x[0], nb);
     else if (n_x == DOT_ROWS) rows_Q4_K(row, x, DOT_ROWS, nb, out);
     else rows_Q4_K(row, x, n_x, nb, out);
-}
-
-static float one_Q5_K(const uint8_t *row, QRow x, int64_t nb) {
-    const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * 176, *qs = blk + 48;
-        const int8_t *q = x.q + b * 256;
-        const __m256i qh = load(blk + 16);
-        uint8_t sc[8], mn[8];
-        k4_scales_mins(blk + 4, sc, mn);
-        __m256i sum = _mm256_setzero_si256();
-        for (int p = 0; p < 4; p++) {
-            const __m256i bytes = load(qs + 32 * p);
-            /* bit j of qh[l] is the fifth bit of value l of sub-block j */
-            const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * p), one);
-            const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * p + 1), one);
-            const __m256i lo = _mm256_or_si256(_mm256_and_si256(bytes, low4), _mm256_slli_epi16(h0, 4));
-            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4),
-                                               _mm256_slli_epi16(h1, 4));
-            const __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(q + 64 * p)),
-                                                _mm256_set1_epi16(sc[2 * p]));
-            const __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(q + 64 * p + 32)),
-                                                _mm256_set1_epi16(sc[2 * p + 1]));
-            sum = _mm256_add_epi32(sum, _mm256_add_epi32(a, c));
-        }
-        const __m256 min_part = _mm256_cvtepi32_ps(_mm256_madd_epi16(load(x.bsum + b * 16), pairs16(mn)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
-        acc = _mm256_fnmadd_ps(_mm256_set1_ps(half(blk + 2) * x.d[b]), min_part, acc);
-    }
-    return hsum(acc);
 }
 
 /* Q6_K: codes 0..63 = 4 low bits (ql) | 2 high bits (qh), value d * scale * (code - 32).
