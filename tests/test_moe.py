@@ -317,21 +317,26 @@ def llama_quantize(source, out, file_type: str):
                                           ctypes.byref(params)) == 0
 
 
-@pytest.mark.parametrize("file_type", list(LLAMA_FTYPES))
-@pytest.mark.parametrize("case", list(CASES))
-def test_quantized_experts_are_llama_quantizes_bytes(case, file_type, converted, tmp_path):
-    """`llmpress quantize` of our F32 file writes, tensor by tensor, the types and bytes
-    llama-quantize writes from the same file: its MoE rules (8 experts: attn_v and
-    attn_k to 8 bits...) and the 3-D expert tensors quantized expert by expert."""
-    source = converted(case, "F32")
+def quantize_both(source, tmp_path, file_type: str) -> dict[str, tuple[str, bytes]]:
+    """llama-quantize and `llmpress quantize` on the same F32 file: the same tensor names,
+    and for each the same type and bytes. -> llama-quantize's tensors."""
     llama_quantize(source, tmp_path / "theirs.gguf", file_type)
     quantize_model(QuantizeConfig(source, tmp_path / "ours.gguf", file_type, error_rows=0))
     theirs = tensors_by_name(tmp_path / "theirs.gguf")
     ours = tensors_by_name(tmp_path / "ours.gguf")
     assert ours.keys() == theirs.keys()
     for name in theirs:
-        assert ours[name][0] == theirs[name][0], name
-        assert ours[name][1] == theirs[name][1], name
+        assert ours[name] == theirs[name], name
+    return theirs
+
+
+@pytest.mark.parametrize("file_type", list(LLAMA_FTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_quantized_experts_are_llama_quantizes_bytes(case, file_type, converted, tmp_path):
+    """`llmpress quantize` of our F32 file writes, tensor by tensor, the types and bytes
+    llama-quantize writes from the same file: its MoE rules (8 experts: attn_v and
+    attn_k to 8 bits...) and the 3-D expert tensors quantized expert by expert."""
+    theirs = quantize_both(converted(case, "F32"), tmp_path, file_type)
     assert theirs["blk.0.ffn_down_exps.weight"][0] not in ("F32", "F16")
 
 

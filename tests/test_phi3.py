@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from test_hf_to_gguf import BYTE_LEVEL_CASES, MODEL_VOCAB, write_byte_level_tokenizer
-from test_moe import LLAMA_FTYPES, llama_quantize, tensors_by_name
+from test_moe import LLAMA_FTYPES, quantize_both
 from tiny import greedy
 
 from llmpress.errors import LlmpressError
@@ -166,13 +166,7 @@ def test_quantized_phi3_is_llama_quantizes_bytes(case, file_type, tiny, tmp_path
     llama-quantize writes from the same file (fused attn_qkv and ffn_up included)."""
     source = tmp_path / "f32.gguf"
     quantize_model(QuantizeConfig(tiny(case)[1], source, "F32", error_rows=0))
-    llama_quantize(source, tmp_path / "theirs.gguf", file_type)
-    quantize_model(QuantizeConfig(source, tmp_path / "ours.gguf", file_type, error_rows=0))
-    theirs = tensors_by_name(tmp_path / "theirs.gguf")
-    ours = tensors_by_name(tmp_path / "ours.gguf")
-    assert ours.keys() == theirs.keys()
-    for name in theirs:
-        assert ours[name] == theirs[name], name
+    quantize_both(source, tmp_path, file_type)
 
 
 # --- what is refused ----------------------------------------------------------------------
