@@ -1,5 +1,7 @@
-/* The decoder layers of a Llama-family model for T new tokens in one call: a prompt's
- * prefill (T rows) and each generated token (T = 1) take the same path.
+/* The decoder layers of a Llama-family model for T new token rows in one call: a prompt's
+ * prefill (T rows), each generated token (T = 1), and the rows of several sequences
+ * decoded together (each row names its sequence's KV cache and its position) all take
+ * the same path, so the weights are read once per call for every sequence in it.
  *
  * Mirrors LlamaModel's layer (models/llama.py) operation for operation: RMSNorm, fused
  * q/k/v matmul (+ Qwen2 biases, Qwen3 q/k norms), RoPE, KV-cache append, grouped-query
@@ -31,12 +33,16 @@ typedef struct {  /* one decoder layer, filled in from Python (kernels/decode.py
     int types[N_WEIGHTS];                   /* ggml type ids */
     const uint8_t *weights[N_WEIGHTS];
     int64_t weight_bytes[N_WEIGHTS];        /* each buffer's size, checked against the shapes */
-    void *keys, *values;                    /* KV cache, (n_kv, max_tokens, head_dim) */
-    int64_t cache_values;                   /* elements in keys and in values */
 } DecodeLayer;
 
+typedef struct {  /* one layer's KV cache of one sequence, (n_kv, max_tokens, head_dim) */
+    void *keys, *values;
+    int64_t max_tokens;
+    int64_t cache_values;  /* elements in keys and in values */
+} LayerCache;
+
 typedef struct {
-    int64_t dim, head_dim, rope_dim, max_tokens;
+    int64_t dim, head_dim, rope_dim;
     int64_t neox;  /* RoPE pairs (i, i + d/2) instead of (2i, 2i + 1) */
     float eps;
     int64_t key_half, value_half;  /* the cache keeps keys / values as f16, else f32 */
@@ -115,24 +121,25 @@ static void rope(float *v, int64_t n_heads, const DecodeShape *s, const float *c
     }
 }
 
-/* Softmax attention of query row t (at position pos + t) and head h over positions
- * 0..pos+t of its KV head. scores: room for pos + t + 1 floats. */
-VECTOR_CLONES static void attend_one(const float *qh, const DecodeLayer *L, const DecodeShape *s,
-                                     int64_t h, int64_t n_pos, float *oh, float *scores) {
+/* Softmax attention of one query head h over the first n_pos positions of its KV head
+ * in cache C. scores: room for n_pos floats. */
+VECTOR_CLONES static void attend_one(const float *qh, const DecodeLayer *L, const LayerCache *C,
+                                     const DecodeShape *s, int64_t h, int64_t n_pos, float *oh,
+                                     float *scores) {
     const int64_t hd = s->head_dim, kv = h / (L->n_heads / L->n_kv);
     const float scale = 1.0f / sqrtf((float)hd);
-    const int64_t first = kv * s->max_tokens * hd;  /* this KV head's first element */
+    const int64_t first = kv * C->max_tokens * hd;  /* this KV head's first element */
     float best = -INFINITY, total = 0;
     for (int64_t t = 0; t < n_pos; t++) {
         float dot = 0;
         if (s->key_half) {
-            const half_t *key = (const half_t *)L->keys + first + t * hd;
+            const half_t *key = (const half_t *)C->keys + first + t * hd;
 #ifdef F16C_PATH
             if (use_f16c) dot = dot_half_f16c(qh, key, hd); else
 #endif
             for (int64_t j = 0; j < hd; j++) dot += qh[j] * (float)key[j];
         } else {
-            const float *key = (const float *)L->keys + first + t * hd;
+            const float *key = (const float *)C->keys + first + t * hd;
             for (int64_t j = 0; j < hd; j++) dot += qh[j] * key[j];
         }
         scores[t] = dot * scale;
@@ -143,13 +150,13 @@ VECTOR_CLONES static void attend_one(const float *qh, const DecodeLayer *L, cons
     for (int64_t t = 0; t < n_pos; t++) {
         const float w = scores[t] / total;
         if (s->value_half) {
-            const half_t *value = (const half_t *)L->values + first + t * hd;
+            const half_t *value = (const half_t *)C->values + first + t * hd;
 #ifdef F16C_PATH
             if (use_f16c) add_scaled_half_f16c(w, value, oh, hd); else
 #endif
             for (int64_t j = 0; j < hd; j++) oh[j] += w * (float)value[j];
         } else {
-            const float *value = (const float *)L->values + first + t * hd;
+            const float *value = (const float *)C->values + first + t * hd;
             for (int64_t j = 0; j < hd; j++) oh[j] += w * value[j];
         }
     }
@@ -182,10 +189,10 @@ typedef struct {
     Activations acts;
 } Work;
 
-/* q/k/v of row t: biases, Qwen3's q/k norms, RoPE at the row's position, and the key and
- * value stored in the cache. */
-static void place_qkv(const DecodeLayer *L, const DecodeShape *s, float *q, float *k,
-                      const float *v, int64_t pos, const float *cos, const float *sin) {
+/* q/k/v of one row: biases, Qwen3's q/k norms, RoPE at the row's position, and the key
+ * and value stored in its sequence's cache C. */
+static void place_qkv(const DecodeLayer *L, const LayerCache *C, const DecodeShape *s, float *q,
+                      float *k, const float *v, int64_t pos, const float *cos, const float *sin) {
     const int64_t hd = s->head_dim, nq = L->n_heads * hd, nkv = L->n_kv * hd;
     add_bias(q, L->q_bias, nq); add_bias(k, L->k_bias, nkv); add_bias((float *)v, L->v_bias, nkv);
     if (L->q_norm) {
@@ -195,8 +202,8 @@ static void place_qkv(const DecodeLayer *L, const DecodeShape *s, float *q, floa
     rope(q, L->n_heads, s, cos, sin);
     rope(k, L->n_kv, s, cos, sin);
     for (int64_t h = 0; h < L->n_kv; h++) {
-        store(L->keys, (int)s->key_half, (h * s->max_tokens + pos) * hd, k + h * hd, hd);
-        store(L->values, (int)s->value_half, (h * s->max_tokens + pos) * hd, v + h * hd, hd);
+        store(C->keys, (int)s->key_half, (h * C->max_tokens + pos) * hd, k + h * hd, hd);
+        store(C->values, (int)s->value_half, (h * C->max_tokens + pos) * hd, v + h * hd, hd);
     }
 }
 
@@ -210,13 +217,24 @@ static void add_rows(float *x, float *out, int64_t T, int64_t dim, const float *
     }
 }
 
-/* One layer for T token rows at positions pos..pos+T-1, run by every thread of the
- * region. Every row goes through the same operations in the same order whatever T is
- * and whichever thread takes it, so a token's result does not depend on how a prompt
- * was split into calls: a prompt-cache hit or a one-token step gives the same bits as
- * one long prefill. */
-static void layer_rows(const DecodeLayer *L, const DecodeShape *s, float *x, int64_t pos,
-                       int64_t T, const float *cos, const float *sin, Work *w) {
+/* Which sequence each row belongs to and its position there. */
+typedef struct {
+    const int64_t *seq, *pos;
+    const LayerCache *caches;  /* n_seqs x n_layers, sequence-major */
+    int64_t n_layers;
+} Rows;
+
+static const LayerCache *row_cache(const Rows *R, int64_t l, int64_t t) {
+    return R->caches + R->seq[t] * R->n_layers + l;
+}
+
+/* Layer l for T token rows, run by every thread of the region. Every row goes through
+ * the same operations in the same order whatever T is, whichever rows share the call and
+ * whichever thread takes it, so a token's result does not depend on how a prompt was
+ * split into calls or on the other sequences batched with it: a prompt-cache hit, a
+ * one-token step or a batched step gives the same bits as one long prefill. */
+static void layer_rows(const DecodeLayer *L, int64_t l, const DecodeShape *s, float *x,
+                       const Rows *R, int64_t T, const float *cos, const float *sin, Work *w) {
     const int64_t dim = s->dim, hd = s->head_dim, half = s->rope_dim / 2;
     const int64_t nq = L->n_heads * hd, nkv = L->n_kv * hd, nqkv = nq + 2 * nkv;
     const int64_t ffn = L->ffn_dim;
@@ -231,13 +249,14 @@ static void layer_rows(const DecodeLayer *L, const DecodeShape *s, float *x, int
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         float *q = w->qkv + t * nqkv;
-        place_qkv(L, s, q, q + nq, q + nq + nkv, pos + t, cos + t * half, sin + t * half);
+        place_qkv(L, row_cache(R, l, t), s, q, q + nq, q + nq + nkv, R->pos[t], cos + t * half,
+                  sin + t * half);
     }
 #pragma omp for collapse(2) schedule(static)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < L->n_heads; h++)
-            attend_one(w->qkv + t * nqkv + h * hd, L, s, h, pos + t + 1, w->attn + t * nq + h * hd,
-                       w->scores + thread_index() * w->scores_per_thread);
+            attend_one(w->qkv + t * nqkv + h * hd, L, row_cache(R, l, t), s, h, R->pos[t] + 1,
+                       w->attn + t * nq + h * hd, w->scores + thread_index() * w->scores_per_thread);
     acts_quantize(&w->acts, 1, L->types + W_O, w->attn, nq, T);
     qmatmul_rows(1, L->types + W_O, L->weights + W_O, &dim, &w->acts, w->xn, nq, T);
     add_rows(x, w->xn, T, dim, L->ffn_norm, s->eps);
@@ -272,32 +291,53 @@ static int check_layer(const DecodeLayer *L, const DecodeShape *s) {
     for (int i = 0; i < N_WEIGHTS; i++)
         if (!L->weights[i] || L->weight_bytes[i] != rows[i] * row_bytes(L->types[i], cols[i]))
             return ERR_BUFFER;
-    if (!L->attn_norm || !L->ffn_norm || !L->keys || !L->values || (!L->q_norm) != (!L->k_norm)
-        || L->cache_values != nkv * s->max_tokens)
+    if (!L->attn_norm || !L->ffn_norm || (!L->q_norm) != (!L->k_norm)) return ERR_BUFFER;
+    return 0;
+}
+
+static int check_cache(const LayerCache *C, const DecodeLayer *L, const DecodeShape *s) {
+    if (C->max_tokens < 1 || !C->keys || !C->values
+        || C->cache_values != L->n_kv * s->head_dim * C->max_tokens)
         return ERR_BUFFER;
     return 0;
 }
 
 static int check_shape(const DecodeShape *s) {
-    if (s->dim < 1 || s->head_dim < 1 || s->max_tokens < 1) return ERR_SHAPE;
+    if (s->dim < 1 || s->head_dim < 1) return ERR_SHAPE;
     if (s->rope_dim < 2 || s->rope_dim > s->head_dim || s->rope_dim % 2) return ERR_HEADS;
     return 0;
 }
 
 /* x (T, dim): the new tokens' embeddings, updated in place to the last layer's output.
- * pos: the first one's position (the number of tokens already in the cache). cos/sin:
- * (T, rope_dim/2) angles for their positions. Returns 0, or a KernelError if the
- * description is inconsistent (checked before any work, so x and the cache are then
- * unchanged). */
+ * caches: n_seqs x n_layers KV caches (sequence-major); row t belongs to sequence
+ * row_seq[t] at position row_pos[t] (the rows of one sequence in increasing positions,
+ * the positions before its first row already in its cache). cos/sin: (T, rope_dim/2)
+ * angles for the rows' positions. Returns 0, or a KernelError if the description is
+ * inconsistent (checked before any work, so x and the caches are then unchanged). */
 int llmpress_forward(const DecodeShape *s, const DecodeLayer *layers, int64_t n_layers,
-                     float *x, int64_t x_floats, int64_t pos, int64_t T, const float *cos,
+                     const LayerCache *caches, int64_t n_seqs, float *x, int64_t x_floats,
+                     int64_t T, const int64_t *row_seq, const int64_t *row_pos, const float *cos,
                      const float *sin, int64_t angle_floats, int n_threads) {
     int status;
-    if (!s || !layers || !x || !cos || !sin || n_layers < 1) return ERR_BUFFER;
+    if (!s || !layers || !caches || !x || !row_seq || !row_pos || !cos || !sin || n_layers < 1
+        || n_seqs < 1)
+        return ERR_BUFFER;
     if ((status = check_shape(s))) return status;
     if (T < 1 || x_floats != s->dim * T || angle_floats != s->rope_dim / 2 * T) return ERR_BUFFER;
     if (n_threads < 1) return ERR_THREADS;
-    if (pos < 0 || pos > s->max_tokens - T) return ERR_POSITION;
+    for (int64_t q = 0; q < n_seqs; q++)
+        for (int64_t l = 0; l < n_layers; l++) {
+            const LayerCache *C = caches + q * n_layers + l;
+            if ((status = check_cache(C, layers + l, s))) return status;
+            if (C->max_tokens != caches[q * n_layers].max_tokens) return ERR_BUFFER;
+        }
+    int64_t longest = 0;  /* positions one row attends to, at most */
+    for (int64_t t = 0; t < T; t++) {
+        if (row_seq[t] < 0 || row_seq[t] >= n_seqs) return ERR_BUFFER;
+        if (row_pos[t] < 0 || row_pos[t] >= caches[row_seq[t] * n_layers].max_tokens)
+            return ERR_POSITION;
+        longest = row_pos[t] + 1 > longest ? row_pos[t] + 1 : longest;
+    }
     int64_t widest_q = 0, widest_kv = 0, widest_ffn = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const DecodeLayer *L = layers + l;
@@ -309,7 +349,7 @@ int llmpress_forward(const DecodeShape *s, const DecodeLayer *layers, int64_t n_
     int64_t widest_in = widest_ffn > widest_q ? widest_ffn : widest_q;
     widest_in = s->dim > widest_in ? s->dim : widest_in;
     Work w;
-    w.scores_per_thread = pos + T;
+    w.scores_per_thread = longest;
     const int64_t row_floats = s->dim + (widest_q + 2 * widest_kv) + widest_q + 2 * widest_ffn
                                + widest_ffn;
     float *buffer = malloc(sizeof(float) * (size_t)(T * row_floats + n_threads * w.scores_per_thread));
@@ -323,9 +363,10 @@ int llmpress_forward(const DecodeShape *s, const DecodeLayer *layers, int64_t n_
     w.ffn = w.attn + T * widest_q;
     w.hidden = w.ffn + T * 2 * widest_ffn;
     w.scores = w.hidden + T * widest_ffn;
+    const Rows rows = {row_seq, row_pos, caches, n_layers};
 #pragma omp parallel num_threads(n_threads)
     for (int64_t l = 0; l < n_layers; l++)
-        layer_rows(layers + l, s, x, pos, T, cos, sin, &w);
+        layer_rows(layers + l, l, s, x, &rows, T, cos, sin, &w);
     acts_free(&w.acts);
     free(buffer);
     return 0;

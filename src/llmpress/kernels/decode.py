@@ -1,13 +1,15 @@
-"""The decoder layers in C (decode.c): one call per prompt chunk or generated token.
+"""The decoder layers in C (decode.c): one call per forward pass, for the new tokens of
+one sequence or of several decoded together.
 
 Built from a LlamaModel whose every matmul weight has a CPU kernel; the C structs hold
-pointers into the model's own tensors (packed weights, norms, the KV cache), which the
+pointers into the model's own tensors (packed weights, norms, the KV caches), which the
 model keeps alive.
 """
 
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 
@@ -23,15 +25,17 @@ class DecodeLayer(ctypes.Structure):
                 ("q_bias", ctypes.c_void_p), ("k_bias", ctypes.c_void_p),
                 ("v_bias", ctypes.c_void_p),
                 ("types", ctypes.c_int * N_WEIGHTS), ("weights", ctypes.c_void_p * N_WEIGHTS),
-                ("weight_bytes", ctypes.c_int64 * N_WEIGHTS),
-                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
-                ("cache_values", ctypes.c_int64)]
+                ("weight_bytes", ctypes.c_int64 * N_WEIGHTS)]
+
+
+class LayerCache(ctypes.Structure):
+    _fields_ = [("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
+                ("max_tokens", ctypes.c_int64), ("cache_values", ctypes.c_int64)]
 
 
 class DecodeShape(ctypes.Structure):
     _fields_ = [("dim", ctypes.c_int64), ("head_dim", ctypes.c_int64),
-                ("rope_dim", ctypes.c_int64), ("max_tokens", ctypes.c_int64),
-                ("neox", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("rope_dim", ctypes.c_int64), ("neox", ctypes.c_int64), ("eps", ctypes.c_float),
                 ("key_half", ctypes.c_int64), ("value_half", ctypes.c_int64)]
 
 
@@ -46,8 +50,9 @@ def _library():
     lib.llmpress_forward.restype = ctypes.c_int
     lib.llmpress_forward.argtypes = [
         ctypes.POINTER(DecodeShape), ctypes.POINTER(DecodeLayer), ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        ctypes.POINTER(LayerCache), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int]
     return lib
 
 
@@ -74,31 +79,46 @@ class FusedDecoder:
             for i, lin in enumerate(linears):
                 layer.types[i], layer.weights[i] = int(lin.ggml_type), lin.rows.data_ptr()
                 layer.weight_bytes[i] = lin.rows.numel() * lin.rows.element_size()
-        self.shape = DecodeShape(cfg.dim, cfg.head_dim, cfg.rope_dim, 0,
+        self.shape = DecodeShape(cfg.dim, cfg.head_dim, cfg.rope_dim,
                                  int(cfg.rope_style == "neox"), cfg.norm_eps)
-        self.cache = None
+        self.views = weakref.WeakKeyDictionary()  # cache -> its LayerCache array
 
-    def _bind(self, cache) -> None:
-        """Point the layers at this cache's buffers (once per cache)."""
-        if self.cache is cache:
-            return
-        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            assert keys.is_contiguous() and values.is_contiguous() and keys.shape[0] == 1
-            layer.keys, layer.values = keys.data_ptr(), values.data_ptr()
-            layer.cache_values = keys[0].numel()
-        self.shape.max_tokens = cache.max_tokens
-        self.shape.key_half, self.shape.value_half = (int(t == torch.float16) for t in cache.dtypes)
-        self.cache = cache
+    def _views(self, cache) -> ctypes.Array:
+        """The C description of a cache's buffers (built once per cache)."""
+        views = self.views.get(cache)
+        if views is None:
+            views = (LayerCache * len(self.layers))()
+            for view, keys, values in zip(views, cache.keys, cache.values):
+                assert keys.is_contiguous() and values.is_contiguous() and keys.shape[0] == 1
+                view.keys, view.values = keys.data_ptr(), values.data_ptr()
+                view.max_tokens, view.cache_values = cache.max_tokens, keys[0].numel()
+            self.views[cache] = views
+        return views
 
-    def forward(self, x: torch.Tensor, cache, rotation: torch.Tensor) -> torch.Tensor:
-        """x: (T, dim) float32 embeddings of the tokens at positions cache.length onwards;
-        rotation: (T, rope_dim/2) their RoPE angles. -> (T, dim) the last layer's output."""
-        self._bind(cache)
+    def forward(self, x: torch.Tensor, segments: list[tuple[object, int]],
+                rotation: torch.Tensor) -> torch.Tensor:
+        """x: (T, dim) float32 embeddings of new tokens, segments: (cache, n) for each
+        sequence in row order, whose n rows go at positions cache.length onwards;
+        rotation: (T, rope_dim/2) the rows' RoPE angles. -> (T, dim) the last layer's
+        output. The caches' lengths are the caller's to advance."""
+        dtypes = {cache.dtypes for cache, _ in segments}
+        if len(dtypes) != 1:
+            raise ValueError("the caches decoded together must share their element types")
+        self.shape.key_half, self.shape.value_half = (int(t == torch.float16) for t in dtypes.pop())
+        n_layers = len(self.layers)
+        caches = (LayerCache * (n_layers * len(segments)))()
+        row_seq, row_pos = [], []
+        for i, (cache, n) in enumerate(segments):
+            ctypes.memmove(ctypes.byref(caches, i * n_layers * ctypes.sizeof(LayerCache)),
+                           self._views(cache), n_layers * ctypes.sizeof(LayerCache))
+            row_seq += [i] * n
+            row_pos += range(cache.length, cache.length + n)
+        seq, pos = torch.tensor(row_seq, dtype=torch.int64), torch.tensor(row_pos, dtype=torch.int64)
         x = x.contiguous().clone()
         cos, sin = rotation.real.contiguous(), rotation.imag.contiguous()
         status = _library().llmpress_forward(
-            ctypes.byref(self.shape), self.layers, len(self.layers), x.data_ptr(), x.numel(),
-            cache.length, x.shape[0], cos.data_ptr(), sin.data_ptr(), cos.numel(),
-            torch.get_num_threads())
+            ctypes.byref(self.shape), self.layers, n_layers, caches, len(segments),
+            x.data_ptr(), x.numel(), x.shape[0], seq.data_ptr(), pos.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), cos.numel(), torch.get_num_threads())
         cpu.check(status, "fused decoder layers")
         return x

@@ -28,7 +28,7 @@ from torch import nn
 from llmpress.io.source import ModelSource
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
 from llmpress.models.config import GEMMA_ARCHITECTURES, LayerConfig, LlamaConfig, config_from_source
-from llmpress.models.llama import FeedForward, KVCache, RotaryEmbedding, rms_norm
+from llmpress.models.llama import FeedForward, KVCache, RotaryEmbedding, forward_each, rms_norm
 
 
 @dataclass(frozen=True)
@@ -211,3 +211,8 @@ class GemmaModel(nn.Module):
             x = x[:, -1:]
         logits = self.output(rms_norm(x, self.norm, self.cfg.norm_eps))  # (B, T', vocab)
         return soft_cap(logits, self.cfg.final_softcap)
+
+    def forward_batch(self, segments: list[tuple[list[int], KVCache]],
+                      all_rows: list[bool] | None = None) -> list[torch.Tensor]:
+        # no fused C path for Gemma's block yet: one pass per sequence
+        return forward_each(self, segments, all_rows or [False] * len(segments))

@@ -213,7 +213,7 @@ class LlamaModel(nn.Module):
         rope = self.rope_for(cache)
         rotation = rope.rotation(torch.arange(start, start + T, device=self.device))
         if self.decoder is not None and B == 1:
-            x = self.decoder.forward(x[0], cache, rotation).view(1, T, -1)
+            x = self.decoder.forward(x[0], [(cache, T)], rotation).view(1, T, -1)
         else:
             for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
                 x = block(x, rope, rotation, ck, cv, start)
@@ -221,3 +221,34 @@ class LlamaModel(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(rms_norm(x, self.norm, self.cfg.norm_eps))  # (B, T', vocab)
+
+    @torch.inference_mode()
+    def forward_batch(self, segments: list[tuple[list[int], KVCache]],
+                      all_rows: list[bool] | None = None) -> list[torch.Tensor]:
+        """Append each sequence's new tokens to its own cache -> per sequence, the logits
+        (rows, vocab) of its last token, or of every token where all_rows says so. The
+        fused C path runs all the rows in one pass, reading the weights once; each row's
+        result is the same bits as in a pass of its own."""
+        all_rows = all_rows or [False] * len(segments)
+        if self.decoder is None:
+            return forward_each(self, segments, all_rows)
+        ids = torch.tensor([[t for tokens, _ in segments for t in tokens]], device=self.device)
+        starts = [cache.first_free(len(tokens)) for tokens, cache in segments]
+        rotation = torch.cat([self.rope_for(cache).rotation(torch.arange(start, start + len(tokens)))
+                              for (tokens, cache), start in zip(segments, starts)])
+        x = self.decoder.forward(self.embed(ids)[0], [(cache, len(tokens)) for tokens, cache in segments],
+                                 rotation)
+        rows, end = [], 0
+        for (tokens, cache), start, every in zip(segments, starts, all_rows):
+            cache.length = start + len(tokens)
+            end += len(tokens)
+            rows.append(range(end - len(tokens) if every else end - 1, end))
+        logits = self.output(rms_norm(x[[i for r in rows for i in r]], self.norm, self.cfg.norm_eps))
+        return list(logits.split([len(r) for r in rows]))
+
+
+def forward_each(model, segments: list[tuple[list[int], KVCache]],
+                 all_rows: list[bool]) -> list[torch.Tensor]:
+    """forward_batch for a model without a batched path: one pass per sequence."""
+    return [model(torch.tensor([tokens], device=model.device), cache, last_only=not every)[0]
+            for (tokens, cache), every in zip(segments, all_rows)]

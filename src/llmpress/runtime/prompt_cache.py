@@ -6,13 +6,14 @@ A PromptCache holds `slots` sequences, each a KV cache and the tokens whose keys
 values it stores. A request takes the free slot with the longest common token prefix
 (ties and misses: the least recently used one), rewinds it to that prefix and goes on
 from there. Rewinding is only moving `cache.length` back: positions past it are
-overwritten by the next tokens. Nothing here is thread-safe; one generation at a time
-uses a PromptCache (a slot in use is skipped, so nested generators stay correct).
+overwritten by the next tokens. Acquiring and releasing are thread-safe (the server's
+worker threads share one PromptCache); a slot in use is skipped.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
 
 
@@ -51,6 +52,7 @@ class PromptCache:
         self._new_cache, self.max_tokens, self.n_slots = new_cache, max_tokens, slots
         self.slots: list[Slot] = []
         self._clock = itertools.count(1)
+        self._lock = threading.Lock()
         self.hits = 0  # requests that reused at least one token
         self.reused_tokens = 0
 
@@ -58,6 +60,10 @@ class PromptCache:
         """-> (a slot rewound to the prefix it shares with prompt_ids, that prefix's length).
         At least the last prompt token is left to run: its logits pick the first token.
         Release the slot when done."""
+        with self._lock:
+            return self._acquire(prompt_ids)
+
+    def _acquire(self, prompt_ids: list[int]) -> tuple[Slot, int]:
         limit = len(prompt_ids) - 1
         free = [s for s in self.slots if not s.in_use]
         shared = {id(s): min(common_prefix(s.tokens, prompt_ids), limit) for s in free}
@@ -78,7 +84,8 @@ class PromptCache:
         return best, reused
 
     def release(self, slot: Slot) -> None:
-        slot.in_use = False
+        with self._lock:
+            slot.in_use = False
 
     def clear(self) -> None:
         for slot in self.slots:

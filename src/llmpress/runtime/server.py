@@ -15,10 +15,12 @@ server would not act on is a 400 naming it, never silently dropped. Chat also ta
 `tools` (runtime/tools.py); both take `n`, `logprobs`, and report prompt-cache reuse in
 usage.prompt_tokens_details.cached_tokens (`--parallel N` cached conversations).
 
-The model is not thread-safe, so one worker thread runs every generation, in arrival
-order; requests wait in a bounded queue. Tokens travel from that thread to the request's
-coroutine through an asyncio.Queue. A client that goes away cancels its job: a queued job
-is skipped, a running one stops after its current token and frees the worker.
+`--parallel N` worker threads generate up to N requests at once, each in its own
+prompt-cache slot, and their forward passes are batched (runtime/batching.py: one pass
+reads the weights for all of them); further requests wait in a bounded queue. Tokens
+travel from a worker to the request's coroutine through an asyncio.Queue. A client that
+goes away cancels its job: a queued job is skipped, a running one stops after its current
+token and frees its worker.
 
 Starlette (the ASGI toolkit under FastAPI) on uvicorn: the request bodies are checked by
 hand here so that every error, a type error included, comes back in OpenAI's shape.
@@ -62,6 +64,7 @@ try:
 except ImportError as exc:  # an optional extra: say how to get it
     raise LlmpressError(f"the server needs {exc.name}: pip install 'llmpress[serve]'") from None
 
+from llmpress.runtime.batching import BatchedModel
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import ANY_JSON_OBJECT, lark_grammar
 from llmpress.runtime.tools import (could_be_tool_call, forced_call_grammar, parse_tool_calls,
@@ -596,19 +599,31 @@ class Job:
 
 
 class GenerationWorker:
-    """One thread that runs every generation in arrival order (the model and its caches
-    are not thread-safe). A cancelled job is skipped or stopped between two tokens."""
+    """`parallel` threads that take jobs in arrival order and generate them at once, their
+    forward passes batched. A cancelled job is skipped or stopped between two tokens."""
 
     def __init__(self, lm, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1):
         self.lm, self.max_queue = lm, max_queue
+        self.model = BatchedModel(lm.model)
         # --parallel N: N cached sequences (a request goes to the one sharing the longest
-        # prefix); requests still run one at a time
+        # prefix), and N requests generating together
         self.prompt_cache = PromptCache(lm.model.new_cache, lm.context_length, parallel)
         self.metrics = Metrics()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.busy = False
-        self.thread = threading.Thread(target=self._run, name="llmpress-generate", daemon=True)
-        self.thread.start()
+        self.running = 0
+        self._running_lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=f"llmpress-generate-{i}", daemon=True)
+                        for i in range(parallel)]
+        for thread in self.threads:
+            thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
+
+    def _count_running(self, step: int) -> None:
+        with self._running_lock:
+            self.running += step
 
     @property
     def waiting(self) -> int:
@@ -621,21 +636,23 @@ class GenerationWorker:
         self.jobs.put(job)
 
     def stop(self) -> None:
-        self.jobs.put(None)
+        for _ in self.threads:
+            self.jobs.put(None)
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
             if not job.cancelled.is_set():
-                self.busy = True
+                self._count_running(1)
                 try:
-                    self._generate(job)
+                    with self.model.member():
+                        self._generate(job)
                 finally:
-                    self.busy = False
+                    self._count_running(-1)
             job.emit(_DONE)
 
     def _generate(self, job: Job) -> None:
         lm = self.lm
-        chunks = stream(lm.model, lm.tokenizer, job.prompt_ids, job.config, lm.context_length,
+        chunks = stream(self.model, lm.tokenizer, job.prompt_ids, job.config, lm.context_length,
                         self.prompt_cache)
         started, generated = time.perf_counter(), 0
         try:
@@ -682,7 +699,7 @@ class Metrics:
             self.generated_tokens += tokens
             self.generation_seconds += seconds
 
-    def text(self, waiting: int, busy: bool) -> str:
+    def text(self, waiting: int, running: int, model: BatchedModel) -> str:
         with self.lock:
             rate = self.generated_tokens / self.generation_seconds \
                 if self.generation_seconds else 0.0
@@ -703,7 +720,12 @@ class Metrics:
                     ("llmpress_generated_tokens_per_second", "gauge",
                      "generated tokens per generation second, since start", rate),
                     ("llmpress_requests_waiting", "gauge", "requests queued", waiting),
-                    ("llmpress_requests_running", "gauge", "requests generating", int(busy))):
+                    ("llmpress_requests_running", "gauge", "requests generating", running),
+                    ("llmpress_batch_passes_total", "counter",
+                     "forward passes of batched generation", model.passes),
+                    ("llmpress_batch_sequences_total", "counter",
+                     "sequences those passes carried (over passes: the mean batch)",
+                     model.sequences)):
                 lines += _metric(name, kind, help_text, [("", value)])
         return "\n".join(lines) + "\n"
 
@@ -826,7 +848,8 @@ async def health(request: Request, state: ServerState) -> Response:
 
 
 async def metrics(request: Request, state: ServerState) -> Response:
-    return Response(state.worker.metrics.text(state.worker.waiting, state.worker.busy),
+    return Response(state.worker.metrics.text(state.worker.waiting, state.worker.running,
+                                              state.worker.model),
                     media_type="text/plain; version=0.0.4")
 
 
