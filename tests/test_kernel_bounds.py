@@ -76,15 +76,20 @@ def model(tmp_path_factory):
     return LlamaModel(src, "fast")
 
 
-def decode_status(model, cache, pos=None, n_threads=1, x=None, n_tokens=1, angle_floats=None):
+def decode_status(model, cache, pos=None, n_threads=1, x=None, n_tokens=1, angle_floats=None,
+                  seq=0):
     decoder = model.decoder
-    decoder._bind(cache)
+    views = decoder._views(cache)
     x = torch.zeros(model.cfg.dim * n_tokens) if x is None else x
     angles = torch.zeros(model.cfg.rope_dim // 2 * n_tokens)
+    first = cache.length if pos is None else pos
+    rows_seq = torch.full((max(n_tokens, 1),), seq, dtype=torch.int64)
+    rows_pos = torch.arange(first, first + max(n_tokens, 1), dtype=torch.int64)
     return cpu._library().llmpress_forward(
-        ctypes.byref(decoder.shape), decoder.layers, len(decoder.layers), x.data_ptr(),
-        x.numel(), cache.length if pos is None else pos, n_tokens, angles.data_ptr(),
-        angles.data_ptr(), angles.numel() if angle_floats is None else angle_floats, n_threads)
+        ctypes.byref(decoder.shape), decoder.layers, len(decoder.layers), views, 1,
+        x.data_ptr(), x.numel(), n_tokens, rows_seq.data_ptr(), rows_pos.data_ptr(),
+        angles.data_ptr(), angles.data_ptr(),
+        angles.numel() if angle_floats is None else angle_floats, n_threads)
 
 
 @pytest.mark.parametrize("case, code", [
@@ -92,13 +97,14 @@ def decode_status(model, cache, pos=None, n_threads=1, x=None, n_tokens=1, angle
     ("rope wider than a head", -7), ("odd rope", -7), ("position past the cache", -8),
     ("negative position", -8), ("tokens past the cache", -8), ("no tokens", -3),
     ("angles for fewer tokens", -3), ("no threads", -4), ("weights too short", -3),
-    ("cache smaller than said", -3), ("x not dim long", -3), ("zero dim", -2)])
+    ("cache smaller than said", -3), ("layers' caches of different lengths", -3),
+    ("a row of a sequence not given", -3), ("x not dim long", -3), ("zero dim", -2)])
 def test_decode_refuses(model, case, code):
     cache = model.new_cache(8)
-    decode_status(model, cache)  # bind the cache first
     shape, layer = model.decoder.shape, model.decoder.layers[0]
+    view = model.decoder._views(cache)[1]
     saved = (shape.dim, shape.rope_dim, layer.n_kv, layer.n_heads, layer.weight_bytes[0],
-             layer.cache_values)
+             view.cache_values, view.max_tokens)
     kwargs = {}
     if case == "no KV heads":
         layer.n_kv = 0
@@ -123,7 +129,11 @@ def test_decode_refuses(model, case, code):
     elif case == "weights too short":
         layer.weight_bytes[0] -= 1
     elif case == "cache smaller than said":
-        layer.cache_values += 1
+        view.cache_values += 1
+    elif case == "layers' caches of different lengths":  # each consistent on its own
+        view.max_tokens, view.cache_values = 4, view.cache_values // 2
+    elif case == "a row of a sequence not given":
+        kwargs["seq"] = 1
     elif case == "x not dim long":
         kwargs["x"] = torch.zeros(model.cfg.dim - 1)
     elif case == "zero dim":
@@ -132,16 +142,15 @@ def test_decode_refuses(model, case, code):
         assert decode_status(model, cache, **kwargs) == code
     finally:
         (shape.dim, shape.rope_dim, layer.n_kv, layer.n_heads, layer.weight_bytes[0],
-         layer.cache_values) = saved
+         view.cache_values, view.max_tokens) = saved
 
 
 def test_a_refused_step_raises_llmpress_error(model):
     cache = model.new_cache(4)
-    model.decoder._bind(cache)
     model.decoder.layers[0].n_kv = 0
     try:
         with pytest.raises(LlmpressError, match="fused decoder layers: inconsistent head counts"):
-            model.decoder.forward(torch.zeros(1, model.cfg.dim), cache,
+            model.decoder.forward(torch.zeros(1, model.cfg.dim), [(cache, 1)],
                                   torch.ones(1, model.cfg.rope_dim // 2, dtype=torch.complex64))
     finally:
         model.decoder.layers[0].n_kv = model.cfg.layers[0].n_kv_heads
