@@ -64,18 +64,23 @@ static inline __m256i pairs16(const uint8_t values[8]) {
     return _mm256_set_m128i(_mm_unpackhi_epi16(v, v), _mm_unpacklo_epi16(v, v));
 }
 
-/* One row (decode) of Q4_K, or of Q5_K (fifth bits in qh), everything in registers. */
-static inline __attribute__((always_inline)) float one_k4(const uint8_t *row, QRow x, int64_t nb,
+/* Q4_K, or Q5_K (fifth bits in qh), for one or several activation rows: several rows
+ * (prompts) share each unpacked block, and a row's float operations are the same in
+ * either case, so it gives the same bits alone or with others. Inlined with a constant
+ * n_x, the per-row sums stay in registers. */
+static inline __attribute__((always_inline)) void rows_k4(const uint8_t *row, const QRow *x,
+                                                          const int n_x, int64_t nb, float *out,
                                                           const int fifth_bit) {
     const __m256i low4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
     const int64_t block_bytes = fifth_bit ? 176 : 144;
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * block_bytes, *qs = blk + (fifth_bit ? 48 : 16);
-        const int8_t *q = x.q + b * 256;
         uint8_t sc[8], mn[8];
         k4_scales_mins(blk + 4, sc, mn);
-        __m256i sum = _mm256_setzero_si256();
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < DOT_ROWS; r++) sum[r] = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
             const __m256i bytes = load(qs + 32 * p);
             __m256i lo = _mm256_and_si256(bytes, low4);
@@ -85,40 +90,6 @@ static inline __attribute__((always_inline)) float one_k4(const uint8_t *row, QR
                 lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * p), one), 4));
                 hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * p + 1), one), 4));
             }
-            const __m256i a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(q + 64 * p)),
-                                                _mm256_set1_epi16(sc[2 * p]));
-            const __m256i c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(q + 64 * p + 32)),
-                                                _mm256_set1_epi16(sc[2 * p + 1]));
-            sum = _mm256_add_epi32(sum, _mm256_add_epi32(a, c));
-        }
-        const __m256 min_part = _mm256_cvtepi32_ps(_mm256_madd_epi16(load(x.bsum + b * 16), pairs16(mn)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
-        acc = _mm256_fnmadd_ps(_mm256_set1_ps(half(blk + 2) * x.d[b]), min_part, acc);
-    }
-    return hsum(acc);
-}
-
-static float one_Q4_K(const uint8_t *row, QRow x, int64_t nb) { return one_k4(row, x, nb, 0); }
-static float one_Q5_K(const uint8_t *row, QRow x, int64_t nb) { return one_k4(row, x, nb, 1); }
-
-/* Several rows (prompts) share each unpacked block; a row's float operations are one_Q4_K's,
- * in the same order, so a row gives the same bits alone or with others. Inlined with a
- * constant n_x, its per-row sums stay in registers. */
-static inline __attribute__((always_inline)) void rows_Q4_K(const uint8_t *row, const QRow *x,
-                                                            const int n_x, int64_t nb, float *out) {
-    const __m256i low4 = _mm256_set1_epi8(15);
-    __m256 acc[DOT_ROWS];
-    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * 144, *qs = blk + 16;
-        uint8_t sc[8], mn[8];
-        k4_scales_mins(blk + 4, sc, mn);
-        __m256i sum[DOT_ROWS];
-        for (int r = 0; r < DOT_ROWS; r++) sum[r] = _mm256_setzero_si256();
-        for (int p = 0; p < 4; p++) {
-            const __m256i bytes = load(qs + 32 * p);
-            const __m256i lo = _mm256_and_si256(bytes, low4);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
             const __m256i scale_lo = _mm256_set1_epi16(sc[2 * p]), scale_hi = _mm256_set1_epi16(sc[2 * p + 1]);
             for (int r = 0; r < n_x; r++) {
                 const int8_t *q = x[r].q + b * 256 + 64 * p;
@@ -140,9 +111,15 @@ static inline __attribute__((always_inline)) void rows_Q4_K(const uint8_t *row, 
 }
 
 static void dot_Q4_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
-    if (n_x == 1) out[0] = one_Q4_K(row, x[0], nb);
-    else if (n_x == DOT_ROWS) rows_Q4_K(row, x, DOT_ROWS, nb, out);
-    else rows_Q4_K(row, x, n_x, nb, out);
+    if (n_x == 1) rows_k4(row, x, 1, nb, out, 0);
+    else if (n_x == DOT_ROWS) rows_k4(row, x, DOT_ROWS, nb, out, 0);
+    else rows_k4(row, x, n_x, nb, out, 0);
+}
+
+static void dot_Q5_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
+    if (n_x == 1) rows_k4(row, x, 1, nb, out, 1);
+    else if (n_x == DOT_ROWS) rows_k4(row, x, DOT_ROWS, nb, out, 1);
+    else rows_k4(row, x, n_x, nb, out, 1);
 }
 
 /* Q6_K: codes 0..63 = 4 low bits (ql) | 2 high bits (qh), value d * scale * (code - 32).
@@ -381,7 +358,7 @@ const tile_fn avx2_tiles[N_TYPES] = {
 };
 
 ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K) ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K)
-ROWS_FROM_ONE(dot_Q5_K_avx2, one_Q5_K) ROWS_FROM_ONE(dot_IQ4_XS_avx2, one_IQ4_XS)
+ROWS_FROM_ONE(dot_IQ4_XS_avx2, one_IQ4_XS)
 
 /* The legacy types and IQ4_NL have tiles instead. */
 const dot_fn avx2_dots[N_TYPES] = {
