@@ -325,6 +325,14 @@ int llmpress_forward(const DecodeShape *s, const DecodeLayer *layers, int64_t n_
     if ((status = check_shape(s))) return status;
     if (T < 1 || x_floats != s->dim * T || angle_floats != s->rope_dim / 2 * T) return ERR_BUFFER;
     if (n_threads < 1) return ERR_THREADS;
+    int64_t widest_q = 0, widest_kv = 0, widest_ffn = 0;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const DecodeLayer *L = layers + l;
+        if ((status = check_layer(L, s))) return status;
+        widest_q = L->n_heads * s->head_dim > widest_q ? L->n_heads * s->head_dim : widest_q;
+        widest_kv = L->n_kv * s->head_dim > widest_kv ? L->n_kv * s->head_dim : widest_kv;
+        widest_ffn = L->ffn_dim > widest_ffn ? L->ffn_dim : widest_ffn;
+    }
     for (int64_t q = 0; q < n_seqs; q++)
         for (int64_t l = 0; l < n_layers; l++) {
             const LayerCache *C = caches + q * n_layers + l;
@@ -337,14 +345,6 @@ int llmpress_forward(const DecodeShape *s, const DecodeLayer *layers, int64_t n_
         if (row_pos[t] < 0 || row_pos[t] >= caches[row_seq[t] * n_layers].max_tokens)
             return ERR_POSITION;
         longest = row_pos[t] + 1 > longest ? row_pos[t] + 1 : longest;
-    }
-    int64_t widest_q = 0, widest_kv = 0, widest_ffn = 0;
-    for (int64_t l = 0; l < n_layers; l++) {
-        const DecodeLayer *L = layers + l;
-        if ((status = check_layer(L, s))) return status;
-        widest_q = L->n_heads * s->head_dim > widest_q ? L->n_heads * s->head_dim : widest_q;
-        widest_kv = L->n_kv * s->head_dim > widest_kv ? L->n_kv * s->head_dim : widest_kv;
-        widest_ffn = L->ffn_dim > widest_ffn ? L->ffn_dim : widest_ffn;
     }
     int64_t widest_in = widest_ffn > widest_q ? widest_ffn : widest_q;
     widest_in = s->dim > widest_in ? s->dim : widest_in;
