@@ -636,13 +636,14 @@ class GenerationWorker:
     def _generate(self, job: Job) -> None:
         lm = self.lm
         chunks = stream(lm.model, lm.tokenizer, job.prompt_ids, job.config, lm.context_length,
-                        self.prompt_cache)
+                        self.prompt_cache, lm.speculation)
         started, generated = time.perf_counter(), 0
         try:
             for chunk in chunks:
                 generated += len(chunk.token_ids)
                 if chunk.finish_reason:
                     self.metrics.count_prompt(len(job.prompt_ids), chunk.cached_tokens)
+                    self.metrics.count_drafts(chunk.drafted_tokens, chunk.accepted_tokens)
                 job.emit(chunk)
                 if job.cancelled.is_set():
                     return
@@ -666,6 +667,7 @@ class Metrics:
         self.prompt_tokens = self.cached_tokens = self.cache_hits = 0
         self.generated_tokens = 0
         self.generation_seconds = 0.0
+        self.drafted_tokens = self.accepted_tokens = 0
 
     def count_request(self, path: str, status: int) -> None:
         with self.lock:
@@ -676,6 +678,11 @@ class Metrics:
             self.prompt_tokens += tokens
             self.cached_tokens += cached
             self.cache_hits += cached > 0
+
+    def count_drafts(self, drafted: int, accepted: int) -> None:
+        with self.lock:
+            self.drafted_tokens += drafted
+            self.accepted_tokens += accepted
 
     def count_generation(self, tokens: int, seconds: float) -> None:
         with self.lock:
@@ -700,6 +707,10 @@ class Metrics:
                      self.generated_tokens),
                     ("llmpress_generation_seconds_total", "counter",
                      "seconds spent generating (prompt included)", self.generation_seconds),
+                    ("llmpress_draft_tokens_total", "counter",
+                     "tokens guessed by speculative decoding", self.drafted_tokens),
+                    ("llmpress_draft_tokens_accepted_total", "counter",
+                     "guessed tokens the model kept", self.accepted_tokens),
                     ("llmpress_generated_tokens_per_second", "gauge",
                      "generated tokens per generation second, since start", rate),
                     ("llmpress_requests_waiting", "gauge", "requests queued", waiting),
@@ -1311,9 +1322,10 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
           mode: str = "fast", device: str | None = None, chat_template: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
           cors: tuple[str, ...] = (), cache_type_k: str | None = None,
-          cache_type_v: str | None = None) -> None:
+          cache_type_v: str | None = None, speculative: dict | None = None) -> None:
     """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY.
-    parallel: how many conversations keep their prompt cache (slots)."""
+    parallel: how many conversations keep their prompt cache (slots). speculative:
+    llmpress.load's draft, lookup_ngram and draft_* options."""
     from llmpress.api import load  # the public API sits above runtime; only serve needs it
 
     if not 1 <= parallel <= MAX_PARALLEL:
@@ -1321,7 +1333,7 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
     if api_key is None:
         api_key = os.environ.get("LLMPRESS_API_KEY") or None
     lm = load(model_path_or_name, ctx=ctx, mode=mode, device=device, chat_template=chat_template,
-              cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+              cache_type_k=cache_type_k, cache_type_v=cache_type_v, **(speculative or {}))
     model_id, aliases = model_names(Path(lm.source.path), str(model_path_or_name))
     sock = bind_socket(host, port)
     if not logging.getLogger().handlers and not log.handlers:
