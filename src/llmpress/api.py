@@ -26,7 +26,8 @@ from llmpress.kernels.linear import matmul_path
 from llmpress.models.family import build_model
 from llmpress.models.llama import kv_dtype
 from llmpress.models.moe import active_parameters
-from llmpress.runtime.generate import Chunk, GenerationConfig, stream
+from llmpress.runtime.embedding import POOLINGS, embed_tokens
+from llmpress.runtime.generate import PREFILL_CHUNK, Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import json_schema_grammar
 from llmpress.runtime.prompt_cache import PromptCache
 from llmpress.runtime.sampling import SamplingConfig
@@ -176,6 +177,27 @@ class LanguageModel:
         return json_schema_grammar(schema, self.tokenizer)
 
     # --- numbers -------------------------------------------------------------------------
+    def embed(self, input: str | list[str] | list[int], pooling: str = "mean") -> list[list[float]]:
+        """One unit-length embedding per input text (a string, a list of them, or one list of
+        token ids), as llama.cpp's embedding mode: the final hidden states pooled by
+        "mean", "last" (token) or "cls" (first token), then L2-normalized."""
+        if pooling not in POOLINGS:
+            raise LlmpressError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        if isinstance(input, str):
+            inputs = [self.encode(input)]
+        elif input and all(isinstance(t, int) for t in input):
+            inputs = [list(input)]
+        else:
+            inputs = [self.encode(text) for text in input]
+        for ids in inputs:
+            if any(not 0 <= t < self.model.cfg.vocab_size for t in ids):
+                raise LlmpressError(f"a token id is outside the vocabulary "
+                                    f"(0..{self.model.cfg.vocab_size - 1})")
+            if len(ids) > self.context_length:
+                raise LlmpressError(f"an input of {len(ids)} tokens does not fit the context "
+                                    f"of {self.context_length}; shorten it or raise --ctx")
+        return [embed_tokens(self.model, ids, pooling, PREFILL_CHUNK).tolist() for ids in inputs]
+
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 (len(token_ids), vocab): the model's next-token logits at every position."""

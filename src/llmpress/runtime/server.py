@@ -4,6 +4,7 @@
     GET  /v1/models              the one model (id: the file's stem)
     POST /v1/chat/completions    messages through the model's chat template
     POST /v1/completions         raw text (or token ids) in, text out
+    POST /v1/embeddings          unit-length pooled hidden states (--pooling mean|last|cls)
     POST /tokenize, /detokenize  text <-> token ids (llama.cpp's server shapes)
     GET  /metrics                Prometheus counters: requests, tokens, tok/s, cache hits
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hmac
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import jinja2
+import numpy as np
 
 from llmpress.errors import LlmpressError
 
@@ -62,6 +65,7 @@ try:
 except ImportError as exc:  # an optional extra: say how to get it
     raise LlmpressError(f"the server needs {exc.name}: pip install 'llmpress[serve]'") from None
 
+from llmpress.runtime.embedding import POOLINGS
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import ANY_JSON_OBJECT, lark_grammar
 from llmpress.runtime.tools import (could_be_tool_call, forced_call_grammar, parse_tool_calls,
@@ -586,6 +590,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     items: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    task: Callable[[], Any] | None = None  # work other than a generation (embeddings)
 
     def emit(self, item: Any) -> None:
         """Called from the worker thread."""
@@ -628,10 +633,19 @@ class GenerationWorker:
             if not job.cancelled.is_set():
                 self.busy = True
                 try:
-                    self._generate(job)
+                    self._run_task(job) if job.task else self._generate(job)
                 finally:
                     self.busy = False
             job.emit(_DONE)
+
+    def _run_task(self, job: Job) -> None:
+        try:
+            job.emit(job.task())
+        except LlmpressError as exc:
+            job.emit(ApiError(400, str(exc)))
+        except Exception as exc:  # a bug of ours: report it, keep serving
+            log.exception("task failed")
+            job.emit(ApiError(500, f"The request failed: {type(exc).__name__}: {exc}"))
 
     def _generate(self, job: Job) -> None:
         lm = self.lm
@@ -799,6 +813,7 @@ class ServerState:
     aliases: frozenset[str]
     worker: GenerationWorker
     created: int = field(default_factory=lambda: int(time.time()))
+    pooling: str = "mean"  # of /v1/embeddings
 
     def check_model(self, name: str) -> str:
         if name not in self.aliases:
@@ -870,6 +885,66 @@ async def detokenize(request: Request, state: ServerState) -> Response:
         raise ApiError(400, f"Invalid 'tokens': token id {bad[0]} is outside the vocabulary "
                             f"(0..{vocab - 1}).", param="tokens", code="invalid_value")
     return JSONResponse({"content": state.lm.tokenizer.decode(tokens)})
+
+
+EMBEDDING_FIELDS = frozenset({"input", "model", "encoding_format", "user"})
+
+
+def parse_embedding_input(value: Any, vocab_size: int) -> list[str | list[int]]:
+    """OpenAI's input: a string, an array of strings, an array of token ids, or an array
+    of such arrays. -> one item per embedding."""
+    if value is None:
+        raise missing("input")
+    items = [value] if isinstance(value, str) or (
+        isinstance(value, list) and value and all(_is_int(t) for t in value)) else value
+    if not isinstance(items, list) or not items:
+        raise wrong_type("input", "a string, an array of strings or of token ids", value)
+    for item in items:
+        if isinstance(item, str):
+            continue
+        if not (isinstance(item, list) and item and all(_is_int(t) for t in item)):
+            raise wrong_type("input", "a string, an array of strings or of token ids", value)
+        if bad := [t for t in item if not 0 <= t < vocab_size]:
+            raise ApiError(400, f"Invalid 'input': token id {bad[0]} is outside the vocabulary "
+                                f"(0..{vocab_size - 1}).", param="input", code="invalid_value")
+    if any(isinstance(item, str) and not item for item in items):
+        raise ApiError(400, "Invalid 'input': an empty string has no embedding.",
+                       param="input", code="invalid_value")
+    return items
+
+
+def encoded_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    """base64: the float32 little-endian bytes, as OpenAI sends (and its client decodes)."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+async def embeddings(request: Request, state: ServerState) -> Response:
+    body = parse_json_body(await request.body())
+    reject_unsupported(body, EMBEDDING_FIELDS)
+    model = state.check_model(field_value(body, "model", "string", required=True))
+    encoding_format = field_value(body, "encoding_format", "string", default="float")
+    if encoding_format not in ("float", "base64"):
+        raise ApiError(400, f"Invalid 'encoding_format': {encoding_format!r}; use 'float' or "
+                            "'base64'.", param="encoding_format", code="invalid_value")
+    lm = state.lm
+    items = parse_embedding_input(body.get("input"), lm.tokenizer.vocab_size)
+
+    def task() -> tuple[list[list[float]], int]:
+        token_lists = [lm.encode(i) if isinstance(i, str) else i for i in items]
+        vectors = [lm.embed(ids, pooling=state.pooling)[0] for ids in token_lists]
+        return vectors, sum(len(ids) for ids in token_lists)
+
+    job = Job([], None, asyncio.get_running_loop(), task=task)
+    state.worker.submit(job)
+    vectors, n_tokens = [item async for item in job_chunks(job)][0]
+    return JSONResponse({
+        "object": "list", "model": model,
+        "data": [{"object": "embedding", "index": i,
+                  "embedding": encoded_embedding(v, encoding_format)}
+                 for i, v in enumerate(vectors)],
+        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
 
 async def list_models(request: Request, state: ServerState) -> Response:
@@ -1231,7 +1306,7 @@ def request_log_line(scope: dict, status: int, tally: Tally | None, seconds: flo
 
 def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset(), *,
                api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               parallel: int = 1, cors: tuple[str, ...] = ()) -> Starlette:
+               parallel: int = 1, cors: tuple[str, ...] = (), pooling: str = "mean") -> Starlette:
     """The ASGI app around a loaded model (llmpress.api.LanguageModel)."""
     worker = GenerationWorker(lm, max_queue, parallel)
 
@@ -1246,13 +1321,15 @@ def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset
         Route("/v1/models/{model:path}", endpoint(get_model), methods=["GET"]),
         Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/v1/embeddings", endpoint(embeddings), methods=["POST"]),
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
         Route("/metrics", endpoint(metrics), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
-    app.state.llmpress = ServerState(lm, model_id, frozenset({model_id, *aliases}), worker)
+    app.state.llmpress = ServerState(lm, model_id, frozenset({model_id, *aliases}), worker,
+                                     pooling=pooling)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     if cors:  # outside the key check: a browser's preflight carries no key
@@ -1322,7 +1399,8 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
           mode: str = "fast", device: str | None = None, chat_template: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
           cors: tuple[str, ...] = (), cache_type_k: str | None = None,
-          cache_type_v: str | None = None, speculative: dict | None = None) -> None:
+          cache_type_v: str | None = None, speculative: dict | None = None,
+          pooling: str = "mean") -> None:
     """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY.
     parallel: how many conversations keep their prompt cache (slots). speculative:
     llmpress.load's draft, lookup_ngram and draft_* options."""
@@ -1330,6 +1408,8 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
 
     if not 1 <= parallel <= MAX_PARALLEL:
         raise LlmpressError(f"--parallel must be in 1..{MAX_PARALLEL}, not {parallel}")
+    if pooling not in POOLINGS:
+        raise LlmpressError(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
     if api_key is None:
         api_key = os.environ.get("LLMPRESS_API_KEY") or None
     lm = load(model_path_or_name, ctx=ctx, mode=mode, device=device, chat_template=chat_template,
@@ -1342,7 +1422,7 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     app = create_app(lm, model_id, aliases, api_key=api_key, max_queue=max_queue,
-                     parallel=parallel, cors=tuple(cors))
+                     parallel=parallel, cors=tuple(cors), pooling=pooling)
     url = server_url(sock)
     print(f"llmpress: serving {model_id} (context {lm.context_length} tokens, {lm.device}) "
           f"at {url}/v1{' (API key required)' if api_key else ''}", flush=True)
@@ -1366,10 +1446,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
+    parser.add_argument("--pooling", default="mean")
+    parser.add_argument("--draft", default=None)
+    parser.add_argument("--lookup-ngram", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         serve(args.model, args.host, args.port, args.ctx, args.api_key, parallel=args.parallel,
-              cors=tuple(args.cors))
+              cors=tuple(args.cors), pooling=args.pooling,
+              speculative={"draft": args.draft, "lookup_ngram": args.lookup_ngram})
     except LlmpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
