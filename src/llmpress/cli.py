@@ -300,7 +300,7 @@ def cmd_serve(args) -> None:
           api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"), mode=args.mode,
           device=args.device, chat_template=_chat_template(args), parallel=args.parallel,
           cors=tuple(args.cors), cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
-          speculative=_speculative(args), pooling=args.pooling)
+          speculative=_speculative(args), pooling=args.pooling, cache_ram_mib=args.cache_ram)
 
 
 # --- argument parsing -------------------------------------------------------------------
@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(or set LLMPRESS_API_KEY)")
     p.add_argument("--parallel", type=int, default=1, help="conversations whose prompt cache "
                    "is kept (slots); a request reuses the one sharing its longest prefix")
+    p.add_argument("-cram", "--cache-ram", type=float, default=None, metavar="MiB",
+                   help="bound the prompt-cache slots' KV memory; the least recently used "
+                   "go first (default and -1: no bound)")
     p.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
                    help="how /v1/embeddings pools the tokens' hidden states (as llama.cpp)")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",

@@ -604,11 +604,13 @@ class GenerationWorker:
     """One thread that runs every generation in arrival order (the model and its caches
     are not thread-safe). A cancelled job is skipped or stopped between two tokens."""
 
-    def __init__(self, lm, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1):
+    def __init__(self, lm, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
+                 cache_ram_bytes: int | None = None):
         self.lm, self.max_queue = lm, max_queue
         # --parallel N: N cached sequences (a request goes to the one sharing the longest
-        # prefix); requests still run one at a time
-        self.prompt_cache = PromptCache(lm.model.new_cache, lm.context_length, parallel)
+        # prefix); requests still run one at a time. --cache-ram bounds their memory.
+        self.prompt_cache = PromptCache(lm.model.new_cache, lm.context_length, parallel,
+                                        cache_ram_bytes)
         self.metrics = Metrics()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
@@ -703,7 +705,7 @@ class Metrics:
             self.generated_tokens += tokens
             self.generation_seconds += seconds
 
-    def text(self, waiting: int, busy: bool) -> str:
+    def text(self, waiting: int, busy: bool, evictions: int = 0) -> str:
         with self.lock:
             rate = self.generated_tokens / self.generation_seconds \
                 if self.generation_seconds else 0.0
@@ -717,6 +719,8 @@ class Metrics:
                      "prompt tokens taken from the prompt cache", self.cached_tokens),
                     ("llmpress_prompt_cache_hits_total", "counter",
                      "requests that reused a cached prefix", self.cache_hits),
+                    ("llmpress_prompt_cache_evictions_total", "counter",
+                     "cached conversations dropped to stay under --cache-ram", evictions),
                     ("llmpress_generated_tokens_total", "counter", "tokens generated",
                      self.generated_tokens),
                     ("llmpress_generation_seconds_total", "counter",
@@ -852,7 +856,8 @@ async def health(request: Request, state: ServerState) -> Response:
 
 
 async def metrics(request: Request, state: ServerState) -> Response:
-    return Response(state.worker.metrics.text(state.worker.waiting, state.worker.busy),
+    return Response(state.worker.metrics.text(state.worker.waiting, state.worker.busy,
+                                              state.worker.prompt_cache.evictions),
                     media_type="text/plain; version=0.0.4")
 
 
@@ -1306,9 +1311,11 @@ def request_log_line(scope: dict, status: int, tally: Tally | None, seconds: flo
 
 def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset(), *,
                api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               parallel: int = 1, cors: tuple[str, ...] = (), pooling: str = "mean") -> Starlette:
+               parallel: int = 1, cors: tuple[str, ...] = (), pooling: str = "mean",
+               cache_ram_mib: float | None = None) -> Starlette:
     """The ASGI app around a loaded model (llmpress.api.LanguageModel)."""
-    worker = GenerationWorker(lm, max_queue, parallel)
+    worker = GenerationWorker(lm, max_queue, parallel,
+                              None if cache_ram_mib is None else int(cache_ram_mib * 2**20))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -1400,7 +1407,7 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
           max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
           cors: tuple[str, ...] = (), cache_type_k: str | None = None,
           cache_type_v: str | None = None, speculative: dict | None = None,
-          pooling: str = "mean") -> None:
+          pooling: str = "mean", cache_ram_mib: float | None = None) -> None:
     """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY.
     parallel: how many conversations keep their prompt cache (slots). speculative:
     llmpress.load's draft, lookup_ngram and draft_* options."""
@@ -1408,6 +1415,8 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
 
     if not 1 <= parallel <= MAX_PARALLEL:
         raise LlmpressError(f"--parallel must be in 1..{MAX_PARALLEL}, not {parallel}")
+    if cache_ram_mib is not None and cache_ram_mib < 0:
+        cache_ram_mib = None  # -1, as llama.cpp's: no bound
     if pooling not in POOLINGS:
         raise LlmpressError(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
     if api_key is None:
@@ -1422,7 +1431,8 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     app = create_app(lm, model_id, aliases, api_key=api_key, max_queue=max_queue,
-                     parallel=parallel, cors=tuple(cors), pooling=pooling)
+                     parallel=parallel, cors=tuple(cors), pooling=pooling,
+                     cache_ram_mib=cache_ram_mib)
     url = server_url(sock)
     print(f"llmpress: serving {model_id} (context {lm.context_length} tokens, {lm.device}) "
           f"at {url}/v1{' (API key required)' if api_key else ''}", flush=True)
@@ -1447,12 +1457,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
     parser.add_argument("--pooling", default="mean")
+    parser.add_argument("--cache-ram", type=float, default=None)
     parser.add_argument("--draft", default=None)
     parser.add_argument("--lookup-ngram", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         serve(args.model, args.host, args.port, args.ctx, args.api_key, parallel=args.parallel,
-              cors=tuple(args.cors), pooling=args.pooling,
+              cors=tuple(args.cors), pooling=args.pooling, cache_ram_mib=args.cache_ram,
               speculative={"draft": args.draft, "lookup_ngram": args.lookup_ngram})
     except LlmpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
