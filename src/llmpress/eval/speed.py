@@ -142,24 +142,30 @@ class SpeculativeSpeed:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+def decode_speed(lm, ids: list[int], gen_tokens: int, speculative: bool):
+    """-> (tokens/s, the last chunk) of one greedy generation after ids, without the
+    prompt cache, timed from the first generated token to the last (as llama.cpp's eval
+    time: the prompt's pass is left out, it is the same with or without drafting)."""
+    start, tokens, last = None, 0, None
+    for last in lm.stream(ids, gen_tokens, temperature=0, prompt_cache=False,
+                          speculative=speculative):
+        start = start or time.perf_counter()
+        tokens += len(last.token_ids)
+    return (tokens - 1) / (time.perf_counter() - start), last
+
+
 def measure_speculative(lm, prompt: str, gen_tokens: int = 128,
                         repetitions: int = 3) -> SpeculativeSpeed:
     """Greedy generation after `prompt` with and without lm's speculative decoding,
-    alternating (the machine's load drifts), medians of tokens/s. Timed from the first
-    generated token to the last, as llama.cpp's eval time: the prompt's pass is the same
-    on both sides."""
+    alternating (the machine's load drifts), medians of tokens/s."""
     ids = lm.encode(prompt)
     plain, speculative, drafted, accepted, n = [], [], 0, 0, 0
     for _ in range(repetitions):
         for use, runs in ((False, plain), (True, speculative)):
-            start, tokens, last = None, 0, None
-            for last in lm.stream(ids, gen_tokens, temperature=0, prompt_cache=False,
-                                  speculative=use):
-                start = start or time.perf_counter()
-                tokens += len(last.token_ids)
-            runs.append((tokens - 1) / (time.perf_counter() - start))
-            n = tokens
+            rate, last = decode_speed(lm, ids, gen_tokens, use)
+            runs.append(rate)
             if use:
                 drafted, accepted = drafted + last.drafted_tokens, accepted + last.accepted_tokens
+    n = len(lm.generate(ids, gen_tokens, temperature=0, prompt_cache=False).token_ids)
     return SpeculativeSpeed(statistics.median(plain), statistics.median(speculative),
                             drafted, accepted, n)

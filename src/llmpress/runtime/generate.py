@@ -123,9 +123,9 @@ def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
     else:
         slot, reused = prompt_cache.acquire(prompt_ids)
     drafter = None
-    if speculation is not None and speculation.enabled and cfg.grammar is None:
-        drafter = drafter_for(speculation, prompt_ids, cfg.sampling, PREFILL_CHUNK)
     try:
+        if speculation is not None and speculation.enabled and cfg.grammar is None:
+            drafter = drafter_for(speculation, prompt_ids, cfg.sampling, PREFILL_CHUNK)
         yield from _generate(model, tokenizer, prompt_ids, cfg, budget, slot, reused, drafter)
     except Exception:
         slot.clear()  # a forward pass failed midway: the cache may not match its tokens

@@ -134,10 +134,14 @@ class ModelDrafter:
             self.slot.tokens.extend(part)
         return logits
 
-    def propose(self, history: list[int], n_max: int) -> Draft:
-        # keep the cached prefix, leave at least one token to run: its logits draft
+    def sync(self, history: list[int]) -> torch.Tensor:
+        """Bring the draft's cache to history (keeping the prefix it shares) -> the logits
+        after it. At least the last token is run: its logits draft."""
         self.slot.rewind(min(common_prefix(self.slot.tokens, history), len(history) - 1))
-        logits = self._run(history[len(self.slot.tokens):])
+        return self._run(history[len(self.slot.tokens):])
+
+    def propose(self, history: list[int], n_max: int) -> Draft:
+        logits = self.sync(history)
         context = list(history)
         draft = Draft(probs=[])
         while len(draft.tokens) < n_max:
@@ -180,10 +184,17 @@ def drafter_for(speculation: Speculation, prompt_ids: list[int], sampling: Sampl
     if draft is None:
         return Drafter(config, None)
     slot, _ = draft.cache.acquire(prompt_ids)  # the draft's slot sharing most of the prompt
-    model_drafter = ModelDrafter(draft.model, slot, sampling, config.draft_p_min, prefill_chunk)
 
     def release() -> None:
         draft.cache.release(slot)
+    try:
+        model_drafter = ModelDrafter(draft.model, slot, sampling, config.draft_p_min,
+                                     prefill_chunk)
+        model_drafter.sync(prompt_ids)  # the draft's prefill: with the model's, before a token
+    except Exception:
+        slot.clear()
+        release()
+        raise
     return Drafter(config, model_drafter, release)
 
 
