@@ -11,6 +11,7 @@ an exact count of the tokens run."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 
@@ -158,3 +159,55 @@ def test_a_slot_in_use_is_never_shared():
     a.tokens[:] = [1, 2, 3]
     b, reused = cache.acquire([1, 2, 3, 4])  # a is busy (a nested generator)
     assert b is not a and reused == 0 and b not in cache.slots
+
+
+# --- --cache-ram: a bound on the kept slots' memory ----------------------------------------
+def test_cache_ram_evicts_least_recently_used_and_stays_correct(default_model_path):
+    lm = llmpress.load(default_model_path, ctx=CTX)
+    per_token = lm.model.new_cache(CTX).bytes() // CTX  # keys + values of every layer
+    # no shared prefix (a chat template's system prompt would be one): three slots
+    prompts = [lm.encode(t) for t in ("The capital of France is", "Three primary colors are",
+                                      "Once upon a time, in a small village,")]
+    unbounded = PromptCache(lm.model.new_cache, CTX, slots=3)
+
+    def answer(ids, cache):
+        return [t for c in stream(lm.model, lm.tokenizer, ids, GREEDY, CTX, cache)
+                for t in c.token_ids]
+
+    expected = [answer(ids, unbounded) for ids in prompts]
+    sizes = [s.resident_bytes() for s in unbounded.slots]
+    assert sizes[0] == per_token * len(unbounded.slots[0].tokens)  # what was written
+    budget = sizes[1] + sizes[2]  # the last two conversations fit, all three do not
+    bounded = PromptCache(lm.model.new_cache, CTX, slots=3, max_bytes=budget)
+    for ids, tokens in zip(prompts, expected):
+        assert answer(ids, bounded) == tokens
+        assert bounded.resident_bytes() <= budget
+    assert bounded.evictions == 1 and len(bounded.slots) == 2 and len(unbounded.slots) == 3
+    # the first conversation went (least recently used); the others still hit
+    assert [s.tokens[:len(p)] for s, p in zip(bounded.slots, prompts[1:])] == prompts[1:]
+    for i in (2, 1, 0):  # the kept two hit, the evicted one comes back in; answers unchanged
+        assert answer(prompts[i], bounded) == expected[i]
+        assert bounded.resident_bytes() <= budget
+    assert bounded.hits == 2 and bounded.evictions == 2
+    # a conversation larger than the whole budget is not kept at all
+    tiny = PromptCache(lm.model.new_cache, CTX, slots=2, max_bytes=per_token * 4)
+    assert answer(prompts[0], tiny) == expected[0]
+    assert tiny.slots == [] and tiny.evictions == 1
+
+
+def test_serve_cache_ram_evicts(default_model_path, tmp_path):
+    from test_server import ServerProcess
+    server = ServerProcess(default_model_path, tmp_path, extra_args=(
+        "--parallel", "2", "--cache-ram", "0.01"))  # 10 KiB: no conversation fits
+    try:
+        client = server.client()
+        answers = [client.completions.create(model="smollm2", prompt="The capital of France is",
+                                             max_tokens=6, temperature=0).choices[0].text
+                   for _ in range(2)]
+        metrics = httpx.get(server.base + "/metrics", timeout=10).text
+    finally:
+        server.close()
+    lm = llmpress.load(default_model_path, ctx=512)
+    assert answers == [lm.generate("The capital of France is", 6, temperature=0).text] * 2
+    assert "llmpress_prompt_cache_evictions_total 2" in metrics
+    assert "llmpress_prompt_cached_tokens_total 0" in metrics  # nothing was kept to reuse

@@ -26,10 +26,13 @@ from llmpress.kernels.linear import matmul_path
 from llmpress.models.family import build_model
 from llmpress.models.llama import kv_dtype
 from llmpress.models.moe import active_parameters
-from llmpress.runtime.generate import Chunk, GenerationConfig, stream
+from llmpress.runtime.embedding import POOLINGS, embed_tokens
+from llmpress.runtime.generate import PREFILL_CHUNK, Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import json_schema_grammar
 from llmpress.runtime.prompt_cache import PromptCache
 from llmpress.runtime.sampling import SamplingConfig
+from llmpress.runtime.speculative import (DraftModel, Speculation, SpeculativeConfig,
+                                          check_same_vocabulary)
 
 DEFAULT_CONTEXT = 4096  # like llama.cpp and Ollama: the file's limit is often far larger
 
@@ -41,6 +44,8 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     cached_tokens: int = 0  # prompt tokens the prompt cache spared from running again
+    drafted_tokens: int = 0  # speculative decoding: tokens guessed ...
+    accepted_tokens: int = 0  # ... and kept (the acceptance rate is their ratio)
 
     @property
     def completion_tokens(self) -> int:
@@ -86,9 +91,12 @@ class LanguageModel:
 
     def __init__(self, source: ModelSource, *, mode: str = "fast", device: str | None = None,
                  ctx: int | None = None, chat_template: str | None = None,
-                 cache_type_k: str | None = None, cache_type_v: str | None = None):
+                 cache_type_k: str | None = None, cache_type_v: str | None = None,
+                 draft: ModelSource | None = None,
+                 speculative: SpeculativeConfig = SpeculativeConfig()):
         """cache_type_k/_v: "f16" (fast mode's default, as llama.cpp's) or "f32" (exact
-        mode's: float32 everywhere)."""
+        mode's: float32 everywhere). draft: a smaller model with the same vocabulary for
+        speculative decoding; speculative: its options and prompt lookup's."""
         if mode not in ("fast", "exact"):
             raise LlmpressError(f"mode must be 'fast' or 'exact', not {mode!r}")
         default_cache = "f16" if mode == "fast" else "f32"
@@ -104,12 +112,22 @@ class LanguageModel:
         if self.tokenizer.vocab_size > self.model.cfg.vocab_size:  # ids index the embedding
             raise LlmpressError(f"{source.path}: the tokenizer has {self.tokenizer.vocab_size} "
                                 f"tokens but the embedding only {self.model.cfg.vocab_size} rows")
+        draft_model = self._draft_model(draft, mode, kv_dtypes) if draft is not None else None
         self.tokenizer.pad_to(self.model.cfg.vocab_size)  # the model may pick any row
         self.context_length = ctx or min(DEFAULT_CONTEXT, self.model.cfg.context_length)
         if self.context_length < 2:
             raise LlmpressError("the context must hold at least 2 tokens")
         # the previous call's tokens stay cached: a chat's next turn runs only its new part
         self.prompt_cache = PromptCache(self.model.new_cache, self.context_length)
+        self.speculation = Speculation(speculative, None if draft_model is None else DraftModel(
+            draft_model, PromptCache(draft_model.new_cache, self.context_length)))
+
+    def _draft_model(self, draft: ModelSource, mode: str, kv_dtypes):
+        check_same_vocabulary(self.tokenizer, load_tokenizer(draft), self.model.cfg.vocab_size,
+                              int(draft.tensors["token_embd.weight"].shape[0]), draft.path.name)
+        model = build_model(draft, mode=mode, device=self.device)
+        model.kv_dtypes = kv_dtypes
+        return model
 
     # --- text in, text out ---------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
@@ -123,31 +141,35 @@ class LanguageModel:
 
     def stream(self, prompt: str | list[int], max_tokens: int = 256, stop: tuple[str, ...] = (),
                *, prompt_cache: bool = True, json_schema: dict | None = None,
-               **sampling) -> Iterator[Chunk]:
+               speculative: bool = True, **sampling) -> Iterator[Chunk]:
         """Yield text chunks as they are generated; the last carries finish_reason.
         prompt_cache=False runs the whole prompt (and leaves the cache as it was).
-        json_schema: the output is JSON valid against it ({"type": "object"}: any object)."""
+        json_schema: the output is JSON valid against it ({"type": "object"}: any object).
+        speculative=False decodes one token per pass even when load() set up drafting."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         grammar = None if json_schema is None else self.json_grammar(json_schema)
         cfg = GenerationConfig(max_tokens=max_tokens, stop=tuple(stop), grammar=grammar,
                                sampling=SamplingConfig(**sampling))
         return stream(self.model, self.tokenizer, ids, cfg, self.context_length,
-                      self.prompt_cache if prompt_cache else None)
+                      self.prompt_cache if prompt_cache else None,
+                      self.speculation if speculative else None)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256,
                  stop: tuple[str, ...] = (), *, prompt_cache: bool = True,
-                 json_schema: dict | None = None, **sampling) -> Completion:
+                 json_schema: dict | None = None, speculative: bool = True,
+                 **sampling) -> Completion:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        text, tokens, reason, cached = [], [], "length", 0
+        text, tokens, last = [], [], None
         for chunk in self.stream(ids, max_tokens, stop, prompt_cache=prompt_cache,
-                                 json_schema=json_schema, **sampling):
+                                 json_schema=json_schema, speculative=speculative, **sampling):
             text.append(chunk.text)
             tokens.extend(chunk.token_ids)
-            reason = chunk.finish_reason or reason
-            cached = chunk.cached_tokens or cached
+            last = chunk
+        reason = last.finish_reason or "length"
         if reason == "stop" and tokens and tokens[-1] in self.tokenizer.eos_ids:
             tokens = tokens[:-1]  # the end-of-turn token is not part of the answer
-        return Completion("".join(text), tokens, reason, len(ids), cached)
+        return Completion("".join(text), tokens, reason, len(ids), last.cached_tokens,
+                          last.drafted_tokens, last.accepted_tokens)
 
     def json_grammar(self, schema: dict) -> str:
         """A JSON schema checked and compiled for this model's vocabulary (LlmpressError
@@ -155,6 +177,27 @@ class LanguageModel:
         return json_schema_grammar(schema, self.tokenizer)
 
     # --- numbers -------------------------------------------------------------------------
+    def embed(self, input: str | list[str] | list[int], pooling: str = "mean") -> list[list[float]]:
+        """One unit-length embedding per input text (a string, a list of them, or one list of
+        token ids), as llama.cpp's embedding mode: the final hidden states pooled by
+        "mean", "last" (token) or "cls" (first token), then L2-normalized."""
+        if pooling not in POOLINGS:
+            raise LlmpressError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        if isinstance(input, str):
+            inputs = [self.encode(input)]
+        elif input and all(isinstance(t, int) for t in input):
+            inputs = [list(input)]
+        else:
+            inputs = [self.encode(text) for text in input]
+        for ids in inputs:
+            if any(not 0 <= t < self.model.cfg.vocab_size for t in ids):
+                raise LlmpressError(f"a token id is outside the vocabulary "
+                                    f"(0..{self.model.cfg.vocab_size - 1})")
+            if len(ids) > self.context_length:
+                raise LlmpressError(f"an input of {len(ids)} tokens does not fit the context "
+                                    f"of {self.context_length}; shorten it or raise --ctx")
+        return [embed_tokens(self.model, ids, pooling, PREFILL_CHUNK).tolist() for ids in inputs]
+
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 (len(token_ids), vocab): the model's next-token logits at every position."""
@@ -186,10 +229,18 @@ class LanguageModel:
 
 def load(model: str | os.PathLike, *, mode: str = "fast", device: str | None = None,
          ctx: int | None = None, chat_template: str | None = None,
-         cache_type_k: str | None = None, cache_type_v: str | None = None) -> LanguageModel:
+         cache_type_k: str | None = None, cache_type_v: str | None = None,
+         draft: str | os.PathLike | None = None, draft_max: int = 16, draft_min: int = 0,
+         draft_p_min: float = 0.75, lookup_ngram: int = 0) -> LanguageModel:
     """Load a GGUF file, a Hugging Face directory, or a pulled name ("smollm2").
     chat_template: Jinja text used instead of the model's own template. cache_type_k/_v:
-    the KV cache's element types, "f16" or "f32" (default: f16 in fast mode)."""
+    the KV cache's element types, "f16" or "f32" (default: f16 in fast mode).
+    Speculative decoding (same output, fewer forward passes): draft, a smaller model with
+    the same vocabulary, and/or lookup_ngram=N, guesses copied from earlier text that
+    follows the last N tokens; draft_max/_min/_p_min as llama.cpp's --draft-* options."""
+    speculative = SpeculativeConfig(draft_max, draft_min, draft_p_min, lookup_ngram)
     return LanguageModel(load_source(hub.resolve(model)), mode=mode, device=device, ctx=ctx,
                          chat_template=chat_template, cache_type_k=cache_type_k,
-                         cache_type_v=cache_type_v)
+                         cache_type_v=cache_type_v,
+                         draft=None if draft is None else load_source(hub.resolve(draft)),
+                         speculative=speculative)

@@ -54,7 +54,23 @@ def _load(args, **overrides):
         return load(model, mode=getattr(args, "mode", "fast"), ctx=getattr(args, "ctx", None),
                     device=getattr(args, "device", None), chat_template=_chat_template(args),
                     cache_type_k=getattr(args, "cache_type_k", None),
-                    cache_type_v=getattr(args, "cache_type_v", None), **overrides)
+                    cache_type_v=getattr(args, "cache_type_v", None),
+                    **_speculative(args), **overrides)
+
+
+def _speculative(args) -> dict:
+    """load()'s speculative decoding options, from the commands that have them."""
+    if not hasattr(args, "draft"):
+        return {}
+    return {"draft": args.draft, "lookup_ngram": args.lookup_ngram, "draft_max": args.draft_max,
+            "draft_min": args.draft_min, "draft_p_min": args.draft_p_min}
+
+
+def _report_drafts(last) -> None:
+    if last is not None and last.drafted_tokens:
+        print(f"speculative decoding: {last.accepted_tokens}/{last.drafted_tokens} drafted "
+              f"tokens accepted ({last.accepted_tokens / last.drafted_tokens:.0%})",
+              file=sys.stderr)
 
 
 def _chat_template(args) -> str | None:
@@ -121,13 +137,16 @@ def _sampling(args) -> dict:
             "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "seed": args.seed}
 
 
-def _print_stream(chunks) -> str:
-    text = []
+def _print_stream(chunks, verbose: bool = False) -> str:
+    text, chunk = [], None
     for chunk in chunks:
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         text.append(chunk.text)
     sys.stdout.write("\n")
+    if verbose:
+        sys.stdout.flush()
+        _report_drafts(chunk)
     return "".join(text)
 
 
@@ -141,7 +160,7 @@ def cmd_run(args) -> None:
         prompt = lm.chat_prompt([{"role": "user", "content": prompt}])
     schema = _read_json_schema(args.json_schema) if args.json_schema else None
     _print_stream(lm.stream(prompt, args.max_tokens, tuple(args.stop), json_schema=schema,
-                            **_sampling(args)))
+                            **_sampling(args)), verbose=True)
 
 
 def _read_json_schema(path: str) -> dict:
@@ -220,6 +239,21 @@ def cmd_bench(args) -> None:
                       " ".join(f"{r:.1f}" for r in result.gen_runs))
     console.print(table)
     console.print(f"peak RSS: {_mib(result.peak_rss_bytes)}")
+    if lm.speculation.enabled:
+        _bench_speculative(lm, args)
+
+
+def _bench_speculative(lm, args) -> None:
+    from llmpress.eval.speed import EDITING_PROMPT, measure_speculative
+    with console.status("speculative decoding: plain vs drafted ...") \
+            if sys.stdout.isatty() else _nothing():
+        spec = measure_speculative(lm, lm.chat_prompt([{"role": "user",
+                                                         "content": EDITING_PROMPT}]),
+                                   args.gen_tokens, args.repetitions)
+    console.print(f"speculative decoding on a code-editing answer ({spec.gen_tokens} tokens, "
+                  f"greedy): {spec.plain_tok_s:.1f} -> {spec.speculative_tok_s:.1f} tok/s "
+                  f"({spec.speculative_tok_s / spec.plain_tok_s:.2f}x), "
+                  f"{spec.accepted}/{spec.drafted} drafted tokens accepted", highlight=False)
 
 
 # --- demo / serve -----------------------------------------------------------------------
@@ -265,7 +299,8 @@ def cmd_serve(args) -> None:
     serve(args.model, host=args.host, port=args.port, ctx=args.ctx,
           api_key=args.api_key or os.environ.get("LLMPRESS_API_KEY"), mode=args.mode,
           device=args.device, chat_template=_chat_template(args), parallel=args.parallel,
-          cors=tuple(args.cors), cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+          cors=tuple(args.cors), cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
+          speculative=_speculative(args), pooling=args.pooling, cache_ram_mib=args.cache_ram)
 
 
 # --- argument parsing -------------------------------------------------------------------
@@ -288,6 +323,20 @@ def _add_chat_args(p: argparse.ArgumentParser) -> None:
                    "torch's choice)")
     p.add_argument("--chat-template", metavar="FILE", default=None, help="a Jinja chat "
                    "template used instead of the model's own")
+
+
+def _add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (the same output, fewer forward passes)")
+    g.add_argument("-md", "--model-draft", "--draft", dest="draft", metavar="MODEL",
+                   default=None, help="a smaller model with the same vocabulary that drafts "
+                   "tokens (e.g. a Q2_K copy of the model)")
+    g.add_argument("--lookup-ngram", type=int, default=0, metavar="N", help="draft by prompt "
+                   "lookup: copy what followed the last N tokens earlier in the text (0: off)")
+    g.add_argument("--draft-max", type=int, default=16, help="tokens drafted per step at most")
+    g.add_argument("--draft-min", type=int, default=0, help="fewer drafted tokens than this: "
+                   "decode plainly")
+    g.add_argument("--draft-p-min", type=float, default=0.75, help="the draft model stops "
+                   "where its top probability is lower")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -332,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-schema", metavar="FILE", default=None,
                    help="answer with JSON valid against this schema (constrained decoding)")
     _add_sampling_args(p)
+    _add_speculative_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat with history")
@@ -339,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_args(p)
     p.add_argument("--system", default=None, help="a system message")
     _add_sampling_args(p)
+    _add_speculative_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="prompt and generation speed, like llama-bench")
@@ -348,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    _add_speculative_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the default model end to end: info, a quantization "
@@ -366,8 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(or set LLMPRESS_API_KEY)")
     p.add_argument("--parallel", type=int, default=1, help="conversations whose prompt cache "
                    "is kept (slots); a request reuses the one sharing its longest prefix")
+    p.add_argument("-cram", "--cache-ram", type=float, default=None, metavar="MiB",
+                   help="bound the prompt-cache slots' KV memory; the least recently used "
+                   "go first (default and -1: no bound)")
+    p.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
+                   help="how /v1/embeddings pools the tokens' hidden states (as llama.cpp)")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN (repeatable; * for any)")
+    _add_speculative_args(p)
     p.set_defaults(func=cmd_serve)
 
     from llmpress.cli_calibrated import add_calibrated_parsers, add_method_options

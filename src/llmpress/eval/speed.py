@@ -104,3 +104,68 @@ def measure_speed_isolated(path: str, device: str | None, bench: BenchSettings) 
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise LlmpressError(f"{path}: the speed run failed ({last})")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- speculative decoding ------------------------------------------------------------------
+# A code-editing request: the answer repeats most of the prompt, where drafting pays.
+EDITING_PROMPT = """Rename the variable `total` to `result` in this code and change nothing else:
+
+```python
+def summarize(values):
+    total = 0
+    for value in values:
+        if value > 0:
+            total += value
+    average = total / len(values) if values else 0.0
+    return {"total": total, "average": average, "count": len(values)}
+
+
+def report(rows):
+    lines = []
+    for name, values in rows.items():
+        summary = summarize(values)
+        lines.append(f"{name}: total={summary['total']} average={summary['average']:.2f}")
+    return "\\n".join(lines)
+```"""
+
+
+@dataclass(frozen=True)
+class SpeculativeSpeed:
+    plain_tok_s: float  # greedy generation, one token per forward pass (median)
+    speculative_tok_s: float  # the same tokens with the model's drafting (median)
+    drafted: int  # over all speculative runs
+    accepted: int
+    gen_tokens: int  # tokens each run generated
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def decode_speed(lm, ids: list[int], gen_tokens: int, speculative: bool):
+    """-> (tokens/s, the last chunk) of one greedy generation after ids, without the
+    prompt cache, timed from the first generated token to the last (as llama.cpp's eval
+    time: the prompt's pass is left out, it is the same with or without drafting)."""
+    start, tokens, last = None, 0, None
+    for last in lm.stream(ids, gen_tokens, temperature=0, prompt_cache=False,
+                          speculative=speculative):
+        start = start or time.perf_counter()
+        tokens += len(last.token_ids)
+    return (tokens - 1) / (time.perf_counter() - start), last
+
+
+def measure_speculative(lm, prompt: str, gen_tokens: int = 128,
+                        repetitions: int = 3) -> SpeculativeSpeed:
+    """Greedy generation after `prompt` with and without lm's speculative decoding,
+    alternating (the machine's load drifts), medians of tokens/s."""
+    ids = lm.encode(prompt)
+    plain, speculative, drafted, accepted, n = [], [], 0, 0, 0
+    for _ in range(repetitions):
+        for use, runs in ((False, plain), (True, speculative)):
+            rate, last = decode_speed(lm, ids, gen_tokens, use)
+            runs.append(rate)
+            if use:
+                drafted, accepted = drafted + last.drafted_tokens, accepted + last.accepted_tokens
+    n = len(lm.generate(ids, gen_tokens, temperature=0, prompt_cache=False).token_ids)
+    return SpeculativeSpeed(statistics.median(plain), statistics.median(speculative),
+                            drafted, accepted, n)

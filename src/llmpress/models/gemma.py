@@ -198,7 +198,8 @@ class GemmaModel(nn.Module):
         return KVCache(self.cfg, max_tokens, batch, self.kv_dtypes, self.device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False):
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
+                hidden: bool = False):
         B, T = tokens.shape
         start = cache.first_free(T)
         x = self.embed(tokens.to(self.device)) * self.embed_scale  # (B, T, dim)
@@ -209,7 +210,10 @@ class GemmaModel(nn.Module):
         cache.length = start + T
         if last_only:
             x = x[:, -1:]
-        logits = self.output(rms_norm(x, self.norm, self.cfg.norm_eps))  # (B, T', vocab)
+        x = rms_norm(x, self.norm, self.cfg.norm_eps)
+        if hidden:  # the embeddings, as LlamaModel's
+            return x
+        logits = self.output(x)  # (B, T', vocab)
         return soft_cap(logits, self.cfg.final_softcap)
 
     def forward_batch(self, segments: list[tuple[list[int], KVCache]],

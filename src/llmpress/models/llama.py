@@ -206,7 +206,10 @@ class LlamaModel(nn.Module):
         return self.rope
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False):
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
+                hidden: bool = False):
+        """hidden: return the final normalized hidden states (B, T', dim), the embeddings,
+        instead of the logits."""
         B, T = tokens.shape
         start = cache.first_free(T)
         x = self.embed(tokens.to(self.device))  # (B, T, dim)
@@ -220,7 +223,8 @@ class LlamaModel(nn.Module):
         cache.length = start + T
         if last_only:
             x = x[:, -1:]
-        return self.output(rms_norm(x, self.norm, self.cfg.norm_eps))  # (B, T', vocab)
+        x = rms_norm(x, self.norm, self.cfg.norm_eps)
+        return x if hidden else self.output(x)  # (B, T', vocab)
 
     @torch.inference_mode()
     def forward_batch(self, segments: list[tuple[list[int], KVCache]],

@@ -13,6 +13,7 @@ from llmpress.errors import LlmpressError
 from llmpress.runtime.grammar import Constraint
 from llmpress.runtime.prompt_cache import PromptCache, Slot
 from llmpress.runtime.sampling import Sampler, SamplingConfig
+from llmpress.runtime.speculative import Speculation, drafter_for, speculative_tokens
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory
 
@@ -40,6 +41,8 @@ class Chunk:
     finish_reason: str | None = None
     cached_tokens: int = 0  # on the last chunk: prompt tokens taken from the prompt cache
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked
+    drafted_tokens: int = 0  # on the last chunk: tokens speculative decoding guessed
+    accepted_tokens: int = 0  # ... and how many of them the model kept
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,12 @@ class TextAssembler:
 
 
 def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
-           context_length: int, prompt_cache: PromptCache | None = None) -> Iterator[Chunk]:
+           context_length: int, prompt_cache: PromptCache | None = None,
+           speculation: Speculation | None = None) -> Iterator[Chunk]:
     """Generate after prompt_ids. The context must hold the prompt plus one token. With a
-    prompt cache, the prompt's longest prefix cached by an earlier call is not run again."""
+    prompt cache, the prompt's longest prefix cached by an earlier call is not run again.
+    speculation: draft several tokens per forward pass (same output distribution); a
+    grammar-constrained generation decodes plainly."""
     if not prompt_ids:
         raise LlmpressError("the prompt is empty (no tokens)")
     if len(prompt_ids) >= context_length:
@@ -116,21 +122,27 @@ def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
         slot, reused = Slot(model.new_cache(len(prompt_ids) + budget)), 0
     else:
         slot, reused = prompt_cache.acquire(prompt_ids)
+    drafter = None
     try:
-        yield from _generate(model, tokenizer, prompt_ids, cfg, budget, slot, reused)
+        if speculation is not None and speculation.enabled and cfg.grammar is None:
+            drafter = drafter_for(speculation, prompt_ids, cfg.sampling, PREFILL_CHUNK)
+        yield from _generate(model, tokenizer, prompt_ids, cfg, budget, slot, reused, drafter)
     except Exception:
         slot.clear()  # a forward pass failed midway: the cache may not match its tokens
         raise
     finally:
         if prompt_cache is not None:
             prompt_cache.release(slot)
+        if drafter is not None:
+            drafter.close()
 
 
 def _generate(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig, budget: int,
-              slot: Slot, reused: int) -> Iterator[Chunk]:
+              slot: Slot, reused: int, drafter=None) -> Iterator[Chunk]:
     """Run prompt_ids[reused:] on top of the slot's cache, then decode."""
-    def run(ids: list[int]) -> torch.Tensor:
-        logits = model(torch.tensor([ids]), slot.cache, last_only=True)
+    def run(ids: list[int], last_only: bool = True) -> torch.Tensor:
+        """-> (rows, vocab) logits: the last row, or every row."""
+        logits = model(torch.tensor([ids]), slot.cache, last_only=last_only)[0]
         slot.tokens.extend(ids)  # only once the cache holds them
         return logits
 
@@ -141,14 +153,23 @@ def _generate(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig, bu
     logits = None
     for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
         logits = run(prompt_ids[start:start + PREFILL_CHUNK])
-    for _ in range(budget):
-        allowed = constraint.allowed(logits.shape[-1]) if constraint else None
-        token = sampler(logits[0, -1], history, allowed)
+    if drafter is None:
+        tokens = _plain_tokens(run, logits[-1], sampler, history, constraint)
+    else:
+        tokens = speculative_tokens(lambda ids: run(ids, last_only=False), slot.rewind,
+                                    logits[-1], sampler, history, drafter,
+                                    len(prompt_ids) + budget)
+    tally = drafter.tally if drafter else None
+
+    def last(text: str, ids: list[int], reason: str, scored=None) -> Chunk:
+        return Chunk(text, ids, reason, reused, scored, tally.drafted if tally else 0,
+                     tally.accepted if tally else 0)
+
+    for token, row in tokens if budget else ():
         history.append(token)
-        scored = None if cfg.logprobs is None else \
-            [token_logprob(logits[0, -1], token, cfg.logprobs)]
+        scored = None if cfg.logprobs is None else [token_logprob(row, token, cfg.logprobs)]
         if cfg.stop_at_eos and token in tokenizer.eos_ids:
-            yield Chunk(assembler.flush(), [token], "stop", reused, scored)
+            yield last(assembler.flush(), [token], "stop", scored)
             return
         if constraint:
             constraint.accept(token)
@@ -156,10 +177,20 @@ def _generate(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig, bu
         if stopped or (constraint and constraint.finished):  # the grammar is complete
             if not stopped:
                 text += assembler.flush()
-            yield Chunk(text, [token], "stop", reused, scored)
+            yield last(text, [token], "stop", scored)
             return
         yield Chunk(text, [token], logprobs=scored)
         if len(history) - len(prompt_ids) == budget:
             break
-        logits = run([token])
-    yield Chunk(assembler.flush(), [], "length", reused)
+    yield last(assembler.flush(), [], "length")
+
+
+def _plain_tokens(run, logits: torch.Tensor, sampler: Sampler, history: list[int],
+                  constraint: Constraint | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """One forward pass per token. Yields (token, the logits it was drawn from); the
+    consumer appends it to history (and the grammar) before asking for the next."""
+    while True:
+        allowed = constraint.allowed(logits.shape[-1]) if constraint else None
+        token = sampler(logits, history, allowed)
+        yield token, logits
+        logits = run([token])[-1]

@@ -104,6 +104,33 @@ class Sampler:
                  allowed: torch.Tensor | None = None) -> int:
         """logits: (vocab,) float32 for the next position; history: all tokens so far;
         allowed: bool (vocab,) mask of the only tokens that may be drawn (a grammar's)."""
+        logits = self._penalized(logits, history, allowed)
+        if self.cfg.greedy:
+            return int(torch.argmax(logits))
+        ids, probs = self._candidates(logits)
+        return int(ids[torch.multinomial(probs, 1, generator=self.generator)])
+
+    def probabilities(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+        """float64 (vocab,): the distribution __call__ draws from (greedy: a point mass on
+        its choice). Speculative decoding compares the target's and the draft's."""
+        logits = self._penalized(logits, history, None)
+        probs = torch.zeros(logits.numel(), dtype=torch.float64)
+        if self.cfg.greedy:
+            probs[int(torch.argmax(logits))] = 1.0
+            return probs
+        ids, candidate_probs = self._candidates(logits)
+        probs[ids] = candidate_probs
+        return probs
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """One token from a probability vector, with this sampler's random stream."""
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        return float(torch.rand(1, generator=self.generator, dtype=torch.float64))
+
+    def _penalized(self, logits: torch.Tensor, history: list[int],
+                   allowed: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
         logits = logits.float().cpu()
         if allowed is not None:  # first: penalties and filters then see only these
@@ -111,11 +138,11 @@ class Sampler:
         if not torch.isfinite(logits).all():
             logits = checked_logits(logits)
         recent = history[-cfg.repeat_last_n:] if cfg.repeat_last_n else []
-        logits = apply_repeat_penalty(logits, recent, cfg.repeat_penalty)
-        if cfg.greedy:
-            return int(torch.argmax(logits))
-        ids, values = filter_candidates(logits, cfg)
+        return apply_repeat_penalty(logits, recent, cfg.repeat_penalty)
+
+    def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (candidate ids, their float64 probabilities after the filters and temperature)."""
+        ids, values = filter_candidates(logits, self.cfg)
         # shifted so the best is 0, and in float64 (where 1e-300 is not 0): a tiny
         # temperature sends the rest to -inf, never to NaN
-        probs = torch.softmax((values - values[0]).double() / cfg.temperature, dim=-1)
-        return int(ids[torch.multinomial(probs, 1, generator=self.generator)])
+        return ids, torch.softmax((values - values[0]).double() / self.cfg.temperature, dim=-1)

@@ -4,6 +4,7 @@
     GET  /v1/models              the one model (id: the file's stem)
     POST /v1/chat/completions    messages through the model's chat template
     POST /v1/completions         raw text (or token ids) in, text out
+    POST /v1/embeddings          unit-length pooled hidden states (--pooling mean|last|cls)
     POST /tokenize, /detokenize  text <-> token ids (llama.cpp's server shapes)
     GET  /metrics                Prometheus counters: requests, tokens, tok/s, cache hits
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hmac
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import jinja2
+import numpy as np
 
 from llmpress.errors import LlmpressError
 
@@ -65,6 +68,7 @@ except ImportError as exc:  # an optional extra: say how to get it
     raise LlmpressError(f"the server needs {exc.name}: pip install 'llmpress[serve]'") from None
 
 from llmpress.runtime.batching import BatchedModel
+from llmpress.runtime.embedding import POOLINGS
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import ANY_JSON_OBJECT, lark_grammar
 from llmpress.runtime.tools import (could_be_tool_call, forced_call_grammar, parse_tool_calls,
@@ -589,6 +593,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     items: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    task: Callable[[], Any] | None = None  # work other than a generation (embeddings)
 
     def emit(self, item: Any) -> None:
         """Called from the worker thread."""
@@ -602,12 +607,14 @@ class GenerationWorker:
     """`parallel` threads that take jobs in arrival order and generate them at once, their
     forward passes batched. A cancelled job is skipped or stopped between two tokens."""
 
-    def __init__(self, lm, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1):
+    def __init__(self, lm, max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
+                 cache_ram_bytes: int | None = None):
         self.lm, self.max_queue = lm, max_queue
         self.model = BatchedModel(lm.model)
         # --parallel N: N cached sequences (a request goes to the one sharing the longest
-        # prefix), and N requests generating together
-        self.prompt_cache = PromptCache(lm.model.new_cache, lm.context_length, parallel)
+        # prefix), and N requests generating together. --cache-ram bounds their memory.
+        self.prompt_cache = PromptCache(lm.model.new_cache, lm.context_length, parallel,
+                                        cache_ram_bytes)
         self.metrics = Metrics()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.running = 0
@@ -644,22 +651,32 @@ class GenerationWorker:
             if not job.cancelled.is_set():
                 self._count_running(1)
                 try:
-                    with self.model.member():
-                        self._generate(job)
+                    with self.model.member():  # a task (embeddings) has the model alone
+                        self._run_task(job) if job.task else self._generate(job)
                 finally:
                     self._count_running(-1)
             job.emit(_DONE)
 
+    def _run_task(self, job: Job) -> None:
+        try:
+            job.emit(job.task())
+        except LlmpressError as exc:
+            job.emit(ApiError(400, str(exc)))
+        except Exception as exc:  # a bug of ours: report it, keep serving
+            log.exception("task failed")
+            job.emit(ApiError(500, f"The request failed: {type(exc).__name__}: {exc}"))
+
     def _generate(self, job: Job) -> None:
         lm = self.lm
         chunks = stream(self.model, lm.tokenizer, job.prompt_ids, job.config, lm.context_length,
-                        self.prompt_cache)
+                        self.prompt_cache, lm.speculation)
         started, generated = time.perf_counter(), 0
         try:
             for chunk in chunks:
                 generated += len(chunk.token_ids)
                 if chunk.finish_reason:
                     self.metrics.count_prompt(len(job.prompt_ids), chunk.cached_tokens)
+                    self.metrics.count_drafts(chunk.drafted_tokens, chunk.accepted_tokens)
                 job.emit(chunk)
                 if job.cancelled.is_set():
                     return
@@ -683,6 +700,7 @@ class Metrics:
         self.prompt_tokens = self.cached_tokens = self.cache_hits = 0
         self.generated_tokens = 0
         self.generation_seconds = 0.0
+        self.drafted_tokens = self.accepted_tokens = 0
 
     def count_request(self, path: str, status: int) -> None:
         with self.lock:
@@ -694,12 +712,17 @@ class Metrics:
             self.cached_tokens += cached
             self.cache_hits += cached > 0
 
+    def count_drafts(self, drafted: int, accepted: int) -> None:
+        with self.lock:
+            self.drafted_tokens += drafted
+            self.accepted_tokens += accepted
+
     def count_generation(self, tokens: int, seconds: float) -> None:
         with self.lock:
             self.generated_tokens += tokens
             self.generation_seconds += seconds
 
-    def text(self, waiting: int, running: int, model: BatchedModel) -> str:
+    def text(self, waiting: int, running: int, model: BatchedModel, evictions: int = 0) -> str:
         with self.lock:
             rate = self.generated_tokens / self.generation_seconds \
                 if self.generation_seconds else 0.0
@@ -713,10 +736,16 @@ class Metrics:
                      "prompt tokens taken from the prompt cache", self.cached_tokens),
                     ("llmpress_prompt_cache_hits_total", "counter",
                      "requests that reused a cached prefix", self.cache_hits),
+                    ("llmpress_prompt_cache_evictions_total", "counter",
+                     "cached conversations dropped to stay under --cache-ram", evictions),
                     ("llmpress_generated_tokens_total", "counter", "tokens generated",
                      self.generated_tokens),
                     ("llmpress_generation_seconds_total", "counter",
                      "seconds spent generating (prompt included)", self.generation_seconds),
+                    ("llmpress_draft_tokens_total", "counter",
+                     "tokens guessed by speculative decoding", self.drafted_tokens),
+                    ("llmpress_draft_tokens_accepted_total", "counter",
+                     "guessed tokens the model kept", self.accepted_tokens),
                     ("llmpress_generated_tokens_per_second", "gauge",
                      "generated tokens per generation second, since start", rate),
                     ("llmpress_requests_waiting", "gauge", "requests queued", waiting),
@@ -810,6 +839,7 @@ class ServerState:
     aliases: frozenset[str]
     worker: GenerationWorker
     created: int = field(default_factory=lambda: int(time.time()))
+    pooling: str = "mean"  # of /v1/embeddings
 
     def check_model(self, name: str) -> str:
         if name not in self.aliases:
@@ -849,7 +879,8 @@ async def health(request: Request, state: ServerState) -> Response:
 
 async def metrics(request: Request, state: ServerState) -> Response:
     return Response(state.worker.metrics.text(state.worker.waiting, state.worker.running,
-                                              state.worker.model),
+                                              state.worker.model,
+                                              state.worker.prompt_cache.evictions),
                     media_type="text/plain; version=0.0.4")
 
 
@@ -882,6 +913,66 @@ async def detokenize(request: Request, state: ServerState) -> Response:
         raise ApiError(400, f"Invalid 'tokens': token id {bad[0]} is outside the vocabulary "
                             f"(0..{vocab - 1}).", param="tokens", code="invalid_value")
     return JSONResponse({"content": state.lm.tokenizer.decode(tokens)})
+
+
+EMBEDDING_FIELDS = frozenset({"input", "model", "encoding_format", "user"})
+
+
+def parse_embedding_input(value: Any, vocab_size: int) -> list[str | list[int]]:
+    """OpenAI's input: a string, an array of strings, an array of token ids, or an array
+    of such arrays. -> one item per embedding."""
+    if value is None:
+        raise missing("input")
+    items = [value] if isinstance(value, str) or (
+        isinstance(value, list) and value and all(_is_int(t) for t in value)) else value
+    if not isinstance(items, list) or not items:
+        raise wrong_type("input", "a string, an array of strings or of token ids", value)
+    for item in items:
+        if isinstance(item, str):
+            continue
+        if not (isinstance(item, list) and item and all(_is_int(t) for t in item)):
+            raise wrong_type("input", "a string, an array of strings or of token ids", value)
+        if bad := [t for t in item if not 0 <= t < vocab_size]:
+            raise ApiError(400, f"Invalid 'input': token id {bad[0]} is outside the vocabulary "
+                                f"(0..{vocab_size - 1}).", param="input", code="invalid_value")
+    if any(isinstance(item, str) and not item for item in items):
+        raise ApiError(400, "Invalid 'input': an empty string has no embedding.",
+                       param="input", code="invalid_value")
+    return items
+
+
+def encoded_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    """base64: the float32 little-endian bytes, as OpenAI sends (and its client decodes)."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+async def embeddings(request: Request, state: ServerState) -> Response:
+    body = parse_json_body(await request.body())
+    reject_unsupported(body, EMBEDDING_FIELDS)
+    model = state.check_model(field_value(body, "model", "string", required=True))
+    encoding_format = field_value(body, "encoding_format", "string", default="float")
+    if encoding_format not in ("float", "base64"):
+        raise ApiError(400, f"Invalid 'encoding_format': {encoding_format!r}; use 'float' or "
+                            "'base64'.", param="encoding_format", code="invalid_value")
+    lm = state.lm
+    items = parse_embedding_input(body.get("input"), lm.tokenizer.vocab_size)
+
+    def task() -> tuple[list[list[float]], int]:
+        token_lists = [lm.encode(i) if isinstance(i, str) else i for i in items]
+        vectors = [lm.embed(ids, pooling=state.pooling)[0] for ids in token_lists]
+        return vectors, sum(len(ids) for ids in token_lists)
+
+    job = Job([], None, asyncio.get_running_loop(), task=task)
+    state.worker.submit(job)
+    vectors, n_tokens = [item async for item in job_chunks(job)][0]
+    return JSONResponse({
+        "object": "list", "model": model,
+        "data": [{"object": "embedding", "index": i,
+                  "embedding": encoded_embedding(v, encoding_format)}
+                 for i, v in enumerate(vectors)],
+        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
 
 async def list_models(request: Request, state: ServerState) -> Response:
@@ -1243,9 +1334,11 @@ def request_log_line(scope: dict, status: int, tally: Tally | None, seconds: flo
 
 def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset(), *,
                api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               parallel: int = 1, cors: tuple[str, ...] = ()) -> Starlette:
+               parallel: int = 1, cors: tuple[str, ...] = (), pooling: str = "mean",
+               cache_ram_mib: float | None = None) -> Starlette:
     """The ASGI app around a loaded model (llmpress.api.LanguageModel)."""
-    worker = GenerationWorker(lm, max_queue, parallel)
+    worker = GenerationWorker(lm, max_queue, parallel,
+                              None if cache_ram_mib is None else int(cache_ram_mib * 2**20))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -1258,13 +1351,15 @@ def create_app(lm, model_id: str, aliases: frozenset[str] | set[str] = frozenset
         Route("/v1/models/{model:path}", endpoint(get_model), methods=["GET"]),
         Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/v1/embeddings", endpoint(embeddings), methods=["POST"]),
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
         Route("/metrics", endpoint(metrics), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
-    app.state.llmpress = ServerState(lm, model_id, frozenset({model_id, *aliases}), worker)
+    app.state.llmpress = ServerState(lm, model_id, frozenset({model_id, *aliases}), worker,
+                                     pooling=pooling)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     if cors:  # outside the key check: a browser's preflight carries no key
@@ -1334,17 +1429,23 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
           mode: str = "fast", device: str | None = None, chat_template: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, parallel: int = 1,
           cors: tuple[str, ...] = (), cache_type_k: str | None = None,
-          cache_type_v: str | None = None) -> None:
+          cache_type_v: str | None = None, speculative: dict | None = None,
+          pooling: str = "mean", cache_ram_mib: float | None = None) -> None:
     """Load the model and serve it until Ctrl-C. api_key None reads LLMPRESS_API_KEY.
-    parallel: how many conversations keep their prompt cache (slots)."""
+    parallel: how many conversations keep their prompt cache (slots). speculative:
+    llmpress.load's draft, lookup_ngram and draft_* options."""
     from llmpress.api import load  # the public API sits above runtime; only serve needs it
 
     if not 1 <= parallel <= MAX_PARALLEL:
         raise LlmpressError(f"--parallel must be in 1..{MAX_PARALLEL}, not {parallel}")
+    if cache_ram_mib is not None and cache_ram_mib < 0:
+        cache_ram_mib = None  # -1, as llama.cpp's: no bound
+    if pooling not in POOLINGS:
+        raise LlmpressError(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
     if api_key is None:
         api_key = os.environ.get("LLMPRESS_API_KEY") or None
     lm = load(model_path_or_name, ctx=ctx, mode=mode, device=device, chat_template=chat_template,
-              cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+              cache_type_k=cache_type_k, cache_type_v=cache_type_v, **(speculative or {}))
     model_id, aliases = model_names(Path(lm.source.path), str(model_path_or_name))
     sock = bind_socket(host, port)
     if not logging.getLogger().handlers and not log.handlers:
@@ -1353,7 +1454,8 @@ def serve(model_path_or_name: str | os.PathLike, host: str = DEFAULT_HOST,
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     app = create_app(lm, model_id, aliases, api_key=api_key, max_queue=max_queue,
-                     parallel=parallel, cors=tuple(cors))
+                     parallel=parallel, cors=tuple(cors), pooling=pooling,
+                     cache_ram_mib=cache_ram_mib)
     url = server_url(sock)
     print(f"llmpress: serving {model_id} (context {lm.context_length} tokens, {lm.device}) "
           f"at {url}/v1{' (API key required)' if api_key else ''}", flush=True)
@@ -1377,10 +1479,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
+    parser.add_argument("--pooling", default="mean")
+    parser.add_argument("--cache-ram", type=float, default=None)
+    parser.add_argument("--draft", default=None)
+    parser.add_argument("--lookup-ngram", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         serve(args.model, args.host, args.port, args.ctx, args.api_key, parallel=args.parallel,
-              cors=tuple(args.cors))
+              cors=tuple(args.cors), pooling=args.pooling, cache_ram_mib=args.cache_ram,
+              speculative={"draft": args.draft, "lookup_ngram": args.lookup_ngram})
     except LlmpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
