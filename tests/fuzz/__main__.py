@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .campaign import failures, plan, run_campaign, table
+from .campaign import failures, memory_summary, plan, run_campaign, table
 from .seeds import build_seeds
 
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in sorted({r.kind for r in results}):
         times = sorted(r.seconds for r in results if r.kind == kind)
         print(f"{kind}: median {times[len(times) // 2]:.2f} s, max {times[-1]:.1f} s per case")
+    print(memory_summary(results))
     bad = failures(results)
     for r in bad:
         print(f"case {r.case} {r.kind} ({r.seed}): {r.outcome} {r.detail}")

@@ -3,7 +3,9 @@ worker process (tests/fuzz/worker.py) with a timeout, and tallies the outcomes.
 
 Outcomes: ran, error (a clean LlmpressError), exception (any other Python exception),
 memory (MemoryError under the address-space limit), crash:<signal> (the worker died
-natively), hang (no answer within the timeout). Only the first two are acceptable.
+natively), hang (no answer within the timeout), alloc>2x (it ran or failed cleanly but its
+peak resident memory grew by more than twice the input's size plus ALLOC_FLOOR). Only the
+first two are acceptable.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ from .seeds import Seeds
 REPO = Path(__file__).resolve().parents[2]
 ACCEPTABLE = ("ran", "error")
 REAL_MODEL_SHARE = 0.1  # GGUF cases mutating the real default model (slower: ~100 MB each)
+# A case may grow the worker's resident memory by twice its input's size (the real
+# default model takes 1.1-1.25x: its mapped file plus the KV cache and activations) plus
+# this floor: what a small input costs whatever its size (the tokenizer's tables, the
+# interpreter's and torch's transient buffers; the tiny seeds take under 2 MiB once the
+# worker is warm, see Worker.warm_up, the hostile templates' output caps a few MiB).
+ALLOC_FLOOR = 32 << 20
+OVER_ALLOCATION = "alloc>2x"
 
 
 @dataclass
@@ -40,6 +49,23 @@ class Result:
     outcome: str
     detail: dict = field(default_factory=dict)
     seconds: float = 0.0
+    size: int = 0  # bytes of the input: file, directory total, or template text
+
+
+def input_size(case: dict) -> int:
+    if case["kind"] == "template":
+        return len(case["template"].encode("utf-8", "surrogatepass"))
+    path = Path(case["path"])
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def judge_allocation(outcome: str, detail: dict, size: int) -> str:
+    """A clean outcome that took more memory than its input justifies is a defect."""
+    if outcome in ACCEPTABLE and detail.get("grew", 0) > 2 * size + ALLOC_FLOOR:
+        return OVER_ALLOCATION
+    return outcome
 
 
 def plan(n_gguf: int, n_hf: int, n_templates: int) -> list[str]:
@@ -87,7 +113,7 @@ class Maker:
 class Worker:
     """One sandboxed process, reused case after case until it dies or hangs."""
 
-    def __init__(self, as_bytes: int):
+    def __init__(self, as_bytes: int, warm_up: dict | None = None):
         env = dict(os.environ, LLMPRESS_FUZZ_AS_BYTES=str(as_bytes), OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO),
                                                os.environ.get("PYTHONPATH", "")]))
@@ -97,6 +123,11 @@ class Worker:
         ready = self._answer(120)
         if ready != {"ready": True}:
             raise RuntimeError(f"fuzz worker did not start: {ready}")
+        if warm_up is not None:  # the first load imports and initializes libraries lazily
+            # (about 19 MiB): paid here, not charged to the first measured case
+            outcome, detail = self.run(warm_up, 120)
+            if outcome != "ran":
+                raise RuntimeError(f"fuzz worker's warm-up failed: {outcome} {detail}")
 
     def _answer(self, timeout: float) -> dict | None:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -142,8 +173,10 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
     results: list[Result] = []
     lock = threading.Lock()
 
+    warm_up = {"kind": "gguf", "path": str(seeds.tiny_ggufs[0])}
+
     def loop() -> None:
-        worker = Worker(as_bytes)
+        worker = Worker(as_bytes, warm_up)
         try:
             while True:
                 try:
@@ -151,9 +184,12 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
                 except queue.Empty:
                     return
                 case, seed_name, path = maker.make(i, kind)
+                size = input_size(case)
                 start = time.perf_counter()
                 outcome, detail = worker.run(case, timeout)
-                result = Result(i, kind, seed_name, outcome, detail, time.perf_counter() - start)
+                outcome = judge_allocation(outcome, detail, size)
+                result = Result(i, kind, seed_name, outcome, detail, time.perf_counter() - start,
+                                size)
                 if outcome not in ACCEPTABLE and keep is not None and path is not None:
                     keep.mkdir(parents=True, exist_ok=True)
                     (shutil.copytree if path.is_dir() else shutil.copy)(path, keep / path.name)
@@ -167,7 +203,7 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
                     if progress:
                         progress(result, len(results), len(kinds))
                 if not worker.alive:
-                    worker = Worker(as_bytes)
+                    worker = Worker(as_bytes, warm_up)
         finally:
             worker.kill()
 
@@ -192,6 +228,19 @@ def table(results: list[Result]) -> str:
         lines.append(f"| {o} | " + " | ".join(str(counts[k, o]) for k in kinds) + " |")
     lines.append("| total | " + " | ".join(str(sum(r.kind == k for r in results))
                                            for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def memory_summary(results: list[Result]) -> str:
+    """Per kind: the case whose memory growth came closest to its allowance."""
+    lines = []
+    for kind in sorted({r.kind for r in results}):
+        worst = max((r for r in results if r.kind == kind),
+                    key=lambda r: r.detail.get("grew", 0) / (2 * r.size + ALLOC_FLOOR))
+        grew = worst.detail.get("grew", 0)
+        lines.append(f"{kind}: most memory: case {worst.case}, grew {grew / 2**20:.1f} MiB for "
+                     f"a {worst.size / 2**20:.1f} MiB input ({grew / (2 * worst.size + ALLOC_FLOOR):.0%}"
+                     " of the allowance)")
     return "\n".join(lines)
 
 

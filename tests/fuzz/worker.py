@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 
@@ -29,6 +30,24 @@ def run_case(case: dict) -> None:
     prompt = lm.chat_prompt(MESSAGES)
     lm.generate(prompt, max_tokens=2, temperature=0)
     lm.generate("Hello", max_tokens=2, temperature=0.8, seed=1)
+
+
+def _status_kib(name: str) -> int:
+    return int(re.search(rf"^{name}:\s+(\d+) kB", open("/proc/self/status").read(), re.M)[1])
+
+
+def measured(case: dict) -> dict:
+    """classify(case), with `grew`: the case's peak resident memory above what the
+    process held before it, in bytes. The kernel's high-water mark (VmHWM) is reset first
+    (clear_refs 5), so a reused worker measures each case from its own start; resident
+    pages count what was really touched (a reserved but unused range costs nothing), and
+    the model file's mapped pages count once they are read."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    result = classify(case)
+    result["grew"] = max(0, _status_kib("VmHWM") - before) * 1024
+    return result
 
 
 def classify(case: dict) -> dict:
@@ -61,7 +80,7 @@ def main() -> None:
     sys.stdout = sys.stderr  # whatever a case prints must not mix with the answers
     print(json.dumps({"ready": True}), file=out, flush=True)
     for line in sys.stdin:
-        result = classify(json.loads(line))
+        result = measured(json.loads(line))
         print(json.dumps(result), file=out, flush=True)
 
 

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
 MAX_VOCABULARY = 1 << 24  # the largest real vocabularies hold ~10^6 tokens
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+# encode(max_tokens=...): a text longer than this (and than 8 characters a token) is first
+# counted slice by slice, so that a prompt far beyond the context (a chat template may
+# render megabytes) never holds all its tokens at once: the engine keeps ~170 bytes each
+LENGTH_CHECK_CHARS = 1 << 16
 
 # --- pre-tokenizer regexes, copied from llm_tokenizer_bpe (llama-vocab.cpp) ----------------
 # llama.cpp spells case-insensitive contractions as '[sS] instead of (?i:'s): the same
@@ -382,10 +386,14 @@ class Tokenizer:
                            bos_token=self.bos_token, eos_token=self.eos_token, **extra)
 
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True,
-               add_eos: bool | None = None) -> list[int]:
+               add_eos: bool | None = None, max_tokens: int | None = None) -> list[int]:
         """Token ids of text. add_bos/add_eos default to the model's own flags
         (tokenizer.ggml.add_bos_token). parse_special=False reads control tokens such
-        as <|im_start|> as plain text (user input must not forge them)."""
+        as <|im_start|> as plain text (user input must not forge them). max_tokens: a
+        text that surely gives more is refused (LlmpressError) before it is tokenized
+        whole; one that may fit is tokenized as usual (the caller checks the count)."""
+        if max_tokens is not None and len(text) > max(LENGTH_CHECK_CHARS, 8 * max_tokens):
+            self._refuse_if_longer(text, max_tokens, parse_special)
         with self._engine_lock:
             self._engine.encode_special_tokens = not parse_special
             ids = self._engine.encode(text, add_special_tokens=False).ids
@@ -394,6 +402,23 @@ class Tokenizer:
         if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+    def _refuse_if_longer(self, text: str, max_tokens: int, parse_special: bool) -> None:
+        """Count text's tokens in slices of LENGTH_CHECK_CHARS; raise as soon as the count
+        shows more than max_tokens. A cut can split a word into more tokens than it has
+        whole, so each cut so far is allowed a margin of 64 tokens."""
+        count = 0
+        for cuts, start in enumerate(range(0, len(text), LENGTH_CHECK_CHARS)):
+            with self._engine_lock:
+                self._engine.encode_special_tokens = not parse_special
+                count += len(self._engine.encode(text[start:start + LENGTH_CHECK_CHARS],
+                                                 add_special_tokens=False).ids)
+            if count > max_tokens + 64 * cuts:
+                raise LlmpressError(
+                    f"the prompt is over {max_tokens:,} tokens (its first "
+                    f"{min(len(text), start + LENGTH_CHECK_CHARS):,} of {len(text):,} "
+                    f"characters give {count:,}), more than the context holds; shorten it or "
+                    "raise --ctx")
 
     # ---- decoding ---------------------------------------------------------------------
 

@@ -890,7 +890,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     def encode() -> list[int]:
         try:
             extra = {"tools": tools} if tools and reads_tools else {}
-            return state.lm.encode(state.lm.chat_prompt(prompt_messages, **extra))
+            return state.lm.encode_prompt(state.lm.chat_prompt(prompt_messages, **extra))
         except jinja2.TemplateError as exc:  # the template refused these messages
             raise ApiError(400, f"The model's chat template rejected the messages: {exc}",
                            param="messages", code="invalid_value") from None
@@ -934,7 +934,7 @@ async def completions(request: Request, state: ServerState) -> Response:
     prompt = parse_prompt(body.get("prompt"), state.lm.model.cfg.vocab_size)
     echo = field_value(body, "echo", "boolean", default=False)
     if isinstance(prompt, str):
-        prompt_ids = await asyncio.to_thread(state.lm.encode, prompt)
+        prompt_ids = await asyncio.to_thread(state.lm.encode_prompt, prompt)
         prompt_text = prompt
     else:
         prompt_ids, prompt_text = prompt, state.lm.tokenizer.decode(prompt)
