@@ -30,7 +30,8 @@ from .mutate import hostile_template, mutate_gguf, mutate_hf_dir
 from .seeds import Seeds
 
 REPO = Path(__file__).resolve().parents[2]
-ACCEPTABLE = ("ran", "error")
+ACCEPTABLE = ("ran", "ok", "error")  # ok: an HTTP request answered 2xx (tests/fuzz/http.py)
+KINDS = ("gguf", "hf", "template", "http")  # the table's columns
 REAL_MODEL_SHARE = 0.1  # GGUF cases mutating the real default model (slower: ~100 MB each)
 # A case may grow the worker's resident memory by twice its input's size (the real
 # default model takes 1.1-1.25x: its mapped file plus the KV cache and activations) plus
@@ -113,10 +114,17 @@ class Maker:
 class Worker:
     """One sandboxed process, reused case after case until it dies or hangs."""
 
-    def __init__(self, as_bytes: int, warm_up: dict | None = None):
+    def __init__(self, as_bytes: int, warm_up: dict | None = None, asan: Asan | None = None):
+        # RUST_BACKTRACE=0: with backtraces on, the tokenizers engine's first panic (a
+        # malformed tokenizer.json, reported as one line) symbolizes its stack: ~50 MiB
         env = dict(os.environ, LLMPRESS_FUZZ_AS_BYTES=str(as_bytes), OMP_NUM_THREADS="1",
+                   RUST_BACKTRACE="0",
                    PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO),
                                                os.environ.get("PYTHONPATH", "")]))
+        self.asan = asan
+        if asan is not None:
+            env.update(asan.environment())
+            env["LLMPRESS_FUZZ_AS_BYTES"] = "0"
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz.worker"], cwd=REPO,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=env, text=True)
@@ -149,6 +157,9 @@ class Worker:
         if not answer:  # EOF: the process died
             status = self.proc.wait()
             name = signal.Signals(-status).name if status < 0 else f"exit {status}"
+            report = self.asan.report(self.proc.pid) if self.asan else None
+            if report is not None:
+                return "crash:asan", {"asan": report}
             return f"crash:{name}", {}
         return answer.pop("outcome"), answer
 
@@ -162,9 +173,44 @@ class Worker:
         return self.proc.poll() is None
 
 
+@dataclass(frozen=True)
+class Asan:
+    """Workers whose C extensions are the AddressSanitizer build in `lib`; each report
+    goes to log_dir/asan.<pid> and makes the case a native crash (crash:asan)."""
+    lib: Path
+    log_dir: Path
+
+    @classmethod
+    def build(cls, work: Path) -> Asan:
+        lib, log_dir = work / "asan-lib", work / "asan-logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if not list(lib.rglob("_qmatmul*.so")):
+            subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib",
+                            str(lib), "--build-temp", str(work / "asan-tmp")], cwd=REPO,
+                           check=True, env=dict(os.environ, LLMPRESS_SANITIZE="address"))
+        return cls(lib, log_dir)
+
+    def environment(self) -> dict[str, str]:
+        runtime = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        # python itself is not instrumented: the runtime must come first (LD_PRELOAD);
+        # a giant allocation returns NULL (MemoryError) as without ASAN
+        return {"LD_PRELOAD": runtime, "LLMPRESS_FUZZ_ASAN_LIB": str(self.lib),
+                "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:"
+                                f"handle_abort=0:log_path={self.log_dir / 'asan'}"}
+
+    def report(self, pid: int) -> str | None:
+        """The first lines of worker pid's ASAN report, if it wrote one."""
+        path = self.log_dir / f"asan.{pid}"
+        if not path.exists():
+            return None
+        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+        return " | ".join(lines[1:4])[:600]
+
+
 def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs: int = 2,
                  timeout: float = 60.0, as_bytes: int = 4 << 30, keep: Path | None = None,
-                 progress=None) -> list[Result]:
+                 progress=None, asan: Asan | None = None) -> list[Result]:
     work.mkdir(parents=True, exist_ok=True)
     maker = Maker(seeds, work, seed)
     todo: queue.Queue = queue.Queue()
@@ -176,7 +222,7 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
     warm_up = {"kind": "gguf", "path": str(seeds.tiny_ggufs[0])}
 
     def loop() -> None:
-        worker = Worker(as_bytes, warm_up)
+        worker = Worker(as_bytes, warm_up, asan)
         try:
             while True:
                 try:
@@ -187,7 +233,8 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
                 size = input_size(case)
                 start = time.perf_counter()
                 outcome, detail = worker.run(case, timeout)
-                outcome = judge_allocation(outcome, detail, size)
+                if asan is None:  # ASAN's shadow memory and quarantine inflate the RSS
+                    outcome = judge_allocation(outcome, detail, size)
                 result = Result(i, kind, seed_name, outcome, detail, time.perf_counter() - start,
                                 size)
                 if outcome not in ACCEPTABLE and keep is not None and path is not None:
@@ -203,7 +250,7 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
                     if progress:
                         progress(result, len(results), len(kinds))
                 if not worker.alive:
-                    worker = Worker(as_bytes, warm_up)
+                    worker = Worker(as_bytes, warm_up, asan)
         finally:
             worker.kill()
 
@@ -217,7 +264,7 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
 
 def table(results: list[Result]) -> str:
     """Outcomes per kind of input, as a Markdown table."""
-    kinds = sorted({r.kind for r in results})
+    kinds = [k for k in KINDS if any(r.kind == k for r in results)]
     outcomes = sorted({r.outcome for r in results},
                       key=lambda o: (o not in ACCEPTABLE, ACCEPTABLE.index(o)
                                      if o in ACCEPTABLE else 0, o))
@@ -234,7 +281,7 @@ def table(results: list[Result]) -> str:
 def memory_summary(results: list[Result]) -> str:
     """Per kind: the case whose memory growth came closest to its allowance."""
     lines = []
-    for kind in sorted({r.kind for r in results}):
+    for kind in [k for k in KINDS if k != "http" and any(r.kind == k for r in results)]:
         worst = max((r for r in results if r.kind == kind),
                     key=lambda r: r.detail.get("grew", 0) / (2 * r.size + ALLOC_FLOOR))
         grew = worst.detail.get("grew", 0)

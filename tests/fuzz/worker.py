@@ -70,9 +70,27 @@ def classify(case: dict) -> dict:
                 "message": str(exc)[:300], "where": f"{where.filename}:{where.lineno}"}
 
 
+def use_asan_build(lib: str) -> None:
+    """Load the C extensions from the AddressSanitizer build under lib (setup.py with
+    LLMPRESS_SANITIZE=address) instead of the normal ones."""
+    import importlib.util
+
+    import llmpress.formats
+    import llmpress.kernels
+    for package in (llmpress.kernels, llmpress.formats):
+        package.__path__.insert(0, os.path.join(lib, *package.__name__.split(".")))
+    for name in ("llmpress.kernels._qmatmul", "llmpress.formats._quantize"):
+        origin = importlib.util.find_spec(name).origin
+        if not origin.startswith(lib):
+            raise SystemExit(f"{name} is not the ASAN build: {origin}")
+
+
 def main() -> None:
     limit = int(os.environ.get("LLMPRESS_FUZZ_AS_BYTES", 4 << 30))
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if limit:  # 0 under ASAN, whose shadow memory reserves terabytes of address space
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if os.environ.get("LLMPRESS_FUZZ_ASAN_LIB"):
+        use_asan_build(os.environ["LLMPRESS_FUZZ_ASAN_LIB"])
     import torch
     torch.set_num_threads(1)
     import llmpress.api  # noqa: F401 (imported once, before the first case's clock starts)

@@ -109,6 +109,11 @@ def _raise_exception(message: str):
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # every line is indented: indent=10**9 would build gigabytes before any size check
+    width = indent if isinstance(indent, int) else len(indent) if isinstance(indent, str) else 0
+    if width > MAX_INDENT:
+        raise TemplateBudgetExceeded(f"tojson with an indent of {width:,} (the limit is "
+                                     f"{MAX_INDENT})")
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                       sort_keys=sort_keys)
 
@@ -122,6 +127,7 @@ MAX_TEMPLATE_CHARS = 512 * 1024  # real templates are a few KiB; the largest kno
 MAX_VALUE = 4_000_000  # characters (or items) any one value may reach while rendering
 MAX_OUTPUT = 4_000_000  # characters of rendered prompt
 RENDER_SECONDS = 2.0  # real templates render in milliseconds
+MAX_INDENT = 64  # tojson's indent: real templates use 2 or 4
 _HUGE_FORMAT = re.compile(r"\*|\d{7,}")  # a '*' width or one of >= 7 digits
 
 

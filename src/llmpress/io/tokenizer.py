@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
 MAX_VOCABULARY = 1 << 24  # the largest real vocabularies hold ~10^6 tokens
+MAX_SPECIAL_TOKEN_CHARS = 1 << 18  # all control + user-defined tokens; Gemma 3: 75,784
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 # encode(max_tokens=...): a text longer than this (and than 8 characters a token) is first
 # counted slice by slice, so that a prompt far beyond the context (a chat template may
@@ -200,11 +201,17 @@ _BYTE_DECODER = str.maketrans({c: chr(b) for b, c in gpt2_bytes_to_unicode().ite
 def _byte_level_piece(text: str) -> bytes:
     """A byte-level BPE token's bytes (llama_decode_text); a character outside the
     256-character alphabet is kept as its own UTF-8."""
-    mapped = text.translate(_BYTE_DECODER)
-    try:
-        return mapped.encode("latin-1")
-    except UnicodeEncodeError:
-        return b"".join(c.encode("latin-1") if ord(c) < 256 else c.encode() for c in mapped)
+    return text.translate(_BYTE_DECODER).encode("latin-1", errors=_UTF8_ERRORS)
+
+
+def _utf8_beyond_latin1(error: UnicodeEncodeError) -> tuple[bytes, int]:
+    """A run of characters latin-1 cannot encode, as UTF-8: one call a run, so a hostile
+    megabyte token costs its own size, not a bytes object per character (92 MiB)."""
+    return error.object[error.start:error.end].encode("utf-8", "surrogatepass"), error.end
+
+
+_UTF8_ERRORS = "llmpress.utf8_beyond_latin1"
+codecs.register_error(_UTF8_ERRORS, _utf8_beyond_latin1)
 
 
 def _sentencepiece_piece(text: str) -> bytes:
@@ -415,7 +422,7 @@ class Tokenizer:
                                                  add_special_tokens=False).ids)
             if count > max_tokens + 64 * cuts:
                 raise LlmpressError(
-                    f"the prompt is over {max_tokens:,} tokens (its first "
+                    f"the text is over {max_tokens:,} tokens (its first "
                     f"{min(len(text), start + LENGTH_CHECK_CHARS):,} of {len(text):,} "
                     f"characters give {count:,}), more than the context holds; shorten it or "
                     "raise --ctx")
@@ -654,6 +661,11 @@ def _add_special_tokens(engine: EngineTokenizer, tokens: list[str], control: set
                         user_defined: set[int]) -> None:
     """Control tokens are 'special' (skipped when parse_special=False); user-defined ones
     always match. Both match raw text, before normalization, like tokenizer_st_partition."""
+    total = sum(len(tokens[i]) for i in control | user_defined)
+    if total > MAX_SPECIAL_TOKEN_CHARS:  # the engine's matcher takes ~85 bytes a character
+        raise LlmpressError(f"the vocabulary's control and user-defined tokens total {total:,} "
+                            f"characters (the limit is {MAX_SPECIAL_TOKEN_CHARS:,}; Gemma 3's "
+                            "6,414 take 75,784); the file is corrupt")
     engine.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                for i in sorted(control)])
     engine.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
