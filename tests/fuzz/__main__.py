@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     n_hf, n_tpl = (0, 0) if args.asan else (args.cases * 17 // 100, args.cases * 14 // 100)
     kinds = plan(args.cases - n_hf - n_tpl, n_hf, n_tpl)
     asan = Asan.build(work) if args.asan else None
+    if asan is not None:
+        asan.prove(int(args.as_gib * 2**30))
     start = time.perf_counter()
 
     def progress(result, done, total):

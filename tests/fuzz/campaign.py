@@ -190,6 +190,15 @@ class Asan:
                            check=True, env=dict(os.environ, LLMPRESS_SANITIZE="address"))
         return cls(lib, log_dir)
 
+    def prove(self, as_bytes: int) -> None:
+        """A deliberate overflow in the C code must come back as crash:asan."""
+        worker = Worker(as_bytes, None, self)
+        outcome, detail = worker.run({"kind": "asan-canary"}, 120)
+        worker.kill()
+        if outcome != "crash:asan":
+            raise RuntimeError(f"the ASAN build did not report a heap overflow: {outcome}")
+        print(f"ASAN canary: {detail['asan'][:160]}", file=sys.stderr)
+
     def environment(self) -> dict[str, str]:
         runtime = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
                                  text=True, check=True).stdout.strip()

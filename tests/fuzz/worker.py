@@ -21,6 +21,9 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 def run_case(case: dict) -> None:
     """What a user does with the input: load the model, render its chat template, ask for
     two tokens; a template alone is rendered."""
+    if case["kind"] == "asan-canary":  # a heap overflow in the C code, on purpose
+        overflow_in_c()
+        return
     if case["kind"] == "template":
         from llmpress.io.chat_template import render_chat
         render_chat(case["template"], MESSAGES)
@@ -48,6 +51,19 @@ def measured(case: dict) -> dict:
     result = classify(case)
     result["grew"] = max(0, _status_kib("VmHWM") - before) * 1024
     return result
+
+
+def overflow_in_c() -> None:
+    """Quantize 4 rows into a buffer for 1 (the length the C code is given is a lie):
+    proves that --asan reports a bad write inside the extensions."""
+    import ctypes
+
+    import numpy as np
+
+    from llmpress.formats import cquant
+    values, out = np.ones((4, 32), np.float32), np.empty(34, np.uint8)  # Q8_0: 34 bytes a row
+    cquant._library().llmpress_quantize(8, values.ctypes.data, out.ctypes.data, 4, 32, None,
+                                        1, ctypes.byref(ctypes.c_int64(-1)))
 
 
 def classify(case: dict) -> dict:

@@ -236,6 +236,7 @@ class Tokenizer:
         self._special_ids = frozenset(special_ids)  # hidden when decoding with special=False
         self._unused_ids = frozenset(unused_ids)  # no text at all (llama_token_to_piece)
         self._pieces: list[bytes] | None = None  # built on first decode
+        self._longest: int | None = None  # characters of the longest token, when needed
         self.bos_id, self.eos_id = bos_id, eos_id
         self.eos_ids = frozenset(eos_ids)
         self.add_bos, self.add_eos = add_bos, add_eos
@@ -411,21 +412,34 @@ class Tokenizer:
         return ids
 
     def _refuse_if_longer(self, text: str, max_tokens: int, parse_special: bool) -> None:
-        """Count text's tokens in slices of LENGTH_CHECK_CHARS; raise as soon as the count
-        shows more than max_tokens. A cut can split a word into more tokens than it has
-        whole, so each cut so far is allowed a margin of 64 tokens."""
+        """Raise when text surely gives more than max_tokens tokens, without holding all
+        its tokens at once. No token covers more than the vocabulary's longest token, so a
+        text that long many times over is refused outright; else it is counted in slices
+        of LENGTH_CHECK_CHARS, each cut allowed to add as many tokens as the longest token
+        has characters (a cut word may split into more tokens than it has whole)."""
+        longest = self._longest_token()
+        if len(text) > 2 * longest * max_tokens:  # 2: a normalizer may shorten the text
+            raise self._too_long(max_tokens, f"{len(text):,} characters")
         count = 0
-        for cuts, start in enumerate(range(0, len(text), LENGTH_CHECK_CHARS)):
+        for start in range(0, len(text), LENGTH_CHECK_CHARS):
+            done = min(len(text), start + LENGTH_CHECK_CHARS)
             with self._engine_lock:
                 self._engine.encode_special_tokens = not parse_special
-                count += len(self._engine.encode(text[start:start + LENGTH_CHECK_CHARS],
-                                                 add_special_tokens=False).ids)
-            if count > max_tokens + 64 * cuts:
-                raise LlmpressError(
-                    f"the text is over {max_tokens:,} tokens (its first "
-                    f"{min(len(text), start + LENGTH_CHECK_CHARS):,} of {len(text):,} "
-                    f"characters give {count:,}), more than the context holds; shorten it or "
-                    "raise --ctx")
+                count += len(self._engine.encode(text[start:done], add_special_tokens=False).ids)
+            cuts = done // LENGTH_CHECK_CHARS - (done == len(text))  # slice ends inside text
+            if count > max_tokens + max(64, longest) * cuts:
+                raise self._too_long(max_tokens, f"its first {done:,} of {len(text):,} "
+                                                 f"characters give {count:,}")
+
+    def _longest_token(self) -> int:
+        if self._longest is None:
+            self._longest = max(map(len, self._tokens), default=1) or 1
+        return self._longest
+
+    @staticmethod
+    def _too_long(max_tokens: int, why: str) -> LlmpressError:
+        return LlmpressError(f"the text is over {max_tokens:,} tokens ({why}), more than the "
+                             "context holds; shorten it or raise --ctx")
 
     # ---- decoding ---------------------------------------------------------------------
 
