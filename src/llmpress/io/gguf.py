@@ -127,9 +127,9 @@ class _Cursor:
             if item_type in SCALAR_TYPES:
                 dtype = np.dtype(SCALAR_TYPES[item_type][0])
                 n = self.count(f"{what} array length", dtype.itemsize)
-                # a list slot each, and an object for all but the small ints Python shares
-                self.charge(n * (8 if dtype.itemsize == 1 else 40), f"{what} ({n} items)")
-                return np.frombuffer(self.take(n * dtype.itemsize, what), dtype=dtype).tolist()
+                values = np.frombuffer(self.take(n * dtype.itemsize, what), dtype=dtype)
+                self.charge(_list_bytes(values), f"{what} ({n} items)")
+                return values.tolist()
             if item_type == STRING:
                 return self.strings(self.count(f"{what} array length", 8), what)
             if item_type == ARRAY:
@@ -139,6 +139,16 @@ class _Cursor:
                 return [self.value(ARRAY, what, depth + 1) for _ in range(n)]
             raise self.fail(f"unknown array item type {item_type} in {what}")
         raise self.fail(f"unknown value type {vtype} in {what}")
+
+
+def _list_bytes(values: np.ndarray) -> int:
+    """What values.tolist() takes: a list slot each, and an object for each float and
+    each int outside the small ones (-5..256) Python shares."""
+    if values.dtype.kind == "f":
+        return 32 * values.size
+    if values.dtype.kind in "iu" and values.dtype.itemsize > 1:
+        return 8 * values.size + 32 * int(np.count_nonzero((values < -5) | (values > 256)))
+    return 8 * values.size
 
 
 def tensor_nbytes(ggml_type: GGMLQuantizationType, dims: list[int], name: str) -> int:
