@@ -1,5 +1,14 @@
 """Builds the optional CPU matmul kernel. If no C compiler is present the install still
-succeeds and llmpress falls back to exact dequantize-then-multiply (slower)."""
+succeeds and llmpress falls back to exact dequantize-then-multiply (slower).
+
+LLMPRESS_SANITIZE=address builds both extensions with AddressSanitizer, for the fuzzer
+(`python -m tests.fuzz --asan` builds them so itself); give it its own --build-lib so
+the normal build stays as it is:
+    LLMPRESS_SANITIZE=address python setup.py build_ext --build-lib build/asan \
+        --build-temp build/asan-tmp
+"""
+
+import os
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -43,4 +52,8 @@ quantizer = Extension(
                         "-fopenmp"],
     extra_link_args=["-fopenmp", "-lm"],
 )
+if os.environ.get("LLMPRESS_SANITIZE") == "address":  # checked, not fast: for the fuzzer
+    for extension in (kernel, quantizer):
+        extension.extra_compile_args += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+        extension.extra_link_args += ["-fsanitize=address"]
 setup(ext_modules=[kernel, quantizer], cmdclass={"build_ext": OptionalBuildExt})

@@ -47,6 +47,8 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
     ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursion"),
     ("{% if true %}" * 100 + "{% endif %}" * 100, "nests too deeply"),  # IndentationError
     ("{% if true %}" * 5000 + "{% endif %}" * 5000, "nests too deeply"),  # RecursionError
+    # found by the fuzzer's memory check: 1 GB of spaces before the time limit stopped it
+    ("{{ messages|tojson(indent=10**9) }}", "tojson with an indent of 1,000,000,000"),
     (7, "is a int, not text"),
     ({"default": "x"}, "is a dict, not text"),
 ])
@@ -108,6 +110,69 @@ def test_a_megabyte_token_builds_in_linear_time():
     assert time.perf_counter() - start < 5  # was quadratic: over 60 s
     plain = Tokenizer.from_gguf_metadata(sentencepiece_metadata([]))
     assert tok.encode("ab a xx") == plain.encode("ab a xx")
+
+
+# --- memory: what a hostile input drives stays near its own size (the fuzzer's check) ------
+def peak_growth(setup: str, code: str) -> int:
+    """Bytes by which `code` raised a fresh interpreter's peak resident memory (VmHWM,
+    reset after `setup`), as tests/fuzz/worker.py measures each case."""
+    script = textwrap.dedent(f"""
+        import re, sys
+        sys.path.insert(0, "tests")
+        def status(name):
+            return int(re.search(name + r":\\s+(\\d+)", open("/proc/self/status").read())[1])
+        {setup}
+        open("/proc/self/clear_refs", "w").write("5")
+        before = status("VmRSS")
+        {code}
+        print((status("VmHWM") - before) * 1024)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int(done.stdout.split()[-1])
+
+
+def test_a_prompt_far_past_the_context_is_refused_without_tokenizing_it_whole():
+    """Found by the fuzzer: a 200 KB file's template rendered 500 KB of prompt, whose
+    400,000 tokens took 65 MiB (the engine keeps ~170 bytes a token) before the context
+    check; a 4 MB prompt took 600 MiB."""
+    setup = ("from test_hostile_inputs import sentencepiece_metadata\n"
+             "        from llmpress.io.tokenizer import Tokenizer\n"
+             "        tok = Tokenizer.from_gguf_metadata(sentencepiece_metadata([]))\n"
+             "        tok.encode('ab')\n"
+             "        text = 'ab a ' * 800_000")
+    code = ("try:\n            tok.encode(text, max_tokens=64)\n"
+            "        except Exception as e:\n            print(e)")
+    assert peak_growth(setup, code) < 16 << 20
+    tok = Tokenizer.from_gguf_metadata(sentencepiece_metadata([]))
+    with pytest.raises(LlmpressError, match="over 64 tokens"):
+        tok.encode("ab a " * 800_000, max_tokens=64)
+    fits = "ab a " * 20_000  # long enough to be counted in slices first: same tokens
+    assert tok.encode(fits, max_tokens=100_000) == tok.encode(fits)
+
+
+def test_a_megabyte_byte_level_token_costs_its_size():
+    """Found by the fuzzer: a 1 MB token outside latin-1 became a bytes object per
+    character (92 MiB) when the decoding table was built."""
+    from llmpress.io.tokenizer import _byte_level_piece
+    for text in ("\u0120hi", "a\u00e9\u6f22\u5b57b", "\u6f22xxx", "\u0100" * 3):
+        assert _byte_level_piece(text) == b"".join(
+            c.encode("latin-1") if ord(c) < 256 else c.encode()
+            for c in text.translate(__import__("llmpress.io.tokenizer", fromlist=["x"])
+                                    ._BYTE_DECODER))
+    growth = peak_growth("from llmpress.io.tokenizer import _byte_level_piece\n"
+                         "        token = '\\u6f22x' * 500_000",
+                         "_byte_level_piece(token)")
+    assert growth < 16 << 20
+
+
+def test_control_tokens_beyond_any_real_vocabulary_are_refused():
+    """Found by the fuzzer: a 1 MB control token made the engine's matcher take 85 MiB."""
+    metadata = sentencepiece_metadata(["<|x|>" * 60_000])
+    metadata["tokenizer.ggml.token_type"][-1] = int(TokenType.CONTROL)
+    with pytest.raises(LlmpressError, match="control and user-defined tokens total 300,012 "):
+        Tokenizer.from_gguf_metadata(metadata)
 
 
 def test_split_points_find_every_merge_the_full_scan_finds():

@@ -164,6 +164,23 @@ def test_deeply_nested_gguf_arrays(tmp_path, capsys):
     assert "nests arrays more than 16 deep" in run_in_process(path, capsys)
 
 
+def test_metadata_that_would_outgrow_the_file(tmp_path, capsys):
+    """Found by the fuzzer's memory check: a corrupt length made a token string of the
+    rest of the file (75 MB of tensor data), which decoded to 345 MiB of text."""
+    rest = b"\xff" * (16 << 20)
+    payload = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k"
+               + struct.pack("<IQ", STRING, len(rest)) + rest)
+    path = tmp_path / "outgrown.gguf"
+    path.write_bytes(payload)
+    assert "would take more memory than the file's size justifies" in run_in_process(
+        path, capsys)
+    many = struct.pack("<Q", 0) * (2 << 20)  # 2 M empty strings: 16 MB, ~130 MB as a list
+    payload = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k"
+               + struct.pack("<IIQ", ARRAY, STRING, 2 << 20) + many)
+    path.write_bytes(payload)
+    assert "k (2097152 strings) would take more memory" in run_in_process(path, capsys)
+
+
 def test_alignment_of_the_wrong_type(tmp_path, capsys):
     payload = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + g.encode_value(STRING, "x")[4:]
                [:0] + struct.pack("<Q", 17) + b"general.alignment" + g.encode_value(STRING, "64"))

@@ -504,6 +504,28 @@ def test_prompt_longer_than_context(server, lm):
         server.client().completions.create(model="smollm2", prompt="word " * CTX)
 
 
+def test_huge_bodies_are_refused_before_they_are_read(server, lm):
+    """A declared body over the limit is a 413 at once; a text far past the context is
+    refused by /tokenize before it is tokenized whole (found by the HTTP fuzzer: 2 MB of
+    text raised the server's memory by 189 MiB)."""
+    host, port = server.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 1000000000\r\n\r\n{")
+        answer = b""
+        while not answer.endswith(b"}") and (piece := sock.recv(65536)):
+            answer += piece
+        answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 413") and '"code":"request_too_large"' in answer
+    response = httpx.post(server.base + "/tokenize", json={"content": "word " * 200_000},
+                          timeout=60)
+    assert response.status_code == 400
+    assert f"over {CTX} tokens" in response.json()["error"]["message"]
+    short = httpx.post(server.base + "/tokenize", json={"content": "word " * 10}, timeout=30)
+    assert short.json()["tokens"] == lm.tokenizer.encode("word " * 10, add_bos=False,
+                                                         add_eos=False)
+
+
 def test_unknown_paths_and_methods(server):
     for method, path, status in (("GET", "/v1/engines", 404),
                                  ("GET", "/v1/chat/completions", 405)):

@@ -139,6 +139,11 @@ class LanguageModel:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's token ids; one far longer than the context is refused early, without
+        tokenizing all of it (a chat template may render megabytes)."""
+        return self.tokenizer.encode(text, max_tokens=self.context_length)
+
     def stream(self, prompt: str | list[int], max_tokens: int = 256, stop: tuple[str, ...] = (),
                *, prompt_cache: bool = True, json_schema: dict | None = None,
                speculative: bool = True, **sampling) -> Iterator[Chunk]:
@@ -146,7 +151,7 @@ class LanguageModel:
         prompt_cache=False runs the whole prompt (and leaves the cache as it was).
         json_schema: the output is JSON valid against it ({"type": "object"}: any object).
         speculative=False decodes one token per pass even when load() set up drafting."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         grammar = None if json_schema is None else self.json_grammar(json_schema)
         cfg = GenerationConfig(max_tokens=max_tokens, stop=tuple(stop), grammar=grammar,
                                sampling=SamplingConfig(**sampling))
@@ -158,7 +163,7 @@ class LanguageModel:
                  stop: tuple[str, ...] = (), *, prompt_cache: bool = True,
                  json_schema: dict | None = None, speculative: bool = True,
                  **sampling) -> Completion:
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         text, tokens, last = [], [], None
         for chunk in self.stream(ids, max_tokens, stop, prompt_cache=prompt_cache,
                                  json_schema=json_schema, speculative=speculative, **sampling):

@@ -9,7 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .campaign import failures, plan, run_campaign, table
+from .campaign import ACCEPTABLE, KINDS, Asan, failures, memory_summary, plan, run_campaign, table
+from .http import run_http
 from .seeds import build_seeds
 
 
@@ -24,26 +25,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="seeds and case files (temp dir)")
     p.add_argument("--keep", type=Path, default=None, help="copy failing inputs here")
     p.add_argument("--no-real", action="store_true", help="skip the real default model")
+    p.add_argument("--http", type=int, default=250, help="hostile HTTP requests against a "
+                   "real server on the default model (default: the CI set's 250; 0: none)")
+    p.add_argument("--asan", action="store_true", help="GGUF cases only, their workers "
+                   "running the C extensions built with AddressSanitizer (built into --work)")
     args = p.parse_args(argv)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="llmpress-fuzz-"))
     seeds = build_seeds(work / "seeds", real=not args.no_real)
-    n_hf, n_tpl = args.cases * 17 // 100, args.cases * 14 // 100
+    n_hf, n_tpl = (0, 0) if args.asan else (args.cases * 17 // 100, args.cases * 14 // 100)
     kinds = plan(args.cases - n_hf - n_tpl, n_hf, n_tpl)
+    asan = Asan.build(work) if args.asan else None
+    if asan is not None:
+        asan.prove(int(args.as_gib * 2**30))
     start = time.perf_counter()
 
     def progress(result, done, total):
-        if result.outcome not in ("ran", "error") or done % 100 == 0:
+        if result.outcome not in ACCEPTABLE or done % 100 == 0:
             print(f"[{done}/{total}] case {result.case} {result.kind} ({result.seed}): "
                   f"{result.outcome} {result.detail or ''}", file=sys.stderr, flush=True)
 
     results = run_campaign(seeds, work / "cases", kinds, args.seed, args.jobs, args.timeout,
-                           int(args.as_gib * 2**30), args.keep, progress)
+                           int(args.as_gib * 2**30), args.keep, progress, asan)
+    if args.http and not args.asan:
+        from llmpress import hub
+        http_results, server_peak = run_http(hub.pull(hub.DEFAULT_MODEL), hub.DEFAULT_MODEL,
+                                             args.http, args.seed, progress=progress)
+        results += http_results
+        print(f"server peak resident memory: {server_peak / 2**20:.0f} MiB")
     print(table(results))
     print(f"\n{len(results)} cases in {time.perf_counter() - start:.0f} s, seed {args.seed}")
-    for kind in sorted({r.kind for r in results}):
+    for kind in KINDS:
+        if not any(r.kind == kind for r in results):
+            continue
         times = sorted(r.seconds for r in results if r.kind == kind)
         print(f"{kind}: median {times[len(times) // 2]:.2f} s, max {times[-1]:.1f} s per case")
+    print(memory_summary(results))
     bad = failures(results)
     for r in bad:
         print(f"case {r.case} {r.kind} ({r.seed}): {r.outcome} {r.detail}")

@@ -3,7 +3,10 @@ worker process (tests/fuzz/worker.py) with a timeout, and tallies the outcomes.
 
 Outcomes: ran, error (a clean LlmpressError), exception (any other Python exception),
 memory (MemoryError under the address-space limit), crash:<signal> (the worker died
-natively), hang (no answer within the timeout). Only the first two are acceptable.
+natively; crash:asan when AddressSanitizer reported why, with --asan), hang (no answer
+within the timeout), alloc>2x (it ran or failed cleanly but its peak resident memory grew
+by more than twice the input's size plus ALLOC_FLOOR). Only ran and error are acceptable
+(and ok: an HTTP request answered 2xx, tests/fuzz/http.py).
 """
 
 from __future__ import annotations
@@ -28,8 +31,16 @@ from .mutate import hostile_template, mutate_gguf, mutate_hf_dir
 from .seeds import Seeds
 
 REPO = Path(__file__).resolve().parents[2]
-ACCEPTABLE = ("ran", "error")
+ACCEPTABLE = ("ran", "ok", "error")  # ok: an HTTP request answered 2xx (tests/fuzz/http.py)
+KINDS = ("gguf", "hf", "template", "http")  # the table's columns
 REAL_MODEL_SHARE = 0.1  # GGUF cases mutating the real default model (slower: ~100 MB each)
+# A case may grow the worker's resident memory by twice its input's size (the real
+# default model takes 1.1-1.25x: its mapped file plus the KV cache and activations) plus
+# this floor: what a small input costs whatever its size (the tokenizer's tables, the
+# interpreter's and torch's transient buffers; the tiny seeds take under 2 MiB once the
+# worker is warm, see Worker.warm_up, the hostile templates' output caps a few MiB).
+ALLOC_FLOOR = 32 << 20
+OVER_ALLOCATION = "alloc>2x"
 
 
 @dataclass
@@ -40,6 +51,23 @@ class Result:
     outcome: str
     detail: dict = field(default_factory=dict)
     seconds: float = 0.0
+    size: int = 0  # bytes of the input: file, directory total, or template text
+
+
+def input_size(case: dict) -> int:
+    if case["kind"] == "template":
+        return len(case["template"].encode("utf-8", "surrogatepass"))
+    path = Path(case["path"])
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def judge_allocation(outcome: str, detail: dict, size: int) -> str:
+    """A clean outcome that took more memory than its input justifies is a defect."""
+    if outcome in ACCEPTABLE and detail.get("grew", 0) > 2 * size + ALLOC_FLOOR:
+        return OVER_ALLOCATION
+    return outcome
 
 
 def plan(n_gguf: int, n_hf: int, n_templates: int) -> list[str]:
@@ -87,16 +115,28 @@ class Maker:
 class Worker:
     """One sandboxed process, reused case after case until it dies or hangs."""
 
-    def __init__(self, as_bytes: int):
+    def __init__(self, as_bytes: int, warm_up: dict | None = None, asan: Asan | None = None):
+        # RUST_BACKTRACE=0: with backtraces on, the tokenizers engine's first panic (a
+        # malformed tokenizer.json, reported as one line) symbolizes its stack: ~50 MiB
         env = dict(os.environ, LLMPRESS_FUZZ_AS_BYTES=str(as_bytes), OMP_NUM_THREADS="1",
+                   RUST_BACKTRACE="0",
                    PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO),
                                                os.environ.get("PYTHONPATH", "")]))
+        self.asan = asan
+        if asan is not None:
+            env.update(asan.environment())
+            env["LLMPRESS_FUZZ_AS_BYTES"] = "0"
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz.worker"], cwd=REPO,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=env, text=True)
         ready = self._answer(120)
         if ready != {"ready": True}:
             raise RuntimeError(f"fuzz worker did not start: {ready}")
+        if warm_up is not None:  # the first load imports and initializes libraries lazily
+            # (about 19 MiB): paid here, not charged to the first measured case
+            outcome, detail = self.run(warm_up, 120)
+            if outcome != "ran":
+                raise RuntimeError(f"fuzz worker's warm-up failed: {outcome} {detail}")
 
     def _answer(self, timeout: float) -> dict | None:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -118,6 +158,9 @@ class Worker:
         if not answer:  # EOF: the process died
             status = self.proc.wait()
             name = signal.Signals(-status).name if status < 0 else f"exit {status}"
+            report = self.asan.report(self.proc.pid) if self.asan else None
+            if report is not None:
+                return "crash:asan", {"asan": report}
             return f"crash:{name}", {}
         return answer.pop("outcome"), answer
 
@@ -131,9 +174,53 @@ class Worker:
         return self.proc.poll() is None
 
 
+@dataclass(frozen=True)
+class Asan:
+    """Workers whose C extensions are the AddressSanitizer build in `lib`; each report
+    goes to log_dir/asan.<pid> and makes the case a native crash (crash:asan)."""
+    lib: Path
+    log_dir: Path
+
+    @classmethod
+    def build(cls, work: Path) -> Asan:
+        lib, log_dir = work / "asan-lib", work / "asan-logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if not list(lib.rglob("_qmatmul*.so")):
+            subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib",
+                            str(lib), "--build-temp", str(work / "asan-tmp")], cwd=REPO,
+                           check=True, env=dict(os.environ, LLMPRESS_SANITIZE="address"))
+        return cls(lib, log_dir)
+
+    def prove(self, as_bytes: int) -> None:
+        """A deliberate overflow in the C code must come back as crash:asan."""
+        worker = Worker(as_bytes, None, self)
+        outcome, detail = worker.run({"kind": "asan-canary"}, 120)
+        worker.kill()
+        if outcome != "crash:asan":
+            raise RuntimeError(f"the ASAN build did not report a heap overflow: {outcome}")
+        print(f"ASAN canary: {detail['asan'][:160]}", file=sys.stderr)
+
+    def environment(self) -> dict[str, str]:
+        runtime = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        # python itself is not instrumented: the runtime must come first (LD_PRELOAD);
+        # a giant allocation returns NULL (MemoryError) as without ASAN
+        return {"LD_PRELOAD": runtime, "LLMPRESS_FUZZ_ASAN_LIB": str(self.lib),
+                "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:"
+                                f"handle_abort=0:log_path={self.log_dir / 'asan'}"}
+
+    def report(self, pid: int) -> str | None:
+        """The first lines of worker pid's ASAN report, if it wrote one."""
+        path = self.log_dir / f"asan.{pid}"
+        if not path.exists():
+            return None
+        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+        return " | ".join(lines[1:4])[:600]
+
+
 def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs: int = 2,
                  timeout: float = 60.0, as_bytes: int = 4 << 30, keep: Path | None = None,
-                 progress=None) -> list[Result]:
+                 progress=None, asan: Asan | None = None) -> list[Result]:
     work.mkdir(parents=True, exist_ok=True)
     maker = Maker(seeds, work, seed)
     todo: queue.Queue = queue.Queue()
@@ -142,8 +229,10 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
     results: list[Result] = []
     lock = threading.Lock()
 
+    warm_up = {"kind": "gguf", "path": str(seeds.tiny_ggufs[0])}
+
     def loop() -> None:
-        worker = Worker(as_bytes)
+        worker = Worker(as_bytes, warm_up, asan)
         try:
             while True:
                 try:
@@ -151,9 +240,13 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
                 except queue.Empty:
                     return
                 case, seed_name, path = maker.make(i, kind)
+                size = input_size(case)
                 start = time.perf_counter()
                 outcome, detail = worker.run(case, timeout)
-                result = Result(i, kind, seed_name, outcome, detail, time.perf_counter() - start)
+                if asan is None:  # ASAN's shadow memory and quarantine inflate the RSS
+                    outcome = judge_allocation(outcome, detail, size)
+                result = Result(i, kind, seed_name, outcome, detail, time.perf_counter() - start,
+                                size)
                 if outcome not in ACCEPTABLE and keep is not None and path is not None:
                     keep.mkdir(parents=True, exist_ok=True)
                     (shutil.copytree if path.is_dir() else shutil.copy)(path, keep / path.name)
@@ -167,7 +260,7 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
                     if progress:
                         progress(result, len(results), len(kinds))
                 if not worker.alive:
-                    worker = Worker(as_bytes)
+                    worker = Worker(as_bytes, warm_up, asan)
         finally:
             worker.kill()
 
@@ -181,7 +274,7 @@ def run_campaign(seeds: Seeds, work: Path, kinds: list[str], seed: int = 0, jobs
 
 def table(results: list[Result]) -> str:
     """Outcomes per kind of input, as a Markdown table."""
-    kinds = sorted({r.kind for r in results})
+    kinds = [k for k in KINDS if any(r.kind == k for r in results)]
     outcomes = sorted({r.outcome for r in results},
                       key=lambda o: (o not in ACCEPTABLE, ACCEPTABLE.index(o)
                                      if o in ACCEPTABLE else 0, o))
@@ -192,6 +285,19 @@ def table(results: list[Result]) -> str:
         lines.append(f"| {o} | " + " | ".join(str(counts[k, o]) for k in kinds) + " |")
     lines.append("| total | " + " | ".join(str(sum(r.kind == k for r in results))
                                            for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def memory_summary(results: list[Result]) -> str:
+    """Per kind: the case whose memory growth came closest to its allowance."""
+    lines = []
+    for kind in [k for k in KINDS if k != "http" and any(r.kind == k for r in results)]:
+        worst = max((r for r in results if r.kind == kind),
+                    key=lambda r: r.detail.get("grew", 0) / (2 * r.size + ALLOC_FLOOR))
+        grew, allowed = worst.detail.get("grew", 0), 2 * worst.size + ALLOC_FLOOR
+        lines.append(f"{kind}: most memory: case {worst.case}, grew {grew / 2**20:.1f} MiB for "
+                     f"a {worst.size / 2**20:.1f} MiB input ({grew / allowed:.0%} of the "
+                     "allowance)")
     return "\n".join(lines)
 
 

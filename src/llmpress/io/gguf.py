@@ -24,6 +24,13 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 16  # arrays of arrays: no real file nests; a hostile one must not recurse deep
+# The metadata's Python objects may take the file's size plus this: an array's length is
+# checked against the bytes left, but one byte of file can become ~60 bytes of objects (an
+# empty string, a list slot), and a corrupt count may read the tensor data as metadata.
+# Real files stay far below (the default model: ~6 MB for 98 MB; llama.cpp's vocab-only
+# Llama 3 file: ~29 MB for 7.7 MB).
+METADATA_SLACK = 24 << 20
+STRING_ITEM_BYTES = 56  # a str object and its list slot, before the text
 
 # GGUF value type id -> (numpy dtype, struct format) for fixed-size scalars.
 SCALAR_TYPES = {
@@ -46,6 +53,13 @@ class _Cursor:
 
     def __init__(self, data: memoryview, path: Path):
         self.data, self.pos, self.path = data, 0, path
+        self.budget = len(data) + METADATA_SLACK  # bytes of metadata objects still allowed
+
+    def charge(self, nbytes: int, what: str) -> None:
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise self.fail(f"corrupt: {what} would take more memory than the file's size "
+                            "justifies")
 
     def fail(self, what: str) -> LlmpressError:
         return LlmpressError(f"{self.path}: not a valid GGUF file ({shown(what, 400)} at byte "
@@ -71,21 +85,36 @@ class _Cursor:
 
     def string(self, what: str) -> str:
         raw = self.take(self.count(f"{what} length", 1), what)
-        return str(raw, "utf-8", "replace")
+        if 4 * len(raw) > self.budget:  # decoded, each byte may become a 4-byte character
+            self.charge(4 * len(raw), f"{what} ({len(raw)} bytes)")
+        text = str(raw, "utf-8", "replace")
+        self.charge(STRING_ITEM_BYTES + len(text) * (1 if text.isascii() else 4), what)
+        return text
 
     def strings(self, n: int, what: str) -> list[str]:
         """n strings in a row, in one tight loop: a vocabulary holds 10^5 of them."""
         data, pos, end, unpack = self.data, self.pos, len(self.data), struct.unpack_from
         out = []
+        budget = self.budget - n * STRING_ITEM_BYTES  # and each string's own bytes below
+        if budget < 0:
+            self.charge(n * STRING_ITEM_BYTES, f"{what} ({n} strings)")
         for _ in range(n):
             length = unpack("<Q", data, pos)[0] if pos + 8 <= end else end
             if pos + 8 + length > end:
                 self.pos = pos
                 raise self.fail(f"truncated or corrupt: a string of {what} runs past the end")
             pos += 8
-            out.append(str(data[pos:pos + length], "utf-8", "replace"))
+            if 4 * length > budget:  # decoded, each byte may become a 4-byte character
+                self.pos = pos
+                self.charge(4 * length, f"a string of {what} ({length} bytes)")
+            text = str(data[pos:pos + length], "utf-8", "replace")
+            budget -= len(text) if text.isascii() else 4 * len(text)  # up to 4 bytes a char
+            if budget < 0:
+                self.pos = pos
+                self.charge(self.budget + 1, f"{what} ({n} strings)")
+            out.append(text)
             pos += length
-        self.pos = pos
+        self.pos, self.budget = pos, budget
         return out
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
@@ -98,7 +127,9 @@ class _Cursor:
             if item_type in SCALAR_TYPES:
                 dtype = np.dtype(SCALAR_TYPES[item_type][0])
                 n = self.count(f"{what} array length", dtype.itemsize)
-                return np.frombuffer(self.take(n * dtype.itemsize, what), dtype=dtype).tolist()
+                values = np.frombuffer(self.take(n * dtype.itemsize, what), dtype=dtype)
+                self.charge(_list_bytes(values), f"{what} ({n} items)")
+                return values.tolist()
             if item_type == STRING:
                 return self.strings(self.count(f"{what} array length", 8), what)
             if item_type == ARRAY:
@@ -108,6 +139,16 @@ class _Cursor:
                 return [self.value(ARRAY, what, depth + 1) for _ in range(n)]
             raise self.fail(f"unknown array item type {item_type} in {what}")
         raise self.fail(f"unknown value type {vtype} in {what}")
+
+
+def _list_bytes(values: np.ndarray) -> int:
+    """What values.tolist() takes: a list slot each, and an object for each float and
+    each int outside the small ones (-5..256) Python shares."""
+    if values.dtype.kind == "f":
+        return 32 * values.size
+    if values.dtype.kind in "iu" and values.dtype.itemsize > 1:
+        return 8 * values.size + 32 * int(np.count_nonzero((values < -5) | (values > 256)))
+    return 8 * values.size
 
 
 def tensor_nbytes(ggml_type: GGMLQuantizationType, dims: list[int], name: str) -> int:

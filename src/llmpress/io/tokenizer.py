@@ -45,7 +45,12 @@ log = logging.getLogger(__name__)
 
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
 MAX_VOCABULARY = 1 << 24  # the largest real vocabularies hold ~10^6 tokens
+MAX_SPECIAL_TOKEN_CHARS = 1 << 18  # all control + user-defined tokens; Gemma 3: 75,784
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+# encode(max_tokens=...): a text longer than this (and than 8 characters a token) is first
+# counted slice by slice, so that a prompt far beyond the context (a chat template may
+# render megabytes) never holds all its tokens at once: the engine keeps ~170 bytes each
+LENGTH_CHECK_CHARS = 1 << 16
 
 # --- pre-tokenizer regexes, copied from llm_tokenizer_bpe (llama-vocab.cpp) ----------------
 # llama.cpp spells case-insensitive contractions as '[sS] instead of (?i:'s): the same
@@ -196,11 +201,17 @@ _BYTE_DECODER = str.maketrans({c: chr(b) for b, c in gpt2_bytes_to_unicode().ite
 def _byte_level_piece(text: str) -> bytes:
     """A byte-level BPE token's bytes (llama_decode_text); a character outside the
     256-character alphabet is kept as its own UTF-8."""
-    mapped = text.translate(_BYTE_DECODER)
-    try:
-        return mapped.encode("latin-1")
-    except UnicodeEncodeError:
-        return b"".join(c.encode("latin-1") if ord(c) < 256 else c.encode() for c in mapped)
+    return text.translate(_BYTE_DECODER).encode("latin-1", errors=_UTF8_ERRORS)
+
+
+def _utf8_beyond_latin1(error: UnicodeEncodeError) -> tuple[bytes, int]:
+    """A run of characters latin-1 cannot encode, as UTF-8: one call a run, so a hostile
+    megabyte token costs its own size, not a bytes object per character (92 MiB)."""
+    return error.object[error.start:error.end].encode("utf-8", "surrogatepass"), error.end
+
+
+_UTF8_ERRORS = "llmpress.utf8_beyond_latin1"
+codecs.register_error(_UTF8_ERRORS, _utf8_beyond_latin1)
 
 
 def _sentencepiece_piece(text: str) -> bytes:
@@ -225,6 +236,7 @@ class Tokenizer:
         self._special_ids = frozenset(special_ids)  # hidden when decoding with special=False
         self._unused_ids = frozenset(unused_ids)  # no text at all (llama_token_to_piece)
         self._pieces: list[bytes] | None = None  # built on first decode
+        self._longest: int | None = None  # characters of the longest token, when needed
         self.bos_id, self.eos_id = bos_id, eos_id
         self.eos_ids = frozenset(eos_ids)
         self.add_bos, self.add_eos = add_bos, add_eos
@@ -382,10 +394,14 @@ class Tokenizer:
                            bos_token=self.bos_token, eos_token=self.eos_token, **extra)
 
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True,
-               add_eos: bool | None = None) -> list[int]:
+               add_eos: bool | None = None, max_tokens: int | None = None) -> list[int]:
         """Token ids of text. add_bos/add_eos default to the model's own flags
         (tokenizer.ggml.add_bos_token). parse_special=False reads control tokens such
-        as <|im_start|> as plain text (user input must not forge them)."""
+        as <|im_start|> as plain text (user input must not forge them). max_tokens: a
+        text that surely gives more is refused (LlmpressError) before it is tokenized
+        whole; one that may fit is tokenized as usual (the caller checks the count)."""
+        if max_tokens is not None and len(text) > max(LENGTH_CHECK_CHARS, 8 * max_tokens):
+            self._refuse_if_longer(text, max_tokens, parse_special)
         with self._engine_lock:
             self._engine.encode_special_tokens = not parse_special
             ids = self._engine.encode(text, add_special_tokens=False).ids
@@ -394,6 +410,36 @@ class Tokenizer:
         if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+    def _refuse_if_longer(self, text: str, max_tokens: int, parse_special: bool) -> None:
+        """Raise when text surely gives more than max_tokens tokens, without holding all
+        its tokens at once. No token covers more than the vocabulary's longest token, so a
+        text that long many times over is refused outright; else it is counted in slices
+        of LENGTH_CHECK_CHARS, each cut allowed to add as many tokens as the longest token
+        has characters (a cut word may split into more tokens than it has whole)."""
+        longest = self._longest_token()
+        if len(text) > 2 * longest * max_tokens:  # 2: a normalizer may shorten the text
+            raise self._too_long(max_tokens, f"{len(text):,} characters")
+        count = 0
+        for start in range(0, len(text), LENGTH_CHECK_CHARS):
+            done = min(len(text), start + LENGTH_CHECK_CHARS)
+            with self._engine_lock:
+                self._engine.encode_special_tokens = not parse_special
+                count += len(self._engine.encode(text[start:done], add_special_tokens=False).ids)
+            cuts = done // LENGTH_CHECK_CHARS - (done == len(text))  # slice ends inside text
+            if count > max_tokens + max(64, longest) * cuts:
+                raise self._too_long(max_tokens, f"its first {done:,} of {len(text):,} "
+                                                 f"characters give {count:,}")
+
+    def _longest_token(self) -> int:
+        if self._longest is None:
+            self._longest = max(map(len, self._tokens), default=1) or 1
+        return self._longest
+
+    @staticmethod
+    def _too_long(max_tokens: int, why: str) -> LlmpressError:
+        return LlmpressError(f"the text is over {max_tokens:,} tokens ({why}), more than the "
+                             "context holds; shorten it or raise --ctx")
 
     # ---- decoding ---------------------------------------------------------------------
 
@@ -629,6 +675,11 @@ def _add_special_tokens(engine: EngineTokenizer, tokens: list[str], control: set
                         user_defined: set[int]) -> None:
     """Control tokens are 'special' (skipped when parse_special=False); user-defined ones
     always match. Both match raw text, before normalization, like tokenizer_st_partition."""
+    total = sum(len(tokens[i]) for i in control | user_defined)
+    if total > MAX_SPECIAL_TOKEN_CHARS:  # the engine's matcher takes ~85 bytes a character
+        raise LlmpressError(f"the vocabulary's control and user-defined tokens total {total:,} "
+                            f"characters (the limit is {MAX_SPECIAL_TOKEN_CHARS:,}; Gemma 3's "
+                            "6,414 take 75,784); the file is corrupt")
     engine.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                for i in sorted(control)])
     engine.add_tokens([AddedToken(tokens[i], special=False, normalized=False)

@@ -181,10 +181,29 @@ def field_value(body: dict, name: str, kind: str, *, required: bool = False,
     return value
 
 
+def body_too_large(size: str | int) -> ApiError:
+    return ApiError(413, f"The request body is {size} bytes; this server takes at most "
+                         f"{MAX_BODY_BYTES}.", code="request_too_large")
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused (413) as soon as it passes MAX_BODY_BYTES: a client sending
+    gigabytes must not make the server hold them first."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise body_too_large(declared)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise body_too_large(f"over {size}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_json_body(raw: bytes) -> dict:
     if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"The request body is {len(raw)} bytes; this server takes at most "
-                            f"{MAX_BODY_BYTES}.", code="request_too_large")
+        raise body_too_large(len(raw))
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
@@ -886,13 +905,16 @@ async def metrics(request: Request, state: ServerState) -> Response:
 
 async def tokenize(request: Request, state: ServerState) -> Response:
     """llama.cpp's server extension: {"content", "add_special"} -> {"tokens"}."""
-    body = parse_json_body(await request.body())
+    body = parse_json_body(await read_body(request))
     reject_unsupported(body, frozenset({"content", "add_special", "with_pieces", "model"}))
     content = field_value(body, "content", "string", required=True)
     add_special = field_value(body, "add_special", "boolean", default=False)
     # add_special: BOS/EOS as the model's flags say; without it, the text's tokens only
     flags = {} if add_special else {"add_bos": False, "add_eos": False}
-    tokens = await asyncio.to_thread(lambda: state.lm.tokenizer.encode(content, **flags))
+    # a text far past the context is refused before it is tokenized whole: megabytes of
+    # text would hold ~170 bytes per token while the engine works (189 MiB for 2 MB)
+    tokens = await asyncio.to_thread(lambda: state.lm.tokenizer.encode(
+        content, max_tokens=state.lm.context_length, **flags))
     if field_value(body, "with_pieces", "boolean", default=False):
         pieces = [state.lm.tokenizer.token_to_piece(t) for t in tokens]
         return JSONResponse({"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces)]})
@@ -901,7 +923,7 @@ async def tokenize(request: Request, state: ServerState) -> Response:
 
 async def detokenize(request: Request, state: ServerState) -> Response:
     """{"tokens": [ids]} -> {"content": text}."""
-    body = parse_json_body(await request.body())
+    body = parse_json_body(await read_body(request))
     reject_unsupported(body, frozenset({"tokens", "model"}))
     tokens = body.get("tokens")
     if tokens is None:
@@ -985,7 +1007,7 @@ async def get_model(request: Request, state: ServerState) -> Response:
 
 
 async def chat_completions(request: Request, state: ServerState) -> Response:
-    body = parse_json_body(await request.body())
+    body = parse_json_body(await read_body(request))
     reject_unsupported(body, CHAT_FIELDS)
     options = parse_options(body, default_max_tokens=None)
     model = state.check_model(options.model)
@@ -1004,7 +1026,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     def encode() -> list[int]:
         try:
             extra = {"tools": tools} if tools and reads_tools else {}
-            return state.lm.encode(state.lm.chat_prompt(prompt_messages, **extra))
+            return state.lm.encode_prompt(state.lm.chat_prompt(prompt_messages, **extra))
         except jinja2.TemplateError as exc:  # the template refused these messages
             raise ApiError(400, f"The model's chat template rejected the messages: {exc}",
                            param="messages", code="invalid_value") from None
@@ -1041,14 +1063,14 @@ def compile_grammars(state: ServerState, schema: dict | None, tools: ToolRequest
 
 
 async def completions(request: Request, state: ServerState) -> Response:
-    body = parse_json_body(await request.body())
+    body = parse_json_body(await read_body(request))
     reject_unsupported(body, COMPLETION_FIELDS)
     options = parse_options(body, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
     model = state.check_model(options.model)
     prompt = parse_prompt(body.get("prompt"), state.lm.model.cfg.vocab_size)
     echo = field_value(body, "echo", "boolean", default=False)
     if isinstance(prompt, str):
-        prompt_ids = await asyncio.to_thread(state.lm.encode, prompt)
+        prompt_ids = await asyncio.to_thread(state.lm.encode_prompt, prompt)
         prompt_text = prompt
     else:
         prompt_ids, prompt_text = prompt, state.lm.tokenizer.decode(prompt)
