@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
 from llmpress.errors import LlmpressError
+from llmpress.formats import iquants
 
 MAX_WEIGHTS = 8  # weights fused into one call
 ISAS = {"auto": 0, "portable": 1, "avx2": 2}  # qmatmul.h's ISA_* numbers
@@ -76,7 +78,27 @@ def _library() -> ctypes.CDLL | None:
     if forced not in ISAS:
         raise LlmpressError(f"{ISA_ENV}={forced!r}: expected one of {', '.join(ISAS)}")
     check(lib.llmpress_set_isa(ISAS[forced]), f"{ISA_ENV}={forced}")
+    if hasattr(lib, "llmpress_set_iq_grids"):  # else the IQ types fall back to dequantize
+        _hand_over_iq_grids(lib)
     return lib
+
+
+# The grid types with a kernel, and the (entries, values) shape qdot.h's IqGrids holds.
+IQ_GRID_SHAPES = {GGMLQuantizationType.IQ2_XXS: (256, 8), GGMLQuantizationType.IQ2_XS: (512, 8),
+                  GGMLQuantizationType.IQ3_XXS: (256, 4), GGMLQuantizationType.IQ3_S: (512, 4)}
+
+
+def _hand_over_iq_grids(lib: ctypes.CDLL) -> None:
+    """Give the kernel gguf-py's i-quant grids and sign patterns (formats/iquants.py): the
+    one copy of those tables, as bytes."""
+    tables = []
+    for ggml_type, shape in IQ_GRID_SHAPES.items():
+        grid = iquants.grid_values(ggml_type)
+        assert grid.shape == shape and grid.max() < 256, (ggml_type, grid.shape)
+        tables.append(np.ascontiguousarray(grid, dtype=np.uint8))
+    tables.append(np.ascontiguousarray(iquants.sign_patterns()))
+    lib.llmpress_set_iq_grids.argtypes = [ctypes.c_void_p] * len(tables)
+    check(lib.llmpress_set_iq_grids(*(t.ctypes.data for t in tables)), "the i-quant grids")
 
 
 def use_isa(name: str) -> None:

@@ -22,11 +22,16 @@ int64_t qtype_block_bytes(int type) {
     case Q5_1: return 24; case Q8_0: return 34;
     case Q2_K: return 84; case Q3_K: return 110; case Q4_K: return 144; case Q5_K: return 176; case Q6_K: return 210;
     case IQ4_NL: return 18; case IQ4_XS: return 136;
+    case IQ2_XXS: return IQ_GRIDS.ready ? 66 : 0; case IQ2_XS: return IQ_GRIDS.ready ? 74 : 0;
+    case IQ3_XXS: return IQ_GRIDS.ready ? 98 : 0; case IQ3_S: return IQ_GRIDS.ready ? 110 : 0;
     default: return 0;
     }
 }
 
-static int is_k_quant(int type) { return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS; }
+static int is_k_quant(int type) {
+    return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS || type == IQ2_XXS || type == IQ2_XS
+        || type == IQ3_XXS || type == IQ3_S;
+}
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
 int64_t qtype_act_block(int type) { return qtype_block_values(type); }
 
@@ -188,17 +193,101 @@ static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
 }
 ROWS_FROM_ONE(dot_IQ4_NL_portable, one_IQ4_NL) ROWS_FROM_ONE(dot_IQ4_XS_portable, one_IQ4_XS)
 
+/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ3_XXS, IQ3_S ------------------------------ */
+
+IqGrids IQ_GRIDS;
+
+/* Called once by kernels/cpu.py with gguf-py's grids (entries of 8 or 4 value bytes) and
+ * ksigns (128 bytes). The sign patterns are widened here to bytes of +1 / -1. */
+int llmpress_set_iq_grids(const uint8_t *iq2xxs, const uint8_t *iq2xs, const uint8_t *iq3xxs,
+                          const uint8_t *iq3s, const uint8_t *ksigns) {
+    if (!iq2xxs || !iq2xs || !iq3xxs || !iq3s || !ksigns) return -3;  /* ERR_BUFFER */
+    memcpy(IQ_GRIDS.iq2xxs, iq2xxs, sizeof IQ_GRIDS.iq2xxs);
+    memcpy(IQ_GRIDS.iq2xs, iq2xs, sizeof IQ_GRIDS.iq2xs);
+    memcpy(IQ_GRIDS.iq3xxs, iq3xxs, sizeof IQ_GRIDS.iq3xxs);
+    memcpy(IQ_GRIDS.iq3s, iq3s, sizeof IQ_GRIDS.iq3s);
+    for (int i = 0; i < 128; i++) {
+        int8_t *signs = (int8_t *)&IQ_GRIDS.signs[i];
+        for (int j = 0; j < 8; j++) signs[j] = (ksigns[i] >> j) & 1 ? -1 : 1;
+    }
+    IQ_GRIDS.ready = 1;
+    return 0;
+}
+
+static inline int grid_value(const void *entry, int j) { return ((const uint8_t *)entry)[j]; }
+static inline int sign_of(uint32_t index, int j) { return ((const int8_t *)&IQ_GRIDS.signs[index & 127])[j]; }
+
+/* One grid i-quant block as 256 signed integer values w and odd integer scales per 16
+ * values: value_i = (d * factor) * scale[i / 16] * w_i, the returned float is d * factor.
+ * IQ2_*: d * (0.5 + s) / 4 = d / 8 * (2s + 1); IQ3_XXS: d / 4 * (2s + 1); IQ3_S: d * (2s + 1). */
+static float unpack_iq_block(int type, const uint8_t *b, int8_t *w, int *scale) {
+    const float d = read_half(b);
+    for (int g = 0; g < 8; g++) {  /* groups of 32 values */
+        int8_t *out = w + 32 * g;
+        if (type == IQ2_XXS || type == IQ3_XXS) {
+            const uint8_t *idx = b + 2 + 8 * g;  /* IQ2_XXS: 4 indices then the u32 below */
+            uint32_t aux;
+            memcpy(&aux, type == IQ2_XXS ? idx + 4 : b + 66 + 4 * g, 4);
+            scale[2 * g] = scale[2 * g + 1] = 2 * (int)(aux >> 28) + 1;
+            for (int i = 0; i < 32; i++) {
+                const int v = type == IQ2_XXS ? grid_value(&IQ_GRIDS.iq2xxs[idx[i / 8]], i % 8)
+                                              : grid_value(&IQ_GRIDS.iq3xxs[idx[i / 4]], i % 4);
+                out[i] = (int8_t)(v * sign_of(aux >> (7 * (i / 8)), i % 8));
+            }
+        } else if (type == IQ2_XS) {
+            scale[2 * g] = 2 * (b[66 + g] & 15) + 1;
+            scale[2 * g + 1] = 2 * (b[66 + g] >> 4) + 1;
+            for (int i = 0; i < 32; i++) {
+                uint16_t qs;
+                memcpy(&qs, b + 2 + 8 * g + 2 * (i / 8), 2);
+                out[i] = (int8_t)(grid_value(&IQ_GRIDS.iq2xs[qs & 511], i % 8) * sign_of(qs >> 9, i % 8));
+            }
+        } else {  /* IQ3_S: 9-bit indices (qs + one qh bit), one sign bit per value */
+            scale[2 * g] = scale[2 * g + 1] = 2 * ((b[106 + g / 2] >> (4 * (g % 2))) & 15) + 1;
+            for (int i = 0; i < 32; i++) {
+                const int e = 8 * g + i / 4, index = b[2 + e] | (((b[66 + g] >> (e % 8)) & 1) << 8);
+                const int negative = (b[74 + 4 * g + i / 8] >> (i % 8)) & 1;
+                out[i] = (int8_t)(negative ? -grid_value(&IQ_GRIDS.iq3s[index], i % 4)
+                                           : grid_value(&IQ_GRIDS.iq3s[index], i % 4));
+            }
+        }
+    }
+    return type == IQ3_S ? d : d * (type == IQ3_XXS ? 0.25f : 0.125f);
+}
+
+static float dot_iq_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
+    const int64_t bb = qtype_block_bytes(type);
+    float total = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        int8_t w[256];
+        int scale[16];
+        const float d = unpack_iq_block(type, row + b * bb, w, scale);
+        const int8_t *q = x.q + b * 256;
+        int32_t scaled = 0;
+        for (int g = 0; g < 16; g++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 16; j++) sum += w[16 * g + j] * q[16 * g + j];
+            scaled += scale[g] * sum;
+        }
+        total += x.d[b] * (d * (float)scaled);
+    }
+    return total;
+}
+
 #define PORTABLE(T, KIND) \
     static float one_##T(const uint8_t *row, QRow x, int64_t nb) { \
         return dot_##KIND##_portable(T, row, x, nb); } \
     ROWS_FROM_ONE(dot_##T##_portable, one_##T)
 PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5_1, legacy)
 PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
-PORTABLE(Q6_K, k)
+PORTABLE(Q6_K, k) PORTABLE(IQ2_XXS, iq) PORTABLE(IQ2_XS, iq) PORTABLE(IQ3_XXS, iq)
+PORTABLE(IQ3_S, iq)
 
 const dot_fn portable_dots[N_TYPES] = {
     [Q4_0] = dot_Q4_0_portable, [Q4_1] = dot_Q4_1_portable, [Q5_0] = dot_Q5_0_portable,
     [Q5_1] = dot_Q5_1_portable, [Q8_0] = dot_Q8_0_portable, [Q2_K] = dot_Q2_K_portable,
     [Q3_K] = dot_Q3_K_portable, [Q4_K] = dot_Q4_K_portable, [Q5_K] = dot_Q5_K_portable,
     [Q6_K] = dot_Q6_K_portable, [IQ4_NL] = dot_IQ4_NL_portable, [IQ4_XS] = dot_IQ4_XS_portable,
+    [IQ2_XXS] = dot_IQ2_XXS_portable, [IQ2_XS] = dot_IQ2_XS_portable,
+    [IQ3_XXS] = dot_IQ3_XXS_portable, [IQ3_S] = dot_IQ3_S_portable,
 };
