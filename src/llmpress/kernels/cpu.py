@@ -85,7 +85,8 @@ def _library() -> ctypes.CDLL | None:
 
 # The grid types with a kernel, and the (entries, values) shape qdot.h's IqGrids holds.
 IQ_GRID_SHAPES = {GGMLQuantizationType.IQ2_XXS: (256, 8), GGMLQuantizationType.IQ2_XS: (512, 8),
-                  GGMLQuantizationType.IQ3_XXS: (256, 4), GGMLQuantizationType.IQ3_S: (512, 4)}
+                  GGMLQuantizationType.IQ2_S: (1024, 8), GGMLQuantizationType.IQ3_XXS: (256, 4),
+                  GGMLQuantizationType.IQ3_S: (512, 4)}
 
 
 def _hand_over_iq_grids(lib: ctypes.CDLL) -> None:

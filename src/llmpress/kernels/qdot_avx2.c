@@ -332,7 +332,7 @@ static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
     return hsum(acc);
 }
 
-/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ3_XXS, IQ3_S (grids in qdot.h's IQ_GRIDS) ---
+/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (grids in qdot.h's IQ_GRIDS) ---
  * 32 values at a time: the grid entries gathered into one vector (unsigned, at most 62),
  * their signs moved onto the activations (_mm256_sign_epi8 with bytes of +1 / -1), then
  * maddubs and madd with the 16-value halves' odd scales 2s + 1, as for the k-quants. */
@@ -399,6 +399,27 @@ static float one_IQ2_XS(const uint8_t *row, QRow x, int64_t nb) {
     return hsum(acc);
 }
 
+static float one_IQ2_S(const uint8_t *row, QRow x, int64_t nb) {
+    const uint64_t *grid = IQ_GRIDS.iq2s;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 82;
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *i = blk + 2 + 4 * g;
+            const int h = blk[66 + g];  /* bit pair e: the top bits of index e */
+#define IQ2S_ENTRY(e) grid[i[e] | (((h >> (2 * (e))) & 3) << 8)]
+            const __m256i values = _mm256_set_epi64x(IQ2S_ENTRY(3), IQ2S_ENTRY(2), IQ2S_ENTRY(1), IQ2S_ENTRY(0));
+#undef IQ2S_ENTRY
+            const int s = blk[74 + g];
+            sum = _mm256_add_epi32(sum, iq_dot32(values, iq_sign_bits(blk + 34 + 4 * g), x.q + 256 * b + 32 * g,
+                                                 2 * (s & 15) + 1, 2 * (s >> 4) + 1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * (half(blk) * 0.125f)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+
 static float one_IQ3_XXS(const uint8_t *row, QRow x, int64_t nb) {
     const uint32_t *grid = IQ_GRIDS.iq3xxs;
     __m256 acc = _mm256_setzero_ps();
@@ -442,6 +463,7 @@ static float one_IQ3_S(const uint8_t *row, QRow x, int64_t nb) {
     return hsum(acc);
 }
 ROWS_FROM_ONE(dot_IQ2_XXS_avx2, one_IQ2_XXS) ROWS_FROM_ONE(dot_IQ2_XS_avx2, one_IQ2_XS)
+ROWS_FROM_ONE(dot_IQ2_S_avx2, one_IQ2_S)
 ROWS_FROM_ONE(dot_IQ3_XXS_avx2, one_IQ3_XXS) ROWS_FROM_ONE(dot_IQ3_S_avx2, one_IQ3_S)
 
 ROWS_FROM_ONE(dot_Q4_0_avx2, one_Q4_0) ROWS_FROM_ONE(dot_Q4_1_avx2, one_Q4_1)
@@ -456,7 +478,7 @@ const dot_fn avx2_dots[N_TYPES] = {
     [Q3_K] = dot_Q3_K_avx2, [Q4_K] = dot_Q4_K_avx2, [Q5_K] = dot_Q5_K_avx2,
     [Q6_K] = dot_Q6_K_avx2, [IQ4_NL] = dot_IQ4_NL_avx2, [IQ4_XS] = dot_IQ4_XS_avx2,
     [IQ2_XXS] = dot_IQ2_XXS_avx2, [IQ2_XS] = dot_IQ2_XS_avx2, [IQ3_XXS] = dot_IQ3_XXS_avx2,
-    [IQ3_S] = dot_IQ3_S_avx2,
+    [IQ3_S] = dot_IQ3_S_avx2, [IQ2_S] = dot_IQ2_S_avx2,
 };
 #else
 int avx2_compiled(void) { return 0; }

@@ -24,13 +24,14 @@ int64_t qtype_block_bytes(int type) {
     case IQ4_NL: return 18; case IQ4_XS: return 136;
     case IQ2_XXS: return IQ_GRIDS.ready ? 66 : 0; case IQ2_XS: return IQ_GRIDS.ready ? 74 : 0;
     case IQ3_XXS: return IQ_GRIDS.ready ? 98 : 0; case IQ3_S: return IQ_GRIDS.ready ? 110 : 0;
+    case IQ2_S: return IQ_GRIDS.ready ? 82 : 0;
     default: return 0;
     }
 }
 
 static int is_k_quant(int type) {
     return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS || type == IQ2_XXS || type == IQ2_XS
-        || type == IQ3_XXS || type == IQ3_S;
+        || type == IQ2_S || type == IQ3_XXS || type == IQ3_S;
 }
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
 int64_t qtype_act_block(int type) { return qtype_block_values(type); }
@@ -193,17 +194,18 @@ static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
 }
 ROWS_FROM_ONE(dot_IQ4_NL_portable, one_IQ4_NL) ROWS_FROM_ONE(dot_IQ4_XS_portable, one_IQ4_XS)
 
-/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ3_XXS, IQ3_S ------------------------------ */
+/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S ----------------------- */
 
 IqGrids IQ_GRIDS;
 
 /* Called once by kernels/cpu.py with gguf-py's grids (entries of 8 or 4 value bytes) and
  * ksigns (128 bytes). The sign patterns are widened here to bytes of +1 / -1. */
-int llmpress_set_iq_grids(const uint8_t *iq2xxs, const uint8_t *iq2xs, const uint8_t *iq3xxs,
-                          const uint8_t *iq3s, const uint8_t *ksigns) {
-    if (!iq2xxs || !iq2xs || !iq3xxs || !iq3s || !ksigns) return -3;  /* ERR_BUFFER */
+int llmpress_set_iq_grids(const uint8_t *iq2xxs, const uint8_t *iq2xs, const uint8_t *iq2s,
+                          const uint8_t *iq3xxs, const uint8_t *iq3s, const uint8_t *ksigns) {
+    if (!iq2xxs || !iq2xs || !iq2s || !iq3xxs || !iq3s || !ksigns) return -3;  /* ERR_BUFFER */
     memcpy(IQ_GRIDS.iq2xxs, iq2xxs, sizeof IQ_GRIDS.iq2xxs);
     memcpy(IQ_GRIDS.iq2xs, iq2xs, sizeof IQ_GRIDS.iq2xs);
+    memcpy(IQ_GRIDS.iq2s, iq2s, sizeof IQ_GRIDS.iq2s);
     memcpy(IQ_GRIDS.iq3xxs, iq3xxs, sizeof IQ_GRIDS.iq3xxs);
     memcpy(IQ_GRIDS.iq3s, iq3s, sizeof IQ_GRIDS.iq3s);
     for (int i = 0; i < 128; i++) {
@@ -241,6 +243,15 @@ static float unpack_iq_block(int type, const uint8_t *b, int8_t *w, int *scale) 
                 uint16_t qs;
                 memcpy(&qs, b + 2 + 8 * g + 2 * (i / 8), 2);
                 out[i] = (int8_t)(grid_value(&IQ_GRIDS.iq2xs[qs & 511], i % 8) * sign_of(qs >> 9, i % 8));
+            }
+        } else if (type == IQ2_S) {  /* 10-bit indices (qs + a qh bit pair), one sign bit per value */
+            scale[2 * g] = 2 * (b[74 + g] & 15) + 1;
+            scale[2 * g + 1] = 2 * (b[74 + g] >> 4) + 1;
+            for (int i = 0; i < 32; i++) {
+                const int e = 4 * g + i / 8, index = b[2 + e] | (((b[66 + g] >> (2 * (e % 4))) & 3) << 8);
+                const int negative = (b[34 + 4 * g + i / 8] >> (i % 8)) & 1;
+                out[i] = (int8_t)(negative ? -grid_value(&IQ_GRIDS.iq2s[index], i % 8)
+                                           : grid_value(&IQ_GRIDS.iq2s[index], i % 8));
             }
         } else {  /* IQ3_S: 9-bit indices (qs + one qh bit), one sign bit per value */
             scale[2 * g] = scale[2 * g + 1] = 2 * ((b[106 + g / 2] >> (4 * (g % 2))) & 15) + 1;
@@ -280,7 +291,7 @@ static float dot_iq_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
     ROWS_FROM_ONE(dot_##T##_portable, one_##T)
 PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5_1, legacy)
 PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
-PORTABLE(Q6_K, k) PORTABLE(IQ2_XXS, iq) PORTABLE(IQ2_XS, iq) PORTABLE(IQ3_XXS, iq)
+PORTABLE(Q6_K, k) PORTABLE(IQ2_XXS, iq) PORTABLE(IQ2_XS, iq) PORTABLE(IQ2_S, iq) PORTABLE(IQ3_XXS, iq)
 PORTABLE(IQ3_S, iq)
 
 const dot_fn portable_dots[N_TYPES] = {
@@ -288,6 +299,6 @@ const dot_fn portable_dots[N_TYPES] = {
     [Q5_1] = dot_Q5_1_portable, [Q8_0] = dot_Q8_0_portable, [Q2_K] = dot_Q2_K_portable,
     [Q3_K] = dot_Q3_K_portable, [Q4_K] = dot_Q4_K_portable, [Q5_K] = dot_Q5_K_portable,
     [Q6_K] = dot_Q6_K_portable, [IQ4_NL] = dot_IQ4_NL_portable, [IQ4_XS] = dot_IQ4_XS_portable,
-    [IQ2_XXS] = dot_IQ2_XXS_portable, [IQ2_XS] = dot_IQ2_XS_portable,
+    [IQ2_XXS] = dot_IQ2_XXS_portable, [IQ2_XS] = dot_IQ2_XS_portable, [IQ2_S] = dot_IQ2_S_portable,
     [IQ3_XXS] = dot_IQ3_XXS_portable, [IQ3_S] = dot_IQ3_S_portable,
 };
