@@ -86,7 +86,7 @@ def _library() -> ctypes.CDLL | None:
 # The grid types with a kernel, and the (entries, values) shape qdot.h's IqGrids holds.
 IQ_GRID_SHAPES = {GGMLQuantizationType.IQ2_XXS: (256, 8), GGMLQuantizationType.IQ2_XS: (512, 8),
                   GGMLQuantizationType.IQ2_S: (1024, 8), GGMLQuantizationType.IQ3_XXS: (256, 4),
-                  GGMLQuantizationType.IQ3_S: (512, 4)}
+                  GGMLQuantizationType.IQ3_S: (512, 4), GGMLQuantizationType.IQ1_S: (2048, 8)}
 
 
 def _hand_over_iq_grids(lib: ctypes.CDLL) -> None:
@@ -95,7 +95,9 @@ def _hand_over_iq_grids(lib: ctypes.CDLL) -> None:
     tables = []
     for ggml_type, shape in IQ_GRID_SHAPES.items():
         grid = iquants.grid_values(ggml_type)
-        assert grid.shape == shape and grid.max() < 256, (ggml_type, grid.shape)
+        if ggml_type == GGMLQuantizationType.IQ1_S:
+            grid = grid + 1  # ternary -1, 0, 1 stored as unsigned bytes
+        assert grid.shape == shape and 0 <= grid.min() and grid.max() < 256, (ggml_type, grid.shape)
         tables.append(np.ascontiguousarray(grid, dtype=np.uint8))
     tables.append(np.ascontiguousarray(iquants.sign_patterns()))
     lib.llmpress_set_iq_grids.argtypes = [ctypes.c_void_p] * len(tables)

@@ -332,7 +332,7 @@ static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
     return hsum(acc);
 }
 
-/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (grids in qdot.h's IQ_GRIDS) ---
+/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S (qdot.h's IQ_GRIDS) ---
  * 32 values at a time: the grid entries gathered into one vector (unsigned, at most 62),
  * their signs moved onto the activations (_mm256_sign_epi8 with bytes of +1 / -1), then
  * maddubs and madd with the 16-value halves' odd scales 2s + 1, as for the k-quants. */
@@ -462,6 +462,31 @@ static float one_IQ3_S(const uint8_t *row, QRow x, int64_t nb) {
     }
     return hsum(acc);
 }
+/* IQ1_S: weights 8g +- 1 (g ternary, see qdot_portable.c), never zero: signed_dot32. */
+static float one_IQ1_S(const uint8_t *row, QRow x, int64_t nb) {
+    const uint64_t *grid = IQ_GRIDS.iq1s;  /* g + 1 */
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 50;
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *i = blk + 2 + 4 * g;
+            uint16_t qh;
+            memcpy(&qh, blk + 34 + 2 * g, 2);
+#define IQ1S_ENTRY(e) grid[i[e] | (((qh >> (3 * (e))) & 7) << 8)]
+            const __m256i g1 = _mm256_set_epi64x(IQ1S_ENTRY(3), IQ1S_ENTRY(2), IQ1S_ENTRY(1), IQ1S_ENTRY(0));
+#undef IQ1S_ENTRY
+            /* 8 (g + 1) - 8 +- 1; the shift stays inside each byte (g + 1 <= 2) */
+            const __m256i w = _mm256_sub_epi8(_mm256_slli_epi16(g1, 3), _mm256_set1_epi8(qh & 0x8000 ? 9 : 7));
+            const __m256i part = signed_dot32(w, x.q + 256 * b + 32 * g);
+            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(part, _mm256_set1_epi32(2 * ((qh >> 12) & 7) + 1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * (half(blk) * 0.125f)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+ROWS_FROM_ONE(dot_IQ1_S_avx2, one_IQ1_S)
+
 ROWS_FROM_ONE(dot_IQ2_XXS_avx2, one_IQ2_XXS) ROWS_FROM_ONE(dot_IQ2_XS_avx2, one_IQ2_XS)
 ROWS_FROM_ONE(dot_IQ2_S_avx2, one_IQ2_S)
 ROWS_FROM_ONE(dot_IQ3_XXS_avx2, one_IQ3_XXS) ROWS_FROM_ONE(dot_IQ3_S_avx2, one_IQ3_S)
@@ -478,7 +503,7 @@ const dot_fn avx2_dots[N_TYPES] = {
     [Q3_K] = dot_Q3_K_avx2, [Q4_K] = dot_Q4_K_avx2, [Q5_K] = dot_Q5_K_avx2,
     [Q6_K] = dot_Q6_K_avx2, [IQ4_NL] = dot_IQ4_NL_avx2, [IQ4_XS] = dot_IQ4_XS_avx2,
     [IQ2_XXS] = dot_IQ2_XXS_avx2, [IQ2_XS] = dot_IQ2_XS_avx2, [IQ3_XXS] = dot_IQ3_XXS_avx2,
-    [IQ3_S] = dot_IQ3_S_avx2, [IQ2_S] = dot_IQ2_S_avx2,
+    [IQ3_S] = dot_IQ3_S_avx2, [IQ2_S] = dot_IQ2_S_avx2, [IQ1_S] = dot_IQ1_S_avx2,
 };
 #else
 int avx2_compiled(void) { return 0; }

@@ -24,14 +24,14 @@ int64_t qtype_block_bytes(int type) {
     case IQ4_NL: return 18; case IQ4_XS: return 136;
     case IQ2_XXS: return IQ_GRIDS.ready ? 66 : 0; case IQ2_XS: return IQ_GRIDS.ready ? 74 : 0;
     case IQ3_XXS: return IQ_GRIDS.ready ? 98 : 0; case IQ3_S: return IQ_GRIDS.ready ? 110 : 0;
-    case IQ2_S: return IQ_GRIDS.ready ? 82 : 0;
+    case IQ2_S: return IQ_GRIDS.ready ? 82 : 0; case IQ1_S: return IQ_GRIDS.ready ? 50 : 0;
     default: return 0;
     }
 }
 
 static int is_k_quant(int type) {
     return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS || type == IQ2_XXS || type == IQ2_XS
-        || type == IQ2_S || type == IQ3_XXS || type == IQ3_S;
+        || type == IQ2_S || type == IQ3_XXS || type == IQ3_S || type == IQ1_S;
 }
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
 int64_t qtype_act_block(int type) { return qtype_block_values(type); }
@@ -194,15 +194,17 @@ static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
 }
 ROWS_FROM_ONE(dot_IQ4_NL_portable, one_IQ4_NL) ROWS_FROM_ONE(dot_IQ4_XS_portable, one_IQ4_XS)
 
-/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S ----------------------- */
+/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S ---------------- */
 
 IqGrids IQ_GRIDS;
 
 /* Called once by kernels/cpu.py with gguf-py's grids (entries of 8 or 4 value bytes) and
  * ksigns (128 bytes). The sign patterns are widened here to bytes of +1 / -1. */
 int llmpress_set_iq_grids(const uint8_t *iq2xxs, const uint8_t *iq2xs, const uint8_t *iq2s,
-                          const uint8_t *iq3xxs, const uint8_t *iq3s, const uint8_t *ksigns) {
-    if (!iq2xxs || !iq2xs || !iq2s || !iq3xxs || !iq3s || !ksigns) return -3;  /* ERR_BUFFER */
+                          const uint8_t *iq3xxs, const uint8_t *iq3s, const uint8_t *iq1s,
+                          const uint8_t *ksigns) {
+    if (!iq2xxs || !iq2xs || !iq2s || !iq3xxs || !iq3s || !iq1s || !ksigns) return -3;  /* ERR_BUFFER */
+    memcpy(IQ_GRIDS.iq1s, iq1s, sizeof IQ_GRIDS.iq1s);
     memcpy(IQ_GRIDS.iq2xxs, iq2xxs, sizeof IQ_GRIDS.iq2xxs);
     memcpy(IQ_GRIDS.iq2xs, iq2xs, sizeof IQ_GRIDS.iq2xs);
     memcpy(IQ_GRIDS.iq2s, iq2s, sizeof IQ_GRIDS.iq2s);
@@ -221,7 +223,8 @@ static inline int sign_of(uint32_t index, int j) { return ((const int8_t *)&IQ_G
 
 /* One grid i-quant block as 256 signed integer values w and odd integer scales per 16
  * values: value_i = (d * factor) * scale[i / 16] * w_i, the returned float is d * factor.
- * IQ2_*: d * (0.5 + s) / 4 = d / 8 * (2s + 1); IQ3_XXS: d / 4 * (2s + 1); IQ3_S: d * (2s + 1). */
+ * IQ2_*: d * (0.5 + s) / 4 = d / 8 * (2s + 1); IQ3_XXS: d / 4 * (2s + 1); IQ3_S: d * (2s + 1);
+ * IQ1_S: d * (2s + 1) * (g +- 1/8) = d / 8 * (2s + 1) * (8g +- 1), g in -1, 0, 1. */
 static float unpack_iq_block(int type, const uint8_t *b, int8_t *w, int *scale) {
     const float d = read_half(b);
     for (int g = 0; g < 8; g++) {  /* groups of 32 values */
@@ -244,6 +247,14 @@ static float unpack_iq_block(int type, const uint8_t *b, int8_t *w, int *scale) 
                 memcpy(&qs, b + 2 + 8 * g + 2 * (i / 8), 2);
                 out[i] = (int8_t)(grid_value(&IQ_GRIDS.iq2xs[qs & 511], i % 8) * sign_of(qs >> 9, i % 8));
             }
+        } else if (type == IQ1_S) {
+            uint16_t qh;
+            memcpy(&qh, b + 34 + 2 * g, 2);
+            scale[2 * g] = scale[2 * g + 1] = 2 * ((qh >> 12) & 7) + 1;
+            for (int i = 0; i < 32; i++) {
+                const int e = 4 * g + i / 8, index = b[2 + e] | (((qh >> (3 * (i / 8))) & 7) << 8);
+                out[i] = (int8_t)(8 * (grid_value(&IQ_GRIDS.iq1s[index], i % 8) - 1) + (qh & 0x8000 ? -1 : 1));
+            }
         } else if (type == IQ2_S) {  /* 10-bit indices (qs + a qh bit pair), one sign bit per value */
             scale[2 * g] = 2 * (b[74 + g] & 15) + 1;
             scale[2 * g + 1] = 2 * (b[74 + g] >> 4) + 1;
@@ -263,7 +274,7 @@ static float unpack_iq_block(int type, const uint8_t *b, int8_t *w, int *scale) 
             }
         }
     }
-    return type == IQ3_S ? d : d * (type == IQ3_XXS ? 0.25f : 0.125f);
+    return type == IQ3_S ? d : d * (type == IQ3_XXS ? 0.25f : 0.125f);  /* IQ2_*, IQ1_S: d / 8 */
 }
 
 static float dot_iq_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
@@ -292,7 +303,7 @@ static float dot_iq_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
 PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5_1, legacy)
 PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
 PORTABLE(Q6_K, k) PORTABLE(IQ2_XXS, iq) PORTABLE(IQ2_XS, iq) PORTABLE(IQ2_S, iq) PORTABLE(IQ3_XXS, iq)
-PORTABLE(IQ3_S, iq)
+PORTABLE(IQ3_S, iq) PORTABLE(IQ1_S, iq)
 
 const dot_fn portable_dots[N_TYPES] = {
     [Q4_0] = dot_Q4_0_portable, [Q4_1] = dot_Q4_1_portable, [Q5_0] = dot_Q5_0_portable,
@@ -300,5 +311,5 @@ const dot_fn portable_dots[N_TYPES] = {
     [Q3_K] = dot_Q3_K_portable, [Q4_K] = dot_Q4_K_portable, [Q5_K] = dot_Q5_K_portable,
     [Q6_K] = dot_Q6_K_portable, [IQ4_NL] = dot_IQ4_NL_portable, [IQ4_XS] = dot_IQ4_XS_portable,
     [IQ2_XXS] = dot_IQ2_XXS_portable, [IQ2_XS] = dot_IQ2_XS_portable, [IQ2_S] = dot_IQ2_S_portable,
-    [IQ3_XXS] = dot_IQ3_XXS_portable, [IQ3_S] = dot_IQ3_S_portable,
+    [IQ3_XXS] = dot_IQ3_XXS_portable, [IQ3_S] = dot_IQ3_S_portable, [IQ1_S] = dot_IQ1_S_portable,
 };
