@@ -487,6 +487,57 @@ static float one_IQ1_S(const uint8_t *row, QRow x, int64_t nb) {
 }
 ROWS_FROM_ONE(dot_IQ1_S_avx2, one_IQ1_S)
 
+/* IQ1_M: IQ1_S's weights with a delta sign per 8 and a scale per 16 values; d is spread
+ * over the top nibbles of the four scale words. */
+static float one_IQ1_M(const uint8_t *row, QRow x, int64_t nb) {
+    const uint64_t *grid = IQ_GRIDS.iq1s;  /* g + 1 */
+    const uint64_t plus = 0x0707070707070707ULL, minus = 0x0909090909090909ULL;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 56;
+        uint16_t sc[4];
+        memcpy(sc, blk + 48, 8);
+        const uint16_t d_bits = (sc[0] >> 12) | ((sc[1] >> 8) & 0xF0) | ((sc[2] >> 4) & 0xF00) | (sc[3] & 0xF000);
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *i = blk + 4 * g;
+            const int n[4] = {blk[32 + 2 * g] & 15, blk[32 + 2 * g] >> 4, blk[33 + 2 * g] & 15, blk[33 + 2 * g] >> 4};
+#define IQ1M_ENTRY(e) grid[i[e] | ((n[e] & 7) << 8)]
+#define IQ1M_OFFSET(e) (n[e] & 8 ? minus : plus)
+            const __m256i g1 = _mm256_set_epi64x(IQ1M_ENTRY(3), IQ1M_ENTRY(2), IQ1M_ENTRY(1), IQ1M_ENTRY(0));
+            const __m256i offsets = _mm256_set_epi64x(IQ1M_OFFSET(3), IQ1M_OFFSET(2), IQ1M_OFFSET(1), IQ1M_OFFSET(0));
+#undef IQ1M_ENTRY
+#undef IQ1M_OFFSET
+            const __m256i part = signed_dot32(_mm256_sub_epi8(_mm256_slli_epi16(g1, 3), offsets), x.q + 256 * b + 32 * g);
+            const int s_a = 2 * ((sc[g / 2] >> (6 * (g % 2))) & 7) + 1, s_b = 2 * ((sc[g / 2] >> (6 * (g % 2) + 3)) & 7) + 1;
+            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(part, _mm256_set_m128i(_mm_set1_epi32(s_b), _mm_set1_epi32(s_a))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * (_cvtsh_ss(d_bits) * 0.125f)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+ROWS_FROM_ONE(dot_IQ1_M_avx2, one_IQ1_M)
+
+/* TQ2_0: 2-bit codes, weight code - 1 in {-1, 0, 1}: signed_dot32 (a zero weight zeroes x). */
+static float one_TQ2_0(const uint8_t *row, QRow x, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 66;
+        __m256i sum = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i bytes = load(blk + 32 * h);
+            for (int k = 0; k < 4; k++) {
+                const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * k), _mm256_set1_epi8(3));
+                sum = _mm256_add_epi32(sum, signed_dot32(_mm256_sub_epi8(codes, _mm256_set1_epi8(1)),
+                                                         x.q + 256 * b + 128 * h + 32 * k));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * half(blk + 64)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+ROWS_FROM_ONE(dot_TQ2_0_avx2, one_TQ2_0)
+
 ROWS_FROM_ONE(dot_IQ2_XXS_avx2, one_IQ2_XXS) ROWS_FROM_ONE(dot_IQ2_XS_avx2, one_IQ2_XS)
 ROWS_FROM_ONE(dot_IQ2_S_avx2, one_IQ2_S)
 ROWS_FROM_ONE(dot_IQ3_XXS_avx2, one_IQ3_XXS) ROWS_FROM_ONE(dot_IQ3_S_avx2, one_IQ3_S)
@@ -504,6 +555,7 @@ const dot_fn avx2_dots[N_TYPES] = {
     [Q6_K] = dot_Q6_K_avx2, [IQ4_NL] = dot_IQ4_NL_avx2, [IQ4_XS] = dot_IQ4_XS_avx2,
     [IQ2_XXS] = dot_IQ2_XXS_avx2, [IQ2_XS] = dot_IQ2_XS_avx2, [IQ3_XXS] = dot_IQ3_XXS_avx2,
     [IQ3_S] = dot_IQ3_S_avx2, [IQ2_S] = dot_IQ2_S_avx2, [IQ1_S] = dot_IQ1_S_avx2,
+    [IQ1_M] = dot_IQ1_M_avx2, [TQ2_0] = dot_TQ2_0_avx2,
 };
 #else
 int avx2_compiled(void) { return 0; }

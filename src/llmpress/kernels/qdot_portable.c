@@ -25,13 +25,15 @@ int64_t qtype_block_bytes(int type) {
     case IQ2_XXS: return IQ_GRIDS.ready ? 66 : 0; case IQ2_XS: return IQ_GRIDS.ready ? 74 : 0;
     case IQ3_XXS: return IQ_GRIDS.ready ? 98 : 0; case IQ3_S: return IQ_GRIDS.ready ? 110 : 0;
     case IQ2_S: return IQ_GRIDS.ready ? 82 : 0; case IQ1_S: return IQ_GRIDS.ready ? 50 : 0;
+    case IQ1_M: return IQ_GRIDS.ready ? 56 : 0; case TQ2_0: return 66;
     default: return 0;
     }
 }
 
 static int is_k_quant(int type) {
     return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS || type == IQ2_XXS || type == IQ2_XS
-        || type == IQ2_S || type == IQ3_XXS || type == IQ3_S || type == IQ1_S;
+        || type == IQ2_S || type == IQ3_XXS || type == IQ3_S || type == IQ1_S || type == IQ1_M
+        || type == TQ2_0;
 }
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
 int64_t qtype_act_block(int type) { return qtype_block_values(type); }
@@ -194,7 +196,7 @@ static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
 }
 ROWS_FROM_ONE(dot_IQ4_NL_portable, one_IQ4_NL) ROWS_FROM_ONE(dot_IQ4_XS_portable, one_IQ4_XS)
 
-/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S ---------------- */
+/* --- the grid i-quants IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M; TQ2_0 --- */
 
 IqGrids IQ_GRIDS;
 
@@ -224,8 +226,27 @@ static inline int sign_of(uint32_t index, int j) { return ((const int8_t *)&IQ_G
 /* One grid i-quant block as 256 signed integer values w and odd integer scales per 16
  * values: value_i = (d * factor) * scale[i / 16] * w_i, the returned float is d * factor.
  * IQ2_*: d * (0.5 + s) / 4 = d / 8 * (2s + 1); IQ3_XXS: d / 4 * (2s + 1); IQ3_S: d * (2s + 1);
- * IQ1_S: d * (2s + 1) * (g +- 1/8) = d / 8 * (2s + 1) * (8g +- 1), g in -1, 0, 1. */
+ * IQ1_S, IQ1_M: d * (2s + 1) * (g +- 1/8) = d / 8 * (2s + 1) * (8g +- 1), g in -1, 0, 1;
+ * TQ2_0: d * (code - 1). */
 static float unpack_iq_block(int type, const uint8_t *b, int8_t *w, int *scale) {
+    if (type == TQ2_0) {
+        for (int i = 0; i < 256; i++) w[i] = (int8_t)(((b[32 * (i / 128) + i % 32] >> (2 * ((i / 32) % 4))) & 3) - 1);
+        for (int g = 0; g < 16; g++) scale[g] = 1;
+        return read_half(b + 64);
+    }
+    if (type == IQ1_M) {
+        uint16_t packed[4];
+        memcpy(packed, b + 48, 8);
+        const uint16_t d_bits = (packed[0] >> 12) | ((packed[1] >> 8) & 0xF0) | ((packed[2] >> 4) & 0xF00)
+                              | (packed[3] & 0xF000);
+        for (int h = 0; h < 16; h++) scale[h] = 2 * ((packed[h / 4] >> (3 * (h % 4))) & 7) + 1;
+        for (int e = 0; e < 32; e++) {  /* grid entries of 8 */
+            const int nibble = (b[32 + e / 2] >> (4 * (e % 2))) & 15, index = b[e] | ((nibble & 7) << 8);
+            for (int j = 0; j < 8; j++)
+                w[8 * e + j] = (int8_t)(8 * (grid_value(&IQ_GRIDS.iq1s[index], j) - 1) + (nibble & 8 ? -1 : 1));
+        }
+        return half_to_float(d_bits) * 0.125f;
+    }
     const float d = read_half(b);
     for (int g = 0; g < 8; g++) {  /* groups of 32 values */
         int8_t *out = w + 32 * g;
@@ -303,7 +324,7 @@ static float dot_iq_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
 PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5_1, legacy)
 PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
 PORTABLE(Q6_K, k) PORTABLE(IQ2_XXS, iq) PORTABLE(IQ2_XS, iq) PORTABLE(IQ2_S, iq) PORTABLE(IQ3_XXS, iq)
-PORTABLE(IQ3_S, iq) PORTABLE(IQ1_S, iq)
+PORTABLE(IQ3_S, iq) PORTABLE(IQ1_S, iq) PORTABLE(IQ1_M, iq) PORTABLE(TQ2_0, iq)
 
 const dot_fn portable_dots[N_TYPES] = {
     [Q4_0] = dot_Q4_0_portable, [Q4_1] = dot_Q4_1_portable, [Q5_0] = dot_Q5_0_portable,
@@ -312,4 +333,5 @@ const dot_fn portable_dots[N_TYPES] = {
     [Q6_K] = dot_Q6_K_portable, [IQ4_NL] = dot_IQ4_NL_portable, [IQ4_XS] = dot_IQ4_XS_portable,
     [IQ2_XXS] = dot_IQ2_XXS_portable, [IQ2_XS] = dot_IQ2_XS_portable, [IQ2_S] = dot_IQ2_S_portable,
     [IQ3_XXS] = dot_IQ3_XXS_portable, [IQ3_S] = dot_IQ3_S_portable, [IQ1_S] = dot_IQ1_S_portable,
+    [IQ1_M] = dot_IQ1_M_portable, [TQ2_0] = dot_TQ2_0_portable,
 };
