@@ -35,7 +35,7 @@ from llmpress.models.llama import LlamaModel
 
 T = GGMLQuantizationType
 TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0"]
-KERNEL_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ2_0"]  # the rest: dequantize + float32
+KERNEL_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"]  # the rest: dequantize + float32
 # A two-layer Llama on the default model's tokenizer, every width a multiple of 256.
 TINY = {"llama.block_count": 2, "llama.embedding_length": 256, "llama.feed_forward_length": 512,
         "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,

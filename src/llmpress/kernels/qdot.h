@@ -16,7 +16,7 @@
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
        Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21,
-       IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, TQ2_0 = 35, N_TYPES = 36 };
+       IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35, N_TYPES = 36 };
 
 /* The grids of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S and IQ1_S (IQ1_M's too): each entry's
  * 8 (IQ2, IQ1) or 4 (IQ3) values as consecutive bytes, IQ1's ternary -1/0/1 stored plus one. They are gguf-py's tables (the project's one copy), handed over
@@ -28,6 +28,9 @@ typedef struct {
     int ready;
 } IqGrids;
 extern IqGrids IQ_GRIDS;
+
+/* TQ1_0's 256 weights (-1, 0, 1) of one block, decoded from its base-3 bytes (both ISAs). */
+void tq1_0_weights(const uint8_t *blk, int8_t *w);
 
 /* IQ4_NL / IQ4_XS: 4-bit indices into this signed table (ggml's kvalues_iq4nl). */
 static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10,

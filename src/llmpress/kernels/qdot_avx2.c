@@ -538,6 +538,21 @@ static float one_TQ2_0(const uint8_t *row, QRow x, int64_t nb) {
 }
 ROWS_FROM_ONE(dot_TQ2_0_avx2, one_TQ2_0)
 
+/* TQ1_0: the base-3 bytes decoded in scalar code (qdot_portable.c), the dot in vectors. */
+static float one_TQ1_0(const uint8_t *row, QRow x, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 54;
+        int8_t w[256];
+        tq1_0_weights(blk, w);
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) sum = _mm256_add_epi32(sum, signed_dot32(load(w + 32 * g), x.q + 256 * b + 32 * g));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * half(blk + 52)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+ROWS_FROM_ONE(dot_TQ1_0_avx2, one_TQ1_0)
+
 ROWS_FROM_ONE(dot_IQ2_XXS_avx2, one_IQ2_XXS) ROWS_FROM_ONE(dot_IQ2_XS_avx2, one_IQ2_XS)
 ROWS_FROM_ONE(dot_IQ2_S_avx2, one_IQ2_S)
 ROWS_FROM_ONE(dot_IQ3_XXS_avx2, one_IQ3_XXS) ROWS_FROM_ONE(dot_IQ3_S_avx2, one_IQ3_S)
@@ -555,7 +570,7 @@ const dot_fn avx2_dots[N_TYPES] = {
     [Q6_K] = dot_Q6_K_avx2, [IQ4_NL] = dot_IQ4_NL_avx2, [IQ4_XS] = dot_IQ4_XS_avx2,
     [IQ2_XXS] = dot_IQ2_XXS_avx2, [IQ2_XS] = dot_IQ2_XS_avx2, [IQ3_XXS] = dot_IQ3_XXS_avx2,
     [IQ3_S] = dot_IQ3_S_avx2, [IQ2_S] = dot_IQ2_S_avx2, [IQ1_S] = dot_IQ1_S_avx2,
-    [IQ1_M] = dot_IQ1_M_avx2, [TQ2_0] = dot_TQ2_0_avx2,
+    [IQ1_M] = dot_IQ1_M_avx2, [TQ1_0] = dot_TQ1_0_avx2, [TQ2_0] = dot_TQ2_0_avx2,
 };
 #else
 int avx2_compiled(void) { return 0; }

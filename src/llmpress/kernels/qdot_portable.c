@@ -25,7 +25,7 @@ int64_t qtype_block_bytes(int type) {
     case IQ2_XXS: return IQ_GRIDS.ready ? 66 : 0; case IQ2_XS: return IQ_GRIDS.ready ? 74 : 0;
     case IQ3_XXS: return IQ_GRIDS.ready ? 98 : 0; case IQ3_S: return IQ_GRIDS.ready ? 110 : 0;
     case IQ2_S: return IQ_GRIDS.ready ? 82 : 0; case IQ1_S: return IQ_GRIDS.ready ? 50 : 0;
-    case IQ1_M: return IQ_GRIDS.ready ? 56 : 0; case TQ2_0: return 66;
+    case IQ1_M: return IQ_GRIDS.ready ? 56 : 0; case TQ1_0: return 54; case TQ2_0: return 66;
     default: return 0;
     }
 }
@@ -33,7 +33,7 @@ int64_t qtype_block_bytes(int type) {
 static int is_k_quant(int type) {
     return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS || type == IQ2_XXS || type == IQ2_XS
         || type == IQ2_S || type == IQ3_XXS || type == IQ3_S || type == IQ1_S || type == IQ1_M
-        || type == TQ2_0;
+        || type == TQ1_0 || type == TQ2_0;
 }
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
 int64_t qtype_act_block(int type) { return qtype_block_values(type); }
@@ -227,8 +227,26 @@ static inline int sign_of(uint32_t index, int j) { return ((const int8_t *)&IQ_G
  * values: value_i = (d * factor) * scale[i / 16] * w_i, the returned float is d * factor.
  * IQ2_*: d * (0.5 + s) / 4 = d / 8 * (2s + 1); IQ3_XXS: d / 4 * (2s + 1); IQ3_S: d * (2s + 1);
  * IQ1_S, IQ1_M: d * (2s + 1) * (g +- 1/8) = d / 8 * (2s + 1) * (8g +- 1), g in -1, 0, 1;
- * TQ2_0: d * (code - 1). */
+ * TQ1_0, TQ2_0: d * (code - 1). */
+void tq1_0_weights(const uint8_t *blk, int8_t *w) {
+    /* A byte holds 5 (or 4) trits as a fixed-point fraction: digit k is the integer part
+     * of 3 * (byte * 3^k mod 256) / 256. Bytes 0-31: values k * 32 + j; bytes 32-47:
+     * 160 + k * 16 + j; bytes 48-51 (4 trits): 240 + k * 4 + j. */
+    static const int pow3[5] = {1, 3, 9, 27, 81};
+    for (int k = 0; k < 5; k++) {
+        for (int j = 0; j < 32; j++) w[32 * k + j] = (int8_t)((((blk[j] * pow3[k]) & 255) * 3 >> 8) - 1);
+        for (int j = 0; j < 16; j++) w[160 + 16 * k + j] = (int8_t)((((blk[32 + j] * pow3[k]) & 255) * 3 >> 8) - 1);
+        if (k < 4)
+            for (int j = 0; j < 4; j++) w[240 + 4 * k + j] = (int8_t)((((blk[48 + j] * pow3[k]) & 255) * 3 >> 8) - 1);
+    }
+}
+
 static float unpack_iq_block(int type, const uint8_t *b, int8_t *w, int *scale) {
+    if (type == TQ1_0) {
+        tq1_0_weights(b, w);
+        for (int g = 0; g < 16; g++) scale[g] = 1;
+        return read_half(b + 52);
+    }
     if (type == TQ2_0) {
         for (int i = 0; i < 256; i++) w[i] = (int8_t)(((b[32 * (i / 128) + i % 32] >> (2 * ((i / 32) % 4))) & 3) - 1);
         for (int g = 0; g < 16; g++) scale[g] = 1;
@@ -324,7 +342,7 @@ static float dot_iq_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
 PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5_1, legacy)
 PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
 PORTABLE(Q6_K, k) PORTABLE(IQ2_XXS, iq) PORTABLE(IQ2_XS, iq) PORTABLE(IQ2_S, iq) PORTABLE(IQ3_XXS, iq)
-PORTABLE(IQ3_S, iq) PORTABLE(IQ1_S, iq) PORTABLE(IQ1_M, iq) PORTABLE(TQ2_0, iq)
+PORTABLE(IQ3_S, iq) PORTABLE(IQ1_S, iq) PORTABLE(IQ1_M, iq) PORTABLE(TQ1_0, iq) PORTABLE(TQ2_0, iq)
 
 const dot_fn portable_dots[N_TYPES] = {
     [Q4_0] = dot_Q4_0_portable, [Q4_1] = dot_Q4_1_portable, [Q5_0] = dot_Q5_0_portable,
@@ -333,5 +351,5 @@ const dot_fn portable_dots[N_TYPES] = {
     [Q6_K] = dot_Q6_K_portable, [IQ4_NL] = dot_IQ4_NL_portable, [IQ4_XS] = dot_IQ4_XS_portable,
     [IQ2_XXS] = dot_IQ2_XXS_portable, [IQ2_XS] = dot_IQ2_XS_portable, [IQ2_S] = dot_IQ2_S_portable,
     [IQ3_XXS] = dot_IQ3_XXS_portable, [IQ3_S] = dot_IQ3_S_portable, [IQ1_S] = dot_IQ1_S_portable,
-    [IQ1_M] = dot_IQ1_M_portable, [TQ2_0] = dot_TQ2_0_portable,
+    [IQ1_M] = dot_IQ1_M_portable, [TQ1_0] = dot_TQ1_0_portable, [TQ2_0] = dot_TQ2_0_portable,
 };
