@@ -78,7 +78,8 @@ def test_ggml_quantized_blocks_match_gguf(ggml_type: GGMLQuantizationType) -> No
     rng = np.random.default_rng(1)
     values = rng.standard_normal((16, 1024)).astype(np.float32)
     importance = rng.uniform(0.1, 2.0, 1024).astype(np.float32)  # the very-low-bit types need one
-    raw = ggml_quantize(ggml_type.name, values, importance if ggml_type.name.startswith("IQ") else None)
+    needs_importance = ggml_type.name.startswith("IQ")
+    raw = ggml_quantize(ggml_type.name, values, importance if needs_importance else None)
     raw = raw.reshape(-1, GGML_QUANT_SIZES[ggml_type][1])
     ours = get_format(ggml_type).dequantize_blocks(torch.from_numpy(raw))
     assert_bit_identical(ours, gguf_reference(raw, ggml_type))

@@ -69,9 +69,10 @@ def test_qmatmul_refuses(case, code):
         cpu.check(code, "matmul")
 
 
-@pytest.mark.parametrize("type_name", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"])
-def test_qmatmul_refuses_grid_types_on_rows_of_part_blocks(type_name):
-    """The i-quant kernels read 256-value blocks: K = 128 is refused, not read past."""
+@pytest.mark.parametrize("type_name", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+                                       "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"])
+def test_qmatmul_refuses_low_bit_types_on_rows_of_part_blocks(type_name):
+    """The IQ/TQ kernels read 256-value blocks: K = 128 is refused, not read past."""
     t = GGMLQuantizationType[type_name]
     assert cpu.supports(t)
     rows = torch.zeros(8, get_format(t).type_size, dtype=torch.uint8)

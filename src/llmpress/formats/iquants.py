@@ -149,7 +149,8 @@ class IQ3_XXS(_ReadOnly):
         words = little_endian(blocks[:, 66:98], 4)  # (n, 8)
         scale = half_scale(d, words >> 28, 0.5).view(n, 8, 1, 1)
         grid = lookup(self.ggml_type, blocks[:, 2:66]).view(n, 8, 4, 8)
-        sign_index = (words.unsqueeze(2) >> torch.tensor([0, 7, 14, 21], device=blocks.device)) & 127
+        shifts = torch.tensor([0, 7, 14, 21], device=blocks.device)
+        sign_index = (words.unsqueeze(2) >> shifts) & 127
         return (scale * grid * signs_from_index(sign_index)).reshape(n, 256)
 
 
@@ -242,5 +243,6 @@ class TQ2_0(_ReadOnly):
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
         d = read_f16(blocks, 64)
-        codes = (blocks[:, 0:64].reshape(n, 2, 1, 32) >> bit_shifts(2, 4, blocks.device).view(1, 1, 4, 1)) & 3
+        shifts = bit_shifts(2, 4, blocks.device).view(1, 1, 4, 1)
+        codes = (blocks[:, 0:64].reshape(n, 2, 1, 32) >> shifts) & 3
         return d * (codes.reshape(n, 256).float() - 1)
