@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import pytest
 import torch
+from ggml_ref import ggml_quantize
 from gguf import GGMLQuantizationType
 from tiny import quantized, save_tiny_hf_model
 
@@ -79,10 +81,27 @@ def test_qmatmul_refuses_low_bit_types_on_rows_of_part_blocks(type_name):
     assert call_qmatmul(rows, t, torch.randn(2, 128)) == -2
 
 
-def test_iq_grids_refuse_missing_tables():
-    null = ctypes.c_void_p(0)
-    assert cpu._library().llmpress_set_iq_grids(null, null, null, null, null, null, null) == -3
-    assert cpu.supports(GGMLQuantizationType.IQ2_XXS)  # the tables given at load still hold
+@pytest.mark.parametrize("case", ["too few tables", "a missing table", "a short table"])
+def test_iq_grids_refuse_wrong_tables(case):
+    """The grids are handed over once at load; a wrong description changes nothing."""
+    sizes = [2048, 4096, 8192, 1024, 2048, 16384, 128]
+    tables = [np.zeros(n, np.uint8) for n in sizes]
+    pointers = (ctypes.c_void_p * 7)(*(t.ctypes.data for t in tables))
+    lengths = (ctypes.c_int64 * 7)(*sizes)
+    count = 6 if case == "too few tables" else 7
+    if case == "a missing table":
+        pointers[3] = None
+    elif case == "a short table":
+        lengths[5] = 16383
+    assert cpu._library().llmpress_set_iq_grids(count, pointers, lengths) == -3
+    # the tables given at load still hold: the kernel still matches dequantize + matmul
+    t = GGMLQuantizationType.IQ2_XXS
+    weights = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    rows = torch.from_numpy(ggml_quantize("IQ2_XXS", weights, np.ones(256, np.float32)))
+    x = torch.randn(1, 256)
+    expected = x @ get_format(t).dequantize(rows.reshape(-1), (4, 256)).T
+    got = cpu.qmatmul(cpu.FusedWeights([(rows, t)]), x)
+    assert torch.allclose(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def _library() -> ctypes.CDLL | None:
     if forced not in ISAS:
         raise LlmpressError(f"{ISA_ENV}={forced!r}: expected one of {', '.join(ISAS)}")
     check(lib.llmpress_set_isa(ISAS[forced]), f"{ISA_ENV}={forced}")
-    if hasattr(lib, "llmpress_set_iq_grids"):  # else the IQ types fall back to dequantize
+    if hasattr(lib, "llmpress_set_iq_grids"):  # else the grid types fall back to dequantize
         _hand_over_iq_grids(lib)
     return lib
 
@@ -100,8 +100,10 @@ def _hand_over_iq_grids(lib: ctypes.CDLL) -> None:
         assert grid.shape == shape and 0 <= grid.min() and grid.max() < 256, (ggml_type, grid.shape)
         tables.append(np.ascontiguousarray(grid, dtype=np.uint8))
     tables.append(np.ascontiguousarray(iquants.sign_patterns()))
-    lib.llmpress_set_iq_grids.argtypes = [ctypes.c_void_p] * len(tables)
-    check(lib.llmpress_set_iq_grids(*(t.ctypes.data for t in tables)), "the i-quant grids")
+    pointers = (ctypes.c_void_p * len(tables))(*(t.ctypes.data for t in tables))
+    sizes = (ctypes.c_int64 * len(tables))(*(t.nbytes for t in tables))
+    lib.llmpress_set_iq_grids.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    check(lib.llmpress_set_iq_grids(len(tables), pointers, sizes), "the i-quant grids")
 
 
 def use_isa(name: str) -> None:

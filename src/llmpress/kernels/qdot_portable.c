@@ -200,18 +200,22 @@ ROWS_FROM_ONE(dot_IQ4_NL_portable, one_IQ4_NL) ROWS_FROM_ONE(dot_IQ4_XS_portable
 
 IqGrids IQ_GRIDS;
 
-/* Called once by kernels/cpu.py with gguf-py's grids (entries of 8 or 4 value bytes) and
- * ksigns (128 bytes). The sign patterns are widened here to bytes of +1 / -1. */
-int llmpress_set_iq_grids(const uint8_t *iq2xxs, const uint8_t *iq2xs, const uint8_t *iq2s,
-                          const uint8_t *iq3xxs, const uint8_t *iq3s, const uint8_t *iq1s,
-                          const uint8_t *ksigns) {
-    if (!iq2xxs || !iq2xs || !iq2s || !iq3xxs || !iq3s || !iq1s || !ksigns) return -3;  /* ERR_BUFFER */
-    memcpy(IQ_GRIDS.iq1s, iq1s, sizeof IQ_GRIDS.iq1s);
-    memcpy(IQ_GRIDS.iq2xxs, iq2xxs, sizeof IQ_GRIDS.iq2xxs);
-    memcpy(IQ_GRIDS.iq2xs, iq2xs, sizeof IQ_GRIDS.iq2xs);
-    memcpy(IQ_GRIDS.iq2s, iq2s, sizeof IQ_GRIDS.iq2s);
-    memcpy(IQ_GRIDS.iq3xxs, iq3xxs, sizeof IQ_GRIDS.iq3xxs);
-    memcpy(IQ_GRIDS.iq3s, iq3s, sizeof IQ_GRIDS.iq3s);
+/* Called once by kernels/cpu.py with gguf-py's tables, in this order and these sizes:
+ * the grids of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S (entries of 8 or 4 value
+ * bytes) and ksigns (128 bytes, widened here to bytes of +1 / -1). Returns 0, or -3
+ * (ERR_BUFFER) for a missing table or a size that does not match, leaving the tables as
+ * they were. */
+int llmpress_set_iq_grids(int n_tables, const uint8_t *const *tables, const int64_t *bytes) {
+    void *grids[] = {IQ_GRIDS.iq2xxs, IQ_GRIDS.iq2xs, IQ_GRIDS.iq2s, IQ_GRIDS.iq3xxs,
+                     IQ_GRIDS.iq3s, IQ_GRIDS.iq1s};
+    const int64_t sizes[] = {sizeof IQ_GRIDS.iq2xxs, sizeof IQ_GRIDS.iq2xs, sizeof IQ_GRIDS.iq2s,
+                             sizeof IQ_GRIDS.iq3xxs, sizeof IQ_GRIDS.iq3s, sizeof IQ_GRIDS.iq1s, 128};
+    enum { N_GRIDS = sizeof grids / sizeof grids[0] };
+    if (n_tables != N_GRIDS + 1 || !tables || !bytes) return -3;
+    for (int i = 0; i <= N_GRIDS; i++)
+        if (!tables[i] || bytes[i] != sizes[i]) return -3;
+    for (int i = 0; i < N_GRIDS; i++) memcpy(grids[i], tables[i], (size_t)sizes[i]);
+    const uint8_t *ksigns = tables[N_GRIDS];
     for (int i = 0; i < 128; i++) {
         int8_t *signs = (int8_t *)&IQ_GRIDS.signs[i];
         for (int j = 0; j < 8; j++) signs[j] = (ksigns[i] >> j) & 1 ? -1 : 1;
