@@ -83,7 +83,8 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-# The grid types with a kernel, and the (entries, values) shape qdot.h's IqGrids holds.
+# The grids the kernel holds (qdot.h's IqGrids), in the order llmpress_set_iq_grids takes
+# them, with their (entries, values per entry) shapes; IQ1_M shares IQ1_S's.
 IQ_GRID_SHAPES = {GGMLQuantizationType.IQ2_XXS: (256, 8), GGMLQuantizationType.IQ2_XS: (512, 8),
                   GGMLQuantizationType.IQ2_S: (1024, 8), GGMLQuantizationType.IQ3_XXS: (256, 4),
                   GGMLQuantizationType.IQ3_S: (512, 4), GGMLQuantizationType.IQ1_S: (2048, 8)}
