@@ -45,17 +45,26 @@ static inline int iq4_xs_scale(const uint8_t *blk, int j) {
     return (((blk[4 + j / 2] >> (4 * (j % 2))) & 15) | (high << 4)) - 32;
 }
 
-/* One quantized activation row: K codes, K / block scales, K / 16 sums of codes. */
+/* One quantized activation row: K codes, K / block scales, K / 16 sums of codes, and for
+ * blocks of 32 each block's value sum d * (sum of codes) as a float (NULL for 256). */
 typedef struct {
     const int8_t *q;
     const float *d;
     const int16_t *bsum;
+    const float *sum;
 } QRow;
 
 /* out[r] = sum_k W[k] * x[r][k] for one weight row of nb blocks and n_x <= DOT_ROWS
  * activation rows (several rows share each unpacked weight block: prompt processing). */
 enum { DOT_ROWS = 4 };
 typedef void (*dot_fn)(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out);
+
+/* out[r * out_stride + i] = sum_k W_i[k] * x[r][k] for n_w <= TILE_ROWS weight rows
+ * (row i at rows + i * stride) and n_x <= DOT_ROWS activation rows: each weight row's
+ * result in its own float lane, so a lane's operations do not depend on n_w or n_x. */
+enum { TILE_ROWS = 8 };
+typedef void (*tile_fn)(const uint8_t *rows, int64_t stride, int n_w, const QRow *x, int n_x,
+                        int64_t nb, float *out, int64_t out_stride);
 
 /* A multi-row dot from a one-row one, for types without a dedicated multi-row kernel. */
 #define ROWS_FROM_ONE(NAME, ONE)                                                       \
@@ -72,6 +81,8 @@ int64_t qtype_act_block(int type);
 /* The portable kernels, and the AVX2 ones (NULL entries where not compiled in). */
 extern const dot_fn portable_dots[N_TYPES];
 extern const dot_fn avx2_dots[N_TYPES];
+/* Tiles of several weight rows (NULL for types that only have dots). */
+extern const tile_fn avx2_tiles[N_TYPES];
 int avx2_compiled(void);
 
 /* Quantize T rows of K floats to blocks of `block` codes. */

@@ -258,45 +258,9 @@ static inline __m256i fifth_bits(const uint8_t *qh_bytes) {  /* bit j of 32 -> 0
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
 }
 
-static inline __m256 legacy_step(__m256 acc, __m256i codes, const int8_t *x, float scale) {
-    const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, load(x)), _mm256_set1_epi16(1));
-    return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sum), acc);
-}
-
-#define LEGACY_DOT(NAME, BYTES, CODES, MIN)                                              \
-    static float NAME(const uint8_t *row, QRow x, int64_t nb) {                           \
-        __m256 acc = _mm256_setzero_ps();                                                 \
-        float offsets = 0;                                                                \
-        for (int64_t b = 0; b < nb; b++) {                                                \
-            const uint8_t *blk = row + b * (BYTES);                                       \
-            const float d = half(blk);                                                    \
-            acc = legacy_step(acc, CODES, x.q + 32 * b, d * x.d[b]);                       \
-            offsets += (MIN) * x.d[b] * (float)(x.bsum[2 * b] + x.bsum[2 * b + 1]);       \
-        }                                                                                 \
-        return hsum(acc) + offsets;                                                       \
-    }
-LEGACY_DOT(one_Q4_0, 18, nibbles(blk + 2), -8 * d)
-LEGACY_DOT(one_Q4_1, 20, nibbles(blk + 4), half(blk + 2))
-LEGACY_DOT(one_Q5_0, 22, _mm256_or_si256(nibbles(blk + 6), fifth_bits(blk + 2)), -16 * d)
-LEGACY_DOT(one_Q5_1, 24, _mm256_or_si256(nibbles(blk + 8), fifth_bits(blk + 4)), half(blk + 2))
-
-/* Q8_0's codes are signed: |w| times x carrying w's sign keeps maddubs' first operand
- * unsigned. */
-static float one_Q8_0(const uint8_t *row, QRow x, int64_t nb) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * 34;
-        const __m256i w = load(blk + 2);
-        const __m256i signed_x = _mm256_sign_epi8(load(x.q + 32 * b), w);
-        const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), signed_x),
-                                              _mm256_set1_epi16(1));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
-    }
-    return hsum(acc);
-}
-
-/* IQ4_NL / IQ4_XS: the indices become signed table values by a byte shuffle; |value|
- * times x carrying the value's sign keeps maddubs' first operand unsigned, as for Q8_0. */
+/* IQ4_NL / IQ4_XS: the indices become signed table values by a byte shuffle. Signed
+ * codes (these and Q8_0's): |value| times x carrying the value's sign keeps maddubs' first
+ * operand unsigned. */
 static inline __m256i iq4_values(const uint8_t *qs) {
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_VALUES));
     return _mm256_shuffle_epi8(table, nibbles(qs));
@@ -305,16 +269,6 @@ static inline __m256i iq4_values(const uint8_t *qs) {
 static inline __m256i signed_dot32(__m256i w, const int8_t *x) {  /* 8 int32 partial sums */
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(load(x), w)),
                              _mm256_set1_epi16(1));
-}
-
-static float one_IQ4_NL(const uint8_t *row, QRow x, int64_t nb) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * 18;
-        const __m256i sum = signed_dot32(iq4_values(blk + 2), x.q + 32 * b);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
-    }
-    return hsum(acc);
 }
 
 static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
@@ -557,17 +511,107 @@ ROWS_FROM_ONE(dot_IQ2_XXS_avx2, one_IQ2_XXS) ROWS_FROM_ONE(dot_IQ2_XS_avx2, one_
 ROWS_FROM_ONE(dot_IQ2_S_avx2, one_IQ2_S)
 ROWS_FROM_ONE(dot_IQ3_XXS_avx2, one_IQ3_XXS) ROWS_FROM_ONE(dot_IQ3_S_avx2, one_IQ3_S)
 
-ROWS_FROM_ONE(dot_Q4_0_avx2, one_Q4_0) ROWS_FROM_ONE(dot_Q4_1_avx2, one_Q4_1)
-ROWS_FROM_ONE(dot_Q5_0_avx2, one_Q5_0) ROWS_FROM_ONE(dot_Q5_1_avx2, one_Q5_1)
-ROWS_FROM_ONE(dot_Q8_0_avx2, one_Q8_0) ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K)
-ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K) ROWS_FROM_ONE(dot_Q5_K_avx2, one_Q5_K)
-ROWS_FROM_ONE(dot_IQ4_NL_avx2, one_IQ4_NL) ROWS_FROM_ONE(dot_IQ4_XS_avx2, one_IQ4_XS)
+/* --- legacy types and IQ4_NL, eight weight rows at a time ---
+ * Each weight row's integer block sum lands in its own lane (sum8), so the float work -
+ * (d_w * d_x) * sum + m_w * (d_x * sum of x) - is one vector operation for 8 rows, and each
+ * block's codes are unpacked once for all activation rows. */
 
+static inline int legacy_bytes(const int type) {
+    return type == Q4_0 || type == IQ4_NL ? 18 : type == Q4_1 ? 20 : type == Q5_0 ? 22
+         : type == Q5_1 ? 24 : 34;
+}
+
+/* Codes as unsigned bytes, or (Q8_0, IQ4_NL) as signed bytes. */
+static inline __m256i legacy_codes(const uint8_t *blk, const int type) {
+    switch (type) {
+    case Q4_0: return nibbles(blk + 2);
+    case Q4_1: return nibbles(blk + 4);
+    case Q5_0: return _mm256_or_si256(nibbles(blk + 6), fifth_bits(blk + 2));
+    case Q5_1: return _mm256_or_si256(nibbles(blk + 8), fifth_bits(blk + 4));
+    case Q8_0: return load(blk + 2);
+    default: return iq4_values(blk + 2);
+    }
+}
+
+/* The f16 at byte `offset` of 8 blocks, as 8 floats. */
+static inline uint16_t u16(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return h; }
+static inline __m256 halves8(const uint8_t *const blk[TILE_ROWS], int offset) {
+    /* inserted lane by lane: a store of 8 halves and a wide load would stall */
+    const __m128i h = _mm_setr_epi16((short)u16(blk[0] + offset), (short)u16(blk[1] + offset),
+                                     (short)u16(blk[2] + offset), (short)u16(blk[3] + offset),
+                                     (short)u16(blk[4] + offset), (short)u16(blk[5] + offset),
+                                     (short)u16(blk[6] + offset), (short)u16(blk[7] + offset));
+    return _mm256_cvtph_ps(h);
+}
+
+/* Lane i = the sum of v[i]'s eight int32. */
+static inline __m256i sum8(const __m256i v[TILE_ROWS]) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+static inline __attribute__((always_inline)) void tile_legacy(
+    const uint8_t *rows, int64_t stride, int n_w, const QRow *x, const int n_x, int64_t nb,
+    float *out, int64_t out_stride, const int type) {
+    const int bytes = legacy_bytes(type), is_signed = type == Q8_0 || type == IQ4_NL;
+    const uint8_t *w[TILE_ROWS];
+    for (int i = 0; i < TILE_ROWS; i++) w[i] = rows + (i < n_w ? i : 0) * stride;  /* spare lanes: row 0 */
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk[TILE_ROWS];
+        __m256i codes[TILE_ROWS];
+        for (int i = 0; i < TILE_ROWS; i++) {
+            blk[i] = w[i] + b * bytes;
+            codes[i] = legacy_codes(blk[i], type);
+        }
+        const __m256 d = halves8(blk, 0);
+        /* value = d * code + m per block: m = -8d (Q4_0), -16d (Q5_0), stored (Q4_1/Q5_1) */
+        const __m256 m = type == Q4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(-8.0f))
+                       : type == Q5_0 ? _mm256_mul_ps(d, _mm256_set1_ps(-16.0f))
+                       : type == Q4_1 || type == Q5_1 ? halves8(blk, 2) : _mm256_setzero_ps();
+        for (int r = 0; r < n_x; r++) {
+            const __m256i xq = load(x[r].q + 32 * b);
+            __m256i sums[TILE_ROWS];
+            for (int i = 0; i < TILE_ROWS; i++)
+                sums[i] = is_signed ? signed_dot32(codes[i], x[r].q + 32 * b)
+                                    : _mm256_madd_epi16(_mm256_maddubs_epi16(codes[i], xq), _mm256_set1_epi16(1));
+            const float dx = x[r].d[b];
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(dx)), _mm256_cvtepi32_ps(sum8(sums)), acc[r]);
+            if (!is_signed) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[r].sum[b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < n_x; r++) {
+        float lanes[TILE_ROWS];
+        _mm256_storeu_ps(lanes, acc[r]);
+        memcpy(out + r * out_stride, lanes, sizeof(float) * (size_t)n_w);
+    }
+}
+
+/* Specialized for one activation row (decode) and for a full group (prompts). */
+#define LEGACY_TILE(T)                                                                          \
+    static void tile_##T##_avx2(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,    \
+                                int n_x, int64_t nb, float *out, int64_t out_stride) {          \
+        if (n_x == 1) tile_legacy(rows, stride, n_w, x, 1, nb, out, out_stride, T);             \
+        else if (n_x == DOT_ROWS) tile_legacy(rows, stride, n_w, x, DOT_ROWS, nb, out, out_stride, T); \
+        else tile_legacy(rows, stride, n_w, x, n_x, nb, out, out_stride, T);                    \
+    }
+LEGACY_TILE(Q4_0) LEGACY_TILE(Q4_1) LEGACY_TILE(Q5_0) LEGACY_TILE(Q5_1) LEGACY_TILE(Q8_0)
+LEGACY_TILE(IQ4_NL)
+
+const tile_fn avx2_tiles[N_TYPES] = {
+    [Q4_0] = tile_Q4_0_avx2, [Q4_1] = tile_Q4_1_avx2, [Q5_0] = tile_Q5_0_avx2,
+    [Q5_1] = tile_Q5_1_avx2, [Q8_0] = tile_Q8_0_avx2, [IQ4_NL] = tile_IQ4_NL_avx2,
+};
+
+ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K) ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K)
+ROWS_FROM_ONE(dot_Q5_K_avx2, one_Q5_K) ROWS_FROM_ONE(dot_IQ4_XS_avx2, one_IQ4_XS)
+
+/* The legacy types and IQ4_NL have tiles instead. */
 const dot_fn avx2_dots[N_TYPES] = {
-    [Q4_0] = dot_Q4_0_avx2, [Q4_1] = dot_Q4_1_avx2, [Q5_0] = dot_Q5_0_avx2,
-    [Q5_1] = dot_Q5_1_avx2, [Q8_0] = dot_Q8_0_avx2, [Q2_K] = dot_Q2_K_avx2,
-    [Q3_K] = dot_Q3_K_avx2, [Q4_K] = dot_Q4_K_avx2, [Q5_K] = dot_Q5_K_avx2,
-    [Q6_K] = dot_Q6_K_avx2, [IQ4_NL] = dot_IQ4_NL_avx2, [IQ4_XS] = dot_IQ4_XS_avx2,
+    [Q2_K] = dot_Q2_K_avx2, [Q3_K] = dot_Q3_K_avx2, [Q4_K] = dot_Q4_K_avx2,
+    [Q5_K] = dot_Q5_K_avx2, [Q6_K] = dot_Q6_K_avx2, [IQ4_XS] = dot_IQ4_XS_avx2,
     [IQ2_XXS] = dot_IQ2_XXS_avx2, [IQ2_XS] = dot_IQ2_XS_avx2, [IQ3_XXS] = dot_IQ3_XXS_avx2,
     [IQ3_S] = dot_IQ3_S_avx2, [IQ2_S] = dot_IQ2_S_avx2, [IQ1_S] = dot_IQ1_S_avx2,
     [IQ1_M] = dot_IQ1_M_avx2, [TQ1_0] = dot_TQ1_0_avx2, [TQ2_0] = dot_TQ2_0_avx2,
@@ -575,4 +619,5 @@ const dot_fn avx2_dots[N_TYPES] = {
 #else
 int avx2_compiled(void) { return 0; }
 const dot_fn avx2_dots[N_TYPES] = {0};
+const tile_fn avx2_tiles[N_TYPES] = {0};
 #endif

@@ -22,6 +22,8 @@
 /* --- the instruction set ---------------------------------------------------------- */
 
 static const dot_fn *dots = portable_dots;
+static const tile_fn no_tiles[N_TYPES];
+static const tile_fn *tiles = no_tiles;
 static int current_isa = ISA_PORTABLE;
 
 static int cpu_has_avx2(void) {
@@ -37,8 +39,8 @@ static int cpu_has_avx2(void) {
  * run the one asked for. */
 int llmpress_set_isa(int isa) {
     if (isa == ISA_AUTO) isa = cpu_has_avx2() ? ISA_AVX2 : ISA_PORTABLE;
-    if (isa == ISA_AVX2 && cpu_has_avx2()) dots = avx2_dots;
-    else if (isa == ISA_PORTABLE) dots = portable_dots;
+    if (isa == ISA_AVX2 && cpu_has_avx2()) { dots = avx2_dots; tiles = avx2_tiles; }
+    else if (isa == ISA_PORTABLE) { dots = portable_dots; tiles = no_tiles; }
     else return ERR_ISA;
     current_isa = isa;
     return 0;
@@ -75,10 +77,11 @@ int acts_alloc(Activations *a, int64_t K, int64_t T) {
     a->by32.q = malloc((size_t)(K * T));
     a->by32.d = malloc(sizeof(float) * (size_t)(K * T / 32));
     a->by32.bsum = malloc(sizeof(int16_t) * (size_t)(K * T / 16));
+    a->by32.sum = malloc(sizeof(float) * (size_t)(K * T / 32));
     a->by256.q = malloc((size_t)(K * T));
     a->by256.d = malloc(sizeof(float) * (size_t)(K * T / 32));  /* K may not divide by 256 */
     a->by256.bsum = malloc(sizeof(int16_t) * (size_t)(K * T / 16));
-    if (!a->by32.q || !a->by32.d || !a->by32.bsum || !a->by256.q || !a->by256.d || !a->by256.bsum) {
+    if (!a->by32.q || !a->by32.d || !a->by32.bsum || !a->by32.sum || !a->by256.q || !a->by256.d || !a->by256.bsum) {
         acts_free(a);
         return ERR_MEMORY;
     }
@@ -86,7 +89,7 @@ int acts_alloc(Activations *a, int64_t K, int64_t T) {
 }
 
 void acts_free(Activations *a) {
-    free(a->by32.q); free(a->by32.d); free(a->by32.bsum);
+    free(a->by32.q); free(a->by32.d); free(a->by32.bsum); free(a->by32.sum);
     free(a->by256.q); free(a->by256.d); free(a->by256.bsum);
     memset(a, 0, sizeof(*a));
 }
@@ -100,9 +103,13 @@ void acts_quantize(Activations *a, int n_weights, const int *types, const float 
     const int by32 = needs_block(n_weights, types, 32), by256 = needs_block(n_weights, types, 256);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        if (by32)
-            quantize_rows(x + t * K, K, 1, 32, a->by32.q + t * K, a->by32.d + t * (K / 32),
+        if (by32) {
+            const int64_t first = t * (K / 32);
+            quantize_rows(x + t * K, K, 1, 32, a->by32.q + t * K, a->by32.d + first,
                           a->by32.bsum + t * (K / 16));
+            for (int64_t b = first; b < first + K / 32; b++)
+                a->by32.sum[b] = a->by32.d[b] * (float)(a->by32.bsum[2 * b] + a->by32.bsum[2 * b + 1]);
+        }
         if (by256)
             quantize_rows(x + t * K, K, 1, 256, a->by256.q + t * K, a->by256.d + t * (K / 256),
                           a->by256.bsum + t * (K / 16));
@@ -112,7 +119,8 @@ void acts_quantize(Activations *a, int n_weights, const int *types, const float 
 static QRow act_row(const Activations *a, int type, int64_t K, int64_t t) {
     const int64_t block = qtype_act_block(type);
     const ActBuffer *buf = block == 256 ? &a->by256 : &a->by32;
-    QRow r = {buf->q + t * K, buf->d + t * (K / block), buf->bsum + t * (K / 16)};
+    QRow r = {buf->q + t * K, buf->d + t * (K / block), buf->bsum + t * (K / 16),
+              block == 32 ? buf->sum + t * (K / 32) : NULL};
     return r;
 }
 
@@ -125,9 +133,12 @@ enum { ROW_TILE = 16 };  /* weight rows per tile: 16 rows of 8960 Q6_K values fi
  * each takes its share of the output rows (an orphaned `omp for`, ending in a barrier). */
 void qmatmul_rows(int n_weights, const int *types, const uint8_t *const *ws,
                   const int64_t *Ns, const Activations *a, float *y, int64_t K, int64_t T) {
-    int64_t starts[MAX_WEIGHTS + 1];
+    int64_t starts[MAX_WEIGHTS + 1], strides[MAX_WEIGHTS];
     starts[0] = 0;
-    for (int i = 0; i < n_weights; i++) starts[i + 1] = starts[i] + Ns[i];
+    for (int i = 0; i < n_weights; i++) {
+        starts[i + 1] = starts[i] + Ns[i];
+        strides[i] = row_bytes(types[i], K);
+    }
     const int64_t total = starts[n_weights];
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < total; tile += ROW_TILE) {
@@ -136,16 +147,26 @@ void qmatmul_rows(int n_weights, const int *types, const uint8_t *const *ws,
         const int64_t tile_end = tile + ROW_TILE < total ? tile + ROW_TILE : total;
         for (int64_t t = 0; t < T; t += DOT_ROWS) {
             const int n_x = T - t < DOT_ROWS ? (int)(T - t) : DOT_ROWS;
-            for (int64_t n = tile; n < tile_end; n++) {
+            int64_t n = tile;
+            while (n < tile_end) {
                 int i = 0;
                 while (n >= starts[i + 1]) i++;
                 const int type = types[i];
+                const int64_t nb = K / qtype_block_values(type);
+                const uint8_t *w = ws[i] + (n - starts[i]) * strides[i];
                 QRow xs[DOT_ROWS];
-                float out[DOT_ROWS];
                 for (int r = 0; r < n_x; r++) xs[r] = act_row(a, type, K, t + r);
-                dots[type](ws[i] + (n - starts[i]) * row_bytes(type, K), xs, n_x,
-                           K / qtype_block_values(type), out);
-                for (int r = 0; r < n_x; r++) y[(t + r) * total + n] = out[r];
+                if (tiles[type]) {  /* up to TILE_ROWS rows of this weight at once */
+                    int64_t n_w = tile_end < starts[i + 1] ? tile_end - n : starts[i + 1] - n;
+                    if (n_w > TILE_ROWS) n_w = TILE_ROWS;
+                    tiles[type](w, strides[i], (int)n_w, xs, n_x, nb, y + t * total + n, total);
+                    n += n_w;
+                } else {
+                    float out[DOT_ROWS];
+                    dots[type](w, xs, n_x, nb, out);
+                    for (int r = 0; r < n_x; r++) y[(t + r) * total + n] = out[r];
+                    n++;
+                }
             }
         }
     }

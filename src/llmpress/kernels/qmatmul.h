@@ -19,7 +19,7 @@ enum KernelError {
     ERR_POSITION = -8, /* the position is outside the KV cache */
 };
 
-typedef struct { int8_t *q; float *d; int16_t *bsum; } ActBuffer;
+typedef struct { int8_t *q; float *d; int16_t *bsum; float *sum; } ActBuffer;
 /* Quantized activation rows, in the two block sizes the kernels read. */
 typedef struct { ActBuffer by32, by256; } Activations;
 
