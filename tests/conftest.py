@@ -56,6 +56,19 @@ def f32_gguf(default_model_path, tmp_path_factory) -> Path:
     return write_f32_gguf(default_model_path, path)
 
 
+def copy_metadata(reader, writer, skip=()) -> None:
+    """Every metadata field of a GGUFReader into a GGUFWriter, but those in `skip`, the
+    header's and the architecture (the writer writes those itself)."""
+    import gguf
+
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", *skip):
+            continue
+        vtype = gguf.GGUFValueType(field.types[0])
+        sub_type = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type)
+
+
 def write_f32_gguf(source: Path, path: Path) -> Path:
     """`source` dequantized to F32 by gguf-py, every metadata field copied, at `path`."""
     import gguf
@@ -63,12 +76,7 @@ def write_f32_gguf(source: Path, path: Path) -> Path:
 
     reader = gguf.GGUFReader(source)
     writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue  # the writer writes the header and architecture itself
-        vtype = gguf.GGUFValueType(field.types[0])
-        sub_type = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type)
+    copy_metadata(reader, writer)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for t in reader.tensors:
         writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type)

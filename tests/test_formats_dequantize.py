@@ -24,7 +24,8 @@ N_BLOCKS = 512
 FP16_OFFSETS = {
     T.F16: (0,), T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2),
     T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-    T.IQ4_NL: (0,), T.IQ4_XS: (0,),
+    T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.IQ1_S: (0,), T.IQ2_XXS: (0,), T.IQ2_XS: (0,),
+    T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.TQ1_0: (52,), T.TQ2_0: (64,),
 }  # fmt: skip
 
 
@@ -42,6 +43,11 @@ def random_valid_blocks(ggml_type: GGMLQuantizationType, n_blocks: int, seed: in
         magnitude = 10.0 ** rng.integers(-6, 3, n_blocks)
         scale = (rng.standard_normal(n_blocks) * magnitude).astype(np.float16)
         raw[:, offset : offset + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
+    if ggml_type == T.IQ1_M:  # d's 16 bits are the top nibbles of the 4 scale words (48..55)
+        d = rng.standard_normal(n_blocks).astype(np.float16).view(np.uint16)
+        for k in range(4):
+            top = ((d >> (4 * k)) & 0x0F).astype(np.uint8) << 4
+            raw[:, 49 + 2 * k] = (raw[:, 49 + 2 * k] & 0x0F) | top
     return raw
 
 
@@ -69,8 +75,11 @@ def test_random_blocks_match_gguf(ggml_type: GGMLQuantizationType) -> None:
 @pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
 def test_ggml_quantized_blocks_match_gguf(ggml_type: GGMLQuantizationType) -> None:
     """Realistic blocks, made by ggml's own quantizer from Gaussian weights."""
-    values = np.random.default_rng(1).standard_normal((16, 1024)).astype(np.float32)
-    raw = ggml_quantize(ggml_type.name, values)
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((16, 1024)).astype(np.float32)
+    importance = rng.uniform(0.1, 2.0, 1024).astype(np.float32)  # the very-low-bit types need one
+    needs_importance = ggml_type.name.startswith("IQ")
+    raw = ggml_quantize(ggml_type.name, values, importance if needs_importance else None)
     raw = raw.reshape(-1, GGML_QUANT_SIZES[ggml_type][1])
     ours = get_format(ggml_type).dequantize_blocks(torch.from_numpy(raw))
     assert_bit_identical(ours, gguf_reference(raw, ggml_type))
@@ -95,7 +104,7 @@ def test_get_format_accepts_enum_name_and_number() -> None:
         assert (fmt.block_size, fmt.type_size) == GGML_QUANT_SIZES[ggml_type]
 
 
-@pytest.mark.parametrize("bad", ["q4_9", T.IQ2_XXS, 9999])
+@pytest.mark.parametrize("bad", ["q4_9", T.MXFP4, 9999])
 def test_get_format_rejects_unknown_types_with_the_supported_list(bad) -> None:
     with pytest.raises(LlmpressError) as info:
         get_format(bad)

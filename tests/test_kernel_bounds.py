@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import pytest
 import torch
+from ggml_ref import ggml_quantize
 from gguf import GGMLQuantizationType
 from tiny import quantized, save_tiny_hf_model
 
@@ -67,6 +69,39 @@ def test_qmatmul_refuses(case, code):
     assert call_qmatmul(rows, t, x, **kwargs) == code
     with pytest.raises(LlmpressError, match=cpu.ERRORS[code]):
         cpu.check(code, "matmul")
+
+
+@pytest.mark.parametrize("type_name", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+                                       "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"])
+def test_qmatmul_refuses_low_bit_types_on_rows_of_part_blocks(type_name):
+    """The IQ/TQ kernels read 256-value blocks: K = 128 is refused, not read past."""
+    t = GGMLQuantizationType[type_name]
+    assert cpu.supports(t)
+    rows = torch.zeros(8, get_format(t).type_size, dtype=torch.uint8)
+    assert call_qmatmul(rows, t, torch.randn(2, 128)) == -2
+
+
+@pytest.mark.parametrize("case", ["too few tables", "a missing table", "a short table"])
+def test_iq_grids_refuse_wrong_tables(case):
+    """The grids are handed over once at load; a wrong description changes nothing."""
+    sizes = [2048, 4096, 8192, 1024, 2048, 16384, 128]
+    tables = [np.zeros(n, np.uint8) for n in sizes]
+    pointers = (ctypes.c_void_p * 7)(*(t.ctypes.data for t in tables))
+    lengths = (ctypes.c_int64 * 7)(*sizes)
+    count = 6 if case == "too few tables" else 7
+    if case == "a missing table":
+        pointers[3] = None
+    elif case == "a short table":
+        lengths[5] = 16383
+    assert cpu._library().llmpress_set_iq_grids(count, pointers, lengths) == -3
+    # the tables given at load still hold: the kernel still matches dequantize + matmul
+    t = GGMLQuantizationType.IQ2_XXS
+    weights = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    rows = torch.from_numpy(ggml_quantize("IQ2_XXS", weights, np.ones(256, np.float32)))
+    x = torch.randn(1, 256)
+    expected = x @ get_format(t).dequantize(rows.reshape(-1), (4, 256)).T
+    got = cpu.qmatmul(cpu.FusedWeights([(rows, t)]), x)
+    assert torch.allclose(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
 
 
 @pytest.fixture(scope="module")

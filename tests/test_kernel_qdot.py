@@ -16,6 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
+from ggml_ref import ggml_quantize
 from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
 from llmpress.io.gguf import load_gguf
@@ -23,9 +24,10 @@ from llmpress.kernels import cpu
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C kernel was not built")
 
+LOW_BIT = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"]
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-         "IQ4_NL", "IQ4_XS"]
-K_QUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}  # activation blocks of 256
+         "IQ4_NL", "IQ4_XS", *LOW_BIT]
+K_QUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", *LOW_BIT}  # activation blocks of 256
 
 
 @pytest.fixture(params=["portable", "avx2"])
@@ -35,6 +37,16 @@ def isa(request):
     cpu.use_isa(request.param)
     yield request.param
     cpu.use_isa("auto")
+
+
+def pack(ggml_type, weights: np.ndarray) -> torch.Tensor:
+    """Weights in ggml_type's blocks: our quantizer, or ggml's (with an importance matrix,
+    which the very-low-bit types need) for the types llmpress only reads."""
+    fmt = get_format(ggml_type)
+    if fmt.writable:
+        return torch.from_numpy(fmt.quantize(weights).reshape(-1))
+    importance = np.random.default_rng(3).uniform(0.1, 2.0, weights.shape[1]).astype(np.float32)
+    return torch.from_numpy(ggml_quantize(ggml_type.name, weights, importance).reshape(-1))
 
 
 def rounding_steps(x: np.ndarray, block: int) -> np.ndarray:
@@ -82,7 +94,7 @@ def test_random_blocks(isa, type_name):
     ggml_type = GGMLQuantizationType[type_name]
     shape = (37, 512)  # 37 rows: not a multiple of the thread count
     weights = rng.standard_normal(shape).astype(np.float32)
-    packed = torch.from_numpy(get_format(ggml_type).quantize(weights).reshape(-1))
+    packed = pack(ggml_type, weights)
     for n_rows in (1, 3, 20):  # decode and a few prompt rows
         x = rng.standard_normal((n_rows, shape[1])).astype(np.float32) * rng.uniform(0.1, 10)
         x[0, :7] = 0  # an all-zero start must not divide by zero
@@ -97,7 +109,7 @@ def test_isas_agree(type_name):
     rng = np.random.default_rng(1)
     ggml_type = GGMLQuantizationType[type_name]
     weights = rng.standard_normal((16, 1024)).astype(np.float32)
-    packed = torch.from_numpy(get_format(ggml_type).quantize(weights).reshape(-1))
+    packed = pack(ggml_type, weights)
     x = rng.standard_normal((2, 1024)).astype(np.float32)
     results = []
     for name in isas:

@@ -13,6 +13,7 @@ from llmpress.errors import LlmpressError
 from llmpress.formats.base import BlockFormat
 from llmpress.formats.float import BF16, F16, F32
 from llmpress.formats.iq4 import IQ4_NL, IQ4_XS
+from llmpress.formats.iquants import IQ1_M, IQ1_S, IQ2_S, IQ2_XS, IQ2_XXS, IQ3_S, IQ3_XXS, TQ1_0, TQ2_0
 from llmpress.formats.kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 from llmpress.formats.legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
@@ -23,6 +24,8 @@ FORMATS: dict[GGMLQuantizationType, BlockFormat] = {
         Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(),
         Q2_K(), Q3_K(), Q4_K(), Q5_K(), Q6_K(),
         IQ4_NL(), IQ4_XS(),
+        IQ1_S(), IQ1_M(), IQ2_XXS(), IQ2_XS(), IQ2_S(), IQ3_XXS(), IQ3_S(),
+        TQ1_0(), TQ2_0(),
     )
 }  # fmt: skip
 

@@ -29,6 +29,7 @@ class BlockFormat:
     ggml_type: GGMLQuantizationType
     block_size: int  # values per block
     type_size: int  # bytes per block
+    writable = True  # False: llmpress reads this type but has no quantizer for it
 
     # --- the pure pair each subclass implements -------------------------------------
     def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
@@ -65,6 +66,9 @@ class BlockFormat:
 
         The one place that picks the engine: the C quantizers (cquant) when built, else
         the numpy ports below (same bytes)."""
+        if not self.writable:
+            raise LlmpressError(f"llmpress reads {self.name} but cannot write it; "
+                                "quantize to it with llama.cpp's llama-quantize")
         values = np.ascontiguousarray(values, dtype=np.float32)
         row = values.shape[-1]
         if row % self.block_size:

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
 from llmpress.errors import LlmpressError
+from llmpress.formats import iquants
 
 MAX_WEIGHTS = 8  # weights fused into one call
 ISAS = {"auto": 0, "portable": 1, "avx2": 2}  # qmatmul.h's ISA_* numbers
@@ -76,7 +78,33 @@ def _library() -> ctypes.CDLL | None:
     if forced not in ISAS:
         raise LlmpressError(f"{ISA_ENV}={forced!r}: expected one of {', '.join(ISAS)}")
     check(lib.llmpress_set_isa(ISAS[forced]), f"{ISA_ENV}={forced}")
+    if hasattr(lib, "llmpress_set_iq_grids"):  # else the grid types fall back to dequantize
+        _hand_over_iq_grids(lib)
     return lib
+
+
+# The grids the kernel holds (qdot.h's IqGrids), in the order llmpress_set_iq_grids takes
+# them, with their (entries, values per entry) shapes; IQ1_M shares IQ1_S's.
+IQ_GRID_SHAPES = {GGMLQuantizationType.IQ2_XXS: (256, 8), GGMLQuantizationType.IQ2_XS: (512, 8),
+                  GGMLQuantizationType.IQ2_S: (1024, 8), GGMLQuantizationType.IQ3_XXS: (256, 4),
+                  GGMLQuantizationType.IQ3_S: (512, 4), GGMLQuantizationType.IQ1_S: (2048, 8)}
+
+
+def _hand_over_iq_grids(lib: ctypes.CDLL) -> None:
+    """Give the kernel gguf-py's i-quant grids and sign patterns (formats/iquants.py): the
+    one copy of those tables, as bytes."""
+    tables = []
+    for ggml_type, shape in IQ_GRID_SHAPES.items():
+        grid = iquants.grid_values(ggml_type)
+        if ggml_type == GGMLQuantizationType.IQ1_S:
+            grid = grid + 1  # ternary -1, 0, 1 stored as unsigned bytes
+        assert grid.shape == shape and 0 <= grid.min() and grid.max() < 256, (ggml_type, grid.shape)
+        tables.append(np.ascontiguousarray(grid, dtype=np.uint8))
+    tables.append(np.ascontiguousarray(iquants.sign_patterns()))
+    pointers = (ctypes.c_void_p * len(tables))(*(t.ctypes.data for t in tables))
+    sizes = (ctypes.c_int64 * len(tables))(*(t.nbytes for t in tables))
+    lib.llmpress_set_iq_grids.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    check(lib.llmpress_set_iq_grids(len(tables), pointers, sizes), "the i-quant grids")
 
 
 def use_isa(name: str) -> None:

@@ -15,7 +15,24 @@
 #include <string.h>
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
-       Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, N_TYPES = 24 };
+       Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20,
+       IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35, N_TYPES = 36 };
+
+/* The grids of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S and IQ1_S (IQ1_M's too): each entry's
+ * 8 (IQ2, IQ1) or 4 (IQ3) values as consecutive bytes, IQ1's ternary -1/0/1 stored plus
+ * one. They are gguf-py's tables (the project's one copy), handed over once by
+ * kernels/cpu.py through llmpress_set_iq_grids; until then the grid types report no
+ * kernel (TQ1_0 and TQ2_0 need no table). `signs` is ggml's ksigns (7 sign bits + parity)
+ * as 8 bytes of +1 / -1. */
+typedef struct {
+    uint64_t iq2xxs[256], iq2xs[512], iq2s[1024], iq1s[2048], signs[128];
+    uint32_t iq3xxs[256], iq3s[512];
+    int ready;
+} IqGrids;
+extern IqGrids IQ_GRIDS;
+
+/* TQ1_0's 256 weights (-1, 0, 1) of one block, decoded from its base-3 bytes (both ISAs). */
+void tq1_0_weights(const uint8_t *blk, int8_t *w);
 
 /* IQ4_NL / IQ4_XS: 4-bit indices into this signed table (ggml's kvalues_iq4nl). */
 static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10,

@@ -263,6 +263,231 @@ static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
     return hsum(acc);
 }
 
+/* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S (qdot.h's IQ_GRIDS) ---
+ * 32 values at a time: the grid entries gathered into one vector (unsigned, at most 62),
+ * their signs moved onto the activations (_mm256_sign_epi8 with bytes of +1 / -1), then
+ * maddubs and madd with the 16-value halves' odd scales 2s + 1, as for the k-quants. */
+static inline __m256i iq_dot32(__m256i grid, __m256i signs, const int8_t *x, int scale_a, int scale_b) {
+    const __m256i scales = _mm256_set_m128i(_mm_set1_epi16((short)scale_b), _mm_set1_epi16((short)scale_a));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(grid, _mm256_sign_epi8(load(x), signs)), scales);
+}
+
+/* Four 7-bit ksigns indices (bits 0, 7, 14, 21 of aux) as 32 bytes of +1 / -1. */
+static inline __m256i iq_ksigns(uint32_t aux) {
+    const uint64_t *s = IQ_GRIDS.signs;
+    return _mm256_set_epi64x(s[(aux >> 21) & 127], s[(aux >> 14) & 127], s[(aux >> 7) & 127], s[aux & 127]);
+}
+
+/* 32 sign bits (bit j: value j is negative) as 32 bytes of +1 / -1. */
+static inline __m256i iq_sign_bits(const uint8_t *bits) {
+    uint32_t w;
+    memcpy(&w, bits, 4);
+    const __m256i byte_of_bit = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                  0x0101010101010101, 0);
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ULL);
+    const __m256i spread = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)w), byte_of_bit), bit);
+    return _mm256_or_si256(_mm256_cmpeq_epi8(spread, bit), _mm256_set1_epi8(1));
+}
+
+static float one_IQ2_XXS(const uint8_t *row, QRow x, int64_t nb) {
+    const uint64_t *grid = IQ_GRIDS.iq2xxs;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 66;
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *idx = blk + 2 + 8 * g;
+            uint32_t aux;
+            memcpy(&aux, idx + 4, 4);
+            const __m256i values = _mm256_set_epi64x(grid[idx[3]], grid[idx[2]], grid[idx[1]], grid[idx[0]]);
+            const int scale = 2 * (int)(aux >> 28) + 1;
+            sum = _mm256_add_epi32(sum, iq_dot32(values, iq_ksigns(aux), x.q + 256 * b + 32 * g, scale, scale));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * (half(blk) * 0.125f)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+
+static float one_IQ2_XS(const uint8_t *row, QRow x, int64_t nb) {
+    const uint64_t *grid = IQ_GRIDS.iq2xs, *signs = IQ_GRIDS.signs;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 74;
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            uint16_t qs[4];
+            memcpy(qs, blk + 2 + 8 * g, 8);
+            const __m256i values = _mm256_set_epi64x(grid[qs[3] & 511], grid[qs[2] & 511],
+                                                     grid[qs[1] & 511], grid[qs[0] & 511]);
+            const __m256i sign = _mm256_set_epi64x(signs[qs[3] >> 9], signs[qs[2] >> 9],
+                                                   signs[qs[1] >> 9], signs[qs[0] >> 9]);
+            const int s = blk[66 + g];
+            sum = _mm256_add_epi32(sum, iq_dot32(values, sign, x.q + 256 * b + 32 * g,
+                                                 2 * (s & 15) + 1, 2 * (s >> 4) + 1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * (half(blk) * 0.125f)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+
+static float one_IQ2_S(const uint8_t *row, QRow x, int64_t nb) {
+    const uint64_t *grid = IQ_GRIDS.iq2s;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 82;
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *i = blk + 2 + 4 * g;
+            const int h = blk[66 + g];  /* bit pair e: the top bits of index e */
+#define IQ2S_ENTRY(e) grid[i[e] | (((h >> (2 * (e))) & 3) << 8)]
+            const __m256i values = _mm256_set_epi64x(IQ2S_ENTRY(3), IQ2S_ENTRY(2), IQ2S_ENTRY(1), IQ2S_ENTRY(0));
+#undef IQ2S_ENTRY
+            const int s = blk[74 + g];
+            sum = _mm256_add_epi32(sum, iq_dot32(values, iq_sign_bits(blk + 34 + 4 * g), x.q + 256 * b + 32 * g,
+                                                 2 * (s & 15) + 1, 2 * (s >> 4) + 1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * (half(blk) * 0.125f)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+
+static float one_IQ3_XXS(const uint8_t *row, QRow x, int64_t nb) {
+    const uint32_t *grid = IQ_GRIDS.iq3xxs;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 98;
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *i = blk + 2 + 8 * g;
+            uint32_t aux;
+            memcpy(&aux, blk + 66 + 4 * g, 4);
+            const __m256i values = _mm256_set_epi32((int)grid[i[7]], (int)grid[i[6]], (int)grid[i[5]],
+                                                    (int)grid[i[4]], (int)grid[i[3]], (int)grid[i[2]],
+                                                    (int)grid[i[1]], (int)grid[i[0]]);
+            const int scale = 2 * (int)(aux >> 28) + 1;
+            sum = _mm256_add_epi32(sum, iq_dot32(values, iq_ksigns(aux), x.q + 256 * b + 32 * g, scale, scale));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * (half(blk) * 0.25f)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+
+static float one_IQ3_S(const uint8_t *row, QRow x, int64_t nb) {
+    const uint32_t *grid = IQ_GRIDS.iq3s;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 110;
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *i = blk + 2 + 8 * g;
+            const int h = blk[66 + g];  /* bit e: the ninth bit of index e */
+#define IQ3S_ENTRY(e) (int)grid[i[e] | (((h >> (e)) & 1) << 8)]
+            const __m256i values = _mm256_set_epi32(IQ3S_ENTRY(7), IQ3S_ENTRY(6), IQ3S_ENTRY(5), IQ3S_ENTRY(4),
+                                                    IQ3S_ENTRY(3), IQ3S_ENTRY(2), IQ3S_ENTRY(1), IQ3S_ENTRY(0));
+#undef IQ3S_ENTRY
+            const int scale = 2 * ((blk[106 + g / 2] >> (4 * (g % 2))) & 15) + 1;
+            sum = _mm256_add_epi32(sum, iq_dot32(values, iq_sign_bits(blk + 74 + 4 * g),
+                                                 x.q + 256 * b + 32 * g, scale, scale));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * half(blk)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+/* IQ1_S: weights 8g +- 1 (g ternary, see qdot_portable.c), never zero: signed_dot32. */
+static float one_IQ1_S(const uint8_t *row, QRow x, int64_t nb) {
+    const uint64_t *grid = IQ_GRIDS.iq1s;  /* g + 1 */
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 50;
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *i = blk + 2 + 4 * g;
+            uint16_t qh;
+            memcpy(&qh, blk + 34 + 2 * g, 2);
+#define IQ1S_ENTRY(e) grid[i[e] | (((qh >> (3 * (e))) & 7) << 8)]
+            const __m256i g1 = _mm256_set_epi64x(IQ1S_ENTRY(3), IQ1S_ENTRY(2), IQ1S_ENTRY(1), IQ1S_ENTRY(0));
+#undef IQ1S_ENTRY
+            /* 8 (g + 1) - 8 +- 1; the shift stays inside each byte (g + 1 <= 2) */
+            const __m256i w = _mm256_sub_epi8(_mm256_slli_epi16(g1, 3), _mm256_set1_epi8(qh & 0x8000 ? 9 : 7));
+            const __m256i part = signed_dot32(w, x.q + 256 * b + 32 * g);
+            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(part, _mm256_set1_epi32(2 * ((qh >> 12) & 7) + 1)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * (half(blk) * 0.125f)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+ROWS_FROM_ONE(dot_IQ1_S_avx2, one_IQ1_S)
+
+/* IQ1_M: IQ1_S's weights with a delta sign per 8 and a scale per 16 values; d is spread
+ * over the top nibbles of the four scale words. */
+static float one_IQ1_M(const uint8_t *row, QRow x, int64_t nb) {
+    const uint64_t *grid = IQ_GRIDS.iq1s;  /* g + 1 */
+    const uint64_t plus = 0x0707070707070707ULL, minus = 0x0909090909090909ULL;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 56;
+        uint16_t sc[4];
+        memcpy(sc, blk + 48, 8);
+        const uint16_t d_bits = (sc[0] >> 12) | ((sc[1] >> 8) & 0xF0) | ((sc[2] >> 4) & 0xF00) | (sc[3] & 0xF000);
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *i = blk + 4 * g;
+            const int n[4] = {blk[32 + 2 * g] & 15, blk[32 + 2 * g] >> 4, blk[33 + 2 * g] & 15, blk[33 + 2 * g] >> 4};
+#define IQ1M_ENTRY(e) grid[i[e] | ((n[e] & 7) << 8)]
+#define IQ1M_OFFSET(e) (n[e] & 8 ? minus : plus)
+            const __m256i g1 = _mm256_set_epi64x(IQ1M_ENTRY(3), IQ1M_ENTRY(2), IQ1M_ENTRY(1), IQ1M_ENTRY(0));
+            const __m256i offsets = _mm256_set_epi64x(IQ1M_OFFSET(3), IQ1M_OFFSET(2), IQ1M_OFFSET(1), IQ1M_OFFSET(0));
+#undef IQ1M_ENTRY
+#undef IQ1M_OFFSET
+            const __m256i part = signed_dot32(_mm256_sub_epi8(_mm256_slli_epi16(g1, 3), offsets), x.q + 256 * b + 32 * g);
+            const int s_a = 2 * ((sc[g / 2] >> (6 * (g % 2))) & 7) + 1, s_b = 2 * ((sc[g / 2] >> (6 * (g % 2) + 3)) & 7) + 1;
+            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(part, _mm256_set_m128i(_mm_set1_epi32(s_b), _mm_set1_epi32(s_a))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * (_cvtsh_ss(d_bits) * 0.125f)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+ROWS_FROM_ONE(dot_IQ1_M_avx2, one_IQ1_M)
+
+/* TQ2_0: 2-bit codes, weight code - 1 in {-1, 0, 1}: signed_dot32 (a zero weight zeroes x). */
+static float one_TQ2_0(const uint8_t *row, QRow x, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 66;
+        __m256i sum = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i bytes = load(blk + 32 * h);
+            for (int k = 0; k < 4; k++) {
+                const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * k), _mm256_set1_epi8(3));
+                sum = _mm256_add_epi32(sum, signed_dot32(_mm256_sub_epi8(codes, _mm256_set1_epi8(1)),
+                                                         x.q + 256 * b + 128 * h + 32 * k));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * half(blk + 64)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+ROWS_FROM_ONE(dot_TQ2_0_avx2, one_TQ2_0)
+
+/* TQ1_0: the base-3 bytes decoded in scalar code (qdot_portable.c), the dot in vectors. */
+static float one_TQ1_0(const uint8_t *row, QRow x, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 54;
+        int8_t w[256];
+        tq1_0_weights(blk, w);
+        __m256i sum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) sum = _mm256_add_epi32(sum, signed_dot32(load(w + 32 * g), x.q + 256 * b + 32 * g));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * half(blk + 52)), _mm256_cvtepi32_ps(sum), acc);
+    }
+    return hsum(acc);
+}
+ROWS_FROM_ONE(dot_TQ1_0_avx2, one_TQ1_0)
+
+ROWS_FROM_ONE(dot_IQ2_XXS_avx2, one_IQ2_XXS) ROWS_FROM_ONE(dot_IQ2_XS_avx2, one_IQ2_XS)
+ROWS_FROM_ONE(dot_IQ2_S_avx2, one_IQ2_S)
+ROWS_FROM_ONE(dot_IQ3_XXS_avx2, one_IQ3_XXS) ROWS_FROM_ONE(dot_IQ3_S_avx2, one_IQ3_S)
+
 /* --- legacy types and IQ4_NL, eight weight rows at a time ---
  * Each weight row's integer block sum lands in its own lane (sum8), so the float work -
  * (d_w * d_x) * sum + m_w * (d_x * sum of x) - is one vector operation for 8 rows, and each
@@ -364,6 +589,9 @@ ROWS_FROM_ONE(dot_IQ4_XS_avx2, one_IQ4_XS)
 const dot_fn avx2_dots[N_TYPES] = {
     [Q2_K] = dot_Q2_K_avx2, [Q3_K] = dot_Q3_K_avx2, [Q4_K] = dot_Q4_K_avx2,
     [Q5_K] = dot_Q5_K_avx2, [Q6_K] = dot_Q6_K_avx2, [IQ4_XS] = dot_IQ4_XS_avx2,
+    [IQ2_XXS] = dot_IQ2_XXS_avx2, [IQ2_XS] = dot_IQ2_XS_avx2, [IQ3_XXS] = dot_IQ3_XXS_avx2,
+    [IQ3_S] = dot_IQ3_S_avx2, [IQ2_S] = dot_IQ2_S_avx2, [IQ1_S] = dot_IQ1_S_avx2,
+    [IQ1_M] = dot_IQ1_M_avx2, [TQ1_0] = dot_TQ1_0_avx2, [TQ2_0] = dot_TQ2_0_avx2,
 };
 #else
 int avx2_compiled(void) { return 0; }

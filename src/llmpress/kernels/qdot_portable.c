@@ -22,11 +22,19 @@ int64_t qtype_block_bytes(int type) {
     case Q5_1: return 24; case Q8_0: return 34;
     case Q2_K: return 84; case Q3_K: return 110; case Q4_K: return 144; case Q5_K: return 176; case Q6_K: return 210;
     case IQ4_NL: return 18; case IQ4_XS: return 136;
+    case IQ2_XXS: return IQ_GRIDS.ready ? 66 : 0; case IQ2_XS: return IQ_GRIDS.ready ? 74 : 0;
+    case IQ3_XXS: return IQ_GRIDS.ready ? 98 : 0; case IQ3_S: return IQ_GRIDS.ready ? 110 : 0;
+    case IQ2_S: return IQ_GRIDS.ready ? 82 : 0; case IQ1_S: return IQ_GRIDS.ready ? 50 : 0;
+    case IQ1_M: return IQ_GRIDS.ready ? 56 : 0; case TQ1_0: return 54; case TQ2_0: return 66;
     default: return 0;
     }
 }
 
-static int is_k_quant(int type) { return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS; }
+static int is_k_quant(int type) {
+    return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS || type == IQ2_XXS || type == IQ2_XS
+        || type == IQ2_S || type == IQ3_XXS || type == IQ3_S || type == IQ1_S || type == IQ1_M
+        || type == TQ1_0 || type == TQ2_0;
+}
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
 int64_t qtype_act_block(int type) { return qtype_block_values(type); }
 
@@ -188,17 +196,164 @@ static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
 }
 ROWS_FROM_ONE(dot_IQ4_NL_portable, one_IQ4_NL) ROWS_FROM_ONE(dot_IQ4_XS_portable, one_IQ4_XS)
 
+/* --- the grid i-quants IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M; TQ2_0 --- */
+
+IqGrids IQ_GRIDS;
+
+/* Called once by kernels/cpu.py with gguf-py's tables, in this order and these sizes:
+ * the grids of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S (entries of 8 or 4 value
+ * bytes) and ksigns (128 bytes, widened here to bytes of +1 / -1). Returns 0, or -3
+ * (ERR_BUFFER) for a missing table or a size that does not match, leaving the tables as
+ * they were. */
+int llmpress_set_iq_grids(int n_tables, const uint8_t *const *tables, const int64_t *bytes) {
+    void *grids[] = {IQ_GRIDS.iq2xxs, IQ_GRIDS.iq2xs, IQ_GRIDS.iq2s, IQ_GRIDS.iq3xxs,
+                     IQ_GRIDS.iq3s, IQ_GRIDS.iq1s};
+    const int64_t sizes[] = {sizeof IQ_GRIDS.iq2xxs, sizeof IQ_GRIDS.iq2xs, sizeof IQ_GRIDS.iq2s,
+                             sizeof IQ_GRIDS.iq3xxs, sizeof IQ_GRIDS.iq3s, sizeof IQ_GRIDS.iq1s, 128};
+    enum { N_GRIDS = sizeof grids / sizeof grids[0] };
+    if (n_tables != N_GRIDS + 1 || !tables || !bytes) return -3;
+    for (int i = 0; i <= N_GRIDS; i++)
+        if (!tables[i] || bytes[i] != sizes[i]) return -3;
+    for (int i = 0; i < N_GRIDS; i++) memcpy(grids[i], tables[i], (size_t)sizes[i]);
+    const uint8_t *ksigns = tables[N_GRIDS];
+    for (int i = 0; i < 128; i++) {
+        int8_t *signs = (int8_t *)&IQ_GRIDS.signs[i];
+        for (int j = 0; j < 8; j++) signs[j] = (ksigns[i] >> j) & 1 ? -1 : 1;
+    }
+    IQ_GRIDS.ready = 1;
+    return 0;
+}
+
+static inline int grid_value(const void *entry, int j) { return ((const uint8_t *)entry)[j]; }
+static inline int sign_of(uint32_t index, int j) { return ((const int8_t *)&IQ_GRIDS.signs[index & 127])[j]; }
+
+/* One grid i-quant block as 256 signed integer values w and odd integer scales per 16
+ * values: value_i = (d * factor) * scale[i / 16] * w_i, the returned float is d * factor.
+ * IQ2_*: d * (0.5 + s) / 4 = d / 8 * (2s + 1); IQ3_XXS: d / 4 * (2s + 1); IQ3_S: d * (2s + 1);
+ * IQ1_S, IQ1_M: d * (2s + 1) * (g +- 1/8) = d / 8 * (2s + 1) * (8g +- 1), g in -1, 0, 1;
+ * TQ1_0, TQ2_0: d * (code - 1). */
+void tq1_0_weights(const uint8_t *blk, int8_t *w) {
+    /* A byte holds 5 (or 4) trits as a fixed-point fraction: digit k is the integer part
+     * of 3 * (byte * 3^k mod 256) / 256. Bytes 0-31: values k * 32 + j; bytes 32-47:
+     * 160 + k * 16 + j; bytes 48-51 (4 trits): 240 + k * 4 + j. */
+    static const int pow3[5] = {1, 3, 9, 27, 81};
+    for (int k = 0; k < 5; k++) {
+        for (int j = 0; j < 32; j++) w[32 * k + j] = (int8_t)((((blk[j] * pow3[k]) & 255) * 3 >> 8) - 1);
+        for (int j = 0; j < 16; j++) w[160 + 16 * k + j] = (int8_t)((((blk[32 + j] * pow3[k]) & 255) * 3 >> 8) - 1);
+        if (k < 4)
+            for (int j = 0; j < 4; j++) w[240 + 4 * k + j] = (int8_t)((((blk[48 + j] * pow3[k]) & 255) * 3 >> 8) - 1);
+    }
+}
+
+static float unpack_iq_block(int type, const uint8_t *b, int8_t *w, int *scale) {
+    if (type == TQ1_0) {
+        tq1_0_weights(b, w);
+        for (int g = 0; g < 16; g++) scale[g] = 1;
+        return read_half(b + 52);
+    }
+    if (type == TQ2_0) {
+        for (int i = 0; i < 256; i++) w[i] = (int8_t)(((b[32 * (i / 128) + i % 32] >> (2 * ((i / 32) % 4))) & 3) - 1);
+        for (int g = 0; g < 16; g++) scale[g] = 1;
+        return read_half(b + 64);
+    }
+    if (type == IQ1_M) {
+        uint16_t packed[4];
+        memcpy(packed, b + 48, 8);
+        const uint16_t d_bits = (packed[0] >> 12) | ((packed[1] >> 8) & 0xF0) | ((packed[2] >> 4) & 0xF00)
+                              | (packed[3] & 0xF000);
+        for (int h = 0; h < 16; h++) scale[h] = 2 * ((packed[h / 4] >> (3 * (h % 4))) & 7) + 1;
+        for (int e = 0; e < 32; e++) {  /* grid entries of 8 */
+            const int nibble = (b[32 + e / 2] >> (4 * (e % 2))) & 15, index = b[e] | ((nibble & 7) << 8);
+            for (int j = 0; j < 8; j++)
+                w[8 * e + j] = (int8_t)(8 * (grid_value(&IQ_GRIDS.iq1s[index], j) - 1) + (nibble & 8 ? -1 : 1));
+        }
+        return half_to_float(d_bits) * 0.125f;
+    }
+    const float d = read_half(b);
+    for (int g = 0; g < 8; g++) {  /* groups of 32 values */
+        int8_t *out = w + 32 * g;
+        if (type == IQ2_XXS || type == IQ3_XXS) {
+            const uint8_t *idx = b + 2 + 8 * g;  /* IQ2_XXS: 4 indices then the u32 below */
+            uint32_t aux;
+            memcpy(&aux, type == IQ2_XXS ? idx + 4 : b + 66 + 4 * g, 4);
+            scale[2 * g] = scale[2 * g + 1] = 2 * (int)(aux >> 28) + 1;
+            for (int i = 0; i < 32; i++) {
+                const int v = type == IQ2_XXS ? grid_value(&IQ_GRIDS.iq2xxs[idx[i / 8]], i % 8)
+                                              : grid_value(&IQ_GRIDS.iq3xxs[idx[i / 4]], i % 4);
+                out[i] = (int8_t)(v * sign_of(aux >> (7 * (i / 8)), i % 8));
+            }
+        } else if (type == IQ2_XS) {
+            scale[2 * g] = 2 * (b[66 + g] & 15) + 1;
+            scale[2 * g + 1] = 2 * (b[66 + g] >> 4) + 1;
+            for (int i = 0; i < 32; i++) {
+                uint16_t qs;
+                memcpy(&qs, b + 2 + 8 * g + 2 * (i / 8), 2);
+                out[i] = (int8_t)(grid_value(&IQ_GRIDS.iq2xs[qs & 511], i % 8) * sign_of(qs >> 9, i % 8));
+            }
+        } else if (type == IQ1_S) {
+            uint16_t qh;
+            memcpy(&qh, b + 34 + 2 * g, 2);
+            scale[2 * g] = scale[2 * g + 1] = 2 * ((qh >> 12) & 7) + 1;
+            for (int i = 0; i < 32; i++) {
+                const int e = 4 * g + i / 8, index = b[2 + e] | (((qh >> (3 * (i / 8))) & 7) << 8);
+                out[i] = (int8_t)(8 * (grid_value(&IQ_GRIDS.iq1s[index], i % 8) - 1) + (qh & 0x8000 ? -1 : 1));
+            }
+        } else if (type == IQ2_S) {  /* 10-bit indices (qs + a qh bit pair), one sign bit per value */
+            scale[2 * g] = 2 * (b[74 + g] & 15) + 1;
+            scale[2 * g + 1] = 2 * (b[74 + g] >> 4) + 1;
+            for (int i = 0; i < 32; i++) {
+                const int e = 4 * g + i / 8, index = b[2 + e] | (((b[66 + g] >> (2 * (e % 4))) & 3) << 8);
+                const int negative = (b[34 + 4 * g + i / 8] >> (i % 8)) & 1;
+                out[i] = (int8_t)(negative ? -grid_value(&IQ_GRIDS.iq2s[index], i % 8)
+                                           : grid_value(&IQ_GRIDS.iq2s[index], i % 8));
+            }
+        } else {  /* IQ3_S: 9-bit indices (qs + one qh bit), one sign bit per value */
+            scale[2 * g] = scale[2 * g + 1] = 2 * ((b[106 + g / 2] >> (4 * (g % 2))) & 15) + 1;
+            for (int i = 0; i < 32; i++) {
+                const int e = 8 * g + i / 4, index = b[2 + e] | (((b[66 + g] >> (e % 8)) & 1) << 8);
+                const int negative = (b[74 + 4 * g + i / 8] >> (i % 8)) & 1;
+                out[i] = (int8_t)(negative ? -grid_value(&IQ_GRIDS.iq3s[index], i % 4)
+                                           : grid_value(&IQ_GRIDS.iq3s[index], i % 4));
+            }
+        }
+    }
+    return type == IQ3_S ? d : d * (type == IQ3_XXS ? 0.25f : 0.125f);  /* IQ2_*, IQ1_S: d / 8 */
+}
+
+static float dot_iq_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
+    const int64_t bb = qtype_block_bytes(type);
+    float total = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        int8_t w[256];
+        int scale[16];
+        const float d = unpack_iq_block(type, row + b * bb, w, scale);
+        const int8_t *q = x.q + b * 256;
+        int32_t scaled = 0;
+        for (int g = 0; g < 16; g++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 16; j++) sum += w[16 * g + j] * q[16 * g + j];
+            scaled += scale[g] * sum;
+        }
+        total += x.d[b] * (d * (float)scaled);
+    }
+    return total;
+}
+
 #define PORTABLE(T, KIND) \
     static float one_##T(const uint8_t *row, QRow x, int64_t nb) { \
         return dot_##KIND##_portable(T, row, x, nb); } \
     ROWS_FROM_ONE(dot_##T##_portable, one_##T)
 PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5_1, legacy)
 PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
-PORTABLE(Q6_K, k)
+PORTABLE(Q6_K, k) PORTABLE(IQ2_XXS, iq) PORTABLE(IQ2_XS, iq) PORTABLE(IQ2_S, iq) PORTABLE(IQ3_XXS, iq)
+PORTABLE(IQ3_S, iq) PORTABLE(IQ1_S, iq) PORTABLE(IQ1_M, iq) PORTABLE(TQ1_0, iq) PORTABLE(TQ2_0, iq)
 
 const dot_fn portable_dots[N_TYPES] = {
     [Q4_0] = dot_Q4_0_portable, [Q4_1] = dot_Q4_1_portable, [Q5_0] = dot_Q5_0_portable,
     [Q5_1] = dot_Q5_1_portable, [Q8_0] = dot_Q8_0_portable, [Q2_K] = dot_Q2_K_portable,
     [Q3_K] = dot_Q3_K_portable, [Q4_K] = dot_Q4_K_portable, [Q5_K] = dot_Q5_K_portable,
     [Q6_K] = dot_Q6_K_portable, [IQ4_NL] = dot_IQ4_NL_portable, [IQ4_XS] = dot_IQ4_XS_portable,
+    [IQ2_XXS] = dot_IQ2_XXS_portable, [IQ2_XS] = dot_IQ2_XS_portable, [IQ2_S] = dot_IQ2_S_portable,
+    [IQ3_XXS] = dot_IQ3_XXS_portable, [IQ3_S] = dot_IQ3_S_portable, [IQ1_S] = dot_IQ1_S_portable,
+    [IQ1_M] = dot_IQ1_M_portable, [TQ1_0] = dot_TQ1_0_portable, [TQ2_0] = dot_TQ2_0_portable,
 };

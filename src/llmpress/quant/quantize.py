@@ -217,7 +217,7 @@ def plan_quantization(source: ModelSource, config: QuantizeConfig,
     if source.path.is_dir():  # a Hugging Face directory: converted on the way
         choices = [_converted_type(c) for c in choices]
     for c in choices:
-        if c.target_type not in FORMATS:
+        if c.target_type not in FORMATS or not FORMATS[c.target_type].writable:
             raise LlmpressError(f"tensor {c.name}: llmpress cannot write type {c.target_type.name}")
         row = c.shape[-1] if c.shape else 1
         block = get_format(c.target_type).block_size
