@@ -511,8 +511,8 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 
 
 def hf_config(source: ModelSource, dtype: str) -> dict[str, Any]:
-    """config.json for the (pruned) model: the GGUF keys mapped back (models.names)."""
-    from llmpress.models.names import GGUF_TO_HF_CONFIG
+    """config.json for the (pruned) model: the GGUF keys mapped back (io.names)."""
+    from llmpress.io.names import GGUF_TO_HF_CONFIG
     cfg = config_from_source(source)
     widths = {(lc.n_heads, lc.n_kv_heads, lc.ffn_dim) for lc in cfg.layers}
     if len(widths) != 1:
@@ -546,7 +546,7 @@ def hf_config(source: ModelSource, dtype: str) -> dict[str, Any]:
 def hf_tensors(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor under its HF name, q/k rows back in HF's rotary layout for llama."""
     from llmpress.io.hf import unpermute_qk
-    from llmpress.models.names import PERMUTED_QK_ARCHS, hf_tensor_name
+    from llmpress.io.names import PERMUTED_QK_ARCHS, hf_tensor_name
     cfg = config_from_source(source)
     heads = {lc.index: (lc.n_heads, lc.n_kv_heads) for lc in cfg.layers}
     out = {}

@@ -359,7 +359,7 @@ def gptq_checkpoint(source_dir: str | Path, out_dir: str | Path, grid, fmt: str 
     from llmpress.io.loader import load_tokenizer
     from llmpress.kernels.device import default_device
     from llmpress.models.llama import LlamaModel
-    from llmpress.models.names import PERMUTED_QK_ARCHS, hf_tensor_name
+    from llmpress.io.names import PERMUTED_QK_ARCHS, hf_tensor_name
     from llmpress.quant.gptq import IntGridTarget, gptq_quantize, rtn_quantize
 
     started = time.perf_counter()
