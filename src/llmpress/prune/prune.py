@@ -440,40 +440,31 @@ def write_pruned(result: PruneResult, output: str | Path, then_quantize: str | N
     --type TYPE` would (allow-requantize implied). Block formats with a per-block minimum
     or offset (Q4_1, Q5_1, K-quants) cannot always store an exact zero: `zeros_kept`
     says how many pruned weights are still exactly zero after the round trip."""
-    from llmpress.io.gguf_write import GGUFStreamWriter, TensorSlot, plan_gguf
-    from llmpress.quant.quantize import QuantizeConfig, quantize_model, quantize_tensor
+    from llmpress.quant.mix import TensorChoice
+    from llmpress.quant.quantize import QuantizeConfig, quantize_model
+    from llmpress.quant.write import write_gguf
 
     output = Path(output)
     src = result.source
+
+    def each(done, total, _report):
+        if progress:
+            progress(done, total)
     if then_quantize is not None:
-        def each(done, total, _report):
-            if progress:
-                progress(done, total)
         quantize_model(QuantizeConfig(src, output, then_quantize, allow_requantize=True),
                        each)
-    else:
-        changed = set(result.changed)
-        slots, fell_back = [], []
-        for name, ref in src.tensors.items():
-            wanted = ref.ggml_type
-            if name in changed and name in result.original.tensors:
-                wanted = result.original.tensors[name].ggml_type
-            target, fell = output_type(name, ref.shape, wanted)
-            if fell:
-                fell_back.append(name)
-            slots.append(TensorSlot(name, target, ref.shape))
-        layout = plan_gguf(src.metadata, slots)
-        with GGUFStreamWriter(output, layout, protect=[result.original.path]) as writer:
-            for done, slot in enumerate(slots, 1):
-                ref = src.tensors[slot.name]
-                if slot.ggml_type == ref.ggml_type:
-                    data = ref.read_bytes()
-                else:
-                    data = quantize_tensor(read_float(ref).numpy(), slot.ggml_type)
-                writer.write_tensor(slot.name, data)
-                if progress:
-                    progress(done, len(slots))
-    return _written_report(result, output, tuple(fell_back) if then_quantize is None else ())
+        return _written_report(result, output, ())
+    changed = set(result.changed)
+    choices = []
+    for name, ref in src.tensors.items():
+        wanted = ref.ggml_type
+        if name in changed and name in result.original.tensors:
+            wanted = result.original.tensors[name].ggml_type
+        target, fell = output_type(name, ref.shape, wanted)
+        choices.append(TensorChoice(name, ref.shape, ref.ggml_type, target, fell))
+    write_gguf(output, src, choices, src.metadata, protect=[result.original.path],
+               progress=each)
+    return _written_report(result, output, tuple(c.name for c in choices if c.fell_back))
 
 
 def _written_report(result: PruneResult, output: Path, fell_back: tuple[str, ...]) -> WriteReport:
