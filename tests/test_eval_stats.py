@@ -246,6 +246,37 @@ def test_read_text_errors(tmp_path):
     assert P.read_text(crlf) == "a\r\nb\r\n"
 
 
+class _CharTokenizer:
+    """One token per character, `shift` added to every id: two of them with different
+    shifts tokenize a text differently."""
+
+    def __init__(self, vocab: int, shift: int = 0):
+        self.vocab, self.shift, self.bos_id, self.add_bos = vocab, shift, None, False
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        return [(ord(c) + self.shift) % self.vocab for c in text]
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["base-model", "base-file"])
+def test_kld_on_text_needs_one_tokenizer(tmp_path, stored):
+    """The one KLD entry (eval, compare, prune): same tokenizer, KLD 0 for the same model;
+    a candidate that tokenizes the text differently is one clear error before any model
+    runs, whether the base is a model or its stored log-probs."""
+    vocab = 11
+    text = tmp_path / "text.txt"
+    text.write_text("".join(chr(97 + i % 7) for i in range(16 * 4)))
+    base, same, other = (_StubLM(vocab, None) for _ in range(3))
+    base.tokenizer, same.tokenizer = _CharTokenizer(vocab), _CharTokenizer(vocab)
+    other.tokenizer = _CharTokenizer(vocab, shift=1)
+    if stored:
+        tokens, plan = P.text_windows(base.tokenizer, text, 16)
+        base, _ = K.record_base(base, tokens, plan)
+    assert K.kld_on_text(same, base, text, 16).summary.kld_mean == pytest.approx(0, abs=1e-6)
+    with pytest.raises(LlmpressError, match="tokenize the text differently .first at token 0"):
+        K.kld_on_text(other, base, text, 16)
+    assert other.model.calls == []
+
+
 # --- compact base log-probs ---------------------------------------------------------------
 def test_compact_round_trip_within_stated_error(tmp_path):
     vocab, n = 3000, 40

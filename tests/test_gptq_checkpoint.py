@@ -21,7 +21,7 @@ from llmpress.formats import get_format
 from llmpress.io import gptq_checkpoint as ckpt
 from llmpress.io.hf import permute_qk
 from llmpress.io.loader import load_source
-from llmpress.models.names import gguf_tensor_name
+from llmpress.io.names import gguf_tensor_name
 from llmpress.quant.calibrated import gptq_checkpoint
 from llmpress.quant.gptq import IntGrid
 
@@ -304,6 +304,27 @@ def test_gptq_checkpoint_converts_to_gguf(export, tmp_path):
         ref = written.tensors[name]
         assert torch.equal(get_format(ref.ggml_type).dequantize(ref.read_bytes(), ref.shape),
                            weight), name
+
+
+def test_quantized_checkpoint_has_the_float_checkpoints_metadata(float_dir, tmp_path):
+    """One HF reader for float and quantized directories: a GPTQ checkpoint converts with
+    the same GGUF metadata as its float twin, tokenizer.* keys included (the quantized
+    path once left them out, so its GGUF had no vocabulary for llama.cpp)."""
+    from test_hf_parity import write_byte_level_tokenizer
+
+    float_copy = tmp_path / "float"
+    shutil.copytree(float_dir, float_copy)
+    write_byte_level_tokenizer(float_copy)
+    path, _ = quantized_copy(float_copy, tmp_path / "gptq",
+                             lambda c, z, s, g: autogptq_pack(c, z, s, g, 4),
+                             {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False},
+                             bits=4, group_size=32)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(float_copy / name, path / name)
+    quantized, original = load_source(path), load_source(float_copy)
+    assert len(quantized.metadata["tokenizer.ggml.tokens"]) == 300
+    assert {k: v for k, v in quantized.metadata.items() if k != "general.name"} == \
+        {k: v for k, v in original.metadata.items() if k != "general.name"}
 
 
 # --- bad input -----------------------------------------------------------------------------------

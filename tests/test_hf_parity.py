@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmpress.errors import LlmpressError
+from llmpress.io import names
 from llmpress.io.hf import load_hf_dir, permute_qk, unpermute_qk
 from llmpress.io.source import ModelSource, TensorRef
-from llmpress.models import names
 from llmpress.models.llama import LlamaModel
 
 transformers = pytest.importorskip("transformers")

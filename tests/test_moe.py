@@ -302,6 +302,12 @@ def test_calibration_and_pruning_refuse_experts(converted, tmp_path, capsys):
 LLAMA_FTYPES = {"Q8_0": 7, "Q4_K_M": 15, "Q3_K_M": 12, "IQ4_XS": 30}  # llama_ftype numbers
 
 
+def slow_iq4(file_type: str):
+    """IQ4_XS experts take the numpy IQ4 search seconds per case: in the full run only (the
+    fast set keeps IQ4_XS bytes through test_phi3's dense tensors)."""
+    return pytest.param(file_type, marks=pytest.mark.slow) if file_type == "IQ4_XS" else file_type
+
+
 def tensors_by_name(path) -> dict[str, tuple[str, bytes]]:
     from gguf import GGUFReader
     return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes())
@@ -330,7 +336,7 @@ def quantize_both(source, tmp_path, file_type: str) -> dict[str, tuple[str, byte
     return theirs
 
 
-@pytest.mark.parametrize("file_type", list(LLAMA_FTYPES))
+@pytest.mark.parametrize("file_type", [slow_iq4(t) for t in LLAMA_FTYPES])
 @pytest.mark.parametrize("case", list(CASES))
 def test_quantized_experts_are_llama_quantizes_bytes(case, file_type, converted, tmp_path):
     """`llmpress quantize` of our F32 file writes, tensor by tensor, the types and bytes
@@ -368,7 +374,7 @@ def write_expert_imatrix(source, path) -> dict[str, np.ndarray]:
     return means
 
 
-@pytest.mark.parametrize("file_type", ["Q4_K_M", "IQ4_XS"])
+@pytest.mark.parametrize("file_type", ["Q4_K_M", slow_iq4("IQ4_XS")])
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe"])
 def test_experts_quantized_with_an_imatrix_are_llama_quantizes_bytes(case, file_type,
                                                                      converted, tmp_path):

@@ -104,8 +104,7 @@ class LanguageModel:
         self.source = source
         self.mode = mode
         self.device = device or default_device()
-        self.model = build_model(source, mode=mode, device=self.device)
-        self.model.kv_dtypes = kv_dtypes
+        self.model = build_model(source, mode=mode, device=self.device, kv_dtypes=kv_dtypes)
         self.tokenizer = load_tokenizer(source)
         if chat_template is not None:  # the caller's template replaces the model's
             self.tokenizer.chat_template = chat_template

@@ -74,26 +74,6 @@ class _Quiet:
         return False
 
 
-def _text_tokens(lm, text_path: str | None, ctx: int, chunks: int | None):
-    from llmpress.eval.perplexity import plan_windows, read_text, tokenize_for_perplexity
-    if text_path is None:
-        raise LlmpressError("give the evaluation text with --text FILE (e.g. WikiText-2's "
-                            "wiki.test.raw)")
-    text = read_text(text_path)
-    with err.status("tokenizing ...") if err.is_terminal else _Quiet():
-        tokens = tokenize_for_perplexity(lm.tokenizer, text)
-    return tokens, plan_windows(len(tokens), ctx, chunks, source=str(text_path))
-
-
-def _check_same_tokens(tokens_a, tokens_b, n: int, what: str) -> None:
-    a, b = np.asarray(tokens_a[:n]), np.asarray(tokens_b[:n])
-    if a.shape != b.shape or not np.array_equal(a, b):
-        at = int(np.argmax(a[:min(len(a), len(b))] != b[:min(len(a), len(b))])) \
-            if len(a) and len(b) else 0
-        raise LlmpressError(f"{what} tokenize the text differently (first at token {at}); "
-                            "KL divergence needs one tokenizer")
-
-
 # --- eval --------------------------------------------------------------------------------
 def _model_record(lm) -> dict[str, Any]:
     info = lm.info()
@@ -103,7 +83,7 @@ def _model_record(lm) -> dict[str, Any]:
 
 def cmd_eval(args) -> None:
     from llmpress.eval import kld as K
-    from llmpress.eval.perplexity import evaluate_perplexity, perplexity_with_error
+    from llmpress.eval.perplexity import evaluate_perplexity, perplexity_with_error, text_windows
 
     if args.base and args.base_logits:
         raise LlmpressError("give either --base MODEL or --base-logits FILE, not both")
@@ -123,31 +103,23 @@ def cmd_eval(args) -> None:
                                 f"drop --ctx or give --ctx {base.n_ctx}")
         base = base.first_windows(args.chunks)
         lm = _load(args.model, args, base.n_ctx)
-        K.check_vocabulary(lm, base.n_vocab, f"{args.base_logits}")
-        if args.text:
-            tokens, _ = _text_tokens(lm, args.text, base.n_ctx, None)
-            _check_same_tokens(tokens, base.tokens, base.plan.n_tokens,
-                               f"{args.model} and {args.base_logits}")
         with WindowProgress("KLD", not args.json) as progress:
-            kld = K.kld_against_base(lm, base, progress)
+            kld = K.kld_on_text(lm, base, args.text, progress=progress)
         result = {"base": {"logits_file": str(args.base_logits), "source": base.source,
                            "mode": base.mode}}
     elif args.base:
         ctx = args.ctx or DEFAULT_CTX
         base_lm = _load(args.base, args, ctx)
         lm = _load(args.model, args, ctx)
-        K.check_vocabulary(lm, base_lm.model.cfg.vocab_size, f"the base {args.base}")
-        tokens, plan = _text_tokens(base_lm, args.text, ctx, args.chunks)
-        own, _ = _text_tokens(lm, args.text, ctx, args.chunks)
-        _check_same_tokens(tokens, own, plan.n_tokens, f"{args.base} and {args.model}")
         with WindowProgress("KLD", not args.json) as progress:
-            kld = K.kld_against_model(lm, base_lm, tokens, plan, progress)
+            kld = K.kld_on_text(lm, base_lm, args.text, ctx, args.chunks, progress)
         result = {"base": _model_record(base_lm)}
     else:
         kld = None
         ctx = args.ctx or DEFAULT_CTX
         lm = _load(args.model, args, ctx)
-        tokens, plan = _text_tokens(lm, args.text, ctx, args.chunks)
+        with err.status("tokenizing ...") if err.is_terminal else _Quiet():
+            tokens, plan = text_windows(lm.tokenizer, args.text, ctx, args.chunks)
         with WindowProgress("perplexity", not args.json) as progress:
             if args.save_base:
                 base, nll = K.record_base(lm, tokens, plan, progress)

@@ -218,19 +218,15 @@ def evaluate_against_original(original: Path, pruned: Path, text: str, ctx: int,
                               device: str | None) -> dict:
     """PPL of both models and the KLD of the pruned one against the original."""
     from llmpress.api import load
-    from llmpress.eval import kld as K
-    from llmpress.eval.perplexity import plan_windows, read_text, tokenize_for_perplexity
+    from llmpress.eval.kld import kld_on_text
 
     base = load(original, device=device)
     lm = load(pruned, device=device)
-    tokens = tokenize_for_perplexity(base.tokenizer, read_text(text))
-    plan = plan_windows(len(tokens), ctx, chunks, source=text)
     with _Bar() as bar:
-        result = K.kld_against_model(lm, base, tokens, plan,
-                                     lambda done, total, note: bar.update("evaluating", done,
-                                                                          total, note))
+        result = kld_on_text(lm, base, text, ctx, chunks,
+                             lambda done, total, note: bar.update("evaluating", done, total, note))
     s = result.summary
-    return {"text": text, "ctx": ctx, "windows": plan.n_windows, "ppl_base": s.ppl_base,
+    return {"text": text, "ctx": ctx, "windows": result.plan.n_windows, "ppl_base": s.ppl_base,
             "ppl_base_error": s.ppl_base_error, "ppl": s.ppl, "ppl_error": s.ppl_error,
             "kld_mean": s.kld_mean, "kld_error": s.kld_error, "same_top": s.same_top}
 

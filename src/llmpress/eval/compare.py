@@ -12,12 +12,7 @@ from typing import Callable, Protocol
 
 from llmpress.errors import LlmpressError
 from llmpress.eval import kld as K
-from llmpress.eval.perplexity import (
-    perplexity_with_error,
-    plan_windows,
-    read_text,
-    tokenize_for_perplexity,
-)
+from llmpress.eval.perplexity import perplexity_with_error, text_windows
 from llmpress.eval.report import ModelRow
 from llmpress.eval.speed import BenchSettings, measure_speed_isolated
 
@@ -94,8 +89,7 @@ def compare_models(cfg: CompareConfig, progress: CompareProgress = SILENT
         base_nll = -base.rows.target_log_prob
     else:
         with progress.status("tokenizing ..."):
-            tokens = tokenize_for_perplexity(base_lm.tokenizer, read_text(cfg.text))
-        plan = plan_windows(len(tokens), cfg.ctx, cfg.chunks, source=str(cfg.text))
+            tokens, plan = text_windows(base_lm.tokenizer, cfg.text, cfg.ctx, cfg.chunks)
         with progress.windows(f"base {Path(cfg.base).name}") as update:
             base, base_nll = K.record_base(base_lm, tokens, plan, update)
     estimate = perplexity_with_error(base_nll)
@@ -109,7 +103,9 @@ def compare_models(cfg: CompareConfig, progress: CompareProgress = SILENT
     for label, candidate in zip(labels, cfg.candidates):
         lm = load_model(candidate, base.n_ctx)
         with progress.windows(label) as update:
-            rows.append(_row_from_kld(label, lm, K.kld_against_base(lm, base, update)))
+            # the candidate's own tokenizer is checked against the base's tokens
+            rows.append(_row_from_kld(label, lm, K.kld_on_text(lm, base, cfg.text,
+                                                               progress=update)))
         del lm
     if cfg.bench is not None:
         for i, row in enumerate(rows):

@@ -51,10 +51,14 @@ from llmpress.io.files import write_bytes_atomically
 from llmpress.eval.perplexity import (
     Progress,
     WindowPlan,
+    check_same_tokens,
     check_vocabulary,
     iter_window_log_probs,
     model_bos,
+    read_text,
+    text_windows,
     token_nll,
+    tokenize_for_perplexity,
 )
 
 DEFAULT_TOP_K = 256
@@ -528,3 +532,25 @@ def kld_against_model(lm, base_lm, tokens: list[int] | torch.Tensor, plan: Windo
     stats = TokenStats.concat(parts)
     return KldResult(summarize(stats), stats, plan)
 
+
+def kld_on_text(lm, base, text: str | Path | None, n_ctx: int | None = None,
+                max_windows: int | None = None, progress: Progress | None = None) -> KldResult:
+    """The one KLD entry point (eval, compare, prune): `lm` against `base`, either a loaded
+    base model (both run over the text's windows, cut by the base's tokenizer) or stored
+    base log-probs (BaseLogProbs, over its own windows; `text`, when given, checks `lm`'s
+    tokenizer against the stored tokens). The vocabularies and the tokenizations must
+    agree, else a clear error before any model runs."""
+    if isinstance(base, BaseLogProbs):
+        check_vocabulary(lm, base.n_vocab, f"the base log-probs ({base.source or 'file'})")
+        if text is not None:
+            own = tokenize_for_perplexity(lm.tokenizer, read_text(text))
+            check_same_tokens(own, base.tokens, base.plan.n_tokens,
+                              f"{lm.source.path} and the base log-probs ({base.source or 'file'})")
+        return kld_against_base(lm, base, progress)
+    check_vocabulary(lm, base.model.cfg.vocab_size, f"the base {base.source.path}")
+    if text is None:
+        raise LlmpressError("give the evaluation text with --text FILE")
+    tokens, plan = text_windows(base.tokenizer, text, n_ctx, max_windows)
+    own = tokenize_for_perplexity(lm.tokenizer, read_text(text))
+    check_same_tokens(tokens, own, plan.n_tokens, f"{base.source.path} and {lm.source.path}")
+    return kld_against_model(lm, base, tokens, plan, progress)

@@ -107,6 +107,25 @@ def plan_windows(n_tokens: int, n_ctx: int, max_windows: int | None = None,
     return WindowPlan(n_ctx, available if max_windows is None else min(available, max_windows))
 
 
+def text_windows(tokenizer, path: str | Path, n_ctx: int, max_windows: int | None = None
+                 ) -> tuple[list[int], WindowPlan]:
+    """The text file read, tokenized and cut into windows: what every quality figure
+    starts from (eval, compare, prune's evaluation)."""
+    tokens = tokenize_for_perplexity(tokenizer, read_text(path))
+    return tokens, plan_windows(len(tokens), n_ctx, max_windows, source=str(path))
+
+
+def check_same_tokens(tokens_a, tokens_b, n: int, what: str) -> None:
+    """Two tokenizations agree on their first n tokens, or a clear error: log-probs of two
+    models are only comparable token by token."""
+    a, b = np.asarray(tokens_a[:n]), np.asarray(tokens_b[:n])
+    if a.shape != b.shape or not np.array_equal(a, b):
+        common = min(len(a), len(b))
+        at = int(np.argmax(a[:common] != b[:common])) if common else 0
+        raise LlmpressError(f"{what} tokenize the text differently (first at token {at}); "
+                            "KL divergence needs one tokenizer")
+
+
 def window_batch(tokens: torch.Tensor, plan: WindowPlan, indices: range,
                  bos_id: int | None) -> torch.Tensor:
     """int64 (len(indices), n_ctx): the windows' tokens, the first one replaced by BOS

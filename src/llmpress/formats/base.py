@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llmpress.errors import LlmpressError
 from llmpress.formats import cquant
@@ -27,9 +27,14 @@ from llmpress.formats import cquant
 class BlockFormat:
     name: str
     ggml_type: GGMLQuantizationType
-    block_size: int  # values per block
-    type_size: int  # bytes per block
+    block_size: int  # values per block  } both from gguf's GGML_QUANT_SIZES, the one
+    type_size: int  # bytes per block    } table of them, when a subclass names its type
     writable = True  # False: llmpress reads this type but has no quantizer for it
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "ggml_type" in cls.__dict__:
+            cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.ggml_type]
 
     # --- the pure pair each subclass implements -------------------------------------
     def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:

@@ -12,8 +12,6 @@ from llmpress.formats.base import BlockFormat
 class F32(BlockFormat):
     name = "F32"
     ggml_type = GGMLQuantizationType.F32
-    block_size = 1
-    type_size = 4
 
     def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         return np.ascontiguousarray(values, dtype=np.float32).view(np.uint8).reshape(-1, 4)
@@ -38,8 +36,6 @@ def float32_to_fp16_bits(values: np.ndarray) -> np.ndarray:
 class F16(BlockFormat):
     name = "F16"
     ggml_type = GGMLQuantizationType.F16
-    block_size = 1
-    type_size = 2
 
     def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         return float32_to_fp16_bits(values).view(np.uint8).reshape(-1, 2)
@@ -66,8 +62,6 @@ def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
 class BF16(BlockFormat):
     name = "BF16"
     ggml_type = GGMLQuantizationType.BF16
-    block_size = 1
-    type_size = 2
 
     def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         return float32_to_bf16_bits(values).view(np.uint8).reshape(-1, 2)

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from llmpress.formats.base import BlockFormat, bit_shifts, read_f16
@@ -89,7 +89,6 @@ class _ReadOnly(BlockFormat):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.name = cls.ggml_type.name
-        cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.ggml_type]
 
 
 class IQ2_XXS(_ReadOnly):

@@ -12,7 +12,7 @@ How the bits stay equal to the C code:
 - every value is float32 and each expression is evaluated in the C operand order
   (`w*x[i]*l` is `(w*x)*l`); libggml-base is built for baseline x86-64, so there are
   no fused multiply-adds to mimic;
-- sums over the values of a group run in index order from 0.0f (`_sequential_sum`),
+- sums over the values of a group run in index order from 0.0f (`ggml_ops.sum_in_order`),
   never numpy's pairwise sum;
 - nearest_int is the 12582912 magic-number trick, reproduced on the bits;
 - fp16 scales round to nearest even (np.float16 equals ggml_compute_fp32_to_fp16);
@@ -30,47 +30,29 @@ import functools
 from collections.abc import Callable
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, QK_K
+from gguf import GGMLQuantizationType as T
 
 from llmpress.errors import LlmpressError
+from llmpress.formats.ggml_ops import (
+    F32,
+    GROUP_MAX_EPS,
+    importance_weights,
+    nearest_int,
+    sum_in_order,
+)
 
-F32 = np.float32
-QK_K = 256
-QK4_NL = 32
-GROUP_MAX_EPS = F32(1e-15)
 # ggml-common.h kvalues_iq4nl: the 16 non-linear levels of IQ4_NL / IQ4_XS.
 IQ4_LEVELS = np.array(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
 )
 _IQ4_LEVELS_F32 = IQ4_LEVELS.astype(F32)
 
-TYPE_SIZES = {
-    "Q2_K": 84,
-    "Q3_K": 110,
-    "Q4_K": 144,
-    "Q5_K": 176,
-    "Q6_K": 210,
-    "IQ4_NL": 18,
-    "IQ4_XS": 136,
-}
 # Blocks quantized per pass: bounds the search arrays to a few MB each.
 _CHUNK_VALUES = 1 << 18
 
 
 # --------------------------------------------------------------------------- primitives
-def _nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int: add 1.5*2^23 in float32, read the low mantissa bits (ties to even)."""
-    bits = (np.asarray(v, dtype=F32) + F32(12582912.0)).view(np.int32)
-    return (bits & 0x007FFFFF) - 0x00400000
-
-
-def _sequential_sum(terms: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 in index order starting from 0.0f, as `for (...) s += t[i]` does."""
-    total = np.zeros(terms.shape[1:], dtype=F32)
-    for row in terms:
-        total += row
-    return total
-
-
 def _to_fp16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """GGML_FP32_TO_FP16 -> (uint16 bits, the value read back as float32)."""
     half = np.asarray(v, dtype=F32).astype(np.float16)
@@ -119,9 +101,9 @@ def _make_qx_quants(
     wx = w * x
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        level = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+        level = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
         lf = level.astype(F32)
-        return level, _sequential_sum(wx * lf), _sequential_sum((w * lf) * lf)
+        return level, sum_in_order(wx * lf), sum_in_order((w * lf) * lf)
 
     level, sumlx, suml2 = trial(F32(-nmax) / signed_max)
     levels = level + nmax
@@ -145,18 +127,18 @@ def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     A pass that changes nothing leaves the state as it was, so running all 5 passes for
     every group equals ggml's early break."""
     amax, signed_max = _first_abs_max(x)
-    level = np.clip(_nearest_int((F32(-nmax) / signed_max) * x), -nmax, nmax - 1)
+    level = np.clip(nearest_int((F32(-nmax) / signed_max) * x), -nmax, nmax - 1)
     w = x * x
     wx = w * x
     lf = level.astype(F32)
-    sumlx = _sequential_sum(wx * lf)
-    suml2 = _sequential_sum((w * lf) * lf)
+    sumlx = sum_in_order(wx * lf)
+    suml2 = sum_in_order((w * lf) * lf)
     for _ in range(5):
         for i in range(x.shape[0]):
             old = level[i].astype(F32)
             slx = sumlx - wx[i] * old
             sl2 = suml2 - (w[i] * old) * old
-            new = np.clip(_nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1)
+            new = np.clip(nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1)
             nf = new.astype(F32)
             slx = slx + wx[i] * nf
             sl2 = sl2 + (w[i] * nf) * nf
@@ -191,12 +173,12 @@ def _make_qkx_quants(
     lo = np.where(lo > 0, F32(0), lo)
 
     def levels_for(iscale: np.ndarray, minimum: np.ndarray) -> np.ndarray:
-        return np.clip(_nearest_int(iscale * (x - minimum)), 0, nmax)
+        return np.clip(nearest_int(iscale * (x - minimum)), 0, nmax)
 
     def error(scale: np.ndarray, minimum: np.ndarray, level: np.ndarray) -> np.ndarray:
         diff = (scale * level.astype(F32) + minimum) - x
         diff = np.abs(diff) if use_mad else diff * diff
-        return _sequential_sum(w * diff)
+        return sum_in_order(w * diff)
 
     iscale = F32(nmax) / (hi - lo)
     scale = F32(1) / iscale
@@ -213,7 +195,7 @@ def _make_qkx_quants(
         np.multiply(w, lf, out=terms[:, 0])  # w*l
         np.multiply(terms[:, 0], lf, out=terms[:, 1])  # w*l*l
         np.multiply(terms[:, 0], x, out=terms[:, 2])  # w*l*x
-        sum_l, sum_l2, sum_xl = _sequential_sum(terms)  # the three sums in one pass
+        sum_l, sum_l2, sum_xl = sum_in_order(terms)  # the three sums in one pass
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
@@ -238,24 +220,24 @@ def _make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray
     for row in x:
         top = np.where(top > row, top, row)  # MAX(max, x[i])
     iscale = F32(nmax) / top
-    stored = _nearest_int(iscale * x) & 0xFF
+    stored = nearest_int(iscale * x) & 0xFF
     diff = x - (F32(1) / iscale) * stored.astype(F32)
-    best = _sequential_sum((w * diff) * diff)
+    best = sum_in_order((w * diff) * diff)
     for step in range(-4, 5):
         if step == 0:
             continue
         iscale_step = (F32(0.1) * F32(step) + F32(nmax)) / top
-        level = np.minimum(nmax, _nearest_int(iscale_step * x))
+        level = np.minimum(nmax, nearest_int(iscale_step * x))
         diff = x - (F32(1) / iscale_step) * level.astype(F32)
-        mse = _sequential_sum((w * diff) * diff)
+        mse = sum_in_order((w * diff) * diff)
         better = mse < best
         best = np.where(better, mse, best)
         iscale = np.where(better, iscale_step, iscale)
-    level = np.minimum(nmax, _nearest_int(iscale * x))
+    level = np.minimum(nmax, nearest_int(iscale * x))
     wx = w * x
     lf = level.astype(F32)
-    sumlx = _sequential_sum(wx * lf)
-    suml2 = _sequential_sum((w * lf) * lf)
+    sumlx = sum_in_order(wx * lf)
+    suml2 = sum_in_order((w * lf) * lf)
     stored = level & 0xFF
     for _ in range(5):
         for i in range(x.shape[0]):
@@ -263,7 +245,7 @@ def _make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray
             slx = sumlx - wx[i] * old
             sl2 = suml2 - (w[i] * old) * old
             active = (slx > 0) & (sl2 > 0)
-            new = np.minimum(nmax, _nearest_int((x[i] * sl2) / slx))
+            new = np.minimum(nmax, nearest_int((x[i] * sl2) / slx))
             nf = new.astype(F32)
             slx = slx + wx[i] * nf
             sl2 = sl2 + (w[i] * nf) * nf
@@ -369,12 +351,14 @@ def _requantize(
 
     x (n, g, size), d/offset (n, g), searched (n, g, size) already shifted by -lo."""
     num = x if offset is None else x + offset[..., None]
-    level = np.clip(_nearest_int(num / d[..., None]), lo, hi) - lo
+    level = np.clip(nearest_int(num / d[..., None]), lo, hi) - lo
     return np.where((d != 0)[..., None], level, searched)
 
 
-def _blockwise(block_size: int, type_size: int):
-    """Decorator: check shapes once, then quantize bounded slices of blocks."""
+def _blockwise(ggml_type: T):
+    """Decorator: check shapes once, then quantize bounded slices of blocks of `ggml_type`
+    (its sizes from gguf's GGML_QUANT_SIZES)."""
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
 
     def wrap(quantize: Callable[[np.ndarray, np.ndarray | None], np.ndarray]):
         @functools.wraps(quantize)
@@ -406,16 +390,11 @@ def _blockwise(block_size: int, type_size: int):
 
 def _block_sum_x2(values: np.ndarray, group_size: int) -> np.ndarray:
     """Sum of x^2 over each block, in order, repeated for each group of `group_size`."""
-    return np.repeat(_sequential_sum((values * values).T), values.shape[1] // group_size)
-
-
-def _imatrix_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
-    """The *_impl weighting: qw[i] * sqrtf(sigma2 + x[i]*x[i]), grouped layout."""
-    return qw * np.sqrt(sigma2 + x * x)
+    return np.repeat(sum_in_order((values * values).T), values.shape[1] // group_size)
 
 
 # --------------------------------------------------------------------------- Q6_K
-@_blockwise(QK_K, 210)
+@_blockwise(T.Q6_K)
 def quantize_q6_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Q6_K: 16 groups of 16, signed 6-bit levels, int8 group scales, fp16 d.
 
@@ -428,7 +407,7 @@ def quantize_q6_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.n
     amax, max_scale = _first_abs_max(scales.T)
     iscale = F32(-128) / max_scale
     d_bits, d = _to_fp16(F32(1) / iscale)
-    q_scales = np.minimum(127, _nearest_int(iscale[:, None] * scales))
+    q_scales = np.minimum(127, nearest_int(iscale[:, None] * scales))
     q_scales = ((q_scales + 128) & 0xFF) - 128  # int8_t
     group_d = d[:, None] * q_scales.astype(F32)
     levels = _requantize(
@@ -464,7 +443,7 @@ def _affine_k4(values: np.ndarray, weights: np.ndarray | None, nmax: int) -> tup
     n = values.shape[0]
     x = _groups(values, 32)
     if weights is None:  # quantize_row_q{4,5}_K_ref
-        av_x = np.sqrt(_sequential_sum(x * x) / F32(32))
+        av_x = np.sqrt(sum_in_order(x * x) / F32(32))
         w = av_x + np.abs(x)
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
         scales, mins, levels = _make_qkx_quants(x, w, nmax, rmin, 0.1, nstep, False)
@@ -473,14 +452,14 @@ def _affine_k4(values: np.ndarray, weights: np.ndarray | None, nmax: int) -> tup
         max_min = _max_from_zero(mins)
         inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
         inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
-        ls = np.minimum(63, _nearest_int(inv_scale[:, None] * scales) & 0xFF)
-        lm = np.minimum(63, _nearest_int(inv_min[:, None] * mins) & 0xFF)
+        ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF)
+        lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF)
         d_value, dmin_value = max_scale / F32(63), max_min / F32(63)
     else:  # quantize_row_q{4,5}_K_impl
-        w = _imatrix_weights(
+        w = importance_weights(
             x, _groups(weights, 32), F32(2) * _block_sum_x2(values, 32) / F32(QK_K)
         )
-        sw = _sequential_sum(w)
+        sw = sum_in_order(w)
         scales, mins, levels = _make_qkx_quants(x, w, nmax, -0.9, 0.05, 36, False)
         sw = sw.reshape(n, 8).T
         d_value, ls = _make_qp_quants(scales.reshape(n, 8).T, 63, sw)
@@ -503,7 +482,7 @@ def _affine_k4(values: np.ndarray, weights: np.ndarray | None, nmax: int) -> tup
     return d_bits, dmin_bits, scale_bytes, levels.reshape(n, QK_K)
 
 
-@_blockwise(QK_K, 144)
+@_blockwise(T.Q4_K)
 def quantize_q4_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Q4_K: 8 groups of 32, levels 0..15, 6-bit scales and mins, fp16 d and dmin."""
     d_bits, dmin_bits, scale_bytes, levels = _affine_k4(values, weights, 15)
@@ -513,7 +492,7 @@ def quantize_q4_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.n
     )
 
 
-@_blockwise(QK_K, 176)
+@_blockwise(T.Q5_K)
 def quantize_q5_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Q5_K: as Q4_K with levels 0..31; bit 4 of each level goes to qh."""
     d_bits, dmin_bits, scale_bytes, levels = _affine_k4(values, weights, 31)
@@ -535,7 +514,7 @@ def quantize_q5_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.n
 
 
 # --------------------------------------------------------------------------- Q3_K
-@_blockwise(QK_K, 110)
+@_blockwise(T.Q3_K)
 def quantize_q3_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Q3_K: 16 groups of 16, signed 3-bit levels (high bit in hmask), 6-bit scales, fp16 d.
 
@@ -549,14 +528,14 @@ def quantize_q3_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.n
         _, max_scale = _first_abs_max(scales.T)
         nonzero = max_scale != 0
         iscale = F32(-32) / max_scale
-        level = _nearest_int(iscale[:, None] * scales)
+        level = nearest_int(iscale[:, None] * scales)
         level = np.clip(((level + 128) & 0xFF) - 128, -32, 31) + 32  # int8_t, then clamp
         scale_bytes = np.where(nonzero[:, None], _pack_scales_q3(level), np.uint8(0))
         d_value = np.where(nonzero, F32(1) / iscale, F32(0))
     else:
         sum_x2 = _block_sum_x2(values, 16)
-        w = _imatrix_weights(x, _groups(weights, 16), F32(2) * sum_x2 / F32(QK_K))
-        sw = _sequential_sum(w)
+        w = importance_weights(x, _groups(weights, 16), F32(2) * sum_x2 / F32(QK_K))
+        sw = sum_in_order(w)
         scales, levels = _make_qx_quants(x, 4, w)
         d_value, scale_levels = _make_qx_quants(scales.reshape(n, 16).T, 32, sw.reshape(n, 16).T)
         scale_bytes = _pack_scales_q3(scale_levels.T)
@@ -574,7 +553,7 @@ def quantize_q3_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.n
 
 
 # --------------------------------------------------------------------------- Q2_K
-@_blockwise(QK_K, 84)
+@_blockwise(T.Q2_K)
 def quantize_q2_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Q2_K: 16 groups of 16, levels 0..3 with a 4-bit scale and min each, fp16 d and dmin.
 
@@ -587,16 +566,16 @@ def quantize_q2_k(values: np.ndarray, weights: np.ndarray | None = None) -> np.n
         scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
         max_scale, max_min = _max_from_zero(scales), _max_from_zero(mins)
         has_scale, has_min = max_scale > 0, max_min > 0
-        ls = _nearest_int((F32(15) / max_scale)[:, None] * scales)
-        lm = _nearest_int((F32(15) / max_min)[:, None] * mins)
+        ls = nearest_int((F32(15) / max_scale)[:, None] * scales)
+        lm = nearest_int((F32(15) / max_min)[:, None] * mins)
         ls = np.where(has_scale[:, None], ls & 0xFF, 0)
         scale_bytes = np.where(has_min[:, None], ls | ((lm << 4) & 0xFF), ls).astype(np.uint8)
         d_value = np.where(has_scale, max_scale / F32(15), F32(0))
         dmin_value = np.where(has_min, max_min / F32(15), F32(0))
     else:
         sum_x2 = _block_sum_x2(values, 16)
-        w = _imatrix_weights(x, _groups(weights, 16), sum_x2 / F32(QK_K))
-        sw = _sequential_sum(w)
+        w = importance_weights(x, _groups(weights, 16), sum_x2 / F32(QK_K))
+        sw = sum_in_order(w)
         scales, mins, levels = _make_qkx_quants(x, w, 3, -0.9, 0.05, 36, False)
         sw = sw.reshape(n, 16).T
         d_value, ls = _make_qp_quants(scales.reshape(n, 16).T, 15, sw)
@@ -622,7 +601,7 @@ def _iq4_group_scales(x: np.ndarray, w: np.ndarray, ntry: int = 7) -> np.ndarray
 
     def trial(inv_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = _nearest_iq4(inv_d * x)[1]
-        return _sequential_sum((w * q) * x), _sequential_sum((w * q) * q)
+        return sum_in_order((w * q) * x), sum_in_order((w * q) * q)
 
     sumqx, sumq2 = trial(F32(1) / (-signed_max / _IQ4_LEVELS_F32[0]))
     d = np.where(sumq2 > 0, sumqx / sumq2, F32(0))
@@ -640,10 +619,10 @@ def _iq4_weights(values: np.ndarray, weights: np.ndarray | None, x: np.ndarray) 
     if weights is None:
         return x * x
     sigma2 = _block_sum_x2(values, 32) * F32(2.0 / values.shape[1])
-    return _imatrix_weights(x, _groups(weights, 32), sigma2)
+    return importance_weights(x, _groups(weights, 32), sigma2)
 
 
-@_blockwise(QK4_NL, 18)
+@_blockwise(T.IQ4_NL)
 def quantize_iq4_nl(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """IQ4_NL: blocks of 32 on the kvalues_iq4nl grid with one fp16 scale (quantize_iq4_nl)."""
     x = _groups(values, 32)
@@ -654,7 +633,7 @@ def quantize_iq4_nl(values: np.ndarray, weights: np.ndarray | None = None) -> np
     return np.concatenate([_fp16_bytes(d_bits), _pack_nibbles(levels, 16)], axis=1)
 
 
-@_blockwise(QK_K, 136)
+@_blockwise(T.IQ4_XS)
 def quantize_iq4_xs(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """IQ4_XS: 8 groups of 32 on the IQ4 grid, 6-bit signed group scales, fp16 d."""
     n = values.shape[0]
@@ -664,7 +643,7 @@ def quantize_iq4_xs(values: np.ndarray, weights: np.ndarray | None = None) -> np
     d = -max_scale / F32(32)
     d_bits, _ = _to_fp16(d)
     inv_d = np.where(d != 0, F32(1) / d, F32(0))
-    level = np.clip(_nearest_int(inv_d[:, None] * scales), -32, 31)
+    level = np.clip(nearest_int(inv_d[:, None] * scales), -32, 31)
     group_d = d[:, None] * level.astype(F32)
     inv_group = np.where(group_d != 0, F32(1) / group_d, F32(0))
     levels = _best_index_iq4(inv_group[:, :, None] * values.reshape(n, 8, 32)).reshape(n, QK_K)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import QK_K, GGMLQuantizationType
 
 from llmpress.formats.base import BlockFormat, bit_shifts, read_f16
 
-QK_K = 256
 
 
 def search_function(function_name: str):
@@ -27,7 +26,6 @@ def search_function(function_name: str):
 
 
 class _KQuant(BlockFormat):
-    block_size = QK_K
     quantizer_name: str
 
     def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
@@ -63,7 +61,7 @@ def unpack_scales_q3_k(packed: torch.Tensor) -> torch.Tensor:
 class Q2_K(_KQuant):
     name = "Q2_K"
     ggml_type = GGMLQuantizationType.Q2_K
-    type_size = 84  # scales: 16 (4-bit scale | 4-bit min), qs: 64, d: f16, dmin: f16
+    # a block of 256 values: scales: 16 (4-bit scale | 4-bit min), qs: 64, d: f16, dmin: f16
     quantizer_name = "quantize_q2_k"
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -83,7 +81,7 @@ class Q2_K(_KQuant):
 class Q3_K(_KQuant):
     name = "Q3_K"
     ggml_type = GGMLQuantizationType.Q3_K
-    type_size = 110  # hmask: 32, qs: 64, scales: 12, d: f16
+    # a block of 256 values: hmask: 32, qs: 64, scales: 12, d: f16
     quantizer_name = "quantize_q3_k"
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -102,7 +100,7 @@ class Q3_K(_KQuant):
 class Q4_K(_KQuant):
     name = "Q4_K"
     ggml_type = GGMLQuantizationType.Q4_K
-    type_size = 144  # d: f16, dmin: f16, scales: 12, qs: 128
+    # a block of 256 values: d: f16, dmin: f16, scales: 12, qs: 128
     quantizer_name = "quantize_q4_k"
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -120,7 +118,7 @@ class Q4_K(_KQuant):
 class Q5_K(_KQuant):
     name = "Q5_K"
     ggml_type = GGMLQuantizationType.Q5_K
-    type_size = 176  # d: f16, dmin: f16, scales: 12, qh: 32, qs: 128
+    # a block of 256 values: d: f16, dmin: f16, scales: 12, qh: 32, qs: 128
     quantizer_name = "quantize_q5_k"
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -140,7 +138,7 @@ class Q5_K(_KQuant):
 class Q6_K(_KQuant):
     name = "Q6_K"
     ggml_type = GGMLQuantizationType.Q6_K
-    type_size = 210  # ql: 128, qh: 64, scales: 16 int8, d: f16
+    # a block of 256 values: ql: 128, qh: 64, scales: 16 int8, d: f16
     quantizer_name = "quantize_q6_k"
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:

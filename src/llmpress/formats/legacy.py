@@ -19,6 +19,13 @@ from gguf import GGMLQuantizationType
 
 from llmpress.formats.base import BlockFormat, bit_shifts, read_f16
 from llmpress.formats.float import float32_to_fp16_bits
+from llmpress.formats.ggml_ops import (
+    F32,
+    GROUP_MAX_EPS,
+    importance_weights,
+    nearest_int,
+    sum_in_order,
+)
 
 
 # --- unpacking helpers (shared with the k-quant and IQ4 formats) ----------------------
@@ -42,31 +49,6 @@ def high_bits_q5(qh: torch.Tensor) -> torch.Tensor:
 
 
 # --- float32 primitives matching ggml -------------------------------------------------
-F32 = np.float32
-GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: below this a group is "all zero"
-
-
-def nearest_int(values: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int, as float32: add 1.5 * 2**23, read the low mantissa bits. That is
-    round half to even for the |v| < 2**22 ggml asserts; beyond (an infinite scale on a
-    block of subnormals) it is whatever the bits say, and we must say the same."""
-    bits = (np.asarray(values, dtype=F32) + F32(12582912.0)).view(np.int32)
-    return ((bits & 0x007FFFFF) - 0x00400000).astype(F32)
-
-
-def sum_in_order(terms: np.ndarray, start_with_first: bool = False) -> np.ndarray:
-    """Sum over axis 0 in index order, as a C loop `s = 0.0f; s += t[i]` does.
-
-    A loop of whole-row adds (np.sum would add pairwise). `start_with_first` mirrors
-    loops that start from term 0 instead of 0.0f (they differ only in the sign of an
-    all-zero sum: 0.0f + -0.0f is +0.0f).
-    """
-    total = terms[0] + F32(0) if not start_with_first else terms[0].copy()
-    for term in terms[1:]:
-        total += term
-    return total
-
-
 def round_away_from_zero(values: np.ndarray) -> np.ndarray:
     """C roundf: halves go away from zero (np.rint would go to even). Compares the exact
     fraction with 0.5 (adding 0.5 first would round 0.49999997 up)."""
@@ -107,11 +89,6 @@ def row_mean_square(blocks: np.ndarray, row_length: int) -> np.ndarray:
     return np.repeat(sigma2, row_length // blocks.shape[1])
 
 
-def importance_weights(blocks: np.ndarray, weights: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
-    """weight[j] = qw[j] * sqrtf(sigma2 + x[j]*x[j]) (quantize_row_q*_impl)."""
-    return weights * np.sqrt(sigma2[:, None] + blocks * blocks)
-
-
 # Bounds the (candidates, positions, blocks) search arrays to tens of MB.
 _SEARCH_CHUNK_BLOCKS = 4096
 
@@ -143,7 +120,8 @@ def _make_qx_quants_chunk(x: np.ndarray, weights: np.ndarray, nmax: int):
 
     xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(weights.T)  # (32, n)
     # (32, 19, n): every position under every candidate scale, summed in position order.
-    candidate_levels = np.clip(nearest_int(iscales * xt[:, None, :]), -nmax, nmax - 1)
+    candidate_levels = np.clip(nearest_int(iscales * xt[:, None, :]).astype(F32), -nmax,
+                               nmax - 1)
     lf = candidate_levels
     sumlx = sum_in_order((wt * xt)[:, None, :] * lf)
     suml2 = sum_in_order(wt[:, None, :] * lf * lf)
@@ -251,7 +229,6 @@ class _LegacyQuant(BlockFormat):
     whole tensor passes the real rows through quantize_row_blocks.
     """
 
-    block_size = 32
     uses_importance = True  # ggml's Q8_0 ignores the imatrix
 
     def quantize_blocks(self, values: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
@@ -265,7 +242,7 @@ class _LegacyQuant(BlockFormat):
             return self.quantize_reference(values)
         weights = np.ascontiguousarray(weights, dtype=F32)
         sigma2 = row_mean_square(values, row_length)
-        return self.quantize_weighted(values, importance_weights(values, weights, sigma2))
+        return self.quantize_weighted(values, importance_weights(values, weights, sigma2[:, None]))
 
     def quantize_reference(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -288,7 +265,7 @@ def _inverse_or_zero(d: np.ndarray) -> np.ndarray:
 class Q4_0(_LegacyQuant):
     name = "Q4_0"
     ggml_type = GGMLQuantizationType.Q4_0
-    type_size = 18  # d: f16, qs: 16 bytes
+    # a block of 32 values: d: f16, qs: 16 bytes
 
     def quantize_reference(self, x: np.ndarray) -> np.ndarray:
         # quantize_row_q4_0_ref: d = max/-8 (max = signed value of largest magnitude).
@@ -310,7 +287,7 @@ class Q4_0(_LegacyQuant):
 class Q4_1(_LegacyQuant):
     name = "Q4_1"
     ggml_type = GGMLQuantizationType.Q4_1
-    type_size = 20  # d: f16, m: f16, qs: 16 bytes
+    # a block of 32 values: d: f16, m: f16, qs: 16 bytes
 
     def quantize_reference(self, x: np.ndarray) -> np.ndarray:
         # quantize_row_q4_1_ref: d = (max - min)/15, q = (int8_t)((x - min)/d + 0.5).
@@ -333,7 +310,7 @@ class Q4_1(_LegacyQuant):
 class Q5_0(_LegacyQuant):
     name = "Q5_0"
     ggml_type = GGMLQuantizationType.Q5_0
-    type_size = 22  # d: f16, qh: 4 bytes, qs: 16 bytes
+    # a block of 32 values: d: f16, qh: 4 bytes, qs: 16 bytes
 
     def quantize_reference(self, x: np.ndarray) -> np.ndarray:
         # quantize_row_q5_0_ref: d = max/-16, q = MIN(31, (int8_t)(x/d + 16.5)).
@@ -357,7 +334,7 @@ class Q5_0(_LegacyQuant):
 class Q5_1(_LegacyQuant):
     name = "Q5_1"
     ggml_type = GGMLQuantizationType.Q5_1
-    type_size = 24  # d: f16, m: f16, qh: 4 bytes, qs: 16 bytes
+    # a block of 32 values: d: f16, m: f16, qh: 4 bytes, qs: 16 bytes
 
     def quantize_reference(self, x: np.ndarray) -> np.ndarray:
         # quantize_row_q5_1_ref: d = (max - min)/31, q = (uint8_t)((x - min)/d + 0.5).
@@ -382,7 +359,7 @@ class Q5_1(_LegacyQuant):
 class Q8_0(_LegacyQuant):
     name = "Q8_0"
     ggml_type = GGMLQuantizationType.Q8_0
-    type_size = 34  # d: f16, qs: 32 int8
+    # a block of 32 values: d: f16, qs: 32 int8
     uses_importance = False
 
     def quantize_reference(self, x: np.ndarray) -> np.ndarray:

@@ -19,9 +19,10 @@ the weight is scale * (q - zero). They differ in how the integers are packed:
          `weight_zero_point` packed along outputs (groups as columns), signed the same
          way; `weight_shape`; optionally `weight_g_idx`.
 
-Reading gives a ModelSource whose quantized Linears are float32 tensors dequantized on
-read (exactly: a float16 scale times a small integer is exact in float32), so the
-runtime runs these checkpoints and `llmpress quantize`/`convert` turn them into GGUF.
+Reading (io.hf.load_hf_dir with QuantizedLinears) gives a ModelSource whose quantized
+Linears are float32 tensors dequantized on read (exactly: a float16 scale times a small
+integer is exact in float32), so the runtime runs these checkpoints and `llmpress
+quantize`/`convert` turn them into GGUF, tokenizer keys included.
 Writing takes our GPTQ results (quant.gptq, integer grid) and a float HF directory.
 """
 
@@ -36,11 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gguf import GGMLQuantizationType
 
 from llmpress.errors import LlmpressError
 from llmpress.io.files import read_json_file, replacing_directory
-from llmpress.io.source import ModelSource, TensorRef
 
 PACKABLE_BITS = (2, 4, 8)  # bits whose codes tile an int32 word exactly
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's GEMM packing: nibble i holds column AWQ_ORDER[i]
@@ -301,81 +300,30 @@ MARKERS = {"gptq": "qweight", "awq": "qweight", "compressed-tensors": "weight_pa
 
 
 # --- a whole directory ---------------------------------------------------------------------------
-def load_quantized_hf_dir(path: str | Path) -> ModelSource:
-    """A GPTQ / AWQ / compressed-tensors directory as a ModelSource: quantized Linears
-    become float32 tensors, dequantized on read; everything else as io.hf reads it."""
-    from llmpress.io import hf
-    from llmpress.models import names
+@dataclass(frozen=True)
+class QuantizedLinears:
+    """What io.hf.load_hf_dir needs to read a checkpoint's integer Linears: the tensor that
+    marks one (`<prefix>qweight`, ...) and how to read it."""
+
+    quant: CheckpointQuantization
+
+    @property
+    def marker(self) -> str:
+        return MARKERS[self.quant.method]
+
+    def read(self, handles, located, prefix: str, shape, where: Path,
+             shapes_only: bool = False) -> IntLinear:
+        return read_linear(handles, located, prefix, shape, self.quant, where, shapes_only)
+
+
+def quantized_linears(path: str | Path) -> QuantizedLinears | None:
+    """The reader of a GPTQ / AWQ / compressed-tensors directory's Linears, None for a float
+    directory: `io.hf.load_hf_dir(path, quantized_linears(path))` reads either."""
+    from llmpress.io.hf import read_config
 
     path = Path(path)
-    config = hf.read_config(path)
-    quant = quantization_of(path, config)
-    if quant is None:
-        return hf.load_hf_dir(path)
-    hp = hf.hyperparameters(config, path)
-    arch = names.HF_MODEL_TYPE_TO_ARCH[hp["model_type"]]
-    metadata = hf.gguf_metadata(hp, arch, path.resolve().name, path)
-    shapes = hf.expected_shapes(hp)
-    permute_heads = ({"attn_q": hp["num_attention_heads"], "attn_k": hp["num_key_value_heads"]}
-                     if arch in names.PERMUTED_QK_ARCHS else {})
-    located, handles = hf.safetensors_files(path)
-    marker = MARKERS[quant.method]
-    prefixes = {name[: -len(marker)] for name in located if name.endswith("." + marker)}
-
-    tensors: dict[str, TensorRef] = {}
-    for hf_name, file in located.items():
-        prefix, _, leaf = hf_name.rpartition(".")
-        if (prefix + "." in prefixes and leaf != "bias") or \
-                hf_name.endswith(names.HF_IGNORED_SUFFIXES):
-            continue
-        gguf_name = names.gguf_tensor_name(hf_name)
-        unused_bias = prefix + "." in prefixes and (
-            gguf_name is None or hf.generic_name(gguf_name)[0] not in shapes)
-        # AutoGPTQ stores a bias for every quantized Linear, zeros where there is none
-        if unused_bias and not handles[file].get_tensor(hf_name).any():
-            continue
-        if gguf_name is None:
-            raise LlmpressError(f"{file}: tensor {hf_name} has no GGUF equivalent")
-        if gguf_name == "output.weight" and hp["tie_word_embeddings"]:
-            continue
-        generic, block = hf.generic_name(gguf_name)
-        info = handles[file].get_slice(hf_name)
-        dtype_name, shape = info.get_dtype(), tuple(info.get_shape())
-        if generic not in shapes or dtype_name not in hf.SAFETENSORS_TYPES:
-            raise LlmpressError(f"{file}: tensor {hf_name} ({dtype_name}) is not supported")
-        if shape != shapes[generic]:
-            raise LlmpressError(f"{file}: tensor {hf_name} has shape {list(shape)}, but "
-                                f"config.json implies {list(shapes[generic])}")
-        ggml_type, torch_dtype = hf.SAFETENSORS_TYPES[dtype_name]
-        heads = permute_heads.get(generic.split(".")[2]) if block is not None else None
-        tensors[gguf_name] = TensorRef(gguf_name, ggml_type, shape,
-                                       math.prod(shape) * torch_dtype.itemsize,
-                                       hf.tensor_reader(handles[file], hf_name, heads))
-    for prefix in sorted(prefixes):
-        gguf_name = names.gguf_tensor_name(prefix + "weight")
-        generic = hf.generic_name(gguf_name)[0] if gguf_name else None
-        if generic not in shapes:
-            raise LlmpressError(f"{path}: quantized tensor {prefix}{marker} is not a Linear "
-                                "llmpress runs")
-        if gguf_name == "output.weight" and hp["tie_word_embeddings"]:
-            continue
-        shape = shapes[generic]
-        heads = permute_heads.get(generic.split(".")[2]) if generic.startswith("blk.") else None
-        tensors[gguf_name] = TensorRef(
-            gguf_name, GGMLQuantizationType.F32, shape, math.prod(shape) * 4,
-            _dequantizing_reader(handles, located, prefix, shape, quant, heads, path))
-    hf.check_complete(tensors, hp, path)
-    if hp["rope"]["rope_type"] == "llama3":
-        factors = hf.llama3_rope_factors(hp)
-        tensors["rope_freqs.weight"] = TensorRef("rope_freqs.weight", GGMLQuantizationType.F32,
-                                                 tuple(factors.shape), factors.numel() * 4,
-                                                 lambda: factors.view(torch.uint8))
-    # check every quantized Linear's tensors now: bad files fail at load, in one line
-    for prefix in prefixes:
-        read_linear(handles, located, prefix, shapes[hf.generic_name(
-            names.gguf_tensor_name(prefix + "weight"))[0]], quant, path, shapes_only=True)
-    file_bytes = sum(file.stat().st_size for file in handles)
-    return ModelSource(path=path, metadata=metadata, tensors=tensors, file_bytes=file_bytes)
+    quant = quantization_of(path, read_config(path))
+    return None if quant is None else QuantizedLinears(quant)
 
 
 def read_linear(handles, located, prefix: str, shape, quant: CheckpointQuantization,
@@ -391,17 +339,6 @@ def read_linear(handles, located, prefix: str, shape, quant: CheckpointQuantizat
         else:
             tensors[k] = handles[located[k]].get_tensor(k)
     return READERS[quant.method](tensors, prefix, shape, quant, str(where))
-
-
-def _dequantizing_reader(handles, located, prefix, shape, quant, heads, where):
-    def read_bytes() -> torch.Tensor:
-        from llmpress.io.hf import permute_qk
-
-        weight = read_linear(handles, located, prefix, shape, quant, where).dequantize()
-        if heads:
-            weight = permute_qk(weight, heads)
-        return weight.contiguous().view(torch.uint8).reshape(-1)
-    return read_bytes
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Hugging Face model directories (config.json + *.safetensors) as a ModelSource.
 
 The directory is converted on the fly into what convert_hf_to_gguf.py would write: GGUF
-tensor names and metadata keys (llmpress.models.names), q/k rows permuted for llama.cpp's
+tensor names and metadata keys (llmpress.io.names), q/k rows permuted for llama.cpp's
 RoPE layout, llama3 RoPE scaling turned into a `rope_freqs.weight` tensor (Phi-3's
 LongRoPE into `rope_factors_long/short.weight`), each mixture-of-experts layer's experts
 stacked into 3-D `ffn_*_exps` tensors, and the tokenizer's tokenizer.* keys
@@ -23,11 +23,11 @@ from gguf import GGMLQuantizationType
 from safetensors import SafetensorError, safe_open
 
 from llmpress.errors import LlmpressError
+from llmpress.io import names
 from llmpress.io.files import read_json_file
 from llmpress.io.hf_vocab import tokenizer_metadata
 from llmpress.io.source import ModelSource, TensorRef
 from llmpress.io.tokenizer import engine_errors
-from llmpress.models import names
 
 # safetensors dtype -> (GGML type, torch dtype). Other dtypes (F64, int, FP8) are refused.
 SAFETENSORS_TYPES = {
@@ -354,6 +354,16 @@ def tensor_reader(handle: Any, hf_name: str, permute_heads: int | None,
     return read_bytes
 
 
+def _dequantizing_reader(quantized: Any, handles, located, prefix: str, shape, heads: int | None,
+                        where: Path) -> Callable[[], torch.Tensor]:
+    def read_bytes() -> torch.Tensor:
+        weight = quantized.read(handles, located, prefix, shape, where).dequantize()
+        if heads:
+            weight = permute_qk(weight, heads)
+        return weight.contiguous().view(torch.uint8).reshape(-1)
+    return read_bytes
+
+
 def stacked_experts(gguf_name: str, parts: dict[int, tuple[Any, str, str]],
                     shape: tuple[int, ...], where: Path) -> TensorRef:
     """The experts' 2-D tensors as the 3-D tensor convert_hf_to_gguf writes: expert e is
@@ -462,14 +472,18 @@ def check_complete(tensors: dict[str, TensorRef], hp: dict[str, Any], where: Pat
 
 
 # --- the loader --------------------------------------------------------------------------
-def load_hf_dir(path: str | Path) -> ModelSource:
-    """A Hugging Face model directory of float weights (models.names.HF_MODEL_TYPE_TO_ARCH:
-    the Llama family, its mixtures of experts, Gemma 2/3, Phi-3) as a lazy ModelSource.
-    io.loader.load_source also reads integer-quantized ones."""
+def load_hf_dir(path: str | Path, quantized: Any = None) -> ModelSource:
+    """A Hugging Face model directory (io.names.HF_MODEL_TYPE_TO_ARCH: the Llama family,
+    its mixtures of experts, Gemma 2/3, Phi-3) as a lazy ModelSource: the one HF reader.
+
+    Float weights by default. `quantized` (io.gptq_checkpoint.QuantizedLinears, which
+    io.loader.load_source passes for a GPTQ/AWQ/compressed-tensors directory) reads the
+    Linears stored as integers: float32 tensors dequantized on read; everything else,
+    tokenizer keys included, is read as from a float directory."""
     path = Path(path)
     config = read_config(path)
-    if config.get("quantization_config") or (path / "quantize_config.json").is_file():
-        # io.loader.load_source reads these through io.gptq_checkpoint
+    if quantized is None and (config.get("quantization_config")
+                              or (path / "quantize_config.json").is_file()):
         raise LlmpressError(f"{path}: an integer-quantized checkpoint (GPTQ, AWQ or "
                             "compressed-tensors); float weights are needed here")
     hp = hyperparameters(config, path)
@@ -486,12 +500,22 @@ def load_hf_dir(path: str | Path) -> ModelSource:
                      if arch in names.PERMUTED_QK_ARCHS else {})
 
     located, handles = safetensors_files(path)
+    # HF prefixes ("model.layers.0.mlp.up_proj.") of the Linears stored as integers
+    packed = ({name[: -len(quantized.marker)] for name in located
+               if name.endswith("." + quantized.marker)} if quantized is not None else set())
     tensors: dict[str, TensorRef] = {}
     experts: dict[str, dict[int, tuple[Any, str, str]]] = {}  # 3-D name -> e -> (handle, ...)
     for hf_name, file in located.items():
-        if hf_name.endswith(names.HF_IGNORED_SUFFIXES):
-            continue
+        prefix, _, leaf = hf_name.rpartition(".")
+        if hf_name.endswith(names.HF_IGNORED_SUFFIXES) or (prefix + "." in packed
+                                                            and leaf != "bias"):
+            continue  # a quantized Linear's codes, scales, zeros: read as one below
         gguf_name = names.gguf_tensor_name(hf_name, arch, hp["model_type"])
+        if prefix + "." in packed and (gguf_name is None or generic_name(gguf_name)[0]
+                                       not in shapes):
+            # AutoGPTQ stores a bias for every quantized Linear, zeros where there is none
+            if not handles[file].get_tensor(hf_name).any():
+                continue
         if gguf_name is None:
             raise LlmpressError(f"{file}: tensor {hf_name} has no GGUF equivalent for "
                                 f"{hp['model_type']} models")
@@ -538,6 +562,21 @@ def load_hf_dir(path: str | Path) -> ModelSource:
     for gguf_name, parts in experts.items():
         tensors[gguf_name] = stacked_experts(gguf_name, parts, shapes[generic_name(gguf_name)[0]],
                                              path)
+    for prefix in sorted(packed):
+        gguf_name = names.gguf_tensor_name(prefix + "weight", arch, hp["model_type"])
+        generic, block = generic_name(gguf_name) if gguf_name else (None, None)
+        if generic not in shapes or names.expert_index(prefix + "weight") is not None:
+            raise LlmpressError(f"{path}: quantized tensor {prefix}{quantized.marker} is not "
+                                "a Linear llmpress runs")
+        if gguf_name == "output.weight" and hp["tie_word_embeddings"]:
+            continue
+        shape = shapes[generic]
+        # every quantized Linear's tensors are checked now: bad files fail at load, in one line
+        quantized.read(handles, located, prefix, shape, path, shapes_only=True)
+        heads = permute_heads.get(generic.split(".")[2]) if block is not None else None
+        tensors[gguf_name] = TensorRef(
+            gguf_name, GGMLQuantizationType.F32, shape, math.prod(shape) * 4,
+            _dequantizing_reader(quantized, handles, located, prefix, shape, heads, path))
     check_complete(tensors, hp, path)
     # tokenizer.* keys as convert_hf_to_gguf writes them, so a converted file loads in
     # llama.cpp (the runtime itself tokenizes with tokenizer.json: Tokenizer.from_hf_dir).

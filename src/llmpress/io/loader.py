@@ -21,9 +21,10 @@ def load_source(model: str | os.PathLike | ModelSource) -> ModelSource:
         return model
     path = Path(model)
     if path.is_dir():
-        # GPTQ/AWQ/compressed-tensors dequantized on read; a float directory goes to io.hf
-        from llmpress.io.gptq_checkpoint import load_quantized_hf_dir
-        source = load_quantized_hf_dir(path)
+        # float weights, or GPTQ/AWQ/compressed-tensors Linears dequantized on read
+        from llmpress.io.gptq_checkpoint import quantized_linears
+        from llmpress.io.hf import load_hf_dir
+        source = load_hf_dir(path, quantized_linears(path))
     else:
         source = load_gguf(path)
     for ref in source.tensors.values():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource
-from llmpress.models.names import MOE_NORMALIZES_TOP_K
+from llmpress.io.names import MOE_NORMALIZES_TOP_K
 from llmpress.models.validate import check_model
 
 # Architectures of the Llama family and how each applies RoPE. llama.cpp's "norm" style

@@ -28,7 +28,8 @@ from torch import nn
 from llmpress.io.source import ModelSource
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
 from llmpress.models.config import GEMMA_ARCHITECTURES, LayerConfig, LlamaConfig, config_from_source
-from llmpress.models.llama import FeedForward, KVCache, RotaryEmbedding, forward_each, rms_norm
+from llmpress.models.llama import (KV_F32, FeedForward, KVCache, KVDtypes, RotaryEmbedding,
+                                   forward_each, rms_norm)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ class GemmaBlock(nn.Module):
 class GemmaModel(nn.Module):
     """forward(tokens (B, T), cache) -> logits (B, T', vocab), as LlamaModel."""
 
-    def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu"):
+    def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu",
+                 kv_dtypes: KVDtypes = KV_F32):
         super().__init__()
         self.cfg = cfg = gemma_config(src)
         self.device = torch.device(device)
@@ -192,7 +194,7 @@ class GemmaModel(nn.Module):
         self.ropes = {False: RotaryEmbedding(cfg, None, self.device),
                       True: RotaryEmbedding(replace(cfg, rope_base=cfg.local_rope_base,
                                                     rope_scale=1.0), None, self.device)}
-        self.kv_dtypes = (torch.float32, torch.float32)  # of the caches new_cache makes
+        self.kv_dtypes = kv_dtypes  # (k, v) of the caches new_cache makes
 
     def new_cache(self, max_tokens: int, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, max_tokens, batch, self.kv_dtypes, self.device)

@@ -61,6 +61,10 @@ class RotaryEmbedding:
 KV_TYPES = {"f32": torch.float32, "f16": torch.float16}
 
 
+KVDtypes = tuple[torch.dtype, torch.dtype]  # (k cache, v cache)
+KV_F32: KVDtypes = (torch.float32, torch.float32)
+
+
 def kv_dtype(name: str) -> torch.dtype:
     if name not in KV_TYPES:
         raise LlmpressError(f"unknown KV cache type {name!r}: llmpress keeps keys and values "
@@ -179,7 +183,7 @@ class LlamaModel(nn.Module):
     """
 
     def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu",
-                 cfg: LlamaConfig | None = None):
+                 cfg: LlamaConfig | None = None, kv_dtypes: KVDtypes = KV_F32):
         super().__init__()
         self.cfg = cfg or config_from_source(src)  # cfg: a family built on this one (Phi-3)
         self.device = torch.device(device)
@@ -196,7 +200,7 @@ class LlamaModel(nn.Module):
         freqs = src.tensors.get("rope_freqs.weight")
         self.rope = RotaryEmbedding(cfg, dense_tensor(freqs, self.device) if freqs else None,
                                     self.device)
-        self.kv_dtypes = (torch.float32, torch.float32)  # of the caches new_cache makes
+        self.kv_dtypes = kv_dtypes  # (k, v) of the caches new_cache makes
 
     def new_cache(self, max_tokens: int, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, max_tokens, batch, self.kv_dtypes, self.device)

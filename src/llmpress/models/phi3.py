@@ -22,7 +22,7 @@ import torch
 from llmpress.io.source import ModelSource, TensorRef
 from llmpress.kernels.linear import dense_tensor
 from llmpress.models.config import PHI3_ARCHITECTURES, LlamaConfig, config_from_source
-from llmpress.models.llama import KVCache, LlamaModel, RotaryEmbedding
+from llmpress.models.llama import KV_F32, KVCache, KVDtypes, LlamaModel, RotaryEmbedding
 
 
 def row_slices(ref: TensorRef, names: tuple[str, ...], rows: tuple[int, ...]) -> list[TensorRef]:
@@ -57,9 +57,10 @@ def unfused(src: ModelSource, cfg: LlamaConfig) -> ModelSource:
 class Phi3Model(LlamaModel):
     """forward(tokens (B, T), cache) -> logits (B, T', vocab), as LlamaModel."""
 
-    def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu"):
+    def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu",
+                 kv_dtypes: KVDtypes = KV_F32):
         cfg = config_from_source(src, PHI3_ARCHITECTURES)  # validates the fused tensors
-        super().__init__(unfused(src, cfg), mode, device, cfg=cfg)
+        super().__init__(unfused(src, cfg), mode, device, cfg=cfg, kv_dtypes=kv_dtypes)
         self.training_context = int(src.arch_key("rope.scaling.original_context_length",
                                                   cfg.context_length))
 

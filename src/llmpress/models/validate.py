@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource
-from llmpress.models.names import MAX_EXPERTS
+from llmpress.io.names import MAX_EXPERTS
 
 MAX_COUNT = 1 << 31  # any count or width field; the tensors then bound the real sizes
 

@@ -252,7 +252,7 @@ def _config_hyperparameters(config: dict[str, Any], where: Path) -> tuple[str, d
     """(GGUF architecture, config.json with defaults filled in): io.hf's rules for the model
     types the runtime loads, the same checks with each model type's defaults for the rest."""
     from llmpress.io import hf
-    from llmpress.models import names
+    from llmpress.io import names
     model_type = config.get("model_type")
     if model_type in names.HF_MODEL_TYPE_TO_ARCH:
         return names.HF_MODEL_TYPE_TO_ARCH[model_type], hf.hyperparameters(config, where)

@@ -30,14 +30,13 @@ from llmpress.calib.runner import (
     run_layers,
 )
 from llmpress.errors import LlmpressError
-from llmpress.formats import get_format
-from llmpress.io.files import replacing_directory
 from llmpress.io.source import ModelSource, TensorRef
 from llmpress.kernels.device import default_device
 from llmpress.models.config import LlamaConfig, config_from_source
 from llmpress.models.llama import LlamaModel
 from llmpress.prune import structured, unstructured
 from llmpress.prune.unstructured import Pattern
+from llmpress.quant.write import read_float  # a tensor dequantized exactly, as torch
 
 UNSTRUCTURED = unstructured.METHODS
 STRUCTURED = ("layers", "width")
@@ -68,12 +67,6 @@ def in_memory_source(path: str | Path, metadata: Mapping[str, Any],
             for name, t in tensors.items()}
     return ModelSource(path=Path(path), metadata=dict(metadata), tensors=refs,
                        file_bytes=sum(r.n_bytes for r in refs.values()))
-
-
-def read_float(ref: TensorRef) -> torch.Tensor:
-    """A tensor dequantized exactly to float32 (a copy)."""
-    values = get_format(ref.ggml_type).dequantize(ref.read_bytes(), ref.shape)
-    return values.clone() if ref.ggml_type == GGMLQuantizationType.F32 else values
 
 
 def count_params(source: ModelSource) -> int:
@@ -440,40 +433,31 @@ def write_pruned(result: PruneResult, output: str | Path, then_quantize: str | N
     --type TYPE` would (allow-requantize implied). Block formats with a per-block minimum
     or offset (Q4_1, Q5_1, K-quants) cannot always store an exact zero: `zeros_kept`
     says how many pruned weights are still exactly zero after the round trip."""
-    from llmpress.io.gguf_write import GGUFStreamWriter, TensorSlot, plan_gguf
-    from llmpress.quant.quantize import QuantizeConfig, quantize_model, quantize_tensor
+    from llmpress.quant.mix import TensorChoice
+    from llmpress.quant.quantize import QuantizeConfig, quantize_model
+    from llmpress.quant.write import write_gguf
 
     output = Path(output)
     src = result.source
+
+    def each(done, total, _report):
+        if progress:
+            progress(done, total)
     if then_quantize is not None:
-        def each(done, total, _report):
-            if progress:
-                progress(done, total)
         quantize_model(QuantizeConfig(src, output, then_quantize, allow_requantize=True),
                        each)
-    else:
-        changed = set(result.changed)
-        slots, fell_back = [], []
-        for name, ref in src.tensors.items():
-            wanted = ref.ggml_type
-            if name in changed and name in result.original.tensors:
-                wanted = result.original.tensors[name].ggml_type
-            target, fell = output_type(name, ref.shape, wanted)
-            if fell:
-                fell_back.append(name)
-            slots.append(TensorSlot(name, target, ref.shape))
-        layout = plan_gguf(src.metadata, slots)
-        with GGUFStreamWriter(output, layout, protect=[result.original.path]) as writer:
-            for done, slot in enumerate(slots, 1):
-                ref = src.tensors[slot.name]
-                if slot.ggml_type == ref.ggml_type:
-                    data = ref.read_bytes()
-                else:
-                    data = quantize_tensor(read_float(ref).numpy(), slot.ggml_type)
-                writer.write_tensor(slot.name, data)
-                if progress:
-                    progress(done, len(slots))
-    return _written_report(result, output, tuple(fell_back) if then_quantize is None else ())
+        return _written_report(result, output, ())
+    changed = set(result.changed)
+    choices = []
+    for name, ref in src.tensors.items():
+        wanted = ref.ggml_type
+        if name in changed and name in result.original.tensors:
+            wanted = result.original.tensors[name].ggml_type
+        target, fell = output_type(name, ref.shape, wanted)
+        choices.append(TensorChoice(name, ref.shape, ref.ggml_type, target, fell))
+    write_gguf(output, src, choices, src.metadata, protect=[result.original.path],
+               progress=each)
+    return _written_report(result, output, tuple(c.name for c in choices if c.fell_back))
 
 
 def _written_report(result: PruneResult, output: Path, fell_back: tuple[str, ...]) -> WriteReport:
@@ -502,116 +486,8 @@ def with_weights(result: PruneResult, weights: Mapping[str, torch.Tensor]) -> Pr
 
 
 # --- Hugging Face directory output -----------------------------------------------------------
-HF_MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "mistral": ("llama", "LlamaForCausalLM"),
-                  "qwen2": ("qwen2", "Qwen2ForCausalLM"), "qwen3": ("qwen3", "Qwen3ForCausalLM")}
-HF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                      "generation_config.json", "chat_template.jinja", "tokenizer.model",
-                      "vocab.json", "merges.txt", "added_tokens.json")
-
-
-def hf_config(source: ModelSource, dtype: str) -> dict[str, Any]:
-    """config.json for the (pruned) model: the GGUF keys mapped back (models.names)."""
-    from llmpress.models.names import GGUF_TO_HF_CONFIG
-    cfg = config_from_source(source)
-    widths = {(lc.n_heads, lc.n_kv_heads, lc.ffn_dim) for lc in cfg.layers}
-    if len(widths) != 1:
-        raise LlmpressError("a Hugging Face config holds one width for all layers; prune with "
-                            "--uniform for a Hugging Face directory")
-    if "rope_freqs.weight" in source.tensors:
-        raise LlmpressError("llama3 RoPE frequency factors cannot be written back to a Hugging "
-                            "Face config; write GGUF instead")
-    model_type, model_class = HF_MODEL_TYPES[cfg.architecture]
-    n_heads, n_kv, ffn = widths.pop()
-    arch = cfg.architecture
-    config: dict[str, Any] = {"architectures": [model_class], "model_type": model_type}
-    for gguf_key, hf_key in GGUF_TO_HF_CONFIG.items():
-        if f"{arch}.{gguf_key}" in source.metadata:
-            config[hf_key] = source.metadata[f"{arch}.{gguf_key}"]
-    config.update(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
-        intermediate_size=ffn, num_attention_heads=n_heads, num_key_value_heads=n_kv,
-        head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_base,
-        max_position_embeddings=cfg.context_length, hidden_act="silu",
-        tie_word_embeddings=cfg.tied_output, attention_bias=cfg.qkv_bias, torch_dtype=dtype)
-    if cfg.rope_scale != 1.0:
-        config["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scale}
-    for key, hf_key in (("tokenizer.ggml.bos_token_id", "bos_token_id"),
-                        ("tokenizer.ggml.eos_token_id", "eos_token_id")):
-        if key in source.metadata:
-            config[hf_key] = int(source.metadata[key])
-    return config
-
-
-def hf_tensors(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor under its HF name, q/k rows back in HF's rotary layout for llama."""
-    from llmpress.io.hf import unpermute_qk
-    from llmpress.models.names import PERMUTED_QK_ARCHS, hf_tensor_name
-    cfg = config_from_source(source)
-    heads = {lc.index: (lc.n_heads, lc.n_kv_heads) for lc in cfg.layers}
-    out = {}
-    for name, ref in source.tensors.items():
-        hf_name = hf_tensor_name(name)
-        if hf_name is None:
-            raise LlmpressError(f"tensor {name} has no Hugging Face name; write GGUF instead")
-        values = read_float(ref)
-        if cfg.architecture in PERMUTED_QK_ARCHS and name.startswith("blk."):
-            layer, part = int(name.split(".")[1]), name.split(".")[2]
-            if part in ("attn_q", "attn_k"):
-                values = unpermute_qk(values, heads[layer][0 if part == "attn_q" else 1])
-        out[hf_name] = values.to(dtype).contiguous()
-    return out
-
-
 def write_pruned_hf(result: PruneResult, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
-    """The pruned model as a Hugging Face directory (config.json, model.safetensors, and
-    the tokenizer: copied from an HF input, or tokenizer.json built from the GGUF
-    vocabulary). Uniform widths only. Written to a temporary directory, then renamed."""
-    import json
-
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    if dtype not in HF_DTYPES:
-        raise LlmpressError(f"--hf-dtype {dtype}: use one of {', '.join(HF_DTYPES)}")
-    if out_dir.exists():
-        raise LlmpressError(f"{out_dir} exists; choose a new directory")
-    if not out_dir.parent.is_dir():
-        raise LlmpressError(f"cannot write {out_dir}: {out_dir.parent} does not exist")
-    config = hf_config(result.source, dtype)
-    tensors = hf_tensors(result.source, HF_DTYPES[dtype])
-    if config["tie_word_embeddings"]:
-        tensors.pop("lm_head.weight", None)
-    with replacing_directory(out_dir) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _write_hf_tokenizer(result.original, tmp)
-    return out_dir
-
-
-def _write_hf_tokenizer(original: ModelSource, out: Path) -> None:
-    import json
-    import shutil
-
-    if original.path.is_dir():
-        for name in HF_TOKENIZER_FILES:
-            if (original.path / name).is_file():
-                shutil.copy2(original.path / name, out / name)
-        return
-    if "tokenizer.ggml.tokens" not in original.metadata:
-        return  # no vocabulary in the file: weights and config only
-    from llmpress.io.tokenizer import Tokenizer
-    tok = Tokenizer.from_gguf_metadata(original.metadata)
-    tok._engine.save(str(out / "tokenizer.json"))
-    special = {}
-    if tok.bos_id is not None:
-        special["bos_token"] = tok.token_to_piece(tok.bos_id)
-    if tok.eos_id is not None:
-        special["eos_token"] = tok.token_to_piece(tok.eos_id)
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tok.add_bos,
-              "add_eos_token": tok.add_eos, **special,
-              "model_max_length": int(original.metadata.get(
-                  f"{original.architecture}.context_length", 2048))}
-    if tok.chat_template:
-        config["chat_template"] = tok.chat_template
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    """The pruned model as a Hugging Face directory (quant.write.write_hf_dir), with the
+    original's tokenizer. Uniform widths only."""
+    from llmpress.quant.write import write_hf_dir
+    return write_hf_dir(result.source, out_dir, dtype, tokenizer_from=result.original)

@@ -26,7 +26,6 @@ decoder layers (token embedding, output) are quantized as `llmpress quantize` do
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,19 +248,17 @@ def calibrated_quantize(config, calib: CalibrationConfig,
     With method "rtn" this is quantize_model itself."""
     from llmpress.calib.data import calibration_tokens, read_calibration_text
     from llmpress.calib.runner import run_layers
-    from llmpress.io.gguf_write import GGUFStreamWriter
     from llmpress.io.loader import load_source, load_tokenizer
     from llmpress.kernels.device import default_device
     from llmpress.models.llama import LlamaModel
     from llmpress.quant.quantize import (
-        QuantizeReport,
-        TensorReport,
-        dequantize_ref,
+        _importance_for,
         load_imatrix,
+        plan_file_type,
         plan_quantization,
         quantize_model,
-        quantize_tensor,
     )
+    from llmpress.quant.write import write_gguf
 
     started = time.perf_counter()
     if calib.method == "rtn":
@@ -303,33 +300,10 @@ def calibrated_quantize(config, calib: CalibrationConfig,
 
     run_layers(model, tokens, per_layer, batch_size=calib.batch_size, progress=layer_progress)
 
-    reports = []
-    protect = [source.path]
-    with GGUFStreamWriter(config.output, plan.layout, protect=protect) as writer:
-        for done, choice in enumerate(plan.choices, 1):
-            t0 = time.perf_counter()
-            ref = source.tensors[choice.name]
-            importance = imatrix.entries.get(choice.name) if imatrix else None
-            if choice.name in overrides:
-                data = overrides.pop(choice.name)
-            elif choice.target_type == choice.source_type:
-                data = ref.read_bytes()
-            else:
-                data = quantize_tensor(dequantize_ref(ref), choice.target_type, importance)
-            writer.write_tensor(choice.name, data)
-            reports.append(TensorReport(
-                name=choice.name, shape=choice.shape, source_type=choice.source_type.name,
-                type=choice.target_type.name, n_bytes=int(np.asarray(data).nbytes),
-                error=None, used_imatrix=importance is not None, fell_back=choice.fell_back,
-                seconds=time.perf_counter() - t0))
-            if tensor_progress is not None:
-                tensor_progress(done, len(plan.choices), reports[-1])
-    report = QuantizeReport(
-        input=str(source.path), output=str(config.output), file_type=config.type.upper(),
-        tensors=tuple(reports), file_bytes=plan.layout.file_bytes,
-        n_params=sum(math.prod(c.shape) for c in plan.choices),
-        seconds=time.perf_counter() - started,
-        imatrix_entries=len(imatrix.entries) if imatrix else 0)
+    tensors = write_gguf(config.output, source, plan.choices, plan.metadata,
+                         replacements=overrides, layout=plan.layout, progress=tensor_progress,
+                         importance=lambda choice: _importance_for(choice, imatrix))
+    report = plan.report(tensors, config.output, plan_file_type(config), imatrix, started)
     return CalibratedReport(calib.method, report, tuple(errors), int(tokens.numel()),
                             time.perf_counter() - started)
 
@@ -359,7 +333,7 @@ def gptq_checkpoint(source_dir: str | Path, out_dir: str | Path, grid, fmt: str 
     from llmpress.io.loader import load_tokenizer
     from llmpress.kernels.device import default_device
     from llmpress.models.llama import LlamaModel
-    from llmpress.models.names import PERMUTED_QK_ARCHS, hf_tensor_name
+    from llmpress.io.names import PERMUTED_QK_ARCHS, hf_tensor_name
     from llmpress.quant.gptq import IntGridTarget, gptq_quantize, rtn_quantize
 
     started = time.perf_counter()

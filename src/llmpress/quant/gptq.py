@@ -188,13 +188,14 @@ def _quantize_block_column(fmt, x: np.ndarray, weights: np.ndarray | None,
     """One block per row of x (out, block_size), as ggml quantizes that block inside its
     row: the legacy types' imatrix path weighs by the whole row's mean square (sigma2 of
     quantize_row_q4_0_impl and friends), the others use block statistics only."""
-    from llmpress.formats.legacy import _LegacyQuant, importance_weights
+    from llmpress.formats.ggml_ops import importance_weights
+    from llmpress.formats.legacy import _LegacyQuant
 
     if isinstance(fmt, _LegacyQuant):
         if weights is None or not fmt.uses_importance:
             return fmt.quantize_reference(x)
         full = np.broadcast_to(weights, x.shape)
-        return fmt.quantize_weighted(x, importance_weights(x, full, row_mean_square))
+        return fmt.quantize_weighted(x, importance_weights(x, full, row_mean_square[:, None]))
     return fmt.quantize(x, weights).reshape(x.shape[0], fmt.type_size)
 
 

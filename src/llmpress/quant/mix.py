@@ -26,7 +26,6 @@ from gguf import GGMLQuantizationType as T
 
 from llmpress.errors import LlmpressError
 
-QK_K = 256
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
 

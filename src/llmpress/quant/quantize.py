@@ -7,38 +7,30 @@ Follows llama.cpp's llama_model_quantize_impl (src/llama-quant.cpp): the same te
 order, metadata (input KVs, then general.quantization_version and general.file_type,
 then the quantize.imatrix.* keys), type mix (quant/mix.py), importance per tensor and
 padding, so for the same input our file is byte-identical to llama-quantize's wherever
-the block quantizers are. Each tensor is dequantized exactly, quantized and streamed to
-the output before the next one is read: peak memory is the (mapped) input plus a few
-copies of the largest tensor.
+the block quantizers are. This module makes the plan (types, metadata, importance);
+quant/write.py writes it, one tensor at a time.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType
 
 from llmpress import hub
 from llmpress.errors import LlmpressError
-from llmpress.formats import FORMATS, dequantize_tensor, get_format
-from llmpress.io.gguf_write import (
-    GGUFLayout,
-    GGUFStreamWriter,
-    MetadataValue,
-    TensorSlot,
-    plan_gguf,
-)
+from llmpress.formats import FORMATS, get_format
+from llmpress.io.gguf_write import GGUFLayout, MetadataValue
 from llmpress.io.loader import load_source
-from llmpress.io.source import ModelSource, TensorRef
-from llmpress.kernels.cpu import one_torch_thread
+from llmpress.io.source import ModelSource
 from llmpress.quant.imatrix import read_imatrix_file
 from llmpress.quant.mix import (
     FLOAT_TYPES,
@@ -48,6 +40,14 @@ from llmpress.quant.mix import (
     file_type,
     model_facts,
     tensors_of,
+)
+from llmpress.quant.write import (  # the tensor quantizer is part of this module's API too
+    ProgressCallback,
+    TensorReport,
+    dequantize_ref,
+    layout_of,
+    quantize_tensor,
+    write_gguf,
 )
 
 GGML_QNT_VERSION = 2  # ggml.h: written to general.quantization_version
@@ -95,22 +95,6 @@ class QuantizeConfig:
 
 
 @dataclass(frozen=True)
-class TensorReport:
-    name: str
-    shape: tuple[int, ...]
-    source_type: str
-    type: str
-    n_bytes: int
-    # sum(w (x - q)^2) / sum(w x^2), w = the imatrix column weight (1 without one), over
-    # up to QuantizeConfig.error_rows evenly spaced rows; 0 for a copied tensor, None when
-    # not measured
-    error: float | None
-    used_imatrix: bool
-    fell_back: bool
-    seconds: float
-
-
-@dataclass(frozen=True)
 class QuantizeReport:
     input: str
     output: str
@@ -130,9 +114,6 @@ class QuantizeReport:
         """File bytes * 8 / parameters, as the reference tables and `llmpress info` count it
         (llama-quantize's own "BPW" line counts tensor bytes only)."""
         return self.file_bytes * 8 / max(self.n_params, 1)
-
-
-ProgressCallback = Callable[[int, int, TensorReport], None]  # (done, total, last tensor)
 
 
 # --- importance matrix -----------------------------------------------------------------
@@ -198,8 +179,17 @@ class QuantizePlan:
 
     @cached_property
     def layout(self) -> GGUFLayout:
-        return plan_gguf(self.metadata, [TensorSlot(c.name, c.target_type, c.shape)
-                                         for c in self.choices])
+        return layout_of(self.metadata, self.choices)
+
+    def report(self, tensors: tuple[TensorReport, ...], output: Path, file_type_name: str,
+               imatrix: ImportanceMatrix | None, started: float) -> QuantizeReport:
+        """What was written, once write_gguf has written the plan."""
+        return QuantizeReport(
+            input=str(self.source.path), output=str(output), file_type=file_type_name,
+            tensors=tensors, file_bytes=self.layout.file_bytes,
+            n_params=sum(math.prod(c.shape) for c in self.choices),
+            seconds=time.perf_counter() - started,
+            imatrix_entries=len(imatrix.entries) if imatrix else 0)
 
 
 def plan_quantization(source: ModelSource, config: QuantizeConfig,
@@ -246,55 +236,6 @@ def _converted_type(choice: TensorChoice) -> TensorChoice:
 
 
 # --- one tensor ------------------------------------------------------------------------
-def dequantize_ref(ref: TensorRef) -> np.ndarray:
-    """The tensor as float32 numpy, exactly (ggml's to_float)."""
-    raw = ref.read_bytes()
-    if ref.ggml_type == T.F32:
-        return raw.numpy().view(np.float32).reshape(ref.shape)
-    return dequantize_tensor(raw, ref.ggml_type, ref.shape).numpy()
-
-
-def quantize_tensor(values: np.ndarray, target: T, importance: np.ndarray | None = None
-                    ) -> np.ndarray:
-    """float32 (..., rows, row) -> uint8 GGUF bytes of `target`.
-
-    `importance` is (row,) or, for a stack of experts, (n_expert * row,): each expert's
-    rows get their own slice (llama_tensor_quantize_impl's imatrix_for_row).
-    """
-    fmt = get_format(target)
-    row = values.shape[-1]
-    matrices = values.reshape(-1, *values.shape[-2:]) if values.ndim >= 2 else values[None, None]
-    if importance is not None:
-        importance = np.asarray(importance, dtype=np.float32).reshape(-1, row)
-        if importance.shape[0] != matrices.shape[0]:
-            raise LlmpressError(f"importance has {importance.shape[0]} rows of {row}, the tensor "
-                                f"{matrices.shape[0]} matrices")
-    parts = [fmt.quantize(m, None if importance is None else importance[i])
-             for i, m in enumerate(matrices)]
-    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return out.reshape(-1)
-
-
-def _relative_error(values: np.ndarray, raw: np.ndarray, target: T,
-                    importance: np.ndarray | None, max_rows: int) -> float:
-    """sum(w (x - q)^2) / sum(w x^2) over up to `max_rows` evenly spaced rows (all rows
-    when there are fewer), w = the row's importance (1 without an imatrix)."""
-    row = values.shape[-1]
-    x = values.reshape(-1, row)
-    picked = np.unique(np.linspace(0, x.shape[0] - 1, min(x.shape[0], max_rows)).astype(np.int64))
-    stored = torch.from_numpy(np.ascontiguousarray(raw.reshape(x.shape[0], -1)[picked]))
-    restored = dequantize_tensor(stored, target, (len(picked), row)).numpy().astype(np.float64)
-    x = x[picked].astype(np.float64)
-    w = np.ones((1, row))
-    if importance is not None:  # each expert's rows have their own weights
-        per_expert = np.asarray(importance, dtype=np.float64).reshape(-1, row)
-        rows_per_expert = values.reshape(-1, row).shape[0] // per_expert.shape[0]
-        w = per_expert[picked // rows_per_expert]
-    signal = float((w * x * x).sum())
-    noise = float((w * (x - restored) ** 2).sum())
-    return noise / signal if signal > 0 else noise
-
-
 def _importance_for(choice: TensorChoice, imatrix: ImportanceMatrix | None) -> np.ndarray | None:
     """The entry llama-quantize passes for this tensor, with its size checks."""
     if imatrix is None or choice.name not in imatrix.entries:
@@ -317,60 +258,17 @@ def quantize_model(config: QuantizeConfig, progress: ProgressCallback | None = N
     source = load_source(config.input)
     imatrix = load_imatrix(config.imatrix) if config.imatrix is not None else None
     plan = plan_quantization(source, config, imatrix)
-    layout = plan.layout
-    protect = [source.path]
-    if source.path.is_dir():
-        protect += [p for p in source.path.iterdir() if p.is_file()]
-    reports = []
-    with GGUFStreamWriter(config.output, layout, protect=protect) as writer, one_torch_thread():
-        for done, choice in enumerate(plan.choices, 1):
-            report, data = _convert(source.tensors[choice.name], choice, imatrix,
-                                    config.error_rows)
-            writer.write_tensor(choice.name, data)
-            del data
-            reports.append(report)
-            if progress is not None:
-                progress(done, len(plan.choices), report)
-    n_params = sum(int(np.prod(c.shape)) for c in plan.choices)
-    return QuantizeReport(
-        input=str(source.path), output=str(config.output), file_type=plan_file_type(config),
-        tensors=tuple(reports), file_bytes=layout.file_bytes, n_params=n_params,
-        seconds=time.perf_counter() - started,
-        imatrix_entries=len(imatrix.entries) if imatrix else 0,
-    )
+    reports = write_gguf(config.output, source, plan.choices, plan.metadata,
+                         importance=lambda choice: _importance_for(choice, imatrix),
+                         error_rows=config.error_rows, layout=plan.layout, progress=progress)
+    return plan.report(reports, config.output, plan_file_type(config), imatrix, started)
 
 
 def plan_file_type(config: QuantizeConfig) -> str:
     return file_type(config.type).name
 
 
-def _convert(ref: TensorRef, choice: TensorChoice, imatrix: ImportanceMatrix | None,
-             error_rows: int) -> tuple[TensorReport, Any]:
-    """One tensor: copied when its type stays, else dequantized and quantized."""
-    t0 = time.perf_counter()
-    importance = None
-    if choice.target_type == choice.source_type:
-        data, error = ref.read_bytes(), 0.0
-    else:
-        importance = _importance_for(choice, imatrix)
-        values = dequantize_ref(ref)
-        try:
-            data = quantize_tensor(values, choice.target_type, importance)
-        except LlmpressError as exc:  # the formats know rows, not tensor names
-            raise LlmpressError(f"tensor {choice.name}: {exc}") from None
-        error = (_relative_error(values, data, choice.target_type, importance, error_rows)
-                 if error_rows > 0 else None)
-    report = TensorReport(
-        name=choice.name, shape=choice.shape, source_type=choice.source_type.name,
-        type=choice.target_type.name, n_bytes=int(data.numel() if isinstance(data, torch.Tensor)
-                                                  else data.nbytes),
-        error=error, used_imatrix=importance is not None, fell_back=choice.fell_back,
-        seconds=time.perf_counter() - t0,
-    )
-    return report, data
-
-
 __all__ = [
     "ImportanceMatrix", "QuantizeConfig", "QuantizePlan", "QuantizeReport", "TensorReport",
-    "load_imatrix", "plan_quantization", "quantize_model", "quantize_tensor",
+    "dequantize_ref", "load_imatrix", "plan_quantization", "quantize_model", "quantize_tensor",
 ]
