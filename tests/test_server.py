@@ -357,7 +357,7 @@ def test_an_unexpected_fault_is_an_openai_shaped_500():
         def chat_prompt(self, messages, **extra):
             return "x"
 
-        def encode(self, text):
+        def encode_prompt(self, text):
             raise RuntimeError("broken \ud800 encoder")
 
     with TestClient(create_app(BrokenModel(), "m"), raise_server_exceptions=False) as http:

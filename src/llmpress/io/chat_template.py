@@ -123,7 +123,9 @@ def _strftime_now(fmt: str) -> str:
 
 
 # --- the budget: a template from a model file must not hang or exhaust memory ------------
-MAX_TEMPLATE_CHARS = 512 * 1024  # real templates are a few KiB; the largest known ~30 KiB
+# real templates are a few KiB, the largest known ~30 KiB; compiling takes up to ~1 KiB of
+# memory a character (62 MiB for 64 KiB of "{{a}}"; 512 KiB took far more)
+MAX_TEMPLATE_CHARS = 64 * 1024
 # characters (or items) any one value may reach while rendering: a few such values may be
 # alive at once (4 bytes a character at worst); the fuzzer's memory check found 38 MiB
 # taken by doubling a string up to 4,000,000. A real prompt's values are far smaller.

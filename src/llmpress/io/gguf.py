@@ -31,6 +31,8 @@ MAX_NESTING = 16  # arrays of arrays: no real file nests; a hostile one must not
 # Llama 3 file: ~29 MB for 7.7 MB).
 METADATA_SLACK = 24 << 20
 STRING_ITEM_BYTES = 56  # a str object and its list slot, before the text
+STRING_CHUNK = 4096  # strings read between two checks of the budget
+LONG_STRING = 1 << 16  # bytes: a string this long is checked before it is decoded
 
 # GGUF value type id -> (numpy dtype, struct format) for fixed-size scalars.
 SCALAR_TYPES = {
@@ -94,27 +96,26 @@ class _Cursor:
     def strings(self, n: int, what: str) -> list[str]:
         """n strings in a row, in one tight loop: a vocabulary holds 10^5 of them."""
         data, pos, end, unpack = self.data, self.pos, len(self.data), struct.unpack_from
+        self.charge(n * STRING_ITEM_BYTES, f"{what} ({n} strings)")
         out = []
-        budget = self.budget - n * STRING_ITEM_BYTES  # and each string's own bytes below
-        if budget < 0:
-            self.charge(n * STRING_ITEM_BYTES, f"{what} ({n} strings)")
-        for _ in range(n):
-            length = unpack("<Q", data, pos)[0] if pos + 8 <= end else end
-            if pos + 8 + length > end:
-                self.pos = pos
-                raise self.fail(f"truncated or corrupt: a string of {what} runs past the end")
-            pos += 8
-            if 4 * length > budget:  # decoded, each byte may become a 4-byte character
-                self.pos = pos
-                self.charge(4 * length, f"a string of {what} ({length} bytes)")
-            text = str(data[pos:pos + length], "utf-8", "replace")
-            budget -= len(text) if text.isascii() else 4 * len(text)  # up to 4 bytes a char
-            if budget < 0:
-                self.pos = pos
-                self.charge(self.budget + 1, f"{what} ({n} strings)")
-            out.append(text)
-            pos += length
-        self.pos, self.budget = pos, budget
+        for first in range(0, n, STRING_CHUNK):  # the text's cost charged chunk by chunk
+            start = pos
+            for _ in range(min(STRING_CHUNK, n - first)):
+                length = unpack("<Q", data, pos)[0] if pos + 8 <= end else end
+                if pos + 8 + length > end:
+                    self.pos = pos
+                    raise self.fail(f"truncated or corrupt: a string of {what} runs past the "
+                                    "end")
+                pos += 8
+                if length > LONG_STRING:  # decoded, a byte may become a 4-byte character
+                    self.pos = pos
+                    self.charge(4 * length, f"a string of {what} ({length} bytes)")
+                out.append(str(data[pos:pos + length], "utf-8", "replace"))
+                pos += length
+            self.pos = pos
+            # 2 bytes a byte: UTF-8 decodes to 1-2 (U+FFFD for a bad byte: 2), 4 only when
+            # a string mixes ASCII with characters beyond U+FFFF
+            self.charge(2 * (pos - start), f"{what} ({n} strings)")
         return out
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
