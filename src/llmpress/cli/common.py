@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
@@ -22,7 +23,7 @@ def _load(args, **overrides):
     from llmpress import hub
     from llmpress.api import load
     model = hub.resolve(args.model)  # a pull draws its own progress bar, before the spinner
-    with console.status(f"loading {args.model} ...") if sys.stdout.isatty() else _nothing():
+    with console.status(f"loading {args.model} ...") if sys.stdout.isatty() else nullcontext():
         return load(model, mode=getattr(args, "mode", "fast"), ctx=getattr(args, "ctx", None),
                     device=getattr(args, "device", None), chat_template=_chat_template(args),
                     cache_type_k=getattr(args, "cache_type_k", None),
@@ -47,14 +48,6 @@ def _use_threads(args) -> None:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _sampling(args) -> dict:
