@@ -435,7 +435,7 @@ def test_the_base_is_a_point_of_the_front():
 
 
 def test_without_matplotlib_the_numbers_stay_and_one_line_says_why(tmp_path, monkeypatch, capsys):
-    from llmpress import cli_eval
+    from llmpress.cli import eval as cli_eval
 
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import fails
     with pytest.raises(LlmpressError, match=r"pip install 'llmpress\[plot\]'"):

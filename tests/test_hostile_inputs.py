@@ -16,6 +16,7 @@ import torch
 from gguf import TokenType
 
 from llmpress import cli
+from llmpress.cli import models as cli_models
 from llmpress.errors import LlmpressError
 from llmpress.io.chat_template import render_chat
 from llmpress.io.files import read_json_file, write_bytes_atomically
@@ -230,7 +231,7 @@ def test_internal_errors_are_one_line_with_a_log(monkeypatch, tmp_path, capsys, 
 
     def broken(args):
         raise raised
-    monkeypatch.setattr(cli, "cmd_info", broken)
+    monkeypatch.setattr(cli_models, "cmd_info", broken)
     assert cli.main(["info", "x.gguf"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
@@ -244,7 +245,7 @@ def test_internal_errors_are_one_line_with_a_log(monkeypatch, tmp_path, capsys, 
 def test_keyboard_interrupt_keeps_its_meaning(monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    monkeypatch.setattr(cli_models, "cmd_info", interrupted)
     assert cli.main(["info", "x.gguf"]) == 130
 
 

@@ -22,7 +22,7 @@ PACKAGE = SRC / "llmpress"
 # A module belongs to the layer of its most specific pattern (the longest) and may import
 # its own layer and the layers below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("cli", ("llmpress.cli", "llmpress.cli_*")),  # cli.py and its command groups
+    ("cli", ("llmpress.cli",)),  # the cli package: main and one module per command group
     ("applications of the API", ("llmpress.runtime.server", "llmpress.eval.compare",
                                  "llmpress.eval.speed")),
     ("api", ("llmpress.api", "llmpress=")),  # `llmpress=`: the package __init__ only

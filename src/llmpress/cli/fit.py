@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 from dataclasses import asdict
 
 from rich.console import Console
@@ -82,7 +83,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         raise LlmpressError("--types: give a comma-separated list such as Q8_0,Q4_K_M")
     quality = quality_from_sweep(args.sweep) if args.sweep else published_quality()
     with console.status("measuring memory bandwidth ...") if args.measure and not args.json \
-            else _Quiet():
+            else nullcontext():
         machine = detect_machine(args.ram, args.vram, args.measure)
     report = plan_fit(spec, machine, args.ctx, types, args.runtime, args.cache_type, quality,
                       args.imatrix, args.flash_attn)
@@ -90,14 +91,6 @@ def cmd_fit(args: argparse.Namespace) -> None:
         print(json.dumps(report_dict(report), indent=2))
     else:
         _show_report(report)
-
-
-class _Quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- the per-model report ----------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -61,17 +62,9 @@ class WindowProgress:
 
 def _load(model: str, args, ctx: int):
     from llmpress.api import load
-    with err.status(f"loading {model} ...") if err.is_terminal else _Quiet():
+    with err.status(f"loading {model} ...") if err.is_terminal else nullcontext():
         return load(model, mode=args.mode, device=args.device, ctx=ctx,
                     cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
-
-
-class _Quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- eval --------------------------------------------------------------------------------
@@ -118,7 +111,7 @@ def cmd_eval(args) -> None:
         kld = None
         ctx = args.ctx or DEFAULT_CTX
         lm = _load(args.model, args, ctx)
-        with err.status("tokenizing ...") if err.is_terminal else _Quiet():
+        with err.status("tokenizing ...") if err.is_terminal else nullcontext():
             tokens, plan = text_windows(lm.tokenizer, args.text, ctx, args.chunks)
         with WindowProgress("perplexity", not args.json) as progress:
             if args.save_base:
@@ -198,7 +191,7 @@ class ConsoleProgress:
         self.enabled = enabled and err.is_terminal
 
     def status(self, text: str):
-        return err.status(text) if self.enabled else _Quiet()
+        return err.status(text) if self.enabled else nullcontext()
 
     def windows(self, label: str):
         return WindowProgress(label, self.enabled)
@@ -269,7 +262,7 @@ def cmd_sweep(args) -> list:
     outputs = []
     for config in configs:
         with err.status(f"quantizing to {config.type} ...") if err.is_terminal and not args.json \
-                else _Quiet():
+                else nullcontext():
             report = quantize_model(config)
         if not args.json:
             err.print(f"{config.type}: {report.output} ({report.file_bytes / 2**20:.1f} MiB, "

@@ -25,7 +25,7 @@ def _tensor_type_option(text: str) -> tuple[str, str]:
 
 
 def add_quantize_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `quantize`; the calibration options are added by cli_calibrated."""
+    """Register `quantize`; the calibration options are added by cli.calibrated."""
     types = ", ".join(list(FILE_TYPES) + list(FILE_TYPE_ALIASES))
     p = sub.add_parser("quantize", help="quantize a model to a GGUF type mix, like llama-quantize",
                        description=f"Quantize a GGUF file or a Hugging Face directory. TYPE: {types}.")

@@ -1,6 +1,6 @@
 """The calibration commands of the `llmpress` CLI: `imatrix` (llama.cpp's importance
 matrix), and the `--method gptq|awq|awq+gptq` path of `quantize`. Thin: parse, call the
-library, print with rich. cli.py registers these with add_calibrated_parsers(sub)."""
+library, print with rich. cli/__init__.py registers these with add_calibrated_parsers(sub)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _shrink(args) -> float:
 def cmd_quantize_calibrated(args) -> None:
     from rich.table import Table
 
-    from llmpress.cli_quantize import print_report, quantize_config
+    from llmpress.cli.quantize import print_report, quantize_config
     from llmpress.quant.calibrated import CalibrationConfig, calibrated_quantize
     from llmpress.quant.gptq import GPTQConfig
 
@@ -99,7 +99,7 @@ def cmd_quantize_calibrated(args) -> None:
 
 
 def add_method_options(p) -> None:
-    """--method and the calibration options on `llmpress quantize` (cli.py calls this);
+    """--method and the calibration options on `llmpress quantize` (cli/__init__.py calls this);
     --method rtn (the default) leaves the command as it was."""
     from llmpress.quant.calibrated import METHODS
 
@@ -161,7 +161,7 @@ def cmd_gptq(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from llmpress.cli_quantize import print_report
+    from llmpress.cli.quantize import print_report
     from llmpress.quant.quantize import QuantizeConfig, quantize_model
 
     report = quantize_model(QuantizeConfig(args.input, args.output, args.type))
