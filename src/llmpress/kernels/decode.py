@@ -1,19 +1,21 @@
 """The decoder layers in C (decode.c): one call per forward pass, for the new tokens of
 one sequence or of several decoded together.
 
-Built from a LlamaModel whose every matmul weight has a CPU kernel; the C structs hold
-pointers into the model's own tensors (packed weights, norms, the KV caches), which the
-model keeps alive.
+Built from plain layer descriptions that the model hands over (every matmul weight with
+a CPU kernel); the C structs hold pointers into the model's own tensors (packed weights,
+norms, the KV caches), which the model keeps alive.
 """
 
 from __future__ import annotations
 
 import ctypes
 import weakref
+from dataclasses import dataclass
 
 import torch
 
 from llmpress.kernels import cpu
+from llmpress.kernels.linear import QuantLinear
 
 N_WEIGHTS = 7  # q k v o gate up down
 
@@ -56,31 +58,52 @@ def _library():
     return lib
 
 
-def can_decode(model) -> bool:
-    """Every matmul of every block has a CPU kernel (fast mode, supported types)."""
-    return (_library() is not None and all(
-        b.attn.qkv.kernel is not None and b.attn.wo.kernel is not None
-        and b.ffn.gate_up.kernel is not None and b.ffn.down.kernel is not None
-        for b in model.blocks))
+@dataclass(frozen=True)
+class ShapeDescription:
+    """What the decoder needs of the model's hyperparameters."""
+
+    dim: int
+    head_dim: int
+    rope_dim: int
+    neox: bool  # RoPE pairs (i, i + d/2) instead of (2i, 2i + 1)
+    eps: float
+
+
+@dataclass(frozen=True)
+class LayerDescription:
+    """One decoder layer as plain tensors: the model hands these over (the kernels never
+    walk a model's modules). weights: q k v o gate up down."""
+
+    n_heads: int
+    n_kv: int
+    ffn_dim: int
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    weights: list[QuantLinear]
+    q_norm: torch.Tensor | None = None  # Qwen3
+    k_norm: torch.Tensor | None = None
+    biases: tuple[torch.Tensor | None, ...] = (None, None, None)  # Qwen2: q, k, v
+
+
+def can_decode(layers: list[LayerDescription]) -> bool:
+    """Every matmul of every layer has a CPU kernel (fast mode, supported types)."""
+    return _library() is not None and all(w.kernel is not None for layer in layers
+                                          for w in layer.weights)
 
 
 class FusedDecoder:
-    def __init__(self, model):
-        cfg = model.cfg
-        self.layers = (DecodeLayer * len(model.blocks))()
-        for layer, block, lc in zip(self.layers, model.blocks, cfg.layers):
-            attn, ffn = block.attn, block.ffn
-            linears = [*attn.qkv.linears, attn.wo, *ffn.gate_up.linears, ffn.down]
-            biases = attn.biases or [None, None, None]
-            layer.n_heads, layer.n_kv, layer.ffn_dim = lc.n_heads, lc.n_kv_heads, lc.ffn_dim
-            layer.attn_norm, layer.ffn_norm = _pointer(block.attn_norm), _pointer(block.ffn_norm)
-            layer.q_norm, layer.k_norm = _pointer(attn.q_norm), _pointer(attn.k_norm)
-            layer.q_bias, layer.k_bias, layer.v_bias = (_pointer(b) for b in biases)
-            for i, lin in enumerate(linears):
-                layer.types[i], layer.weights[i] = int(lin.ggml_type), lin.rows.data_ptr()
-                layer.weight_bytes[i] = lin.rows.numel() * lin.rows.element_size()
-        self.shape = DecodeShape(cfg.dim, cfg.head_dim, cfg.rope_dim,
-                                 int(cfg.rope_style == "neox"), cfg.norm_eps)
+    def __init__(self, shape: ShapeDescription, layers: list[LayerDescription]):
+        self.layers = (DecodeLayer * len(layers))()
+        for c_layer, layer in zip(self.layers, layers):
+            c_layer.n_heads, c_layer.n_kv, c_layer.ffn_dim = layer.n_heads, layer.n_kv, layer.ffn_dim
+            c_layer.attn_norm, c_layer.ffn_norm = _pointer(layer.attn_norm), _pointer(layer.ffn_norm)
+            c_layer.q_norm, c_layer.k_norm = _pointer(layer.q_norm), _pointer(layer.k_norm)
+            c_layer.q_bias, c_layer.k_bias, c_layer.v_bias = (_pointer(b) for b in layer.biases)
+            for i, lin in enumerate(layer.weights):
+                c_layer.types[i], c_layer.weights[i] = int(lin.ggml_type), lin.rows.data_ptr()
+                c_layer.weight_bytes[i] = lin.rows.numel() * lin.rows.element_size()
+        self.shape = DecodeShape(shape.dim, shape.head_dim, shape.rope_dim, int(shape.neox),
+                                 shape.eps)
         self.views = weakref.WeakKeyDictionary()  # cache -> its LayerCache array
 
     def _views(self, cache) -> ctypes.Array:

@@ -15,7 +15,7 @@ from torch import nn
 
 from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource
-from llmpress.kernels.decode import FusedDecoder, can_decode
+from llmpress.kernels.decode import FusedDecoder, LayerDescription, ShapeDescription, can_decode
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
 from llmpress.models.config import LayerConfig, LlamaConfig, config_from_source
 from llmpress.models.moe import GatedFFN, MoeFeedForward
@@ -195,8 +195,13 @@ class LlamaModel(nn.Module):
         self.output = QuantLinear(head, mode, self.device)
         # fast mode on the CPU: one C call per forward pass when every type has a kernel
         # (the C path has no expert routing: a mixture of experts runs block by block)
-        self.decoder = (FusedDecoder(self) if mode == "fast" and self.device.type == "cpu"
-                        and not cfg.n_experts and can_decode(self) else None)
+        self.decoder = None
+        if mode == "fast" and self.device.type == "cpu" and not cfg.n_experts:
+            layers = self.layer_descriptions()
+            if can_decode(layers):
+                self.decoder = FusedDecoder(ShapeDescription(cfg.dim, cfg.head_dim, cfg.rope_dim,
+                                                             cfg.rope_style == "neox", cfg.norm_eps),
+                                            layers)
         freqs = src.tensors.get("rope_freqs.weight")
         self.rope = RotaryEmbedding(cfg, dense_tensor(freqs, self.device) if freqs else None,
                                     self.device)
@@ -204,6 +209,14 @@ class LlamaModel(nn.Module):
 
     def new_cache(self, max_tokens: int, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, max_tokens, batch, self.kv_dtypes, self.device)
+
+    def layer_descriptions(self) -> list[LayerDescription]:
+        """Each block as the fused decoder takes it (plain tensors, no modules)."""
+        return [LayerDescription(
+            lc.n_heads, lc.n_kv_heads, lc.ffn_dim, block.attn_norm, block.ffn_norm,
+            [*block.attn.qkv.linears, block.attn.wo, *block.ffn.gate_up.linears, block.ffn.down],
+            block.attn.q_norm, block.attn.k_norm, tuple(block.attn.biases or (None, None, None)))
+            for block, lc in zip(self.blocks, self.cfg.layers)]
 
     def rope_for(self, cache: KVCache) -> RotaryEmbedding:
         """The RoPE tables for a cache (Phi-3's depend on the context size)."""
