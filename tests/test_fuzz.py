@@ -6,8 +6,8 @@ resident memory by more than twice its input's size (plus a 32 MiB floor); no re
 may get a 5xx or a 4xx without OpenAI's error body, or kill or hang the server. The
 outcome table is printed (into the CI log, pass or fail).
 
-LLMPRESS_FUZZ_CASES scales the file set; the default 1,450 is the issue's CI set (1,001
-GGUF + 246 HF + 203 templates, about 4 minutes on 2 cores: workers are reused across
+LLMPRESS_FUZZ_CASES scales the file set; the default 1,500 is the issue's CI set (1,035
+GGUF + 255 HF + 210 templates, about 4 minutes on 2 cores: workers are reused across
 cases), LLMPRESS_FUZZ_HTTP the requests (250, about 2 minutes).
 `python -m tests.fuzz --cases 20000` is the long campaign, `--asan` the AddressSanitizer
 one."""
@@ -22,7 +22,7 @@ from fuzz.seeds import build_seeds
 
 from llmpress import hub
 
-CASES = int(os.environ.get("LLMPRESS_FUZZ_CASES", 1450))
+CASES = int(os.environ.get("LLMPRESS_FUZZ_CASES", 1500))
 HTTP_REQUESTS = int(os.environ.get("LLMPRESS_FUZZ_HTTP", 250))
 
 

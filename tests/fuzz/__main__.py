@@ -16,7 +16,7 @@ from .seeds import build_seeds
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.fuzz")
-    p.add_argument("--cases", type=int, default=1450, help="total cases, split 69%% GGUF, "
+    p.add_argument("--cases", type=int, default=1500, help="total cases, split 69%% GGUF, "
                    "17%% HF directories, 14%% chat templates (default: the CI set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
