@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import socket
 import statistics
@@ -165,7 +166,7 @@ def main() -> None:
     for (engine, c), (rates, ttfts) in results.items():
         ttfts = sorted(ttfts)
         print(f"{engine:<10} {c:>7} {statistics.median(rates):>18.2f} "
-              f"{statistics.median(ttfts):>16.3f} {ttfts[int(0.9 * (len(ttfts) - 1))]:>13.3f}")
+              f"{statistics.median(ttfts):>16.3f} {ttfts[math.ceil(0.9 * len(ttfts)) - 1]:>13.3f}")
 
 
 if __name__ == "__main__":

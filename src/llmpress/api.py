@@ -118,8 +118,9 @@ class LanguageModel:
             raise LlmpressError("the context must hold at least 2 tokens")
         # the previous call's tokens stay cached: a chat's next turn runs only its new part
         self.prompt_cache = PromptCache(self.model.new_cache, self.context_length)
-        self.speculation = Speculation(speculative, None if draft_model is None else DraftModel(
-            draft_model, PromptCache(draft_model.new_cache, self.context_length)))
+        self.speculation = Speculation(speculative, None if draft_model is None else
+                                       DraftModel(draft_model, PromptCache(
+                                           draft_model.new_cache, self.context_length)))
 
     def _draft_model(self, draft: ModelSource, mode: str, kv_dtypes):
         check_same_vocabulary(self.tokenizer, load_tokenizer(draft), self.model.cfg.vocab_size,

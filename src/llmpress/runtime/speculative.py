@@ -164,6 +164,16 @@ class Drafter:
                  release=lambda: None):
         self.config, self.model_drafter, self._release = config, model_drafter, release
         self.tally = Tally()
+        self.limit = config.draft_max  # tokens to draft next: follows the acceptance
+
+    def adapt(self, accepted: int, drafted: int) -> None:
+        """A rejected guess costs a row of the checking pass (on the CPU nearly a pass):
+        after a miss draft only as far as the last run of hits went (+1); after all hits,
+        reach 2 further (as transformers' assisted generation)."""
+        if accepted == drafted:
+            self.limit = min(self.config.draft_max, self.limit + 2)
+        else:
+            self.limit = max(1, self.config.draft_min, accepted + 1)
 
     def propose(self, history: list[int], n_max: int) -> Draft:
         if self.config.lookup_ngram:
@@ -229,7 +239,7 @@ def speculative_tokens(run, rewind, logits: torch.Tensor, sampler: Sampler,
     yield token, logits
     while True:
         room = end - len(history)  # drafts beyond it could not be emitted nor cached
-        draft = drafter.propose(history, min(cfg.draft_max, room)) if room > 0 else Draft()
+        draft = drafter.propose(history, min(drafter.limit, room)) if room > 0 else Draft()
         if not draft.tokens or len(draft.tokens) < cfg.draft_min:
             logits = run([token])[-1]
             token = sampler(logits, history)
@@ -250,4 +260,5 @@ def speculative_tokens(run, rewind, logits: torch.Tensor, sampler: Sampler,
         else:  # all accepted: the last row gives one more token for free
             token = sampler(rows[-1], history)
             yield token, rows[-1]
+        drafter.adapt(accepted, len(draft.tokens))
         rewind(cached + 1 + accepted)  # drop the rejected guesses' keys and values
