@@ -7,10 +7,10 @@ round) and the median time to first token, medians over --rounds rounds.
     python benchmarks/bench_serve.py [--model smollm2] [--clients 1,4,8] [--requests 2]
         [--max-tokens 32] [--rounds 3] [--threads N] [--parallel N]
 
-llmpress runs one generation at a time (the lead's batching of several sequences in one
-pass is not there yet): with more clients, the aggregate rate stays the one-stream rate
-and the time to first token grows with the queue. The engines take turns, one round each,
-so the machine's load drifts over both alike.
+With `--parallel N`, llmpress generates up to N requests at once and batches their
+forward passes (runtime/batching.py); with 1 it runs them one at a time, so the aggregate
+rate stays the one-stream rate and the time to first token grows with the queue. The
+engines take turns, one round each, so the machine's load drifts over both alike.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--parallel", type=int, default=1, help="llmpress's prompt-cache slots")
+    parser.add_argument("--parallel", type=int, default=1, help="llmpress's slots: requests "
+                        "generated at once (batched), each with its prompt cache")
     args = parser.parse_args()
     path = str(hub.resolve(args.model))
     clients = [int(c) for c in args.clients.split(",")]

@@ -133,6 +133,7 @@ MAX_VALUE = 1_000_000
 MAX_OUTPUT = 4_000_000  # characters of rendered prompt
 RENDER_SECONDS = 2.0  # real templates render in milliseconds
 MAX_INDENT = 64  # tojson's indent: real templates use 2 or 4
+MAX_SLICES = 10_000  # the slice filter's count: each slice is a list of its own
 _HUGE_FORMAT = re.compile(r"\*|\d{7,}")  # a '*' width or one of >= 7 digits
 
 
@@ -248,6 +249,13 @@ def _join_check(eval_ctx, value, d="", attribute=None):
         _within(sum(_length(x) for x in value) + len(d) * len(value), "join")
 
 
+def _slice_check(eval_ctx, value, slices, fill_with=None):
+    # slice makes `slices` lists whatever the value's length: a list object each
+    if isinstance(slices, int) and slices > MAX_SLICES:
+        raise TemplateBudgetExceeded(f"the slice filter with {slices:,} slices (the limit is "
+                                     f"{MAX_SLICES:,})")
+
+
 def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002
     _within(n * max if isinstance(n, int) and isinstance(max, int) else 0, "lipsum")
     return jinja2.utils.generate_lorem_ipsum(n, html, min, max)
@@ -259,6 +267,7 @@ BOUNDED_FILTERS = {
     "format": _bounded_filter("format", _format_check),
     "replace": _bounded_filter("replace", _replace_check),
     "join": _bounded_filter("join", _join_check),
+    "slice": _bounded_filter("slice", _slice_check),
 }
 
 
