@@ -5,12 +5,10 @@ answers they get one at a time)."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import threading
 
 import httpx
-import openai
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ import llmpress
 from llmpress.runtime.batching import BatchedModel
 from llmpress.runtime.generate import GenerationConfig, stream
 from llmpress.runtime.sampling import SamplingConfig
-from test_server import ServerProcess
+from test_server import ServerProcess, ask_concurrently
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return",
            "Once upon a time, a little girl", "Water is made of"]
@@ -143,21 +141,7 @@ def parallel_server(default_model_path, tmp_path_factory):
 def test_parallel_server_batches_concurrent_clients(parallel_server, lm):
     expected = [greedy_text(lm.model, lm.tokenizer, lm.encode(p), 10) for p in PROMPTS]
 
-    async def ask_all() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=parallel_server.base + "/v1", api_key="unused",
-                                    max_retries=0, timeout=120)
-
-        async def ask(prompt: str) -> str:
-            pieces = []
-            async for chunk in await client.completions.create(
-                    model="smollm2", prompt=prompt, max_tokens=10, temperature=0, stream=True,
-                    extra_body={"ignore_eos": True}):
-                pieces.extend(c.text for c in chunk.choices)
-            return "".join(pieces)
-
-        return await asyncio.gather(*(ask(p) for p in PROMPTS))
-
-    assert asyncio.run(ask_all()) == expected
+    assert ask_concurrently(parallel_server.base, PROMPTS, 10, ignore_eos=True) == expected
     metrics = httpx.get(parallel_server.base + "/metrics").text
     passes = int(float(re.search(r"^llmpress_batch_passes_total (\S+)", metrics, re.M).group(1)))
     sequences = int(float(re.search(r"^llmpress_batch_sequences_total (\S+)", metrics, re.M).group(1)))

@@ -176,24 +176,29 @@ def test_max_tokens_gives_length(server):
     assert answer.usage.completion_tokens == 3
 
 
-def test_concurrent_clients_each_get_their_own_answer(server, lm):
-    prompts = ["The capital of France is", "One, two, three,", "Water is made of"]
-    expected = [lm.generate(p, max_tokens=4, temperature=0).text for p in prompts]
-
+def ask_concurrently(base: str, prompts: list[str], max_tokens: int, **extra) -> list[str]:
+    """Greedy streamed completions, all prompts at once, through the async openai client."""
     async def ask_all() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="unused",
-                                    max_retries=0, timeout=120)
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0,
+                                    timeout=120)
 
         async def ask(prompt: str) -> str:
             pieces = []
             async for chunk in await client.completions.create(
-                    model="smollm2", prompt=prompt, max_tokens=4, temperature=0, stream=True):
+                    model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                    stream=True, extra_body=extra or None):
                 pieces.extend(c.text for c in chunk.choices)
             return "".join(pieces)
 
         return await asyncio.gather(*(ask(p) for p in prompts))
 
-    assert asyncio.run(ask_all()) == expected
+    return asyncio.run(ask_all())
+
+
+def test_concurrent_clients_each_get_their_own_answer(server, lm):
+    prompts = ["The capital of France is", "One, two, three,", "Water is made of"]
+    expected = [lm.generate(p, max_tokens=4, temperature=0).text for p in prompts]
+    assert ask_concurrently(server.base, prompts, 4) == expected
 
 
 def test_disconnect_stops_the_generation(server):
