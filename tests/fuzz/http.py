@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from llmpress.plan.machine import peak_rss_bytes
+
 API_KEY = "fuzz-key"
 CTX = 128  # an absurd max_tokens is clamped to what the context leaves: each answer is cheap
 
@@ -272,8 +274,7 @@ class Server:
 
     def peak_rss(self) -> int:
         """The server process's peak resident memory (VmHWM) in bytes."""
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM"))) * 1024
+        return peak_rss_bytes(self.proc.pid)
 
     def close(self) -> None:
         if self.alive:

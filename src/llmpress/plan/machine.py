@@ -143,16 +143,17 @@ def measure_bandwidth(seconds: float = 2.0, n_bytes: int | None = None,
 
 
 # --- measuring a command -----------------------------------------------------------------
-def peak_rss_bytes() -> int:
-    """This process's own high-water mark. getrusage's ru_maxrss survives fork + exec on
-    Linux (a child of a big parent reports the parent's size); VmHWM belongs to the
-    current address space alone."""
+def peak_rss_bytes(pid: int | None = None) -> int:
+    """The high-water mark of this process, or of process `pid`. getrusage's ru_maxrss
+    survives fork + exec on Linux (a child of a big parent reports the parent's size);
+    VmHWM belongs to the current address space alone."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024  # kB
-    except OSError:  # not Linux: the best the OS offers
-        pass
+    except OSError:  # not Linux: the best the OS offers, for this process only
+        if pid is not None:
+            raise
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
