@@ -48,6 +48,7 @@ kernel = Extension(
 quantizer = Extension(
     "llmpress.formats._quantize",
     sources=["src/llmpress/formats/quantize.c"],
+    depends=["src/llmpress/formats/quantize.h"],
     extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
                         "-fopenmp"],
     extra_link_args=["-fopenmp", "-lm"],
