@@ -20,13 +20,14 @@
 
 /* ------------------------------------------------------------------ grids and neighbours */
 
-#define PATTERNS 43692 /* 8 two-bit levels packed: the largest pattern (all 2) is 0xaaaa */
+#define PATTERNS 6561 /* 8 levels 0..2: 3^8 patterns */
 #define MAX_DIST2 33   /* squared level distance of 8 levels 0..2: at most 8 * 4 */
 
 typedef struct {
     int size;               /* grid points */
     uint8_t (*levels)[8];   /* per grid point: its 8 levels, 0..2 */
-    int32_t *map;           /* per pattern: the grid index, or -(1 + offset of its neighbours) */
+    int32_t *map;           /* per pattern (pattern_of): the grid index, or -(1 + offset of
+                               its neighbour list) */
     uint16_t *neighbours;   /* at an offset: a count, then that many grid indices */
 } iq_grid;
 
@@ -48,27 +49,29 @@ static const int GRID_SIZES[GRID_COUNT] = {256, 512, 1024, 2048};
 /* how many distinct distances the neighbour lists reach (ggml's nwant) */
 static const int NEIGHBOUR_SHELLS[GRID_COUNT] = {2, 2, 1, 3};
 
-static inline uint16_t pattern_of(const uint8_t *levels) {
-    uint16_t u = 0;
-    for (int i = 0; i < 8; ++i) u |= (uint16_t)(levels[i] << 2 * i);
+/* 8 levels as one base-3 number, level i the digit of 3^i. (ggml packs them in 2 bits
+ * each; base 3 keeps the map small enough to stay in cache.) */
+static inline int pattern_of(const uint8_t *levels) {
+    int u = 0;
+    for (int i = 7; i >= 0; --i) u = 3 * u + levels[i];
     return u;
 }
 
-static inline int has_level_three(int u) {
-    for (int i = 0; i < 8; ++i) if (((u >> 2 * i) & 3) == 3) return 1;
-    return 0;
+static inline int level_of(int u, int i) {
+    for (; i > 0; --i) u /= 3;
+    return u % 3;
 }
 
 /* The grid points of the `shells` smallest distances to pattern u, by (distance, index);
- * written to out (when not NULL), returns their count. Patterns holding a level 3 are never
- * looked up (levels are clamped to 0..2), so they get no list. */
+ * written to out (when not NULL), returns their count. */
 static int nearest_grid_points(const iq_grid *g, int u, int shells, uint16_t *out) {
-    int count[MAX_DIST2] = {0};
+    int count[MAX_DIST2] = {0}, levels[8];
     uint8_t dist[2048];
+    for (int i = 0; i < 8; ++i) levels[i] = level_of(u, i);
     for (int j = 0; j < g->size; ++j) {
         int d2 = 0;
         for (int i = 0; i < 8; ++i) {
-            int diff = g->levels[j][i] - ((u >> 2 * i) & 3);
+            int diff = g->levels[j][i] - levels[i];
             d2 += diff * diff;
         }
         dist[j] = (uint8_t)d2;
@@ -100,12 +103,12 @@ static int build_grid(iq_grid *g, int slot, const uint8_t *levels) {
     g->map = malloc(PATTERNS * sizeof(int32_t));
     if (!g->levels || !g->map) return ERR_ARGS;
     memcpy(g->levels, levels, (size_t)size * 8);
-    for (int u = 0; u < PATTERNS; ++u) g->map[u] = INT32_MIN;
+    for (int u = 0; u < PATTERNS; ++u) g->map[u] = -1;
     for (int j = 0; j < size; ++j) g->map[pattern_of(g->levels[j])] = j;
     /* first pass: the list sizes, second: the lists */
     int64_t total = 0;
     for (int u = 0; u < PATTERNS; ++u) {
-        if (g->map[u] != INT32_MIN || has_level_three(u)) continue;
+        if (g->map[u] >= 0) continue;
         int n = nearest_grid_points(g, u, shells, NULL);
         g->map[u] = -(int32_t)(1 + total);
         total += 1 + n;
@@ -113,7 +116,7 @@ static int build_grid(iq_grid *g, int slot, const uint8_t *levels) {
     g->neighbours = malloc((size_t)(total ? total : 1) * sizeof(uint16_t));
     if (!g->neighbours) return ERR_ARGS;
     for (int u = 0; u < PATTERNS; ++u) {
-        if (g->map[u] >= 0 || g->map[u] == INT32_MIN) continue;
+        if (g->map[u] >= 0) continue;
         uint16_t *list = g->neighbours + (-g->map[u] - 1);
         list[0] = (uint16_t)nearest_grid_points(g, u, shells, list + 1);
     }
@@ -153,33 +156,46 @@ int iq2_prepare(int type, const float *imatrix) {
 }
 
 /* The neighbour list of a pattern off the grid: a count, then grid indices. */
-static inline const uint16_t *neighbours_of(const iq_grid *g, uint16_t u) {
+static inline const uint16_t *neighbours_of(const iq_grid *g, int u) {
     return g->neighbours + (-g->map[u] - 1);
 }
 
-/* ggml's iq2_find_best_neighbour: the neighbour minimising sum w (scale q - x)^2 with q the
- * odd value 2 l + 1 of each level; L receives its levels. */
-static int best_iq2_neighbour(const iq_grid *g, uint16_t u, const float *xval, const float *w,
-                              float scale, int8_t *L) {
+/* The best neighbour of pattern u: the one minimising sum w (scale q - x)^2 in float32, in
+ * ggml's order, where q = values[level] (the odd numbers 1, 3, 5 for the IQ2 grids, the
+ * shifted ternary values for IQ1: ggml's iq2_find_best_neighbour / iq1_find_best_neighbour2).
+ * The first of equal scores wins; L receives its levels. Four neighbours are scored at once,
+ * one per vector lane, each lane summing in ggml's order. */
+typedef float lanes4 __attribute__((vector_size(16)));
+
+static int best_neighbour(const iq_grid *g, int u, const float *x, const float *w,
+                          float scale, const float *values, int8_t *L) {
     const uint16_t *list = neighbours_of(g, u);
+    const int count = list[0];
     float best = FLT_MAX;
-    int best_index = list[1]; /* ggml asserts here; NaN scores keep the first */
-    for (int j = 1; j <= list[0]; ++j) {
-        const uint8_t *levels = g->levels[list[j]];
-        float d2 = 0;
+    int best_index = list[1]; /* ggml asserts (IQ2) or reads past the row (IQ1) when no score
+                                 is below FLT_MAX; only overflowing values get there */
+    for (int j = 0; j < count; j += 4) {
+        const uint8_t *levels[4];
+        for (int k = 0; k < 4; ++k) levels[k] = g->levels[list[1 + MIN(j + k, count - 1)]];
+        lanes4 d2 = {0, 0, 0, 0};
         for (int i = 0; i < 8; ++i) {
-            float q = (float)(2 * levels[i] + 1);
-            float diff = scale * q - xval[i];
+            lanes4 q = {values[levels[0][i]], values[levels[1][i]], values[levels[2][i]],
+                        values[levels[3][i]]};
+            lanes4 diff = scale * q - x[i];
             d2 += w[i] * diff * diff;
         }
-        if (d2 < best) {
-            best = d2;
-            best_index = list[j];
+        for (int k = 0; k < 4 && j + k < count; ++k) {
+            if (d2[k] < best) {
+                best = d2[k];
+                best_index = list[1 + j + k];
+            }
         }
     }
     for (int i = 0; i < 8; ++i) L[i] = (int8_t)g->levels[best_index][i];
     return best_index;
 }
+
+static const float ODD_LEVELS[3] = {1, 3, 5}; /* ggml's IQ2 grid holds 2 l + 1 */
 
 /* ------------------------------------------------------------------ IQ2_XXS, IQ2_XS, IQ2_S */
 
@@ -240,9 +256,9 @@ static int snap_octet(const iq_grid *g, const float *xval, const float *waux, fl
         int l = nearest_int(0.5f * (id * xval[i] - 1));
         L[i] = (int8_t)MAX(0, MIN(2, l));
     }
-    uint16_t u = pattern_of((const uint8_t *)L);
+    int u = pattern_of((const uint8_t *)L);
     if (g->map[u] >= 0) return 1;
-    best_iq2_neighbour(g, u, xval, waux, scale, L);
+    best_neighbour(g, u, xval, waux, scale, ODD_LEVELS, L);
     return 0;
 }
 
@@ -404,31 +420,6 @@ void row_iq2_s(const float *x, uint8_t *y, int64_t n, const float *qw) { row_iq2
 static const float SHIFT_UP[3] = {-1 + IQ1_DELTA, IQ1_DELTA, 1 + IQ1_DELTA};
 static const float SHIFT_DOWN[3] = {-1 - IQ1_DELTA, -IQ1_DELTA, 1 - IQ1_DELTA};
 
-/* ggml's iq1_find_best_neighbour2: the neighbour minimising sum w (scale v[l] - x)^2 for
- * the shifted ternary values v. */
-static int best_iq1_neighbour(const iq_grid *g, uint16_t u, const float *x, const float *w,
-                              float scale, const float *values, int8_t *L) {
-    const uint16_t *list = neighbours_of(g, u);
-    float best = FLT_MAX;
-    int best_index = list[1]; /* ggml's fallback here reads past the row; only NaN/inf scores reach it */
-    for (int j = 1; j <= list[0]; ++j) {
-        const uint8_t *levels = g->levels[list[j]];
-        float d2 = 0;
-        for (int i = 0; i < 8; ++i) {
-            float q = values[levels[i]];
-            float weight = w[i];
-            float diff = scale * q - x[i];
-            d2 += weight * diff * diff;
-        }
-        if (d2 < best) {
-            best = d2;
-            best_index = list[j];
-        }
-    }
-    for (int i = 0; i < 8; ++i) L[i] = (int8_t)g->levels[best_index][i];
-    return best_index;
-}
-
 /* Indices 0..n-1 ordered by x ascending, ties by index: glibc's qsort (a merge sort for
  * arrays this small) is stable, and ggml sorts (value, index) pairs on the value alone. */
 static void order_by_value(int n, const float *x, int *order) {
@@ -453,11 +444,11 @@ static int snap_iq1(const iq_grid *g, int octets, const float *xb, const float *
                     float scale, const float *const *values, int8_t *L, uint16_t *index) {
     int all_on_grid = 1;
     for (int k = 0; k < octets; ++k) {
-        uint16_t u = pattern_of((const uint8_t *)(L + 8 * k));
+        int u = pattern_of((const uint8_t *)(L + 8 * k));
         int32_t found = g->map[u];
         if (found < 0) {
             all_on_grid = 0;
-            found = best_iq1_neighbour(g, u, xb + 8 * k, weight + 8 * k, scale, values[k], L + 8 * k);
+            found = best_neighbour(g, u, xb + 8 * k, weight + 8 * k, scale, values[k], L + 8 * k);
         }
         index[k] = (uint16_t)found;
     }
