@@ -150,7 +150,8 @@ int llmpress_quantize_set_iq2_grid(int type, const uint8_t *levels, int grid_siz
 
 /* The checks llmpress_quantize runs before quantizing to one of these types. */
 int iq2_prepare(int type, const float *imatrix) {
-    if (!imatrix && (type == T_IQ2_XXS || type == T_IQ2_XS || type == T_IQ1_S)) return ERR_NEEDS_IMATRIX;
+    int needs_imatrix = type == T_IQ2_XXS || type == T_IQ2_XS || type == T_IQ1_S;
+    if (needs_imatrix && !imatrix) return ERR_NEEDS_IMATRIX;
     int slot = grid_slot(type);
     return slot >= 0 && GRIDS[slot].neighbours ? OK : ERR_NO_GRID;
 }
@@ -304,7 +305,8 @@ static float iq2_group(const iq2_variant *v, const iq_grid *g, const float *xval
         float id = (5 + is * 0.1f) / reference;
         float this_scale = 1 / id;
         for (int k = 0; k < octets; ++k) {
-            on_grid_aux[k] = snap_octet(g, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k);
+            on_grid_aux[k] =
+                snap_octet(g, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k);
         }
         float sumqx, sumq2;
         odd_level_sums(n, weight, xval, Laux, &sumqx, &sumq2);
@@ -321,7 +323,9 @@ static float iq2_group(const iq2_variant *v, const iq_grid *g, const float *xval
     if (redo && scale > 0) {
         float id = 1 / scale;
         for (int k = 0; k < octets; ++k) {
-            if (v->group == 32 || !on_grid[k]) snap_octet(g, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k);
+            if (v->group == 32 || !on_grid[k]) {
+                snap_octet(g, xval + 8 * k, waux + 8 * k, id, scale, L + 8 * k);
+            }
         }
         float sumqx, sumq2;
         odd_level_sums(n, weight, xval, L, &sumqx, &sumq2);
@@ -329,7 +333,8 @@ static float iq2_group(const iq2_variant *v, const iq_grid *g, const float *xval
     }
     if (scale < 0) { /* ggml: "should never happen"; flip so the stored scale is positive */
         scale = -scale;
-        for (int k = 0; k < octets; ++k) signs[k] = v->parity_signs ? (uint8_t)(~signs[k] & 127) : (uint8_t)~signs[k];
+        const int sign_bits = v->parity_signs ? 127 : 255;
+        for (int k = 0; k < octets; ++k) signs[k] = (uint8_t)(~signs[k] & sign_bits);
     }
     return scale;
 }
@@ -371,7 +376,8 @@ static void row_iq2(const iq2_variant *v, const float *x, uint8_t *y, int64_t n,
             float weight[32], waux[32], xval[32];
             int8_t L[32];
             uint8_t signs[4];
-            group_weights(v->group, xb, qw ? qw + QK_K * ibl + v->group * ib : NULL, sigma2, weight);
+            const float *qwb = qw ? qw + QK_K * ibl + v->group * ib : NULL;
+            group_weights(v->group, xb, qwb, sigma2, weight);
             for (int i = 0; i < v->group; ++i) waux[i] = sqrtf(weight[i]);
             split_signs(v, xb, weight, xval, signs);
             float scale = iq2_group(v, g, xval, weight, waux, L, signs);
@@ -401,18 +407,28 @@ static void row_iq2(const iq2_variant *v, const float *x, uint8_t *y, int64_t n,
         store_fp16(y, v->grid_slot == GRID_S ? d * 0.9875f : d);
         float id = 1 / d;
         if (v->grid_slot == GRID_XXS) {
-            for (int ib = 0; ib < n_groups; ++ib) words[2 * ib + 1] |= (uint32_t)scale_nibble(id, scales[ib], 15) << 28;
+            for (int ib = 0; ib < n_groups; ++ib) {
+                words[2 * ib + 1] |= (uint32_t)scale_nibble(id, scales[ib], 15) << 28;
+            }
             memcpy(y + 2, words, 64);
         } else {
             uint8_t *nibbles = y + (v->grid_slot == GRID_XS ? 66 : 74);
-            for (int ib = 0; ib < n_groups; ++ib) nibbles[ib / 2] |= (uint8_t)(scale_nibble(id, scales[ib], 15) << 4 * (ib % 2));
+            for (int ib = 0; ib < n_groups; ++ib) {
+                nibbles[ib / 2] |= (uint8_t)(scale_nibble(id, scales[ib], 15) << 4 * (ib % 2));
+            }
         }
     }
 }
 
-void row_iq2_xxs(const float *x, uint8_t *y, int64_t n, const float *qw) { row_iq2(&IQ2_XXS_V, x, y, n, qw, 66); }
-void row_iq2_xs(const float *x, uint8_t *y, int64_t n, const float *qw) { row_iq2(&IQ2_XS_V, x, y, n, qw, 74); }
-void row_iq2_s(const float *x, uint8_t *y, int64_t n, const float *qw) { row_iq2(&IQ2_S_V, x, y, n, qw, 82); }
+void row_iq2_xxs(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    row_iq2(&IQ2_XXS_V, x, y, n, qw, 66);
+}
+void row_iq2_xs(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    row_iq2(&IQ2_XS_V, x, y, n, qw, 74);
+}
+void row_iq2_s(const float *x, uint8_t *y, int64_t n, const float *qw) {
+    row_iq2(&IQ2_S_V, x, y, n, qw, 82);
+}
 
 /* ------------------------------------------------------------------ IQ1_S, IQ1_M */
 
@@ -497,7 +513,8 @@ static float iq1_s_group(const iq_grid *g, const float *xb, const float *weight,
                 const float *v = s ? SHIFT_DOWN : SHIFT_UP;
                 float sumqx = (sumx[i1] - sumx[0]) * v[0] + (sumx[i2] - sumx[i1]) * v[1] +
                               (sumx[n] - sumx[i2]) * v[2];
-                float sumq2 = (sumw[i1] - sumw[0]) * v[0] * v[0] + (sumw[i2] - sumw[i1]) * v[1] * v[1] +
+                float sumq2 = (sumw[i1] - sumw[0]) * v[0] * v[0] +
+                              (sumw[i2] - sumw[i1]) * v[1] * v[1] +
                               (sumw[n] - sumw[i2]) * v[2] * v[2];
                 if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
                     scale = sumqx / sumq2;
@@ -675,7 +692,8 @@ void row_iq1_m(const float *x, uint8_t *y, int64_t n, const float *qw) {
             float weight[16];
             iq1_m_weights(xb, qwbl ? qwbl + 16 * ib : NULL, sigma2, weight);
             for (int k = 0; k < 2; ++k) {
-                const float *v = (k == 0 ? combos[ib] < 2 : combos[ib] % 2 == 0) ? SHIFT_UP : SHIFT_DOWN;
+                int up = k == 0 ? combos[ib] < 2 : combos[ib] % 2 == 0;
+                const float *v = up ? SHIFT_UP : SHIFT_DOWN;
                 int index = qs[2 * ib + k] | ((qh[ib] >> 4 * k) & 7) << 8;
                 const uint8_t *levels = g->levels[index];
                 for (int j = 0; j < 8; ++j) {
