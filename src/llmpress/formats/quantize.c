@@ -980,11 +980,11 @@ static const format_t FORMATS[] = {
     {T_Q3_K, 256, 110, row_q3_k, 25},   {T_Q4_K, 256, 144, row_q4_k, 45},
     {T_Q5_K, 256, 176, row_q5_k, 45},   {T_Q6_K, 256, 210, row_q6_k, 35},
     {T_IQ4_NL, 32, 18, row_iq4_nl, 100}, {T_IQ4_XS, 256, 136, row_iq4_xs, 100},
-    {T_IQ2_XXS, 256, 66, row_iq2_xxs, 1000, iq2_prepare},
-    {T_IQ2_XS, 256, 74, row_iq2_xs, 1000, iq2_prepare},
-    {T_IQ2_S, 256, 82, row_iq2_s, 1000, iq2_prepare},
-    {T_IQ1_S, 256, 50, row_iq1_s, 1000, iq2_prepare},
-    {T_IQ1_M, 256, 56, row_iq1_m, 1000, iq2_prepare},
+    {T_IQ2_XXS, 256, 66, row_iq2_xxs, 1100, iq2_prepare},
+    {T_IQ2_XS, 256, 74, row_iq2_xs, 2000, iq2_prepare},
+    {T_IQ2_S, 256, 82, row_iq2_s, 850, iq2_prepare},
+    {T_IQ1_S, 256, 50, row_iq1_s, 500, iq2_prepare},
+    {T_IQ1_M, 256, 56, row_iq1_m, 500, iq2_prepare},
 };
 
 /* Threads for a call: starting and joining a parallel region costs tens of microseconds
