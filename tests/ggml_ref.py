@@ -55,6 +55,11 @@ def ggml_row_size(type_name: str, n_per_row: int) -> int:
     return int(_ggml().ggml_row_size(GGMLQuantizationType[type_name].value, n_per_row))
 
 
+def ggml_requires_imatrix(type_name: str) -> bool:
+    """ggml_quantize_requires_imatrix: ggml refuses to quantize the type without one."""
+    return bool(_ggml().ggml_quantize_requires_imatrix(GGMLQuantizationType[type_name].value))
+
+
 def ggml_quantize(
     type_name: str, values: np.ndarray, importance: np.ndarray | None = None
 ) -> np.ndarray:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
-from ggml_ref import ggml_quantize
+from ggml_ref import ggml_quantize, ggml_requires_imatrix
 from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
 from llmpress.io.gguf import load_gguf
@@ -40,13 +40,15 @@ def isa(request):
 
 
 def pack(ggml_type, weights: np.ndarray) -> torch.Tensor:
-    """Weights in ggml_type's blocks: our quantizer, or ggml's (with an importance matrix,
-    which the very-low-bit types need) for the types llmpress only reads."""
+    """Weights in ggml_type's blocks: our quantizer, or ggml's for the types llmpress only
+    reads; with an importance matrix where ggml needs one (IQ2_XXS, ...)."""
     fmt = get_format(ggml_type)
-    if fmt.writable:
-        return torch.from_numpy(fmt.quantize(weights).reshape(-1))
     importance = np.random.default_rng(3).uniform(0.1, 2.0, weights.shape[1]).astype(np.float32)
-    return torch.from_numpy(ggml_quantize(ggml_type.name, weights, importance).reshape(-1))
+    if not fmt.writable:
+        return torch.from_numpy(ggml_quantize(ggml_type.name, weights, importance).reshape(-1))
+    if not ggml_requires_imatrix(ggml_type.name):
+        importance = None
+    return torch.from_numpy(fmt.quantize(weights, importance).reshape(-1))
 
 
 def rounding_steps(x: np.ndarray, block: int) -> np.ndarray:

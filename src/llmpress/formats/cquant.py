@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import threading
 from functools import lru_cache
 
 import numpy as np
@@ -23,6 +24,8 @@ _ERRORS = {
     -2: "row length is not a multiple of the block",
     -3: "bad arguments",
     -5: "the importance matrix holds a NaN or an infinity",
+    -6: "this type needs an importance matrix (imatrix)",
+    -7: "its grid was not handed to the C library (cquant.set_iq_grid)",
 }
 _NONFINITE = -4
 _DISABLE_ENV = "LLMPRESS_NUMPY_QUANTIZE"  # set to 1: quantize with the numpy ports
@@ -44,7 +47,29 @@ def _library() -> ctypes.CDLL | None:
     ]  # fmt: skip
     lib.llmpress_quantize_supports.restype = ctypes.c_int
     lib.llmpress_quantize_supports.argtypes = [ctypes.c_int]
+    lib.llmpress_quantize_set_iq2_grid.restype = ctypes.c_int
+    lib.llmpress_quantize_set_iq2_grid.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     return lib
+
+
+_grid_lock = threading.Lock()
+_grids_set: set[GGMLQuantizationType] = set()
+
+
+def set_iq_grid(ggml_type: GGMLQuantizationType, levels: np.ndarray) -> None:
+    """Hand the C library the grid of an IQ2_*/IQ1_* type as levels 0..2, (grid size, 8),
+    once: it builds the grid's neighbour lists (quantize_iq2.c) before any row is quantized."""
+    with _grid_lock:
+        if ggml_type in _grids_set:
+            return
+        levels = np.ascontiguousarray(levels, dtype=np.uint8)
+        status = _library().llmpress_quantize_set_iq2_grid(
+            int(ggml_type), levels.ctypes.data, levels.shape[0]
+        )
+        if status != 0:
+            raise LlmpressError(f"the {ggml_type.name} grid was refused by the C quantizer "
+                                f"(status {status})")
+        _grids_set.add(ggml_type)
 
 
 def available() -> bool:

@@ -1,5 +1,6 @@
 """The grid "i-quants" IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, and the
-ternary TQ1_0, TQ2_0: read-only formats (llama.cpp writes them; llmpress loads and runs them).
+ternary TQ1_0, TQ2_0. llmpress writes the IQ2_* and IQ1_* types through its C quantizers
+(quantize_iq2.c, byte-identical with ggml; no numpy port) and reads them all.
 
 An i-quant stores, per 4 or 8 weights, an index into a fixed grid of value patterns, plus
 sign bits and a small per-group scale. The grids are gguf-py's (`gguf.quants.<TYPE>.grid`,
@@ -18,6 +19,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from llmpress.errors import LlmpressError
+from llmpress.formats import cquant
 from llmpress.formats.base import BlockFormat, bit_shifts, read_f16
 
 T = GGMLQuantizationType
@@ -28,6 +31,14 @@ def grid_values(ggml_type: GGMLQuantizationType) -> np.ndarray:
     quant = getattr(gguf_quants, ggml_type.name)
     quant.init_grid()
     return np.asarray(quant.grid, dtype=np.float32).reshape(quant.grid_shape)
+
+
+def grid_levels(ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """The grid as levels: each value's rank among the grid's distinct values (0..2 for
+    the IQ2/IQ1 grids), uint8 (entries, values per entry). ggml's quantizers search these."""
+    grid = grid_values(ggml_type)
+    _, ranks = np.unique(grid, return_inverse=True)
+    return ranks.reshape(grid.shape).astype(np.uint8)
 
 
 def sign_patterns() -> np.ndarray:
@@ -82,16 +93,38 @@ def half_scale(d: torch.Tensor, s: torch.Tensor, factor: float) -> torch.Tensor:
     return d * (s.float() + 0.5) * factor
 
 
-class _ReadOnly(BlockFormat):
+class _IQuant(BlockFormat):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "ggml_type" in cls.__dict__:
+            cls.name = cls.ggml_type.name
+
+
+class _ReadOnly(_IQuant):
     """A format llmpress reads but does not write (its quantizer is llama.cpp's)."""
     writable = False
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls.name = cls.ggml_type.name
+
+class _GridQuantized(_IQuant):
+    """An IQ2_*/IQ1_* format: quantized by the C library only (the neighbour search is too
+    slow for numpy), with ggml's rule on the importance matrix (ggml_quantize_requires_imatrix)."""
+    needs_importance = True
+
+    def quantize(self, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        if importance is None and self.needs_importance:
+            raise LlmpressError(f"quantizing to {self.name} needs an importance matrix "
+                                "(imatrix), as in llama.cpp")
+        if cquant.supports(self.ggml_type):
+            cquant.set_iq_grid(self.ggml_type, grid_levels(self.ggml_type))
+        return super().quantize(values, importance)
+
+    def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        raise LlmpressError(f"quantizing to {self.name} needs llmpress's C quantizers "
+                            "(llmpress.formats._quantize), which are not built or are switched "
+                            "off (LLMPRESS_NUMPY_QUANTIZE)")
 
 
-class IQ2_XXS(_ReadOnly):
+class IQ2_XXS(_GridQuantized):
     """66 bytes: d, then 8 groups of 32 values as two u32: four 8-bit grid indices; four
     7-bit sign indices and a 4-bit scale."""
     ggml_type = T.IQ2_XXS
@@ -106,7 +139,7 @@ class IQ2_XXS(_ReadOnly):
         return (scale * grid * signs_from_index(sign_index)).reshape(n, 256)
 
 
-class IQ2_XS(_ReadOnly):
+class IQ2_XS(_GridQuantized):
     """74 bytes: d, 32 u16 (9-bit grid index | 7-bit sign index << 9), 8 bytes of two
     4-bit scales (one per 16 values)."""
     ggml_type = T.IQ2_XS
@@ -121,10 +154,11 @@ class IQ2_XS(_ReadOnly):
         return (scale * grid * signs).reshape(n, 256)
 
 
-class IQ2_S(_ReadOnly):
+class IQ2_S(_GridQuantized):
     """82 bytes: d, 32 low bytes of 10-bit grid indices, 32 sign bytes, 8 bytes of the
     indices' top bit pairs, 8 bytes of two 4-bit scales."""
     ggml_type = T.IQ2_S
+    needs_importance = False  # ggml quantizes IQ2_S and IQ1_M without one too
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
@@ -178,7 +212,7 @@ def ternary_grid_plus_delta(grid: torch.Tensor, negative: torch.Tensor) -> torch
     return grid + delta.unsqueeze(-1)
 
 
-class IQ1_S(_ReadOnly):
+class IQ1_S(_GridQuantized):
     """50 bytes: d, 32 low bytes of 11-bit grid indices, 8 u16 per group of 32: four 3-bit
     index tops, a 3-bit scale (d * (2 s + 1)) and the delta's sign."""
     ggml_type = T.IQ1_S
@@ -195,11 +229,12 @@ class IQ1_S(_ReadOnly):
         return (scale * ternary_grid_plus_delta(grid, negative)).reshape(n, 256)
 
 
-class IQ1_M(_ReadOnly):
+class IQ1_M(_GridQuantized):
     """56 bytes: 32 low bytes of 11-bit grid indices, 16 bytes of two (3-bit index top,
     delta sign) nibbles, 4 u16 of 3-bit scales (one per 16 values) whose top nibbles
     together hold d."""
     ggml_type = T.IQ1_M
+    needs_importance = False
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]

@@ -138,7 +138,7 @@ static float make_qkx_quants(int n, int nmax, const float *x, const float *weigh
 }
 
 /* make_qp_quants: non-negative values (group scales or mins) to levels 0..nmax. */
-static float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *w) {
+float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *w) {
     float max = 0;
     for (int i = 0; i < n; ++i) max = MAX(max, x[i]);
     if (max < GROUP_MAX_EPS) {
@@ -970,6 +970,7 @@ typedef struct {
     int type_size;
     row_quantizer quantize_row;
     int ns_per_value; /* rough single-core cost (with an imatrix for the legacy types) */
+    quantize_check check; /* NULL: nothing to check */
 } format_t;
 
 static const format_t FORMATS[] = {
@@ -979,6 +980,11 @@ static const format_t FORMATS[] = {
     {T_Q3_K, 256, 110, row_q3_k, 25},   {T_Q4_K, 256, 144, row_q4_k, 45},
     {T_Q5_K, 256, 176, row_q5_k, 45},   {T_Q6_K, 256, 210, row_q6_k, 35},
     {T_IQ4_NL, 32, 18, row_iq4_nl, 100}, {T_IQ4_XS, 256, 136, row_iq4_xs, 100},
+    {T_IQ2_XXS, 256, 66, row_iq2_xxs, 1100, iq2_prepare},
+    {T_IQ2_XS, 256, 74, row_iq2_xs, 2000, iq2_prepare},
+    {T_IQ2_S, 256, 82, row_iq2_s, 850, iq2_prepare},
+    {T_IQ1_S, 256, 50, row_iq1_s, 500, iq2_prepare},
+    {T_IQ1_M, 256, 56, row_iq1_m, 500, iq2_prepare},
 };
 
 /* Threads for a call: starting and joining a parallel region costs tens of microseconds
@@ -1013,6 +1019,10 @@ int llmpress_quantize(int type, const float *src, uint8_t *dst, int64_t nrows, i
     if (!src || !dst || !bad_row || nrows < 0 || n_per_row <= 0) return ERR_ARGS;
     if (n_per_row % fmt->block_size) return ERR_ROW;
     *bad_row = -1;
+    if (fmt->check) {
+        int status = fmt->check(type, imatrix);
+        if (status != OK) return status;
+    }
     if (imatrix) {
         for (int64_t i = 0; i < n_per_row; ++i) {
             if (!isfinite(imatrix[i])) return ERR_IMATRIX;

@@ -16,6 +16,7 @@ enum {
     T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
     T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
     T_IQ4_NL = 20, T_IQ4_XS = 23,
+    T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ1_S = 19, T_IQ2_S = 22, T_IQ1_M = 29,
 };
 
 /* status codes (mirrored in formats/cquant.py) */
@@ -26,6 +27,8 @@ enum {
     ERR_ARGS = -3,       /* NULL pointer or negative size */
     ERR_NONFINITE = -4,  /* a NaN or infinity in the values (row in *bad_row) */
     ERR_IMATRIX = -5,    /* a NaN or infinity in the importance weights */
+    ERR_NEEDS_IMATRIX = -6, /* the type cannot be quantized without importance weights */
+    ERR_NO_GRID = -7,    /* the i-quant grid was not handed in (llmpress_quantize_set_*) */
 };
 
 #define QK_K 256
@@ -118,5 +121,18 @@ static inline float sum_of_squares(int64_t n, const float *x) {
 }
 
 typedef void (*row_quantizer)(const float *x, uint8_t *y, int64_t n, const float *qw);
+/* checked before quantizing rows of a type: OK, or why not (ERR_NEEDS_IMATRIX, ...) */
+typedef int (*quantize_check)(int type, const float *imatrix);
+
+/* quantize.c */
+float make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *w);
+
+/* quantize_iq2.c */
+void row_iq2_xxs(const float *x, uint8_t *y, int64_t n, const float *qw);
+void row_iq2_xs(const float *x, uint8_t *y, int64_t n, const float *qw);
+void row_iq2_s(const float *x, uint8_t *y, int64_t n, const float *qw);
+void row_iq1_s(const float *x, uint8_t *y, int64_t n, const float *qw);
+void row_iq1_m(const float *x, uint8_t *y, int64_t n, const float *qw);
+int iq2_prepare(int type, const float *imatrix);
 
 #endif
