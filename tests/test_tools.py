@@ -10,10 +10,14 @@ import json
 
 import httpx
 import pytest
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer
 
 import llmpress
-from llmpress.runtime.tools import (GENERIC, HERMES, LLAMA3, MISTRAL, parse_tool_calls,
-                                    template_family, template_messages)
+from llmpress.runtime.tools import (GENERIC, HERMES, LLAMA3, MISTRAL, ToolCall,
+                                    ToolCallSplitter, parse_tool_calls, template_family,
+                                    template_messages)
 from test_hf_parity import VOCAB, write_byte_level_tokenizer
 from test_server import ServerProcess
 from test_structured_output import violations
@@ -86,6 +90,48 @@ def test_parse_tool_calls(family, text, content, calls):
     assert got_content == content
     assert [(c.name, json.loads(c.arguments)) for c in got] == calls
     assert len({c.id for c in got}) == len(got)
+
+
+STREAM_CASES = [
+    (HERMES, 'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'),
+    (HERMES, '  Two calls:\n\n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n'
+             '<tool_call>\n{"name": "g", "arguments": {"b": "<x>"}}\n</tool_call>\nbye'),
+    (HERMES, "a < b and <tool is not <tool_call{ a call"),
+    (HERMES, "Almost: <tool_call>{broken</tool_call>"),
+    (HERMES, "just text, with a trailing line break\n"),
+    (MISTRAL, 'Sure. [TOOL_CALLS][{"name": "f", "arguments": {"q": "x"}}]'),
+    (MISTRAL, '[TOOL_CALLS][{"name": "f", "arguments": {}}]'),
+    (LLAMA3, '<|python_tag|>{"name": "f", "parameters": {"a": [1, 2]}}'),
+    (GENERIC, '  {"name": "f", "arguments": {"a": true}}'),
+    (GENERIC, "Text, then {\"name\": \"f\", \"arguments\": {}} is not a call"),
+]
+
+
+@pytest.mark.parametrize("family,text", STREAM_CASES)
+@pytest.mark.parametrize("piece", [1, 3, 7])
+def test_splitter_streams_what_the_whole_parse_gives(family, text, piece):
+    """Fed in pieces, the splitter gives the whole answer's split: the same content, the
+    same calls, content first."""
+    splitter = ToolCallSplitter(family)
+    parts = [p for i in range(0, len(text), piece) for p in splitter.feed(text[i:i + piece])]
+    parts += splitter.close()
+    content, calls = parse_tool_calls(text, family)
+    assert "".join(p for p in parts if isinstance(p, str)) == content
+    streamed_calls = [p for p in parts if isinstance(p, ToolCall)]
+    assert [(c.name, c.arguments) for c in streamed_calls] == [(c.name, c.arguments)
+                                                               for c in calls]
+    kinds = [isinstance(p, ToolCall) for p in parts]
+    assert kinds == sorted(kinds)  # no content after a call
+
+
+def test_splitter_sends_content_and_calls_as_they_come():
+    splitter = ToolCallSplitter(HERMES)
+    assert splitter.feed("Let me ") == ["Let me"]  # the space may be the gap before a call
+    assert splitter.feed("check.\n<tool") == [" check."]  # "<tool" may start a call
+    assert splitter.feed('_call>\n{"name": "f", "arguments": {}}') == []
+    (call,) = splitter.feed("\n</tool_call>")  # whole: sent before the answer ends
+    assert (call.name, call.arguments) == ("f", "{}")
+    assert splitter.feed("\n") == [] and splitter.close() == []
 
 
 def test_template_family():
@@ -232,3 +278,108 @@ def test_default_model_round_trip(server, default_model_path):
                                   "content": json.dumps({"temperature": 18, "unit": "celsius"})}])
     assert follow.choices[0].finish_reason in ("stop", "length")
     assert follow.choices[0].message.content
+
+
+# --- content, then calls: a scripted model ------------------------------------------------
+# Its tokens: pieces of an answer that says something and then calls two tools. Each token's
+# embedding points at the next one's lm_head row, so greedy decoding says exactly this (and
+# the tool-call marker is split over two tokens, as real vocabularies split it).
+SCRIPT = ["Let me look", " that up.", " One moment.\n", "<tool", "_call>\n",
+          '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+          "\n</tool_call>", "\n<tool_call>\n", '{"name": "get_time", "arguments": {}}',
+          "\n</tool_call>\n"]
+SCRIPT_END = "<|im_end|>"
+
+
+def save_scripted_model(directory, script: list[str], template: str):
+    """A one-layer llama that, after any prompt, says the script's tokens and then its
+    end-of-turn token: its layer adds nothing (zero output projections), so the logits
+    depend on the last token only."""
+    write_byte_level_tokenizer(directory)
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tok.add_tokens([AddedToken(t, normalized=False) for t in script])
+    tok.add_special_tokens([AddedToken(SCRIPT_END, special=True)])
+    tok.save(str(directory / "tokenizer.json"))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config |= {"chat_template": template, "eos_token": SCRIPT_END}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    ids = [tok.token_to_id(t) for t in [*script, SCRIPT_END]]
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=tok.get_vocab_size(), max_position_embeddings=TINY_CTX,
+        tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0 if "norm" in name else 0.0)
+        embedding, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embedding[:, 0] = 1.0  # any token not in the script: start it
+        head[ids[0], 0] = 1.0
+        for step, (token, following) in enumerate(zip(ids, ids[1:]), start=1):
+            embedding[token] = 0.0
+            embedding[token, step] = 1.0
+            head[following, step] = 1.0
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def scripted_server(tmp_path_factory):
+    path = save_scripted_model(tmp_path_factory.mktemp("scripted"), SCRIPT, HERMES_TEMPLATE)
+    proc = ServerProcess(path, tmp_path_factory.mktemp("scripted_server"), ctx=TINY_CTX)
+    yield proc
+    proc.close()
+
+
+SAID = "Let me look that up. One moment."
+CALLED = [("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_time", {})]
+
+
+def test_content_then_calls(scripted_server):
+    client = scripted_server.client()
+    answer = client.chat.completions.create(model=tiny_server_model(scripted_server),
+                                            messages=ASK, tools=TOOLS, temperature=0)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == SAID
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in choice.message.tool_calls] == CALLED
+    assert len({c.id for c in choice.message.tool_calls}) == 2
+    # without tools the same words are an answer like any other
+    plain = client.chat.completions.create(model=tiny_server_model(scripted_server),
+                                           messages=ASK, temperature=0)
+    assert plain.choices[0].message.content == "".join(SCRIPT)
+    assert plain.choices[0].finish_reason == "stop" and not plain.choices[0].message.tool_calls
+
+
+def test_content_then_calls_streamed(scripted_server):
+    """Content deltas as the words come, then each call: index, id, name, then its
+    arguments; as OpenAI streams them. The official client's own accumulator (the
+    `stream` helper) rebuilds the same message as the non-streamed answer."""
+    kwargs = dict(model=tiny_server_model(scripted_server), messages=ASK, tools=TOOLS,
+                  temperature=0)
+    client = scripted_server.client()
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    contents = [d.content for d in deltas if d.content]
+    assert contents[:2] == ["Let me look", " that up."]  # sent token by token
+    assert "".join(contents) == SAID
+    first_call = next(i for i, d in enumerate(deltas) if d.tool_calls)
+    assert not any(d.content for d in deltas[first_call:])  # content before the calls
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1] if c.choices)
+    calls: dict[int, dict] = {}
+    for delta in deltas:
+        for d in delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] += d.id or ""
+            call["name"] += d.function.name or "" if d.function else ""
+            call["arguments"] += d.function.arguments or "" if d.function else ""
+    assert sorted(calls) == [0, 1]
+    assert [(calls[i]["name"], json.loads(calls[i]["arguments"])) for i in (0, 1)] == CALLED
+    assert all(calls[i]["id"].startswith("call_") for i in (0, 1))
+
+    with client.chat.completions.stream(**kwargs) as events:
+        final = events.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls" and final.message.content == SAID
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in final.message.tool_calls] == CALLED

@@ -71,8 +71,8 @@ from llmpress.runtime.batching import BatchedModel
 from llmpress.runtime.embedding import POOLINGS
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import ANY_JSON_OBJECT, lark_grammar
-from llmpress.runtime.tools import (could_be_tool_call, forced_call_grammar, parse_tool_calls,
-                                    template_family, template_messages)
+from llmpress.runtime.tools import (ToolCall, ToolCallSplitter, forced_call_grammar,
+                                    parse_tool_calls, template_family, template_messages)
 from llmpress.runtime.prompt_cache import PromptCache
 from llmpress.runtime.sampling import MAX_REPEAT_PENALTY, MIN_REPEAT_PENALTY, SamplingConfig
 
@@ -1188,6 +1188,14 @@ def final_choice(kind: str, index: int, text: str, reason: str | None,
     return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
 
 
+def tool_call_deltas(call: ToolCall, position: int) -> list[dict]:
+    """A call as OpenAI streams it: id, type and name first (empty arguments), then the
+    arguments; `index` is the call's position in the answer."""
+    whole = call.openai()
+    return [{"index": position, **whole, "function": {**whole["function"], "arguments": ""}},
+            {"index": position, "function": {"arguments": call.arguments}}]
+
+
 def cancel(jobs: list[Job]) -> None:
     for job in jobs:
         job.cancelled.set()
@@ -1212,8 +1220,9 @@ async def stream_events(request: Request, jobs: list[Job], kind: str, head: dict
                         options: RequestOptions, tally: Tally, tokenizer,
                         echo: str, tool_family: str | None = None) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk shapes, choice after choice; `data: [DONE]` at
-    the end. With tools, text that may still become a tool call is held back until it is
-    one (then sent as tool_calls deltas) or cannot be (then sent as content)."""
+    the end. With tools, the answer goes through a ToolCallSplitter: content as soon as it
+    cannot be the start of a call, each call as tool_calls deltas once it is whole; a call
+    may follow content, as OpenAI's models do."""
     if options.include_usage:
         head = {**head, "usage": None}  # OpenAI: null on every chunk but the last
     eos_ids = tokenizer.eos_ids
@@ -1236,37 +1245,37 @@ async def stream_events(request: Request, jobs: list[Job], kind: str, head: dict
                 yield sse(chat_chunk(head, {"role": "assistant", "content": ""}, index=index))
             elif echo:
                 yield sse(piece(echo))
-            held: list[str] | None = [] if tool_family else None  # None: streaming content
-            finish = None
+            splitter = ToolCallSplitter(tool_family) if tool_family else None
+            finish, calls, scored = None, 0, []
+
+            def events(parts: list) -> list[str]:
+                """Content pieces (with the logprobs so far) and calls, as SSE events."""
+                nonlocal calls, scored
+                out = []
+                for part in parts:
+                    if isinstance(part, ToolCall):
+                        out += [sse(chat_chunk(head, {"tool_calls": [delta]}, index=index))
+                                for delta in tool_call_deltas(part, calls)]
+                        calls += 1
+                    elif part or scored:
+                        out.append(sse(piece(part, scored=scored)))
+                        scored = []
+                return out
+
             try:
                 async for chunk in job_chunks(job):
                     tally.add(chunk, eos_ids)
                     finish = chunk.finish_reason or finish
-                    if held is not None:
-                        held.append(chunk.text)
-                        if could_be_tool_call("".join(held), tool_family):
-                            continue
-                        chunk_text, held = "".join(held), None
-                    else:
-                        chunk_text = chunk.text
-                    scored = answer_logprobs(chunk, eos_ids) if held is None else []
-                    if chunk_text or scored:
-                        yield sse(piece(chunk_text, scored=scored))
+                    scored += answer_logprobs(chunk, eos_ids)
+                    for event in events(splitter.feed(chunk.text) if splitter
+                                        else [chunk.text]):
+                        yield event
             except ApiError as exc:  # the headers are gone: report in the stream, as OpenAI
                 yield sse(exc.body())
                 return
-            if held:
-                content, calls = parse_tool_calls("".join(held), tool_family)
-                if content:
-                    yield sse(piece(content))
-                for i, call in enumerate(calls):
-                    delta = call.openai()
-                    yield sse(chat_chunk(head, {"tool_calls": [
-                        {"index": i, **delta, "function": {**delta["function"], "arguments": ""}}
-                    ]}, index=index))
-                    yield sse(chat_chunk(head, {"tool_calls": [
-                        {"index": i, "function": {"arguments": call.arguments}}]}, index=index))
-                finish = "tool_calls" if calls else finish
+            for event in events(splitter.close() if splitter else []):
+                yield event
+            finish = "tool_calls" if calls else finish
             yield sse(piece("", finish))
         if options.include_usage:
             yield sse({**head, "object": "chat.completion.chunk" if kind == "chat"

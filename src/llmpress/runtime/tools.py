@@ -109,11 +109,106 @@ def _hermes_text(function: dict) -> str:
 
 # --- out of the model ------------------------------------------------------------------------
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_HERMES_CLOSED_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+# where calls may start after some text, per family (llama3 and generic: the whole answer
+# is the call or it is text)
+_CALL_MARKERS = {HERMES: "<tool_call>", MISTRAL: "[TOOL_CALLS]"}
+# how an answer that is nothing but a call begins
+_WHOLE_ANSWER_STARTS = ("{", "[", "<|python_tag|>")
 
 
 def parse_tool_calls(text: str, family: str) -> tuple[str, list[ToolCall]]:
     """-> (the text that is not a call, the calls). Text that only looks like a call
-    (broken JSON, no name) stays text."""
+    (broken JSON, no name) stays text. The same split as a stream gets (ToolCallSplitter)."""
+    splitter = ToolCallSplitter(family)
+    parts = splitter.feed(text) + splitter.close()
+    calls = [p for p in parts if isinstance(p, ToolCall)]
+    return "".join(p for p in parts if isinstance(p, str)), calls
+
+
+class ToolCallSplitter:
+    """Splits an answer, as its text arrives, into content and calls, in order: content
+    goes out as soon as it cannot be the start of a call, a call as soon as it is whole
+    (hermes: at its </tool_call>; the other formats: at the end of the answer). Content
+    before a call loses its trailing whitespace (the line break before the tag)."""
+
+    def __init__(self, family: str):
+        self.family, self.marker = family, _CALL_MARKERS.get(family)
+        self.mode = "start"  # -> "content" -> "calls"; or "start" -> "whole"
+        self.pending = ""  # text not yet sent: held whitespace or a marker's beginning
+        self.calls_text = ""  # from the marker on
+        self.gap = ""  # the whitespace between the content and the marker
+        self.bodies_done, self.sent_calls = 0, 0
+
+    def feed(self, text: str) -> list[str | ToolCall]:
+        if self.mode == "start":
+            self.pending += text
+            head = self.pending.lstrip()
+            if not head or any(m.startswith(head) for m in _WHOLE_ANSWER_STARTS
+                               if not head.startswith(m)):
+                return []  # too early to tell
+            if head.startswith(_WHOLE_ANSWER_STARTS):
+                self.mode = "whole"
+                return []
+            self.mode, text, self.pending = "content", self.pending, ""
+        if self.mode == "whole":
+            self.pending += text
+            return []
+        if self.mode == "content":
+            return self._content(text)
+        self.calls_text += text
+        return self._closed_calls()
+
+    def close(self) -> list[str | ToolCall]:
+        """The rest, at the end of the answer."""
+        if self.mode in ("start", "whole"):
+            content, calls = _parse_whole_answer(self.pending, self.family)
+            return [p for p in (content, *calls) if p]
+        if self.mode == "content":
+            return [self.pending] if self.pending else []
+        parts: list[str | ToolCall] = []
+        if self.family == HERMES:
+            bodies = _HERMES_CALL.findall(self.calls_text)[self.bodies_done:]
+            parts = [c for body in bodies for c in _calls_in(body)]
+        elif self.family == MISTRAL:
+            parts = _calls_in(self.calls_text.removeprefix(self.marker).strip())
+        if not parts and not self.sent_calls:  # it was not a call after all
+            return [self.gap + self.calls_text]
+        return parts
+
+    def _content(self, text: str) -> list[str | ToolCall]:
+        text = self.pending + text
+        if self.marker and (at := text.find(self.marker)) >= 0:
+            content = text[:at].rstrip()
+            self.gap, self.calls_text = text[len(content):at], text[at:]
+            self.mode, self.pending = "calls", ""
+            return [p for p in (content, *self._closed_calls()) if p]
+        keep = _marker_start_length(text, self.marker) if self.marker else 0
+        body = text[:len(text) - keep]
+        sent = body.rstrip()  # whitespace waits: it may be the gap before a call
+        self.pending = text[len(sent):]
+        return [sent] if sent else []
+
+    def _closed_calls(self) -> list[ToolCall]:
+        if self.family != HERMES:
+            return []
+        bodies = _HERMES_CLOSED_CALL.findall(self.calls_text)[self.bodies_done:]
+        self.bodies_done += len(bodies)
+        calls = [c for body in bodies for c in _calls_in(body)]
+        self.sent_calls += len(calls)
+        return calls
+
+
+def _marker_start_length(text: str, marker: str) -> int:
+    """How many characters at text's end could be the beginning of marker."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _parse_whole_answer(text: str, family: str) -> tuple[str, list[ToolCall]]:
+    """An answer that starts like a call: the call(s) in it, else the text."""
     if family == HERMES and "<tool_call>" in text:
         calls = [c for body in _HERMES_CALL.findall(text) for c in _calls_in(body)]
         if calls:
@@ -151,13 +246,6 @@ def _calls_in(body: str) -> list[ToolCall]:
         calls.append(ToolCall(item["name"], json.dumps(arguments, ensure_ascii=False),
                               new_call_id()))
     return calls
-
-
-def could_be_tool_call(text: str, family: str) -> bool:
-    """While streaming: whether text so far may still turn into a call (hold it back)."""
-    head = text.lstrip()
-    markers = ["<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{", "["]
-    return not head or any(head.startswith(m) or m.startswith(head) for m in markers)
 
 
 # --- forcing a call ----------------------------------------------------------------------------
