@@ -134,6 +134,15 @@ def test_splitter_sends_content_and_calls_as_they_come():
     assert splitter.feed("\n") == [] and splitter.close() == []
 
 
+def test_splitter_keeps_at_most_max_calls():
+    text = STREAM_CASES[1][1]
+    content, calls = parse_tool_calls(text, HERMES, max_calls=1)
+    assert content == "  Two calls:" and [c.name for c in calls] == ["f"]
+    splitter = ToolCallSplitter(HERMES, max_calls=1)
+    parts = [p for ch in text for p in splitter.feed(ch)] + splitter.close()
+    assert [p.name for p in parts if isinstance(p, ToolCall)] == ["f"]
+
+
 def test_template_family():
     assert template_family(HERMES_TEMPLATE) == (HERMES, True)
     assert template_family("{{ '[TOOL_CALLS]' }}{{ tools }}") == (MISTRAL, True)
@@ -233,6 +242,8 @@ BAD_TOOLS = [
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
+    ({"tools": TOOLS, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    ({"parallel_tool_calls": 0}, "parallel_tool_calls"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"messages": ASK + [{"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}]},
@@ -383,3 +394,18 @@ def test_content_then_calls_streamed(scripted_server):
     assert final.finish_reason == "tool_calls" and final.message.content == SAID
     assert [(c.function.name, json.loads(c.function.arguments))
             for c in final.message.tool_calls] == CALLED
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_parallel_tool_calls_false_keeps_the_first_call(scripted_server, stream):
+    client = scripted_server.client()
+    kwargs = dict(model=tiny_server_model(scripted_server), messages=ASK, tools=TOOLS,
+                  temperature=0, parallel_tool_calls=False)
+    if stream:
+        with client.chat.completions.stream(**kwargs) as events:
+            choice = events.get_final_completion().choices[0]
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == SAID
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in choice.message.tool_calls] == CALLED[:1]

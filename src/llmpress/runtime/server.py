@@ -488,14 +488,18 @@ def _parse_message_tool_calls(value: Any, where: str) -> list[dict]:
 @dataclass(frozen=True)
 class ToolRequest:
     """What a chat request asks of tools: the ones offered, and whether a call is forced
-    (tool_choice "required", or a named function: then only that one)."""
+    (tool_choice "required", or a named function: then only that one), and whether the
+    answer may hold several calls (parallel_tool_calls)."""
 
     tools: list[dict]
     forced: list[dict] | None
+    parallel: bool = True
 
 
 def parse_tools(body: dict) -> ToolRequest | None:
-    """tools + tool_choice, checked. None: no tools (or tool_choice "none")."""
+    """tools, tool_choice and parallel_tool_calls, checked. None: no tools (or tool_choice
+    "none")."""
+    parallel = field_value(body, "parallel_tool_calls", "boolean", default=True)
     value = body.get("tools")
     if value is None:
         if body.get("tool_choice") not in (None, "none", "auto"):
@@ -530,7 +534,7 @@ def parse_tools(body: dict) -> ToolRequest | None:
     if not tools:
         raise ApiError(400, "Invalid 'tools': empty array.", param="tools",
                        code="empty_array")
-    return ToolRequest(tools, forced)
+    return ToolRequest(tools, forced, parallel)
 
 
 def _parse_tool(tool: Any, where: str) -> dict:
@@ -1034,7 +1038,9 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     prompt_ids = await asyncio.to_thread(encode)
     return await generate_response(request, state, "chat", model, options, prompt_ids,
                                    param="messages", grammar=grammar,
-                                   tool_family=family if tools else None)
+                                   tool_family=family if tools else None,
+                                   max_tool_calls=None if tool_request is None
+                                   or tool_request.parallel else 1)
 
 
 def compile_grammars(state: ServerState, schema: dict | None, tools: ToolRequest | None,
@@ -1081,7 +1087,8 @@ async def completions(request: Request, state: ServerState) -> Response:
 async def generate_response(request: Request, state: ServerState, kind: str, model: str,
                             options: RequestOptions, prompt_ids: list[int], *, param: str,
                             echo: str = "", grammar: str | None = None,
-                            tool_family: str | None = None) -> Response:
+                            tool_family: str | None = None,
+                            max_tool_calls: int | None = None) -> Response:
     """Check the prompt against the context, queue one job per choice (n), answer
     (streamed or not). The choices run one after the other; the second on reuses the
     prompt from the prompt cache."""
@@ -1115,7 +1122,7 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
         raise
     if options.stream:
         events = stream_events(request, jobs, kind, head, options, tally, state.lm.tokenizer,
-                               echo, tool_family)
+                               echo, tool_family, max_tool_calls)
         return JobStream(jobs, events)
     watcher = asyncio.create_task(watch_disconnect(request, jobs))
     choices = []
@@ -1127,7 +1134,8 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
                 tally.add(chunk, eos_ids)
                 reason = chunk.finish_reason or reason
                 scored += answer_logprobs(chunk, eos_ids)
-            choice = final_choice(kind, index, "".join(texts), reason, tool_family)
+            choice = final_choice(kind, index, "".join(texts), reason, tool_family,
+                                  max_tool_calls)
             if options.logprobs is not None:
                 choice["logprobs"] = logprobs_body(kind, state.lm.tokenizer, scored, len(echo))
             choices.append(choice)
@@ -1176,11 +1184,12 @@ def choice_sampling(sampling: SamplingConfig, index: int) -> SamplingConfig:
 
 
 def final_choice(kind: str, index: int, text: str, reason: str | None,
-                 tool_family: str | None) -> dict:
+                 tool_family: str | None, max_tool_calls: int | None = None) -> dict:
     if kind != "chat":
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
     message = {"role": "assistant", "content": text, "refusal": None}
-    content, calls = parse_tool_calls(text, tool_family) if tool_family else (text, [])
+    content, calls = parse_tool_calls(text, tool_family, max_tool_calls) if tool_family \
+        else (text, [])
     if calls:
         message["content"] = content or None
         message["tool_calls"] = [c.openai() for c in calls]
@@ -1218,7 +1227,8 @@ class JobStream(StreamingResponse):
 
 async def stream_events(request: Request, jobs: list[Job], kind: str, head: dict,
                         options: RequestOptions, tally: Tally, tokenizer,
-                        echo: str, tool_family: str | None = None) -> AsyncIterator[str]:
+                        echo: str, tool_family: str | None = None,
+                        max_tool_calls: int | None = None) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk shapes, choice after choice; `data: [DONE]` at
     the end. With tools, the answer goes through a ToolCallSplitter: content as soon as it
     cannot be the start of a call, each call as tool_calls deltas once it is whole; a call
@@ -1245,7 +1255,7 @@ async def stream_events(request: Request, jobs: list[Job], kind: str, head: dict
                 yield sse(chat_chunk(head, {"role": "assistant", "content": ""}, index=index))
             elif echo:
                 yield sse(piece(echo))
-            splitter = ToolCallSplitter(tool_family) if tool_family else None
+            splitter = ToolCallSplitter(tool_family, max_tool_calls) if tool_family else None
             finish, calls, scored = None, 0, []
 
             def events(parts: list) -> list[str]:

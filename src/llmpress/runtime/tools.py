@@ -117,10 +117,12 @@ _CALL_MARKERS = {HERMES: "<tool_call>", MISTRAL: "[TOOL_CALLS]"}
 _WHOLE_ANSWER_STARTS = ("{", "[", "<|python_tag|>")
 
 
-def parse_tool_calls(text: str, family: str) -> tuple[str, list[ToolCall]]:
-    """-> (the text that is not a call, the calls). Text that only looks like a call
-    (broken JSON, no name) stays text. The same split as a stream gets (ToolCallSplitter)."""
-    splitter = ToolCallSplitter(family)
+def parse_tool_calls(text: str, family: str,
+                     max_calls: int | None = None) -> tuple[str, list[ToolCall]]:
+    """-> (the text that is not a call, the calls: the first max_calls). Text that only
+    looks like a call (broken JSON, no name) stays text. The same split as a stream gets
+    (ToolCallSplitter)."""
+    splitter = ToolCallSplitter(family, max_calls)
     parts = splitter.feed(text) + splitter.close()
     calls = [p for p in parts if isinstance(p, ToolCall)]
     return "".join(p for p in parts if isinstance(p, str)), calls
@@ -130,10 +132,12 @@ class ToolCallSplitter:
     """Splits an answer, as its text arrives, into content and calls, in order: content
     goes out as soon as it cannot be the start of a call, a call as soon as it is whole
     (hermes: at its </tool_call>; the other formats: at the end of the answer). Content
-    before a call loses its trailing whitespace (the line break before the tag)."""
+    before a call loses its trailing whitespace (the line break before the tag). Calls past
+    max_calls are dropped (OpenAI's parallel_tool_calls false: one call at most)."""
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, max_calls: int | None = None):
         self.family, self.marker = family, _CALL_MARKERS.get(family)
+        self.calls_left = max_calls
         self.mode = "start"  # -> "content" -> "calls"; or "start" -> "whole"
         self.pending = ""  # text not yet sent: held whitespace or a marker's beginning
         self.calls_text = ""  # from the marker on
@@ -141,6 +145,25 @@ class ToolCallSplitter:
         self.bodies_done, self.sent_calls = 0, 0
 
     def feed(self, text: str) -> list[str | ToolCall]:
+        return self._capped(self._feed(text))
+
+    def close(self) -> list[str | ToolCall]:
+        """The rest, at the end of the answer."""
+        return self._capped(self._close())
+
+    def _capped(self, parts: list[str | ToolCall]) -> list[str | ToolCall]:
+        if self.calls_left is None:
+            return parts
+        kept = []
+        for part in parts:
+            if isinstance(part, ToolCall):
+                if self.calls_left <= 0:
+                    continue
+                self.calls_left -= 1
+            kept.append(part)
+        return kept
+
+    def _feed(self, text: str) -> list[str | ToolCall]:
         if self.mode == "start":
             self.pending += text
             head = self.pending.lstrip()
@@ -159,8 +182,7 @@ class ToolCallSplitter:
         self.calls_text += text
         return self._closed_calls()
 
-    def close(self) -> list[str | ToolCall]:
-        """The rest, at the end of the answer."""
+    def _close(self) -> list[str | ToolCall]:
         if self.mode in ("start", "whole"):
             content, calls = _parse_whole_answer(self.pending, self.family)
             return [p for p in (content, *calls) if p]
