@@ -15,9 +15,10 @@ import transformers
 from tokenizers import AddedToken, Tokenizer
 
 import llmpress
+from llmpress.runtime.grammar import Constraint, lark_grammar
 from llmpress.runtime.tools import (GENERIC, HERMES, LLAMA3, MISTRAL, ToolCall,
-                                    ToolCallSplitter, parse_tool_calls, template_family,
-                                    template_messages)
+                                    ToolCallSplitter, auto_call_grammar, parse_tool_calls,
+                                    template_family, template_messages)
 from test_hf_parity import VOCAB, write_byte_level_tokenizer
 from test_server import ServerProcess
 from test_structured_output import violations
@@ -182,6 +183,42 @@ def test_tools_and_calls_reach_the_template(tiny_dir):
     assert '<tool_response>\n{"temp": 18}\n</tool_response>' in prompt
 
 
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", ' \
+               '"unit": "celsius"}}\n</tool_call>'
+TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("text,max_calls,allowed", [
+    ("The weather is fine.", None, True),
+    ("a < b, and <tool_ is no call", None, True),
+    (f"Let me check.\n{WEATHER_CALL}", None, True),
+    (f"{WEATHER_CALL}\n{TIME_CALL}\n", None, True),
+    (f"{WEATHER_CALL}\n{TIME_CALL}", 1, False),  # parallel_tool_calls false: one call
+    (WEATHER_CALL.replace("celsius", "kelvin"), None, False),  # not in the enum
+    (WEATHER_CALL.replace("get_weather", "get_wether"), None, False),  # no such tool
+    (TIME_CALL.replace("{}", '{"x": 1'), None, False),  # broken JSON
+    ("I will call <tool_call> now, in words", None, False),  # opened, so it must be a call
+    (f"{WEATHER_CALL} and then more text", None, False),
+])
+def test_auto_call_grammar_holds_only_the_calls(tiny_dir, text, max_calls, allowed):
+    """tool_choice auto: free text goes unconstrained; from <tool_call> on, the answer must
+    be calls to the tools, valid against their schemas (llguidance checks each token)."""
+    lm = llmpress.load(tiny_dir, ctx=TINY_CTX)
+    constraint = Constraint(lark_grammar(auto_call_grammar(TOOLS, HERMES, max_calls),
+                                         lm.tokenizer), lm.tokenizer)
+    vocab = lm.model.cfg.vocab_size
+    for token in lm.tokenizer.encode(text, add_bos=False):
+        if not constraint.allowed(vocab)[token]:
+            assert not allowed, f"refused {lm.tokenizer.token_to_piece(token)!r}"
+            return
+        constraint.accept(token)
+    assert constraint.matcher.is_accepting() == allowed  # a whole answer, or unfinished
+
+
+def test_auto_call_grammar_is_for_hermes_only():
+    assert all(auto_call_grammar(TOOLS, family) is None for family in (LLAMA3, MISTRAL, GENERIC))
+
+
 @pytest.mark.parametrize("tool_choice", ["required",
                                          {"type": "function",
                                           "function": {"name": "get_weather"}}])
@@ -237,6 +274,8 @@ BAD_TOOLS = [
     ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]},
      "tools[0].function.name"),
     ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]},
+     "tools[0].function.strict"),
     ({"tools": [{"type": "function"}]}, "tools[0].function"),
     ({"tools": "f"}, "tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
@@ -409,3 +448,40 @@ def test_parallel_tool_calls_false_keeps_the_first_call(scripted_server, stream)
     assert choice.finish_reason == "tool_calls" and choice.message.content == SAID
     assert [(c.function.name, json.loads(c.function.arguments))
             for c in choice.message.tool_calls] == CALLED[:1]
+
+
+# --- strict functions: a call the model opens by itself follows the schema -----------------
+BAD_CALL_SCRIPT = ["Checking.", "\n<tool_call>\n",
+                   '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}}',
+                   "\n</tool_call>"]
+
+
+@pytest.fixture(scope="module")
+def bad_call_server(tmp_path_factory):
+    path = save_scripted_model(tmp_path_factory.mktemp("bad_call"), BAD_CALL_SCRIPT,
+                               HERMES_TEMPLATE)
+    proc = ServerProcess(path, tmp_path_factory.mktemp("bad_call_server"), ctx=TINY_CTX)
+    yield proc
+    proc.close()
+
+
+def test_strict_functions_hold_the_calls_to_their_schemas(bad_call_server):
+    """The model calls get_weather with a unit outside the enum. Without strict the call
+    comes back as the model wrote it; with strict (tool_choice auto) the grammar refuses
+    it from <tool_call> on, so no call that breaks a schema ever comes back."""
+    client = bad_call_server.client()
+    kwargs = dict(model=tiny_server_model(bad_call_server), messages=ASK, temperature=0,
+                  max_tokens=60)
+    loose = client.chat.completions.create(tools=TOOLS, **kwargs).choices[0]
+    (call,) = loose.message.tool_calls
+    assert violations(json.loads(call.function.arguments), WEATHER_SCHEMA) != []
+
+    strict_tools = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
+    strict = client.chat.completions.create(tools=strict_tools, **kwargs).choices[0]
+    assert strict.message.content.startswith("Checking.\n<tool_call>\n") or \
+        strict.message.tool_calls  # the grammar took over after the marker
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for call in strict.message.tool_calls or []:
+        assert violations(json.loads(call.function.arguments),
+                          schemas[call.function.name]) == []
+    assert "kelvin" not in (strict.message.content or "")

@@ -71,8 +71,9 @@ from llmpress.runtime.batching import BatchedModel
 from llmpress.runtime.embedding import POOLINGS
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import ANY_JSON_OBJECT, lark_grammar
-from llmpress.runtime.tools import (ToolCall, ToolCallSplitter, forced_call_grammar,
-                                    parse_tool_calls, template_family, template_messages)
+from llmpress.runtime.tools import (ToolCall, ToolCallSplitter, auto_call_grammar,
+                                    forced_call_grammar, parse_tool_calls, template_family,
+                                    template_messages)
 from llmpress.runtime.prompt_cache import PromptCache
 from llmpress.runtime.sampling import MAX_REPEAT_PENALTY, MIN_REPEAT_PENALTY, SamplingConfig
 
@@ -489,11 +490,19 @@ def _parse_message_tool_calls(value: Any, where: str) -> list[dict]:
 class ToolRequest:
     """What a chat request asks of tools: the ones offered, and whether a call is forced
     (tool_choice "required", or a named function: then only that one), and whether the
-    answer may hold several calls (parallel_tool_calls)."""
+    answer may hold several calls (parallel_tool_calls).
+
+    A call the model makes by itself (tool_choice auto) follows its function's schema by
+    grammar when a function asks for that (`strict`, as OpenAI's structured outputs), and
+    as the model manages otherwise."""
 
     tools: list[dict]
     forced: list[dict] | None
     parallel: bool = True
+
+    @property
+    def strict(self) -> bool:
+        return any(t["function"].get("strict") for t in self.tools)
 
 
 def parse_tools(body: dict) -> ToolRequest | None:
@@ -562,6 +571,11 @@ def _parse_tool(tool: Any, where: str) -> dict:
     clean = {"name": name, "parameters": parameters or {"type": "object", "properties": {}}}
     if isinstance(function.get("description"), str):
         clean["description"] = function["description"]
+    strict = function.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise wrong_type(f"{where}.function.strict", "a boolean", strict)
+    if strict:
+        clean["strict"] = True
     return {"type": "function", "function": clean}
 
 def _message_text(content: Any, where: str) -> str:
@@ -1046,7 +1060,8 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
 def compile_grammars(state: ServerState, schema: dict | None, tools: ToolRequest | None,
                      family: str) -> str | None:
     """Check every schema of the request (400 on the first bad one); -> the grammar the
-    answer must follow, if any: a forced tool call's, else response_format's."""
+    answer must follow, if any: a forced tool call's, else response_format's, else (strict
+    tools) the one that holds the calls the model opens to the tools' schemas."""
     grammar = None
     if schema is not None:
         try:
@@ -1065,6 +1080,9 @@ def compile_grammars(state: ServerState, schema: dict | None, tools: ToolRequest
                            code="invalid_function_parameters") from None
     if tools and tools.forced:
         grammar = lark_grammar(forced_call_grammar(tools.forced, family), state.lm.tokenizer)
+    elif tools and tools.strict and grammar is None:  # a call the model opens follows its schema
+        auto = auto_call_grammar(tools.tools, family, None if tools.parallel else 1)
+        grammar = lark_grammar(auto, state.lm.tokenizer) if auto else None
     return grammar
 
 

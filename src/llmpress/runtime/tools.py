@@ -9,7 +9,9 @@ Each template family writes calls its own way (what its model was trained on):
 A template that does not read `tools` at all gets them from us in a system message that
 asks for the hermes format (llama.cpp's server does the same), and earlier calls and
 results written into the messages as text. Forced calls (tool_choice "required" or a
-named function) are decoded under a grammar of the family's format, so they always parse.
+named function) are decoded under a grammar of the family's format, so they always parse;
+with tool_choice "auto" and a `strict` function, a hermes answer is free until it opens a
+<tool_call>, and from there the same grammar holds it (auto_call_grammar).
 """
 
 from __future__ import annotations
@@ -274,16 +276,39 @@ def _calls_in(body: str) -> list[ToolCall]:
 def forced_call_grammar(tools: list[dict], family: str) -> str:
     """A Lark grammar (llguidance's dialect) for exactly one call to one of tools, in the
     family's format: the call's arguments follow the function's parameter schema."""
+    call = f"call: {_call_json(tools, family)}"
+    if family == HERMES:
+        return f"start: {json.dumps('<tool_call>' + chr(10))} call " \
+               f"{json.dumps(chr(10) + '</tool_call>')}\n{call}"
+    if family == MISTRAL:
+        return f'start: "[TOOL_CALLS][" call "]"\n{call}'
+    return f"start: call\n{call}"
+
+
+def auto_call_grammar(tools: list[dict], family: str, max_calls: int | None = None) -> str | None:
+    """For tool_choice "auto" with strict functions (as llama.cpp's "lazy" grammar): free
+    text, or text and then calls to tools, each following its function's schema, so that
+    a call the model starts always parses. Nothing is constrained before the first <tool_call>. Hermes only: its
+    marker is text to the grammar engine, where Mistral's [TOOL_CALLS] is a control token
+    (and llama3/generic calls are the whole answer, indistinguishable from JSON text)."""
+    if family != HERMES:
+        return None
+    more = "" if max_calls == 1 else f" ({json.dumps(chr(10) + '<tool_call>' + chr(10))} call)*"
+    return "\n".join([
+        f"start: FREE | PREFIX call{more} /[ \\n]?/",
+        "FREE: /(?s:.*)/ & ~/(?s:.*<tool_call>.*)/",  # text with no call in it
+        # text up to its first <tool_call> (two would let a call go unchecked)
+        "PREFIX: /(?s:.*)<tool_call>\\n/ & ~/(?s:.*<tool_call>.*<tool_call>.*)/",
+        f"call: body {json.dumps(chr(10) + '</tool_call>')}",
+        f"body: {_call_json(tools, family)}"])
+
+
+def _call_json(tools: list[dict], family: str) -> str:
+    """A call's JSON (name and arguments, as the family writes them) as a grammar rule's
+    body: one of the tools, its arguments valid against its parameter schema."""
     key = "parameters" if family == LLAMA3 else "arguments"
     options = [{"type": "object", "additionalProperties": False, "required": ["name", key],
                 "properties": {"name": {"const": t["function"]["name"]},
                                key: t["function"].get("parameters") or {"type": "object"}}}
                for t in tools]
-    schema = {"anyOf": options, "x-guidance": JSON_LAYOUT}
-    call = f"%json {json.dumps(schema)}"
-    if family == HERMES:
-        return f"start: {json.dumps('<tool_call>' + chr(10))} call " \
-               f"{json.dumps(chr(10) + '</tool_call>')}\ncall: {call}"
-    if family == MISTRAL:
-        return f'start: "[TOOL_CALLS][" call "]"\ncall: {call}'
-    return f"start: call\ncall: {call}"
+    return f"%json {json.dumps({'anyOf': options, 'x-guidance': JSON_LAYOUT})}"
