@@ -71,8 +71,9 @@ from llmpress.runtime.batching import BatchedModel
 from llmpress.runtime.embedding import POOLINGS
 from llmpress.runtime.generate import Chunk, GenerationConfig, stream
 from llmpress.runtime.grammar import ANY_JSON_OBJECT, lark_grammar
-from llmpress.runtime.tools import (could_be_tool_call, forced_call_grammar, parse_tool_calls,
-                                    template_family, template_messages)
+from llmpress.runtime.tools import (ToolCall, ToolCallSplitter, auto_call_grammar,
+                                    forced_call_grammar, parse_tool_calls, template_family,
+                                    template_messages)
 from llmpress.runtime.prompt_cache import PromptCache
 from llmpress.runtime.sampling import MAX_REPEAT_PENALTY, MIN_REPEAT_PENALTY, SamplingConfig
 
@@ -488,14 +489,26 @@ def _parse_message_tool_calls(value: Any, where: str) -> list[dict]:
 @dataclass(frozen=True)
 class ToolRequest:
     """What a chat request asks of tools: the ones offered, and whether a call is forced
-    (tool_choice "required", or a named function: then only that one)."""
+    (tool_choice "required", or a named function: then only that one), and whether the
+    answer may hold several calls (parallel_tool_calls).
+
+    A call the model makes by itself (tool_choice auto) follows its function's schema by
+    grammar when a function asks for that (`strict`, as OpenAI's structured outputs), and
+    as the model manages otherwise."""
 
     tools: list[dict]
     forced: list[dict] | None
+    parallel: bool = True
+
+    @property
+    def strict(self) -> bool:
+        return any(t["function"].get("strict") for t in self.tools)
 
 
 def parse_tools(body: dict) -> ToolRequest | None:
-    """tools + tool_choice, checked. None: no tools (or tool_choice "none")."""
+    """tools, tool_choice and parallel_tool_calls, checked. None: no tools (or tool_choice
+    "none")."""
+    parallel = field_value(body, "parallel_tool_calls", "boolean", default=True)
     value = body.get("tools")
     if value is None:
         if body.get("tool_choice") not in (None, "none", "auto"):
@@ -530,7 +543,7 @@ def parse_tools(body: dict) -> ToolRequest | None:
     if not tools:
         raise ApiError(400, "Invalid 'tools': empty array.", param="tools",
                        code="empty_array")
-    return ToolRequest(tools, forced)
+    return ToolRequest(tools, forced, parallel)
 
 
 def _parse_tool(tool: Any, where: str) -> dict:
@@ -558,6 +571,11 @@ def _parse_tool(tool: Any, where: str) -> dict:
     clean = {"name": name, "parameters": parameters or {"type": "object", "properties": {}}}
     if isinstance(function.get("description"), str):
         clean["description"] = function["description"]
+    strict = function.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise wrong_type(f"{where}.function.strict", "a boolean", strict)
+    if strict:
+        clean["strict"] = True
     return {"type": "function", "function": clean}
 
 def _message_text(content: Any, where: str) -> str:
@@ -1034,13 +1052,16 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     prompt_ids = await asyncio.to_thread(encode)
     return await generate_response(request, state, "chat", model, options, prompt_ids,
                                    param="messages", grammar=grammar,
-                                   tool_family=family if tools else None)
+                                   tool_family=family if tools else None,
+                                   max_tool_calls=None if tool_request is None
+                                   or tool_request.parallel else 1)
 
 
 def compile_grammars(state: ServerState, schema: dict | None, tools: ToolRequest | None,
                      family: str) -> str | None:
     """Check every schema of the request (400 on the first bad one); -> the grammar the
-    answer must follow, if any: a forced tool call's, else response_format's."""
+    answer must follow, if any: a forced tool call's, else response_format's, else (strict
+    tools) the one that holds the calls the model opens to the tools' schemas."""
     grammar = None
     if schema is not None:
         try:
@@ -1059,6 +1080,9 @@ def compile_grammars(state: ServerState, schema: dict | None, tools: ToolRequest
                            code="invalid_function_parameters") from None
     if tools and tools.forced:
         grammar = lark_grammar(forced_call_grammar(tools.forced, family), state.lm.tokenizer)
+    elif tools and tools.strict and grammar is None:  # a call the model opens follows its schema
+        auto = auto_call_grammar(tools.tools, family, None if tools.parallel else 1)
+        grammar = lark_grammar(auto, state.lm.tokenizer) if auto else None
     return grammar
 
 
@@ -1081,7 +1105,8 @@ async def completions(request: Request, state: ServerState) -> Response:
 async def generate_response(request: Request, state: ServerState, kind: str, model: str,
                             options: RequestOptions, prompt_ids: list[int], *, param: str,
                             echo: str = "", grammar: str | None = None,
-                            tool_family: str | None = None) -> Response:
+                            tool_family: str | None = None,
+                            max_tool_calls: int | None = None) -> Response:
     """Check the prompt against the context, queue one job per choice (n), answer
     (streamed or not). The choices run one after the other; the second on reuses the
     prompt from the prompt cache."""
@@ -1115,7 +1140,7 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
         raise
     if options.stream:
         events = stream_events(request, jobs, kind, head, options, tally, state.lm.tokenizer,
-                               echo, tool_family)
+                               echo, tool_family, max_tool_calls)
         return JobStream(jobs, events)
     watcher = asyncio.create_task(watch_disconnect(request, jobs))
     choices = []
@@ -1127,7 +1152,8 @@ async def generate_response(request: Request, state: ServerState, kind: str, mod
                 tally.add(chunk, eos_ids)
                 reason = chunk.finish_reason or reason
                 scored += answer_logprobs(chunk, eos_ids)
-            choice = final_choice(kind, index, "".join(texts), reason, tool_family)
+            choice = final_choice(kind, index, "".join(texts), reason, tool_family,
+                                  max_tool_calls)
             if options.logprobs is not None:
                 choice["logprobs"] = logprobs_body(kind, state.lm.tokenizer, scored, len(echo))
             choices.append(choice)
@@ -1176,16 +1202,25 @@ def choice_sampling(sampling: SamplingConfig, index: int) -> SamplingConfig:
 
 
 def final_choice(kind: str, index: int, text: str, reason: str | None,
-                 tool_family: str | None) -> dict:
+                 tool_family: str | None, max_tool_calls: int | None = None) -> dict:
     if kind != "chat":
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
     message = {"role": "assistant", "content": text, "refusal": None}
-    content, calls = parse_tool_calls(text, tool_family) if tool_family else (text, [])
+    content, calls = parse_tool_calls(text, tool_family, max_tool_calls) if tool_family \
+        else (text, [])
     if calls:
         message["content"] = content or None
         message["tool_calls"] = [c.openai() for c in calls]
         reason = "tool_calls"
     return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
+
+
+def tool_call_deltas(call: ToolCall, position: int) -> list[dict]:
+    """A call as OpenAI streams it: id, type and name first (empty arguments), then the
+    arguments; `index` is the call's position in the answer."""
+    whole = call.openai()
+    return [{"index": position, **whole, "function": {**whole["function"], "arguments": ""}},
+            {"index": position, "function": {"arguments": call.arguments}}]
 
 
 def cancel(jobs: list[Job]) -> None:
@@ -1210,10 +1245,12 @@ class JobStream(StreamingResponse):
 
 async def stream_events(request: Request, jobs: list[Job], kind: str, head: dict,
                         options: RequestOptions, tally: Tally, tokenizer,
-                        echo: str, tool_family: str | None = None) -> AsyncIterator[str]:
+                        echo: str, tool_family: str | None = None,
+                        max_tool_calls: int | None = None) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk shapes, choice after choice; `data: [DONE]` at
-    the end. With tools, text that may still become a tool call is held back until it is
-    one (then sent as tool_calls deltas) or cannot be (then sent as content)."""
+    the end. With tools, the answer goes through a ToolCallSplitter: content as soon as it
+    cannot be the start of a call, each call as tool_calls deltas once it is whole; a call
+    may follow content, as OpenAI's models do."""
     if options.include_usage:
         head = {**head, "usage": None}  # OpenAI: null on every chunk but the last
     eos_ids = tokenizer.eos_ids
@@ -1236,37 +1273,37 @@ async def stream_events(request: Request, jobs: list[Job], kind: str, head: dict
                 yield sse(chat_chunk(head, {"role": "assistant", "content": ""}, index=index))
             elif echo:
                 yield sse(piece(echo))
-            held: list[str] | None = [] if tool_family else None  # None: streaming content
-            finish = None
+            splitter = ToolCallSplitter(tool_family, max_tool_calls) if tool_family else None
+            finish, calls, scored = None, 0, []
+
+            def events(parts: list) -> list[str]:
+                """Content pieces (with the logprobs so far) and calls, as SSE events."""
+                nonlocal calls, scored
+                out = []
+                for part in parts:
+                    if isinstance(part, ToolCall):
+                        out += [sse(chat_chunk(head, {"tool_calls": [delta]}, index=index))
+                                for delta in tool_call_deltas(part, calls)]
+                        calls += 1
+                    elif part or scored:
+                        out.append(sse(piece(part, scored=scored)))
+                        scored = []
+                return out
+
             try:
                 async for chunk in job_chunks(job):
                     tally.add(chunk, eos_ids)
                     finish = chunk.finish_reason or finish
-                    if held is not None:
-                        held.append(chunk.text)
-                        if could_be_tool_call("".join(held), tool_family):
-                            continue
-                        chunk_text, held = "".join(held), None
-                    else:
-                        chunk_text = chunk.text
-                    scored = answer_logprobs(chunk, eos_ids) if held is None else []
-                    if chunk_text or scored:
-                        yield sse(piece(chunk_text, scored=scored))
+                    scored += answer_logprobs(chunk, eos_ids)
+                    for event in events(splitter.feed(chunk.text) if splitter
+                                        else [chunk.text]):
+                        yield event
             except ApiError as exc:  # the headers are gone: report in the stream, as OpenAI
                 yield sse(exc.body())
                 return
-            if held:
-                content, calls = parse_tool_calls("".join(held), tool_family)
-                if content:
-                    yield sse(piece(content))
-                for i, call in enumerate(calls):
-                    delta = call.openai()
-                    yield sse(chat_chunk(head, {"tool_calls": [
-                        {"index": i, **delta, "function": {**delta["function"], "arguments": ""}}
-                    ]}, index=index))
-                    yield sse(chat_chunk(head, {"tool_calls": [
-                        {"index": i, "function": {"arguments": call.arguments}}]}, index=index))
-                finish = "tool_calls" if calls else finish
+            for event in events(splitter.close() if splitter else []):
+                yield event
+            finish = "tool_calls" if calls else finish
             yield sse(piece("", finish))
         if options.include_usage:
             yield sse({**head, "object": "chat.completion.chunk" if kind == "chat"
