@@ -39,6 +39,7 @@ from llmpress.quant.mix import (
     choose_types,
     file_type,
     model_facts,
+    requires_imatrix,
     tensors_of,
 )
 from llmpress.quant.write import (  # the tensor quantizer is part of this module's API too
@@ -206,6 +207,11 @@ def plan_quantization(source: ModelSource, config: QuantizeConfig,
                                model_facts(source.metadata), options)
     if source.path.is_dir():  # a Hugging Face directory: converted on the way
         choices = [_converted_type(c) for c in choices]
+    if imatrix is None:
+        needy = next((c for c in choices if requires_imatrix(c, source.architecture)), None)
+        if needy is not None:  # llama-quantize refuses it too: the result would be garbage
+            raise LlmpressError(f"tensor {needy.name}: {needy.target_type.name} needs an "
+                                "importance matrix; pass --imatrix FILE (`llmpress imatrix`)")
     for c in choices:
         if c.target_type not in FORMATS or not FORMATS[c.target_type].writable:
             raise LlmpressError(f"tensor {c.name}: llmpress cannot write type {c.target_type.name}")
