@@ -235,6 +235,14 @@ def test_a_tensor_in_two_parts_and_a_part_of_another_model(tmp_path):
     assert list(load_gguf(a).tensors) == ["a.weight", "b.weight", "c.weight"]
 
 
+def test_a_one_part_split_is_a_plain_file(tmp_path):
+    """llama.cpp only looks for more parts when split.count > 1, whatever the name."""
+    path = small_part(tmp_path / "plain.gguf", 0, 1, 2, ["a.weight", "b.weight"], True)
+    source = load_gguf(path)
+    assert list(source.tensors) == ["a.weight", "b.weight"] and source.parts == ()
+    assert "split.count" not in source.metadata
+
+
 def test_bad_split_options_are_one_line(default_model_path, tmp_path, capsys):
     for extra, message in ((["--split-max-size", "5X"], "--split-max-size 5X: write a size"),
                            (["--split-max-tensors", "0"], "--split-max-tensors 0: must be "
@@ -244,3 +252,30 @@ def test_bad_split_options_are_one_line(default_model_path, tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
     assert not list(tmp_path.iterdir())
+
+
+def test_mutated_parts_load_or_fail_in_one_line(tmp_path):
+    """The fuzz harness's GGUF mutator (tests/fuzz) on one part of a 3-part set at a time:
+    the set loads or is refused with an LlmpressError, nothing else."""
+    import random
+
+    from fuzz import gguf_layout
+    from fuzz.mutate import mutate_gguf
+
+    names = [f"blk.{i}.w.weight" for i in range(6)]
+    paths = [small_part(tmp_path / f"m-0000{no + 1}-of-00003.gguf", no, 3, 6,
+                        names[2 * no:2 * no + 2], no == 0) for no in range(3)]
+    seeds = [p.read_bytes() for p in paths]
+    refused = 0
+    for case in range(150):
+        rng = random.Random(case)
+        k = rng.randrange(3)
+        paths[k].write_bytes(mutate_gguf(seeds[k], gguf_layout.parse(seeds[k]), rng,
+                                         lambda r: "{{ x }}"))
+        try:
+            load_gguf(paths[rng.randrange(3)])
+        except LlmpressError as exc:
+            assert "\n" not in str(exc)
+            refused += 1
+        paths[k].write_bytes(seeds[k])
+    assert refused > 50  # the mutations do reach the checks

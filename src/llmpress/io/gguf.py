@@ -224,11 +224,13 @@ def load_gguf(path: Path) -> ModelSource:
     """A GGUF file, or the whole split model (io.gguf_split) that `path` is a part of."""
     path = Path(path)
     header = read_gguf_header(path)
-    if SPLIT_COUNT in header[0]:
+    metadata = header[0]
+    if metadata.get(SPLIT_COUNT, 1) != 1:  # one part (llama-quantize --keep-split): a file
         return _load_split(path, header)
     tensors: dict[str, TensorRef] = {}
     _add_tensors(tensors, {}, path, header)
-    return ModelSource(path=path, metadata=header[0], tensors=tensors, file_bytes=len(header[3]))
+    metadata = {k: v for k, v in metadata.items() if k not in SPLIT_KEYS}
+    return ModelSource(path=path, metadata=metadata, tensors=tensors, file_bytes=len(header[3]))
 
 
 def _add_tensors(tensors: dict[str, TensorRef], owners: dict[str, Path], path: Path,
