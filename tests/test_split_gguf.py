@@ -181,7 +181,8 @@ def test_a_missing_part(whole_and_split, tmp_path, capsys):
 def test_a_mismatched_count(whole_and_split, tmp_path, capsys):
     parts = copy_set(whole_and_split[1], tmp_path / "set")
     patch_u16(parts[1], "split.count", 4)
-    assert "split.count 4, the first part says 3" in one_error_line(parts[0], capsys)
+    line = one_error_line(parts[0], capsys)
+    assert "model-00002-of-00003.gguf: split.count 4 in a set of 3 parts" in line
     # given the odd part itself, its name and its keys disagree
     assert "should be named ...-00002-of-00004.gguf" in one_error_line(parts[1], capsys)
 

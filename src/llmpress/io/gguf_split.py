@@ -74,7 +74,7 @@ def check_part(path: Path, metadata: dict[str, Any], no: int, count: int,
         raise LlmpressError(f"{path}: not a part of a split model (no {SPLIT_COUNT})")
     part_count = split_key(metadata, SPLIT_COUNT, path)
     if part_count != count:
-        raise LlmpressError(f"{path}: split.count {part_count}, the first part says {count}: "
+        raise LlmpressError(f"{path}: split.count {part_count} in a set of {count} parts: "
                             "parts of different split models?")
     part_no = split_key(metadata, SPLIT_NO, path)
     if part_no != no:
