@@ -280,3 +280,23 @@ def test_mutated_parts_load_or_fail_in_one_line(tmp_path):
             refused += 1
         paths[k].write_bytes(seeds[k])
     assert refused > 50  # the mutations do reach the checks
+
+
+def test_a_failed_split_write_leaves_no_part(tmp_path):
+    from llmpress.io.gguf_write import GGUFSplitWriter
+
+    slots = [TensorSlot(f"t{i}.weight", T.F32, (4, 8)) for i in range(4)]
+    parts = plan_split({"general.architecture": "llama"}, slots, SplitLimits(max_tensors=2))
+    with pytest.raises(LlmpressError, match="t3.weight never came"):
+        with GGUFSplitWriter(tmp_path / "m.gguf", parts) as writer:
+            for slot in slots[:3]:
+                writer.write_tensor(slot.name, np.zeros((4, 8), np.float32))
+    assert list(tmp_path.iterdir()) == []
+    with GGUFSplitWriter(tmp_path / "m.gguf", parts) as writer:
+        for slot in slots:
+            writer.write_tensor(slot.name, np.full((4, 8), 1.5, np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-00001-of-00002.gguf",
+                                                          "m-00002-of-00002.gguf"]
+    loaded = load_gguf(tmp_path / "m-00002-of-00002.gguf")
+    assert list(loaded.tensors) == [s.name for s in slots]
+    assert loaded.tensors["t3.weight"].read_bytes().view(torch.float32).eq(1.5).all()
