@@ -1,10 +1,14 @@
 """Type mixes (quant/mix.py) against llama.cpp's own type selection.
 
-Two independent references:
+Three independent references:
 - llama.cpp's type-selection code itself (llama_quant_compute_types, the function its
   test-quant-type-selection uses), called through ctypes from llama-cpp-python's libllama
   on mock models: GQA, 70B, mixture of experts, Falcon's fused QKV, rows that fit no
   256-block, overrides and --pure;
+- llama-quantize's --dry-run (llama_model_quantize with dry_run) on the same mock models
+  written as GGUF files whose tensor data is a hole (sparse files: no byte is stored),
+  with an (empty) imatrix and without: the imatrix-dependent rules and the "requires an
+  importance matrix" guard, which the ctypes entry point above cannot reach;
 - the per-tensor types llama-quantize wrote for the default model, every type, with and
   without the imatrix (tests/data/reference/smollm2-135m-llamacpp-tensors.json).
 No weights are read: the mix needs names, shapes and metadata only.
@@ -14,11 +18,14 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import llama_cpp
+import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from llama_cpp import llama_cpp as llama_c
@@ -36,6 +43,7 @@ from llmpress.quant.mix import (
     choose_types,
     file_type,
     model_facts,
+    requires_imatrix,
     tensors_of,
 )
 
@@ -224,6 +232,86 @@ def _llama(selection, model, ftype_name, **kw) -> dict[str, str]:
     return _types_in_llama_format(selection.types(model, _ftype_number(ftype_name), **kw))
 
 
+# --- llama-quantize --dry-run on sparse mock files ---------------------------------------
+def write_sparse_gguf(model: MockModel, path: Path) -> Path:
+    """The mock model as a GGUF file llama.cpp's loader accepts: hyperparameters, tensor
+    infos, and F32 data that is a hole in a sparse file (the dry run reads no weight)."""
+    arch = model.architecture
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (("context_length", 4096), ("embedding_length", model.n_embd),
+                       ("block_count", model.n_layers), ("feed_forward_length", model.n_ff),
+                       ("attention.head_count", model.n_heads),
+                       ("attention.head_count_kv", model.n_kv_heads)):
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    writer.add_float32(f"{arch}.attention.layer_norm_epsilon", 1e-5)
+    if model.n_experts:
+        writer.add_uint32(f"{arch}.expert_count", model.n_experts)
+        writer.add_uint32(f"{arch}.expert_used_count", 2)
+    data_bytes = 0
+    for name, shape in model.tensors:
+        n_bytes = 4 * int(np.prod(shape))
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), n_bytes, raw_dtype=T.F32)
+        data_bytes += -(-n_bytes // 32) * 32
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    data_start = -(-os.path.getsize(path) // 32) * 32
+    with open(path, "r+b") as f:
+        f.truncate(data_start + data_bytes)
+    return path
+
+
+# "[  12/ 272]  blk.0.attn_q.weight - [  576,   576,  1,  1], type =  f32, size = ... MiB"
+# then " -> ... MiB (iq4_nl)" when the type changes
+_DRY_RUN_LINE = re.compile(r"\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =\s*[\d.]+ MiB"
+                           r"(?: ->\s*[\d.]+ MiB \((\w+)\))?")
+
+
+class LlamaDryRun:
+    """llama_model_quantize(dry_run) with llama.cpp's log captured."""
+
+    def __init__(self):
+        self._log: list[str] = []
+
+        @llama_c.llama_log_callback
+        def collect(level, text, user_data):
+            self._log.append(text.decode("utf-8", "replace"))
+        self._collect = collect  # kept alive while llama.cpp holds it
+
+    def run(self, path: Path, ftype: int, imatrix: bool) -> tuple[dict[str, str], bool]:
+        """(name -> type for every tensor, whether llama.cpp says an imatrix is required)."""
+        params = llama_c.llama_model_quantize_default_params()
+        params.ftype, params.dry_run = ftype, True
+        if imatrix:  # an empty imatrix still sets has_imatrix: only the rules differ
+            params.imatrix = (llama_c.llama_model_imatrix_data * 1)()
+        self._log.clear()
+        llama_c.llama_log_set(self._collect, None)
+        try:
+            rc = llama_c.llama_model_quantize(str(path).encode(), b"unused.gguf",
+                                              ctypes.byref(params))
+        finally:
+            from llama_cpp._logger import llama_log_callback
+            llama_c.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+        text = "".join(self._log)
+        assert rc == 0, text[-2000:]
+        types = {m.group(1): (m.group(3) or m.group(2)).upper()
+                 for m in _DRY_RUN_LINE.finditer(text)}
+        return types, "will require an imatrix" in text
+
+
+@pytest.fixture(scope="module")
+def dry_run() -> LlamaDryRun:
+    return LlamaDryRun()
+
+
+@pytest.fixture(scope="module")
+def sparse_models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("sparse-models")
+    return {name: write_sparse_gguf(m, folder / f"{name}.gguf") for name, m in MODELS.items()}
+
+
 # --- tests -----------------------------------------------------------------------------
 def test_ftype_numbers_are_llama_cpps():
     for name, ft in FILE_TYPES.items():
@@ -238,6 +326,38 @@ def test_every_file_type_matches_llama_cpp_type_selection(llama_selection, model
         ours = model.ours(MixOptions(ftype))
         assert ours == expected, f"{model_name} {ftype}: " + ", ".join(
             f"{k}: ours {ours.get(k)} llama {v}" for k, v in expected.items() if ours.get(k) != v)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("imatrix", [True, False], ids=["imatrix", "no-imatrix"])
+def test_every_file_type_matches_llama_quantize_dry_run(dry_run, sparse_models, model_name,
+                                                         imatrix):
+    """llama-quantize itself, with and without an imatrix: every tensor's type, and the
+    refusal of IQ1/IQ2/IQ3_XXS tensors without an imatrix."""
+    model = MODELS[model_name]
+    infos = [TensorInfo(n, s, T.F32) for n, s in model.tensors]
+    for ftype in FILE_TYPES:
+        expected, llama_requires = dry_run.run(sparse_models[model_name], _ftype_number(ftype),
+                                               imatrix)
+        choices = choose_types(infos, model.facts, MixOptions(ftype, has_imatrix=imatrix))
+        ours = {c.name: c.target_type.name for c in choices}
+        assert len(expected) == len(infos)
+        assert ours == expected, f"{model_name} {ftype}: " + ", ".join(
+            f"{k}: ours {ours.get(k)} llama {v}" for k, v in expected.items() if ours.get(k) != v)
+        if not imatrix:
+            ours_requires = any(requires_imatrix(c, model.architecture) for c in choices)
+            assert ours_requires == llama_requires, f"{model_name} {ftype}"
+
+
+def test_imatrix_rules_are_exercised(dry_run, sparse_models):
+    """The cases above do differ with and without an imatrix (IQ3_XXS on the default
+    model's shapes: attn_v IQ3_S -> IQ3_XXS, ffn_down Q4_K/Q3_K -> IQ3_XXS)."""
+    path, number = sparse_models["smollm2-135m"], _ftype_number("IQ3_XXS")
+    with_imatrix, _ = dry_run.run(path, number, True)
+    without, _ = dry_run.run(path, number, False)
+    assert with_imatrix["blk.5.ffn_down.weight"] == "IQ3_XXS"
+    assert without["blk.5.ffn_down.weight"] == "Q3_K"
+    assert without["blk.0.ffn_down.weight"] == "Q4_K"
 
 
 OVERRIDES = [
@@ -314,8 +434,8 @@ def test_bad_names_give_one_clear_error():
         MixOptions("Q4_0", tensor_types=(("attn_v", "q9"),))
     with pytest.raises(LlmpressError, match=r"bad regular expression"):
         MixOptions("Q4_0", tensor_types=(("attn_v(", "q8_0"),))
-    with pytest.raises(LlmpressError, match=r"--output-type IQ2_XXS: unknown tensor type"):
-        MixOptions("Q4_0", output_type="IQ2_XXS")
+    with pytest.raises(LlmpressError, match=r"--output-type MXFP4: unknown tensor type"):
+        MixOptions("Q4_0", output_type="MXFP4")
     assert file_type("q4_k") == FILE_TYPES["Q4_K_M"]  # llama-quantize's alias
 
 

@@ -35,7 +35,7 @@ from conftest import REFERENCE_IMATRIX, TENSOR_HASHES
 from llmpress.errors import LlmpressError
 from llmpress.io.gguf import load_gguf
 from llmpress.io.gguf_write import GGUFStreamWriter, TensorSlot, plan_gguf, write_gguf
-from llmpress.quant.mix import file_type
+from llmpress.quant.mix import FILE_TYPES, file_type
 from llmpress.quant.quantize import (
     QuantizeConfig,
     _importance_for,
@@ -248,6 +248,32 @@ def test_bad_requests_are_refused_before_any_work(f32_path, workdir):
         quantize_model(QuantizeConfig(f32_path, workdir / "x.gguf", "Q4_0",
                                       embedding_type="q4_k"))
     assert not (workdir / "x.gguf").exists()
+
+
+def test_very_low_bit_types_without_an_imatrix_are_refused_in_one_line(f32_path, workdir,
+                                                                       capsys):
+    """llama-quantize refuses IQ1/IQ2 (and IQ3_XXS) tensors without an imatrix: so do we,
+    before any work."""
+    from llmpress.cli import main
+
+    out = workdir / "iq2.gguf"
+    assert main(["quantize", str(f32_path), str(out), "IQ2_XS", "--summary"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "needs an importance matrix; pass --imatrix" in lines[0], lines
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("type_name", FILE_TYPES)
+def test_every_file_type_plans_or_says_why_not(f32_source, imatrix, type_name):
+    """Every llama-quantize ftype makes a plan, or one LlmpressError when this build cannot
+    write one of its formats yet (the IQ1-3 / TQ quantizers live in their own modules)."""
+    config = QuantizeConfig(f32_source, "unused.gguf", type_name)
+    try:
+        plan = plan_quantization(f32_source, config, imatrix)
+    except LlmpressError as exc:
+        assert "llmpress cannot write type" in str(exc)
+        return
+    assert plan.metadata["general.file_type"].value == file_type(type_name).number
 
 
 # --- whole files against llama_model_quantize, same run ---------------------------------

@@ -80,6 +80,7 @@ class ModelInfo:
     experts: int = 0  # a mixture of experts: experts per layer (0: dense)
     experts_used: int = 0  # experts each token is routed to
     active_parameters: int = 0  # parameters one token computes with
+    parts: int = 1  # files of a split GGUF (path is the first)
 
     @property
     def bits_per_weight(self) -> float:
@@ -229,6 +230,7 @@ class LanguageModel:
             experts=cfg.n_experts, experts_used=cfg.n_experts_used,
             active_parameters=active_parameters(
                 ((ref.name, ref.shape) for ref in src.tensors.values()), cfg.n_experts_used),
+            parts=max(1, len(src.parts)),
         )
 
 

@@ -41,7 +41,7 @@ def cmd_info(args) -> None:
         return
     table = Table(title=info.name, show_header=False)
     rows = [
-        ("file", info.path),
+        ("file", info.path + (f" (split: {info.parts} parts)" if info.parts > 1 else "")),
         ("architecture", info.architecture), ("parameters", f"{info.parameters:,}"),
         ("layers", info.layers), ("heads / KV heads", f"{info.heads} / {info.kv_heads}"),
         ("embedding / FFN", f"{info.embedding} / {info.ffn}"), ("vocabulary", f"{info.vocab:,}"),

@@ -49,6 +49,13 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="no mix: every quantizable tensor gets TYPE's base type")
     p.add_argument("--summary", action="store_true",
                    help="print the per-type summary only, not every tensor")
+    split = p.add_argument_group("split output, as llama.cpp's gguf-split writes it: "
+                                 "OUT without .gguf, then -00001-of-0000N.gguf ...")
+    split.add_argument("--split-max-size", metavar="SIZE", default=None,
+                       help="tensor bytes per file: 500M, 2G (10^6, 10^9 as gguf-split), "
+                       "900MiB or bytes")
+    split.add_argument("--split-max-tensors", metavar="N", type=int, default=None,
+                       help="tensors per file")
     group = p.add_argument_group("mixed precision to a size (instead of TYPE)")
     group.add_argument("--target-bpw", type=float, default=None, metavar="BITS",
                        help="file size in bits per weight, e.g. 4.25: a type for every "
@@ -68,6 +75,33 @@ def _mib(n: int) -> str:
 
 def _error(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
+
+
+def split_size(text: str) -> int:
+    """--split-max-size: gguf-split's 500M / 2G (decimal), or any size parse_size reads."""
+    import re
+
+    from llmpress.errors import LlmpressError
+    from llmpress.quant.budget import parse_size
+
+    match = re.fullmatch(r"\s*(\d+)\s*([MG])\s*", text)
+    if match:
+        return int(match.group(1)) * (10**6 if match.group(2) == "M" else 10**9)
+    try:
+        return parse_size(text)
+    except LlmpressError:
+        raise LlmpressError(f"--split-max-size {text}: write a size like 500M, 2G, 900MiB or "
+                            "a number of bytes") from None
+
+
+def split_limits(args: argparse.Namespace):
+    """SplitLimits of --split-max-size / --split-max-tensors, or None (one file)."""
+    size, tensors = getattr(args, "split_max_size", None), getattr(args, "split_max_tensors", None)
+    if size is None and tensors is None:
+        return None
+    from llmpress.io.gguf_write import SplitLimits
+
+    return SplitLimits(None if size is None else split_size(size), tensors)
 
 
 def quantize_config(args: argparse.Namespace):
@@ -94,6 +128,7 @@ def quantize_config(args: argparse.Namespace):
         input=args.input, output=args.output, type=args.type or "F16", imatrix=args.imatrix,
         allow_requantize=args.allow_requantize, tensor_types=tuple(args.tensor_type),
         output_type=args.output_type, embedding_type=args.embedding_type, pure=args.pure,
+        split=split_limits(args),
     )
     if target is None:
         return config, None

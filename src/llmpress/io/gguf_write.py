@@ -9,6 +9,9 @@ run never leaves a partial output, and the input is never overwritten.
 Layout (gguf.cpp's gguf_write_out): "GGUF", version 3, tensor count, KV count, KVs,
 tensor infos (name, n_dims, ne[], type, offset), zero padding to the alignment, then the
 tensors, each padded to the alignment (llama-quantize pads the last one too).
+
+A split model (gguf-split's layout, io/gguf_split.py) is planned by `plan_split` and
+written by `GGUFSplitWriter`: one streamed file per part, all renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,14 @@ from gguf import GGUFValueType as V
 
 from llmpress.errors import LlmpressError
 from llmpress.io.files import replacing
+from llmpress.io.gguf_split import (
+    MAX_SPLITS,
+    SPLIT_COUNT,
+    SPLIT_NO,
+    SPLIT_TENSORS_COUNT,
+    split_path,
+    split_prefix,
+)
 
 GGUF_VERSION = 3
 DEFAULT_ALIGNMENT = 32
@@ -199,6 +211,63 @@ def plan_gguf(metadata: Mapping[str, Any], tensors: Sequence[TensorSlot]) -> GGU
     return GGUFLayout(header, tuple(tensors), tuple(offsets), alignment)
 
 
+@dataclass(frozen=True)
+class SplitLimits:
+    """gguf-split's --split-max-size (tensor bytes per part, padded, headers not counted)
+    and --split-max-tensors; either or both. A part always holds at least one tensor."""
+
+    max_bytes: int | None = None
+    max_tensors: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_bytes is None and self.max_tensors is None:
+            raise LlmpressError("give --split-max-size or --split-max-tensors")
+        for flag, value in (("--split-max-size", self.max_bytes),
+                            ("--split-max-tensors", self.max_tensors)):
+            if value is not None and value <= 0:
+                raise LlmpressError(f"{flag} {value}: must be positive")
+
+
+def _split_groups(tensors: Sequence[TensorSlot], limits: SplitLimits,
+                  alignment: int) -> list[list[TensorSlot]]:
+    """gguf-split's split_strategy: a new part when the next tensor would pass a limit."""
+    groups: list[list[TensorSlot]] = [[]]
+    size = 0
+    for slot in tensors:
+        n_bytes = _pad(slot.n_bytes, alignment)
+        current = groups[-1]
+        full = current and (
+            (limits.max_bytes is not None and size + n_bytes > limits.max_bytes)
+            or (limits.max_tensors is not None and len(current) >= limits.max_tensors))
+        if full:
+            groups.append([])
+            size = 0
+        groups[-1].append(slot)
+        size += n_bytes
+    return groups
+
+
+def plan_split(metadata: Mapping[str, Any], tensors: Sequence[TensorSlot],
+               limits: SplitLimits) -> tuple[GGUFLayout, ...]:
+    """The parts of a split GGUF as gguf-split lays them out: the model's metadata in the
+    first part only, split.no / split.count / split.tensors.count in every part."""
+    alignment = int(_plain(metadata.get("general.alignment", DEFAULT_ALIGNMENT)))
+    groups = _split_groups(tensors, limits, alignment)
+    if len(groups) > MAX_SPLITS:
+        raise LlmpressError(f"{len(groups)} parts: a split model has at most {MAX_SPLITS}; "
+                            "raise --split-max-size / --split-max-tensors")
+    layouts = []
+    for no, group in enumerate(groups):
+        kv = dict(metadata) if no == 0 else {}
+        if no and "general.alignment" in metadata:  # every part is laid out alike
+            kv["general.alignment"] = metadata["general.alignment"]
+        kv[SPLIT_NO] = MetadataValue(V.UINT16, no)
+        kv[SPLIT_COUNT] = MetadataValue(V.UINT16, len(groups))
+        kv[SPLIT_TENSORS_COUNT] = MetadataValue(V.INT32, len(tensors))
+        layouts.append(plan_gguf(kv, group))
+    return tuple(layouts)
+
+
 def _plain(value: Any) -> Any:
     return value.value if isinstance(value, MetadataValue) else value
 
@@ -264,6 +333,14 @@ class GGUFStreamWriter:
         self._file.write(bytes(_pad(slot.n_bytes, self.layout.alignment) - slot.n_bytes))
         self._next += 1
 
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.layout.tensors)
+
+    @property
+    def next_name(self) -> str | None:
+        return None if self.complete else self.layout.tensors[self._next].name
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None and self._next != len(self.layout.tensors):
             missing = self.layout.tensors[self._next].name
@@ -284,6 +361,47 @@ class GGUFStreamWriter:
             self._target.__exit__(None, None, None)
         else:
             self._target.__exit__(type(exc), exc, exc.__traceback__)
+
+
+class GGUFSplitWriter:
+    """Streams the parts of plan_split to PREFIX-0000i-of-0000n.gguf (PREFIX: `path`
+    without .gguf); the same interface as GGUFStreamWriter. Every part is written beside
+    its target; all are renamed into place once every tensor is written, or all removed."""
+
+    def __init__(self, path: os.PathLike | str, layouts: Sequence[GGUFLayout],
+                 protect: Iterable[os.PathLike | str] = ()):
+        prefix = split_prefix(path)
+        self.paths = tuple(split_path(prefix, i, len(layouts)) for i in range(len(layouts)))
+        protect = list(protect)
+        self._parts = [GGUFStreamWriter(p, layout, protect)
+                       for p, layout in zip(self.paths, layouts)]
+        self._part_of = {slot.name: i for i, layout in enumerate(layouts)
+                         for slot in layout.tensors}
+        self._stack: ExitStack | None = None
+
+    def __enter__(self) -> GGUFSplitWriter:
+        with ExitStack() as stack:
+            for part in self._parts:
+                stack.enter_context(part)
+            self._stack = stack.pop_all()
+        return self
+
+    def write_tensor(self, name: str, data: np.ndarray | torch.Tensor | bytes) -> None:
+        if name not in self._part_of:
+            raise LlmpressError(f"tensor {name}: not in the planned parts")
+        self._parts[self._part_of[name]].write_tensor(name, data)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return False
+        unfinished = next((p for p in self._parts if not p.complete), None)
+        if exc is None and unfinished is not None:  # no part renamed when one is short
+            exc = LlmpressError(f"{unfinished.path}: not written, tensor "
+                                f"{unfinished.next_name} never came")
+            stack.__exit__(type(exc), exc, None)
+            raise exc
+        return bool(stack.__exit__(exc_type, exc, tb))
 
 
 def check_output_path(path: Path, protect: Iterable[Path] = ()) -> None:

@@ -30,7 +30,8 @@ class ModelSource:
     path: Path
     metadata: dict[str, Any]  # GGUF keys and plain Python values
     tensors: dict[str, TensorRef]
-    file_bytes: int
+    file_bytes: int  # all parts together for a split GGUF
+    parts: tuple[Path, ...] = ()  # a split GGUF's files, the first one is `path`
 
     @property
     def architecture(self) -> str:

@@ -35,14 +35,17 @@ from llmpress.quant.mix import file_type
 
 # Mean KL divergence against FP16 of LLaMA 3 8B quantized without an imatrix, from
 # llama.cpp's published table (tools/perplexity/README.md, llama.cpp's CUDA backend,
-# Wikitext-2). IQ4_NL/IQ4_XS are published with an imatrix only. F32 is the original;
+# Wikitext-2). The i-quants (IQ1_S ... IQ4_XS) are published with an imatrix only (its
+# "WT 10m" rows); TQ1_0/TQ2_0 are not in the table and rank last. F32 is the original;
 # BF16 is not in the table and ranks with F16 (both keep ~all of the 16-bit model).
 PUBLISHED_KLD = {
     "F32": 0.0, "BF16": 0.000551, "F16": 0.000551, "Q8_0": 0.001355, "Q6_K": 0.005452,
     "Q5_K_M": 0.010762, "Q5_K_S": 0.016595, "Q5_1": 0.018045, "Q5_0": 0.022239,
     "Q4_K_M": 0.031273, "IQ4_NL": 0.035742, "IQ4_XS": 0.036334, "Q4_K_S": 0.043136,
     "Q4_1": 0.071683, "Q4_0": 0.071940, "Q3_K_L": 0.087176, "Q3_K_M": 0.101913,
-    "Q3_K_S": 0.228217, "Q2_K": 0.445132,
+    "Q3_K_S": 0.228217, "Q2_K": 0.445132, "IQ3_M": 0.102534, "IQ3_S": 0.111278,
+    "IQ3_XS": 0.138693, "IQ3_XXS": 0.183625, "IQ2_M": 0.325989, "IQ2_S": 0.439197,
+    "IQ2_XS": 0.546290, "IQ2_XXS": 0.812022, "IQ1_M": 1.393084, "IQ1_S": 2.254554,
 }  # fmt: skip
 PUBLISHED_SOURCE = "llama.cpp tools/perplexity/README.md (LLaMA 3 8B, mean KLD vs FP16)"
 

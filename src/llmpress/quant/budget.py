@@ -48,11 +48,12 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from llmpress.errors import LlmpressError
-from llmpress.formats import dequantize_tensor
+from llmpress.formats import FORMATS, dequantize_tensor
 from llmpress.io.gguf_write import TensorSlot, plan_gguf
 from llmpress.quant.mix import (
     FILE_TYPES,
     FLOAT_TYPES,
+    NEEDS_IMATRIX,
     TensorChoice,
     TensorInfo,
     allows_quantization,
@@ -60,11 +61,14 @@ from llmpress.quant.mix import (
     tensors_of,
 )
 
-# Types the optimizer may pick: every quantized type llmpress writes, plus F16.
-CANDIDATE_TYPES = (
-    T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_0, T.IQ4_NL, T.Q4_K, T.Q4_1, T.Q5_0, T.Q5_K, T.Q5_1,
+# Types the optimizer may pick: every quantized type of llama-quantize's mixes that this
+# build can write (formats.FORMATS[t].writable: the i-quants join when their quantizers
+# do), plus F16. The ones in NEEDS_IMATRIX only with an imatrix (budget_config).
+CANDIDATE_TYPES = tuple(t for t in (
+    T.IQ1_S, T.IQ1_M, T.TQ1_0, T.IQ2_XXS, T.TQ2_0, T.IQ2_XS, T.IQ2_S, T.Q2_K, T.IQ3_XXS,
+    T.IQ3_S, T.Q3_K, T.IQ4_XS, T.Q4_0, T.IQ4_NL, T.Q4_K, T.Q4_1, T.Q5_0, T.Q5_K, T.Q5_1,
     T.Q6_K, T.Q8_0, T.F16,
-)  # fmt: skip
+) if t in FORMATS and FORMATS[t].writable)  # fmt: skip
 # Perturbation passes quantize to the first of these a tensor can take (4-bit: in the
 # range the choices are made in; fast quantizers).
 PROBE_TYPES = (T.Q4_K, T.Q4_0, T.Q5_K, T.Q5_0, T.Q6_K, T.Q8_0, T.F16)
@@ -586,6 +590,8 @@ def budget_config(config, target: BudgetTarget, settings: BudgetSettings = Budge
     source = load_source(config.input)
     imatrix = load_imatrix(config.imatrix) if config.imatrix is not None else None
     metadata = output_metadata(source.metadata, 0, imatrix)
+    if imatrix is None:  # the writer refuses these without one (llama-quantize too)
+        settings = replace(settings, excluded=tuple(settings.excluded) + NEEDS_IMATRIX)
     if sensitivity is None:  # refuse what the writer would refuse before measuring
         infos, candidates, _, _ = _candidates(source, metadata, settings.excluded)
         provisional = tuple(TensorChoice(i.name, i.shape, i.ggml_type, candidates[i.name][0])

@@ -301,7 +301,8 @@ def calibrated_quantize(config, calib: CalibrationConfig,
     run_layers(model, tokens, per_layer, batch_size=calib.batch_size, progress=layer_progress)
 
     tensors = write_gguf(config.output, source, plan.choices, plan.metadata,
-                         replacements=overrides, layout=plan.layout, progress=tensor_progress,
+                         replacements=overrides, layout=plan.layout, parts=plan.parts,
+                         progress=tensor_progress,
                          importance=lambda choice: _importance_for(choice, imatrix))
     report = plan.report(tensors, config.output, plan_file_type(config), imatrix, started)
     return CalibratedReport(calib.method, report, tuple(errors), int(tokens.numel()),

@@ -7,10 +7,12 @@ planner can predict sizes with it. It mirrors llama.cpp's src/llama-quant.cpp:
     llama_tensor_get_type        overrides (--tensor-type, --output-type, --embedding-type)
     llama_tensor_get_type_impl   the per-ftype rules (output, attn_v, ffn_down "more bits" ...)
     tensor_type_fallback         rows that are not a multiple of the block size
+    tensor_requires_imatrix      the IQ1/IQ2/IQ3_XXS tensors refused without an imatrix
 
-The rules for ftypes whose formats llmpress does not implement (IQ1/IQ2/IQ3, TQ, MXFP4)
-are left out. The per-ftype rules count tensors as they go (the i-th attn_v), so the
-tensors are walked in llama.cpp's order (llama_model_loader's weights_map, see
+Every llama-quantize ftype except Q1_0, Q2_0, Q2_K_S, MXFP4_MOE and NVFP4 is here, the
+IQ1/IQ2/IQ3 and TQ ones included, whether or not this build of llmpress can write their
+formats yet (quant.quantize refuses a plan with a type it cannot write, in one line).
+The per-ftype rules count tensors as they go (the i-th attn_v), so the tensors are walked in llama.cpp's order (llama_model_loader's weights_map, see
 `llama_tensor_order`); the result does not depend on the order of the input.
 """
 
@@ -36,7 +38,10 @@ class FileType:
     default_type: T  # llama_ftype_get_default_type
 
 
-# llama.h's llama_ftype and tools/quantize's QUANT_OPTIONS, for the types llmpress writes.
+# llama.h's llama_ftype and tools/quantize's QUANT_OPTIONS (default type:
+# llama_ftype_get_default_type; IQ2_S and IQ2_M are mixes over IQ2_XS and IQ2_S). The
+# first entry of each default type is the one that names a file mostly of that type
+# (quant.budget.representative_file_type).
 FILE_TYPES: dict[str, FileType] = {
     ft.name: ft
     for ft in (
@@ -49,22 +54,31 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("IQ4_XS", 30, T.IQ4_XS), FileType("IQ4_NL", 25, T.IQ4_NL),
         FileType("Q3_K_L", 13, T.Q3_K), FileType("Q3_K_M", 12, T.Q3_K),
         FileType("Q3_K_S", 11, T.Q3_K), FileType("Q2_K", 10, T.Q2_K),
+        FileType("IQ3_S", 26, T.IQ3_S), FileType("IQ3_M", 27, T.IQ3_S),
+        FileType("IQ3_XS", 22, T.IQ3_S), FileType("IQ3_XXS", 23, T.IQ3_XXS),
+        FileType("IQ2_M", 29, T.IQ2_S), FileType("IQ2_XS", 20, T.IQ2_XS),
+        FileType("IQ2_S", 28, T.IQ2_XS), FileType("IQ2_XXS", 19, T.IQ2_XXS),
+        FileType("IQ1_M", 31, T.IQ1_M), FileType("IQ1_S", 24, T.IQ1_S),
+        FileType("TQ2_0", 37, T.TQ2_0), FileType("TQ1_0", 36, T.TQ1_0),
     )
 }  # fmt: skip
 # llama-quantize's short names for the _M mixes.
 FILE_TYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
-# Tensor types a user may name in an override: the formats llmpress can write.
+# Tensor types a user may name in an override or a mix may pick (whether this build can
+# write each one is formats.FORMATS[t].writable, checked when the plan is made).
 TENSOR_TYPES = (
     T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q5_1, T.Q5_0, T.Q4_K, T.Q4_1, T.Q4_0,
-    T.IQ4_XS, T.IQ4_NL, T.Q3_K, T.Q2_K,
+    T.IQ4_XS, T.IQ4_NL, T.Q3_K, T.IQ3_S, T.IQ3_XXS, T.Q2_K, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS,
+    T.IQ1_M, T.IQ1_S, T.TQ2_0, T.TQ1_0,
 )
 
 # tensor_type_fallback: a 256-block type whose row length does not divide falls back to a
 # 32-block type of about the same size.
 FALLBACK = {
-    T.IQ4_XS: T.IQ4_NL,
-    T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0,
+    T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL,
+    T.IQ2_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL,
+    T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
     T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
 }  # fmt: skip
 
@@ -84,6 +98,12 @@ KEEP_TYPE_SUBSTRINGS = (
     ".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd",
     ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
 )
+# The very-low-bit ftypes with a rule set of their own (llama-quant.cpp's IQ1/IQ2 branch).
+LOW_BIT_FTYPES = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
+# tensor_requires_imatrix: types whose quantizers give garbage without an imatrix
+# (everywhere but the token embedding and the output matrix).
+NEEDS_IMATRIX = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S)
+
 KEEP_TYPE_NAMES = ("position_embd.weight", "token_types.weight")  # BERT (LLM_TN names)
 GLM5_NEXT_KEEP_SUBSTRINGS = (
     "hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
@@ -234,6 +254,8 @@ class _WalkState:  # quantize_state_impl's counters
     tied_embeddings: bool
     i_attention_wv: int = 0
     i_ffn_down: int = 0
+    i_ffn_gate: int = 0
+    i_ffn_up: int = 0
 
 
 def _category(name: str) -> str:
@@ -346,72 +368,160 @@ def _layer_of(name: str, counter: int, facts: ModelFacts) -> int:
 
 def _mix_rule(tensor: TensorInfo, category: str, new_type: T, facts: ModelFacts,
               options: MixOptions, state: _WalkState) -> T:
-    """llama_tensor_get_type_impl for the ftypes llmpress implements."""
+    """llama_tensor_get_type_impl: the output matrix and the token embedding first, then
+    the very-low-bit ftypes' own rules, then the per-category rules of the others."""
     ftype = options.ftype.name
-    falcon = facts.architecture == "falcon"
     if category == "output" or (state.tied_embeddings and category == "token_embd"):
-        # The output matrix (or the token embedding that doubles as it) gets 6 bits.
+        # The output matrix (or the token embedding that doubles as it) gets more bits.
         if options.output_type is not None:
             return tensor_type(options.output_type)
-        if falcon or _ne(tensor.shape)[0] % _block_size(new_type):
+        if facts.architecture == "falcon" or _ne(tensor.shape)[0] % _block_size(new_type):
             return T.Q8_0
+        if ftype in LOW_BIT_FTYPES or ftype == "IQ3_XXS":
+            return T.Q5_K
         return new_type if new_type == T.Q8_0 else T.Q6_K
     if category == "token_embd":
-        return new_type  # the IQ1/IQ2/IQ3 and TQ rules only
+        return _token_embd_rule(ftype, new_type)
+    if ftype in LOW_BIT_FTYPES:
+        return _low_bit_rule(category, ftype, new_type, facts, state)
+    rule = {"attn_v": _attn_v_rule, "attn_k": _attn_k_rule, "attn_q": _attn_q_rule,
+            "ffn_down": _ffn_down_rule, "attn_output": _attn_output_rule,
+            "ffn_gate": _ffn_gate_up_rule, "ffn_up": _ffn_gate_up_rule}.get(category)
+    return rule(tensor, category, ftype, new_type, facts, options, state) if rule else new_type
+
+
+def _token_embd_rule(ftype: str, new_type: T) -> T:
+    """An untied token embedding: only the very-low-bit ftypes change it."""
+    if ftype in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+        return T.Q2_K
+    if ftype in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+        return T.IQ3_S
+    if ftype in ("TQ1_0", "TQ2_0"):
+        return T.Q4_K
+    return new_type
+
+
+def _low_bit_rule(category: str, ftype: str, new_type: T, facts: ModelFacts,
+                  state: _WalkState) -> T:
+    """IQ1_S/IQ1_M/IQ2_*: attn_v, the first eighth of ffn_down and attn_output get a few
+    more bits; nothing else changes (no 70B bump, no per-layer gate/up rules)."""
+    bigger = T.IQ3_S if ftype in ("IQ2_S", "IQ2_M") else T.Q2_K
     if category == "attn_v":
-        i, n = state.i_attention_wv, state.n_attention_wv
         state.i_attention_wv += 1
-        if ftype == "Q2_K":
-            new_type = T.Q4_K if facts.n_gqa >= 4 else T.Q3_K
-        elif ftype == "Q3_K_M":
-            new_type = T.Q5_K if i < 2 else T.Q4_K
-        elif ftype == "Q3_K_L" or ftype in ("IQ4_NL", "IQ4_XS") and facts.n_gqa >= 4:
-            new_type = T.Q5_K
-        elif ftype in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n):
-            new_type = T.Q6_K
-        elif ftype == "Q4_K_S" and i < 4:
-            new_type = T.Q5_K
-        if facts.is_70b and new_type in (T.Q3_K, T.Q4_K):
-            new_type = T.Q5_K  # 8 heads share each attn_v row: more bits cost little
-        if facts.n_experts == 8:
-            new_type = T.Q8_0
-        return new_type
-    if category == "attn_k":
-        return T.Q8_0 if facts.n_experts == 8 else new_type
+        return T.Q4_K if facts.n_gqa >= 4 or facts.n_experts >= 4 else bigger
+    if category == "attn_k" and facts.n_experts == 8:
+        return T.Q4_K
     if category == "ffn_down":
-        i = _layer_of(tensor.name, state.i_ffn_down, facts)
-        n = state.n_ffn_down
+        # the plain counter here, not layer_info's name parsing (llama.cpp does the same)
+        i = state.i_ffn_down
         state.i_ffn_down += 1
-        if ftype == "Q2_K":
-            return T.Q3_K
-        if ftype == "Q3_K_M":
-            if i < n // 16:
-                return T.Q5_K
-            return T.Q4_K if not falcon or _use_more_bits(i, n) else T.Q3_K
-        if ftype == "Q3_K_L":
-            return T.Q4_K if falcon else T.Q5_K
-        if ftype == "Q4_K_M":
-            if falcon:
-                return T.Q6_K if i < n // 16 else T.Q5_K if _use_more_bits(i, n) else T.Q4_K
-            return T.Q6_K if _use_more_bits(i, n) else new_type
-        if i < n // 8 and ftype in ("IQ4_NL", "IQ4_XS") and not options.has_imatrix:
-            return T.Q5_K
-        if ftype == "Q5_K_M" and _use_more_bits(i, n):
-            return T.Q6_K
-        if ftype == "Q4_K_S" and not falcon and i < n // 8:
-            return T.Q5_K
-        if ftype in ("Q4_0", "Q5_0") and options.has_imatrix and i < n // 8:
-            # guard the first ffn_down layers, only with an imatrix (llama.cpp's comment)
-            return T.Q4_1 if ftype == "Q4_0" else T.Q5_1
-        return new_type
+        return bigger if i < state.n_ffn_down // 8 else new_type
     if category == "attn_output":
-        if falcon:
-            return T.Q4_K if ftype == "Q3_K_L" else new_type
         if facts.n_experts == 8:
-            bumped = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS")
-            return T.Q5_K if ftype in bumped else new_type
-        return {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(ftype, new_type)
-    return new_type  # attn_q, ffn_gate, ffn_up: rules for IQ3 ftypes only
+            return T.Q5_K
+        if ftype in ("IQ1_S", "IQ1_M"):
+            return T.IQ2_XXS
+        return T.IQ3_S if ftype in ("IQ2_S", "IQ2_M") else new_type
+    return new_type
+
+
+def _attn_v_rule(tensor, category, ftype, new_type, facts, options, state) -> T:
+    i, n = state.i_attention_wv, state.n_attention_wv
+    state.i_attention_wv += 1
+    gqa4 = facts.n_gqa >= 4
+    if ftype == "Q2_K":
+        new_type = T.Q4_K if gqa4 else T.Q3_K
+    elif ftype == "IQ3_XXS":
+        new_type = T.Q4_K if gqa4 else T.IQ3_XXS if options.has_imatrix else T.IQ3_S
+    elif ftype in ("IQ3_XS", "IQ3_S") and gqa4 or ftype == "IQ3_M":
+        new_type = T.Q4_K
+    elif ftype == "Q3_K_M":
+        new_type = T.Q5_K if i < 2 else T.Q4_K
+    elif ftype == "Q3_K_L" or ftype in ("IQ4_NL", "IQ4_XS") and gqa4:
+        new_type = T.Q5_K
+    elif ftype in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n):
+        new_type = T.Q6_K
+    elif ftype == "Q4_K_S" and i < 4:
+        new_type = T.Q5_K
+    if facts.is_70b and new_type in (T.Q3_K, T.Q4_K):
+        new_type = T.Q5_K  # 8 heads share each attn_v row: more bits cost little
+    if facts.n_experts == 8:
+        new_type = T.Q8_0
+    return new_type
+
+
+def _attn_k_rule(tensor, category, ftype, new_type, facts, options, state) -> T:
+    if facts.n_experts == 8:
+        return T.Q8_0
+    return _attn_q_rule(tensor, category, ftype, new_type, facts, options, state)
+
+
+def _attn_q_rule(tensor, category, ftype, new_type, facts, options, state) -> T:
+    return {"IQ3_XS": T.IQ3_XXS, "IQ3_XXS": T.IQ2_S}.get(ftype, new_type)
+
+
+def _ffn_down_rule(tensor, category, ftype, new_type, facts, options, state) -> T:
+    i = _layer_of(tensor.name, state.i_ffn_down, facts)
+    n = state.n_ffn_down
+    state.i_ffn_down += 1
+    falcon = facts.architecture == "falcon"
+    if ftype == "Q2_K":
+        return T.Q3_K
+    if ftype == "IQ3_XXS" and not options.has_imatrix:
+        return T.Q4_K if i < n // 8 else T.Q3_K
+    if ftype == "Q3_K_M":
+        if i < n // 16:
+            return T.Q5_K
+        return T.Q4_K if not falcon or _use_more_bits(i, n) else T.Q3_K
+    if ftype == "IQ3_M" and (i < n // 8 or facts.n_experts == 8 and _use_more_bits(i, n)):
+        return T.Q4_K
+    if ftype == "Q3_K_L":
+        return T.Q4_K if falcon else T.Q5_K
+    if ftype == "Q4_K_M":
+        if falcon:
+            return T.Q6_K if i < n // 16 else T.Q5_K if _use_more_bits(i, n) else T.Q4_K
+        return T.Q6_K if _use_more_bits(i, n) else new_type
+    if i < n // 8 and ftype in ("IQ4_NL", "IQ4_XS") and not options.has_imatrix:
+        return T.Q5_K
+    if ftype == "Q5_K_M" and _use_more_bits(i, n):
+        return T.Q6_K
+    if ftype == "Q4_K_S" and not falcon and i < n // 8:
+        return T.Q5_K
+    if ftype in ("Q4_0", "Q5_0") and options.has_imatrix and i < n // 8:
+        # guard the first ffn_down layers, only with an imatrix (llama.cpp's comment)
+        return T.Q4_1 if ftype == "Q4_0" else T.Q5_1
+    return new_type
+
+
+def _attn_output_rule(tensor, category, ftype, new_type, facts, options, state) -> T:
+    if facts.architecture == "falcon":
+        return T.Q4_K if ftype == "Q3_K_L" else new_type
+    if facts.n_experts == 8:
+        bumped = ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S",
+                  "Q4_K_M", "IQ3_S", "IQ3_M", "IQ4_XS")
+        return T.Q5_K if ftype in bumped else new_type
+    return {"Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K,
+            "IQ3_M": T.Q4_K}.get(ftype, new_type)
+
+
+def _ffn_gate_up_rule(tensor, category, ftype, new_type, facts, options, state) -> T:
+    """IQ3_XS drops the middle three quarters of the layers' gate and up to IQ3_XXS."""
+    counter = "i_ffn_gate" if category == "ffn_gate" else "i_ffn_up"
+    i = _layer_of(tensor.name, getattr(state, counter), facts)
+    setattr(state, counter, getattr(state, counter) + 1)
+    n = facts.n_layers  # init_quantize_state_counters: n_ffn_gate = n_ffn_up = n_layer
+    if ftype == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+        return T.IQ3_XXS
+    return new_type
+
+
+def requires_imatrix(choice: TensorChoice, architecture: str) -> bool:
+    """tensor_requires_imatrix: llama-quantize refuses these without an imatrix (its Q2_K
+    case is for Q2_K_S files only, an ftype llmpress does not offer)."""
+    if choice.name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    return (choice.target_type in NEEDS_IMATRIX
+            and allows_quantization(choice.name, choice.shape, architecture))
 
 
 def tensors_of(source_tensors: Iterable[Any]) -> list[TensorInfo]:

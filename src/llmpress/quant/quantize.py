@@ -28,7 +28,8 @@ from gguf import GGUFValueType
 from llmpress import hub
 from llmpress.errors import LlmpressError
 from llmpress.formats import FORMATS, get_format
-from llmpress.io.gguf_write import GGUFLayout, MetadataValue
+from llmpress.io.gguf_split import SPLIT_KEYS, split_path, split_prefix
+from llmpress.io.gguf_write import GGUFLayout, MetadataValue, SplitLimits, TensorSlot, plan_split
 from llmpress.io.loader import load_source
 from llmpress.io.source import ModelSource
 from llmpress.quant.imatrix import read_imatrix_file
@@ -39,6 +40,7 @@ from llmpress.quant.mix import (
     choose_types,
     file_type,
     model_facts,
+    requires_imatrix,
     tensors_of,
 )
 from llmpress.quant.write import (  # the tensor quantizer is part of this module's API too
@@ -51,7 +53,6 @@ from llmpress.quant.write import (  # the tensor quantizer is part of this modul
 )
 
 GGML_QNT_VERSION = 2  # ggml.h: written to general.quantization_version
-SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")  # removed, as llama.cpp does
 IMATRIX_STRING_LIMIT = 127  # llama_model_kv_override.val_str holds 128 bytes
 _u32 = GGUFValueType.UINT32  # gguf_set_val_u32
 
@@ -74,6 +75,7 @@ class QuantizeConfig:
     # The type of every tensor, chosen elsewhere (quant.budget), instead of the mix's rules;
     # `type` then only names general.file_type.
     choices: tuple[TensorChoice, ...] | None = None
+    split: SplitLimits | None = None  # write a split model (--split-max-size / -tensors)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output", Path(self.output))
@@ -176,17 +178,35 @@ class QuantizePlan:
     source: ModelSource
     choices: tuple[TensorChoice, ...]  # in output order
     metadata: dict[str, Any]
+    split: SplitLimits | None = None
 
     @cached_property
     def layout(self) -> GGUFLayout:
         return layout_of(self.metadata, self.choices)
 
+    @cached_property
+    def parts(self) -> tuple[GGUFLayout, ...] | None:
+        """A split model's part layouts (None: one file)."""
+        if self.split is None:
+            return None
+        slots = [TensorSlot(c.name, c.target_type, c.shape) for c in self.choices]
+        return plan_split(self.metadata, slots, self.split)
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(p.file_bytes for p in self.parts) if self.parts else self.layout.file_bytes
+
+    def written_path(self, output: Path) -> Path:
+        """The file to load the result from: the output, or a split model's first part."""
+        return output if self.parts is None else split_path(split_prefix(output), 0,
+                                                            len(self.parts))
+
     def report(self, tensors: tuple[TensorReport, ...], output: Path, file_type_name: str,
                imatrix: ImportanceMatrix | None, started: float) -> QuantizeReport:
         """What was written, once write_gguf has written the plan."""
         return QuantizeReport(
-            input=str(self.source.path), output=str(output), file_type=file_type_name,
-            tensors=tensors, file_bytes=self.layout.file_bytes,
+            input=str(self.source.path), output=str(self.written_path(output)),
+            file_type=file_type_name, tensors=tensors, file_bytes=self.file_bytes,
             n_params=sum(math.prod(c.shape) for c in self.choices),
             seconds=time.perf_counter() - started,
             imatrix_entries=len(imatrix.entries) if imatrix else 0)
@@ -206,6 +226,11 @@ def plan_quantization(source: ModelSource, config: QuantizeConfig,
                                model_facts(source.metadata), options)
     if source.path.is_dir():  # a Hugging Face directory: converted on the way
         choices = [_converted_type(c) for c in choices]
+    if imatrix is None:
+        needy = next((c for c in choices if requires_imatrix(c, source.architecture)), None)
+        if needy is not None:  # llama-quantize refuses it too: the result would be garbage
+            raise LlmpressError(f"tensor {needy.name}: {needy.target_type.name} needs an "
+                                "importance matrix; pass --imatrix FILE (`llmpress imatrix`)")
     for c in choices:
         if c.target_type not in FORMATS or not FORMATS[c.target_type].writable:
             raise LlmpressError(f"tensor {c.name}: llmpress cannot write type {c.target_type.name}")
@@ -222,7 +247,7 @@ def plan_quantization(source: ModelSource, config: QuantizeConfig,
         if c.source_type not in FORMATS:
             raise LlmpressError(f"tensor {c.name}: llmpress cannot read type {c.source_type.name}")
     metadata = output_metadata(source.metadata, options.ftype.number, imatrix)
-    return QuantizePlan(source, tuple(choices), metadata)
+    return QuantizePlan(source, tuple(choices), metadata, config.split)
 
 
 def _converted_type(choice: TensorChoice) -> TensorChoice:
@@ -260,7 +285,8 @@ def quantize_model(config: QuantizeConfig, progress: ProgressCallback | None = N
     plan = plan_quantization(source, config, imatrix)
     reports = write_gguf(config.output, source, plan.choices, plan.metadata,
                          importance=lambda choice: _importance_for(choice, imatrix),
-                         error_rows=config.error_rows, layout=plan.layout, progress=progress)
+                         error_rows=config.error_rows, layout=plan.layout, parts=plan.parts,
+                         progress=progress)
     return plan.report(reports, config.output, plan_file_type(config), imatrix, started)
 
 

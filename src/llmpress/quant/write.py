@@ -32,7 +32,13 @@ from gguf import GGMLQuantizationType as T
 from llmpress.errors import LlmpressError
 from llmpress.formats import dequantize_tensor, get_format
 from llmpress.io.files import replacing_directory
-from llmpress.io.gguf_write import GGUFLayout, GGUFStreamWriter, TensorSlot, plan_gguf
+from llmpress.io.gguf_write import (
+    GGUFLayout,
+    GGUFSplitWriter,
+    GGUFStreamWriter,
+    TensorSlot,
+    plan_gguf,
+)
 from llmpress.io.hf import unpermute_qk
 from llmpress.io.names import GGUF_TO_HF_CONFIG, PERMUTED_QK_ARCHS, hf_tensor_name
 from llmpress.io.source import ModelSource, TensorRef
@@ -71,21 +77,26 @@ def write_gguf(output: Path | str, source: ModelSource, choices: Sequence[Tensor
                replacements: Mapping[str, np.ndarray] | None = None,
                importance: Importance | None = None, error_rows: int = 0,
                protect: Sequence[Path] = (), layout: GGUFLayout | None = None,
+               parts: Sequence[GGUFLayout] | None = None,
                progress: ProgressCallback | None = None) -> tuple[TensorReport, ...]:
     """Write `choices` (in order) of `source` to `output` with `metadata`.
 
     replacements: tensor name -> uint8 bytes already in the choice's target type, written
     as they are. importance: the column weights the quantizer uses for a tensor whose type
     changes (None: none). error_rows: rows per requantized tensor dequantized back to
-    report its error (0: not measured). The source's own files are always protected from
-    being overwritten; `protect` adds others."""
+    report its error (0: not measured). parts: a split model's layouts (io.gguf_write.
+    plan_split), written as OUTPUT-0000i-of-0000n.gguf. The source's own files are always
+    protected from being overwritten; `protect` adds others."""
     replacements = dict(replacements or {})
-    layout = layout or layout_of(metadata, choices)
-    guarded = [source.path, *protect]
+    guarded = [source.path, *source.parts, *protect]
     if source.path.is_dir():  # a Hugging Face directory: its files are the input
         guarded += [p for p in source.path.iterdir() if p.is_file()]
+    if parts is not None:
+        writer_cm = GGUFSplitWriter(output, parts, protect=guarded)
+    else:
+        writer_cm = GGUFStreamWriter(output, layout or layout_of(metadata, choices), guarded)
     reports = []
-    with GGUFStreamWriter(output, layout, protect=guarded) as writer, one_torch_thread():
+    with writer_cm as writer, one_torch_thread():
         for done, choice in enumerate(choices, 1):
             report, data = _tensor(source.tensors[choice.name], choice,
                                    replacements.pop(choice.name, None), importance, error_rows)
