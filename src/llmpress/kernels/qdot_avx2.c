@@ -577,9 +577,73 @@ static inline __attribute__((always_inline)) void tile_legacy(
 LEGACY_TILE(Q4_0) LEGACY_TILE(Q4_1) LEGACY_TILE(Q5_0) LEGACY_TILE(Q5_1) LEGACY_TILE(Q8_0)
 LEGACY_TILE(IQ4_NL)
 
+/* --- Q4_K_X8 (qdot.h): 8 weight rows repacked, lane i of every sum is row i --- */
+
+/* 8 bytes (one per row) as 8 int32 lanes, each holding the byte twice as int16: the
+ * multiplier of a row's two int16 lanes in _mm256_madd_epi16. */
+static inline __m256i per_row_pairs(const uint8_t *bytes) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes));
+    return _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+}
+
+static inline __m256i broadcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+
+static inline __attribute__((always_inline)) void tile_k4x8(
+    const uint8_t *rows, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = rows + b * X8_BLOCK;
+        __m256i sums[DOT_ROWS], mins[DOT_ROWS];
+        for (int r = 0; r < DOT_ROWS; r++) sums[r] = mins[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *codes = blk + 160 + 128 * j;
+            __m256i lo[4], hi[4];
+            for (int v = 0; v < 4; v++) {
+                const __m256i bytes = load(codes + 32 * v);
+                lo[v] = _mm256_and_si256(bytes, low4);
+                hi[v] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            }
+            const __m256i scale = per_row_pairs(blk + 32 + 8 * j), min = per_row_pairs(blk + 96 + 8 * j);
+            for (int r = 0; r < n_x; r++) {
+                /* a sub-block's 8 products stay in int16: at most 8 * 2 * 15 * 127 */
+                const int8_t *q = x[r].q + 256 * b + 32 * j;
+                __m256i part = _mm256_maddubs_epi16(lo[0], broadcast4(q));
+                part = _mm256_add_epi16(part, _mm256_maddubs_epi16(hi[0], broadcast4(q + 4)));
+                for (int v = 1; v < 4; v++) {
+                    part = _mm256_add_epi16(part, _mm256_maddubs_epi16(lo[v], broadcast4(q + 8 * v)));
+                    part = _mm256_add_epi16(part, _mm256_maddubs_epi16(hi[v], broadcast4(q + 8 * v + 4)));
+                }
+                sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(part, scale));
+                /* the sub-block's two 16-value sums of x, times each row's min */
+                const __m256i group_sums = _mm256_set1_epi32(*(const int32_t *)(x[r].bsum + 16 * b + 2 * j));
+                mins[r] = _mm256_add_epi32(mins[r], _mm256_madd_epi16(group_sums, min));
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+        for (int r = 0; r < n_x; r++) {
+            const __m256 dx = _mm256_set1_ps(x[r].d[b]);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(sums[r]), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(mins[r]), acc[r]);
+        }
+    }
+    for (int r = 0; r < n_x; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
+}
+
+static void tile_Q4_K_X8_avx2(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
+                              int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
+    if (n_x == 1) tile_k4x8(rows, x, 1, nb, out, out_stride);
+    else if (n_x == DOT_ROWS) tile_k4x8(rows, x, DOT_ROWS, nb, out, out_stride);
+    else tile_k4x8(rows, x, n_x, nb, out, out_stride);
+}
+
 const tile_fn avx2_tiles[N_TYPES] = {
     [Q4_0] = tile_Q4_0_avx2, [Q4_1] = tile_Q4_1_avx2, [Q5_0] = tile_Q5_0_avx2,
     [Q5_1] = tile_Q5_1_avx2, [Q8_0] = tile_Q8_0_avx2, [IQ4_NL] = tile_IQ4_NL_avx2,
+    [Q4_K_X8] = tile_Q4_K_X8_avx2,
 };
 
 ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K) ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K)

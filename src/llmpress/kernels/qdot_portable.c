@@ -26,6 +26,7 @@ int64_t qtype_block_bytes(int type) {
     case IQ3_XXS: return IQ_GRIDS.ready ? 98 : 0; case IQ3_S: return IQ_GRIDS.ready ? 110 : 0;
     case IQ2_S: return IQ_GRIDS.ready ? 82 : 0; case IQ1_S: return IQ_GRIDS.ready ? 50 : 0;
     case IQ1_M: return IQ_GRIDS.ready ? 56 : 0; case TQ1_0: return 54; case TQ2_0: return 66;
+    case Q4_K_X8: return X8_BLOCK / X8_ROWS;
     default: return 0;
     }
 }
@@ -33,7 +34,7 @@ int64_t qtype_block_bytes(int type) {
 static int is_k_quant(int type) {
     return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS || type == IQ2_XXS || type == IQ2_XS
         || type == IQ2_S || type == IQ3_XXS || type == IQ3_S || type == IQ1_S || type == IQ1_M
-        || type == TQ1_0 || type == TQ2_0;
+        || type == TQ1_0 || type == TQ2_0 || type == Q4_K_X8;
 }
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
 int64_t qtype_act_block(int type) { return qtype_block_values(type); }
@@ -347,6 +348,69 @@ PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5
 PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
 PORTABLE(Q6_K, k) PORTABLE(IQ2_XXS, iq) PORTABLE(IQ2_XS, iq) PORTABLE(IQ2_S, iq) PORTABLE(IQ3_XXS, iq)
 PORTABLE(IQ3_S, iq) PORTABLE(IQ1_S, iq) PORTABLE(IQ1_M, iq) PORTABLE(TQ1_0, iq) PORTABLE(TQ2_0, iq)
+
+/* --- Q4_K_X8 (qdot.h): the layout, and its tile in plain C --- */
+
+void repack_q4_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) {
+    const int64_t nb = K / 256, row_bytes = nb * 144;
+    for (int64_t g = 0; g < n_rows / X8_ROWS; g++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *out = dst + (g * nb + b) * X8_BLOCK;
+            for (int i = 0; i < X8_ROWS; i++) {
+                const uint8_t *blk = src + (g * X8_ROWS + i) * row_bytes + b * 144, *qs = blk + 16;
+                memcpy(out + 2 * i, blk, 2);
+                memcpy(out + 16 + 2 * i, blk + 2, 2);
+                for (int j = 0; j < 8; j++) {
+                    int scale, min;
+                    k4_scale_min(blk + 4, j, &scale, &min);
+                    out[32 + 8 * j + i] = (uint8_t)scale;
+                    out[96 + 8 * j + i] = (uint8_t)min;
+                    /* value l of sub-block j: nibble j % 2 of qs[32 (j / 2) + l] */
+                    for (int v = 0; v < 4; v++) {
+                        for (int c = 0; c < 4; c++) {
+                            const uint8_t *q = qs + 32 * (j / 2) + 8 * v + c;
+                            const int low = (q[0] >> (4 * (j % 2))) & 15, high = (q[4] >> (4 * (j % 2))) & 15;
+                            out[160 + 128 * j + 32 * v + 4 * i + c] = (uint8_t)(low | high << 4);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* One 8-row group against n_x activation rows; lane i's float steps are the AVX2 tile's. */
+static void tile_Q4_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
+                                  int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
+    for (int r = 0; r < n_x; r++) {
+        float acc[X8_ROWS] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = rows + b * X8_BLOCK;
+            const int8_t *q = x[r].q + 256 * b;
+            const int16_t *bsum = x[r].bsum + 16 * b;
+            for (int i = 0; i < X8_ROWS; i++) {
+                int32_t scaled = 0, mins = 0;
+                for (int j = 0; j < 8; j++) {
+                    int32_t sum = 0;
+                    for (int v = 0; v < 4; v++) {
+                        for (int c = 0; c < 4; c++) {
+                            const uint8_t byte = blk[160 + 128 * j + 32 * v + 4 * i + c];
+                            sum += (byte & 15) * q[32 * j + 8 * v + c] + (byte >> 4) * q[32 * j + 8 * v + 4 + c];
+                        }
+                    }
+                    scaled += blk[32 + 8 * j + i] * sum;
+                    mins += blk[96 + 8 * j + i] * (bsum[2 * j] + bsum[2 * j + 1]);
+                }
+                acc[i] += read_half(blk + 2 * i) * x[r].d[b] * (float)scaled;
+                acc[i] -= read_half(blk + 16 + 2 * i) * x[r].d[b] * (float)mins;
+            }
+        }
+        for (int i = 0; i < X8_ROWS; i++) out[r * out_stride + i] = acc[i];
+    }
+}
+
+const tile_fn portable_tiles[N_TYPES] = {[Q4_K_X8] = tile_Q4_K_X8_portable};
 
 const dot_fn portable_dots[N_TYPES] = {
     [Q4_0] = dot_Q4_0_portable, [Q4_1] = dot_Q4_1_portable, [Q5_0] = dot_Q5_0_portable,
