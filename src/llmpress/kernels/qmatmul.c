@@ -70,7 +70,7 @@ int qmatmul_check(int n_weights, const int *types, int64_t K, int64_t T) {
 int x8_aligned(int n_weights, const int *types, const int64_t *Ns) {
     int64_t start = 0;
     for (int i = 0; i < n_weights; i++) {
-        if (types[i] == Q4_K_X8 && (start % X8_ROWS || Ns[i] % X8_ROWS)) return 0;
+        if (is_repacked(types[i]) && (start % X8_ROWS || Ns[i] % X8_ROWS)) return 0;
         start += Ns[i];
     }
     return 1;
@@ -215,29 +215,44 @@ int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
 
 /* A GGUF type with a kernel (the repacked layouts are llmpress's own, never a file's). */
 int llmpress_qmatmul_supports(int type) {
-    return type >= 0 && type < N_TYPES && type != Q4_K_X8 && qtype_block_bytes(type) != 0;
+    return type >= 0 && type < Q4_K_X8 && qtype_block_bytes(type) != 0;
+}
+
+/* The repacked layouts (qdot.h): the file type each comes from, and its repacker. */
+static const struct {
+    int from, to;
+    void (*repack)(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+} REPACKS[] = {{Q4_K, Q4_K_X8, repack_q4_k_x8}, {Q6_K, Q6_K_X8, repack_q6_k_x8}};
+
+/* The index in REPACKS of this weight's layout, or -1 where it has none. */
+static int find_repack(int type, int64_t N, int64_t K) {
+    if (N < X8_ROWS || N % X8_ROWS || K < 256 || K % 256) return -1;
+    for (int i = 0; i < (int)(sizeof(REPACKS) / sizeof(REPACKS[0])); i++)
+        if (REPACKS[i].from == type) return i;
+    return -1;
 }
 
 /* Weights of `type` (N rows of K) can be rearranged for faster tiles: the bytes the new
  * layout takes, or 0 where this type or shape has none. */
 int64_t llmpress_repacked_bytes(int type, int64_t N, int64_t K) {
-    return type == Q4_K && N >= X8_ROWS && N % X8_ROWS == 0 && K >= 256 && K % 256 == 0
-        ? N * row_bytes(Q4_K_X8, K) : 0;
+    const int i = find_repack(type, N, K);
+    return i < 0 ? 0 : N * row_bytes(REPACKS[i].to, K);
 }
 
 /* Rearranges them into dst (llmpress_repacked_bytes of them): returns the new layout's
  * type id or a KernelError. */
 int llmpress_repack(int type, const uint8_t *src, int64_t src_bytes, uint8_t *dst,
                     int64_t dst_bytes, int64_t N, int64_t K, int n_threads) {
-    const int64_t packed_bytes = llmpress_repacked_bytes(type, N, K);
-    if (!packed_bytes) return ERR_TYPE;
+    const int i = find_repack(type, N, K);
+    if (i < 0) return ERR_TYPE;
+    const int to = REPACKS[i].to;
     if (n_threads < 1) return ERR_THREADS;
-    if (!src || !dst || src_bytes != N * row_bytes(type, K) || dst_bytes != packed_bytes) return ERR_BUFFER;
+    if (!src || !dst || src_bytes != N * row_bytes(type, K) || dst_bytes != N * row_bytes(to, K))
+        return ERR_BUFFER;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t g = 0; g < N / X8_ROWS; g++)
-        repack_q4_k_x8(src + g * X8_ROWS * row_bytes(type, K), dst + g * X8_ROWS * row_bytes(Q4_K_X8, K),
-                       X8_ROWS, K);
-    return Q4_K_X8;
+        REPACKS[i].repack(src + g * X8_ROWS * row_bytes(type, K), dst + g * X8_ROWS * row_bytes(to, K), X8_ROWS, K);
+    return to;
 }
 int64_t llmpress_row_bytes(int type, int64_t K) {
     return llmpress_qmatmul_supports(type) && K > 0 && K % qtype_block_values(type) == 0
