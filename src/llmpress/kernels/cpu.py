@@ -145,6 +145,7 @@ def supports(ggml_type: GGMLQuantizationType) -> bool:
 
 
 REPACKED_GROUP_ROWS = 8  # qdot.h's X8_ROWS: repacked rows come in groups of 8
+REPACK_CHUNK_BYTES = 16 << 20
 _MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages (file pages are re-read if needed)
 
 
@@ -171,15 +172,22 @@ def repacked(rows: torch.Tensor, ggml_type: GGMLQuantizationType, row_length: in
     file's bytes stay for the exact path, their pages handed back to the OS (a model in
     fast mode then holds each weight once)."""
     lib = _library()
-    size = lib.llmpress_repacked_bytes(int(ggml_type), rows.shape[0], row_length)
+    n_rows = rows.shape[0]
+    size = lib.llmpress_repacked_bytes(int(ggml_type), n_rows, row_length)
     if size == 0:
         return None
-    out = torch.empty(rows.shape[0], size // rows.shape[0], dtype=torch.uint8)
-    kernel_type = lib.llmpress_repack(int(ggml_type), rows.data_ptr(), rows.numel(),
-                                      out.data_ptr(), out.numel(), rows.shape[0], row_length,
-                                      torch.get_num_threads())
-    check(min(kernel_type, 0), f"repacking {ggml_type.name} rows")
-    _hand_back_pages(rows)
+    out = torch.empty(n_rows, size // n_rows, dtype=torch.uint8)
+    # in chunks, each one's file pages handed back at once: the peak memory holds one
+    # chunk twice, not the whole tensor (Qwen's output matrix is 233 MB)
+    step = max(REPACKED_GROUP_ROWS, REPACK_CHUNK_BYTES // rows.shape[1]
+               // REPACKED_GROUP_ROWS * REPACKED_GROUP_ROWS)
+    for first in range(0, n_rows, step):
+        source, target = rows[first:first + step], out[first:first + step]
+        kernel_type = lib.llmpress_repack(int(ggml_type), source.data_ptr(), source.numel(),
+                                          target.data_ptr(), target.numel(), source.shape[0],
+                                          row_length, torch.get_num_threads())
+        check(min(kernel_type, 0), f"repacking {ggml_type.name} rows")
+        _hand_back_pages(source)
     return out, kernel_type
 
 
