@@ -713,10 +713,57 @@ static void tile_Q6_K_X8_avx2(const uint8_t *rows, int64_t stride, int n_w, cons
     else tile_q6x8(rows, x, n_x, nb, out, out_stride);
 }
 
+/* Q4_0_X8 / Q4_1_X8: a 32-value block is one sub-block of Q4_K_X8's layout, with the
+ * legacy types' float steps (value = d * code + m, Q4_0's m = -8 d). */
+static inline __attribute__((always_inline)) void tile_l4x8(
+    const uint8_t *rows, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride,
+    const int affine) {
+    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const int bytes = affine ? 160 : 144, head = affine ? 32 : 16;
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = rows + b * bytes;
+        prefetch_block(blk + 4 * bytes, bytes);
+        __m256i part[DOT_ROWS];
+        for (int v = 0; v < 4; v++) {
+            const __m256i codes = load(blk + head + 32 * v);
+            const __m256i lo = _mm256_and_si256(codes, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+            for (int r = 0; r < n_x; r++) {
+                const int8_t *q = x[r].q + 32 * b + 8 * v;
+                const __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(q)),
+                                                      _mm256_maddubs_epi16(hi, broadcast4(q + 4)));
+                part[r] = v == 0 ? pair : _mm256_add_epi16(part[r], pair);
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 m = affine ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))
+                                : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+        for (int r = 0; r < n_x; r++) {
+            const __m256i sum = _mm256_madd_epi16(part[r], ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x[r].d[b])), _mm256_cvtepi32_ps(sum), acc[r]);
+            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[r].sum[b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < n_x; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
+}
+
+#define LEGACY4_X8_TILE(NAME, AFFINE)                                                           \
+    static void NAME(const uint8_t *rows, int64_t stride, int n_w, const QRow *x, int n_x,      \
+                     int64_t nb, float *out, int64_t out_stride) {                              \
+        (void)stride; (void)n_w;                                                                \
+        if (n_x == 1) tile_l4x8(rows, x, 1, nb, out, out_stride, AFFINE);                       \
+        else if (n_x == DOT_ROWS) tile_l4x8(rows, x, DOT_ROWS, nb, out, out_stride, AFFINE);    \
+        else tile_l4x8(rows, x, n_x, nb, out, out_stride, AFFINE);                              \
+    }
+LEGACY4_X8_TILE(tile_Q4_0_X8_avx2, 0) LEGACY4_X8_TILE(tile_Q4_1_X8_avx2, 1)
+
 const tile_fn avx2_tiles[N_TYPES] = {
     [Q4_0] = tile_Q4_0_avx2, [Q4_1] = tile_Q4_1_avx2, [Q5_0] = tile_Q5_0_avx2,
     [Q5_1] = tile_Q5_1_avx2, [Q8_0] = tile_Q8_0_avx2, [IQ4_NL] = tile_IQ4_NL_avx2,
     [Q4_K_X8] = tile_Q4_K_X8_avx2, [Q6_K_X8] = tile_Q6_K_X8_avx2,
+    [Q4_0_X8] = tile_Q4_0_X8_avx2, [Q4_1_X8] = tile_Q4_1_X8_avx2,
 };
 
 ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K) ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K)

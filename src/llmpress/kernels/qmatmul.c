@@ -222,13 +222,14 @@ int llmpress_qmatmul_supports(int type) {
 static const struct {
     int from, to;
     void (*repack)(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
-} REPACKS[] = {{Q4_K, Q4_K_X8, repack_q4_k_x8}, {Q6_K, Q6_K_X8, repack_q6_k_x8}};
+} REPACKS[] = {{Q4_K, Q4_K_X8, repack_q4_k_x8}, {Q6_K, Q6_K_X8, repack_q6_k_x8},
+               {Q4_0, Q4_0_X8, repack_q4_0_x8}, {Q4_1, Q4_1_X8, repack_q4_1_x8}};
 
 /* The index in REPACKS of this weight's layout, or -1 where it has none. */
 static int find_repack(int type, int64_t N, int64_t K) {
-    if (N < X8_ROWS || N % X8_ROWS || K < 256 || K % 256) return -1;
     for (int i = 0; i < (int)(sizeof(REPACKS) / sizeof(REPACKS[0])); i++)
-        if (REPACKS[i].from == type) return i;
+        if (REPACKS[i].from == type)  /* a type with a kernel: its block size is not 0 */
+            return N >= X8_ROWS && N % X8_ROWS == 0 && K >= 1 && K % qtype_block_values(type) == 0 ? i : -1;
     return -1;
 }
 
