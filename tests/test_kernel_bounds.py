@@ -4,6 +4,7 @@ LlmpressError line) instead of reading or writing outside their buffers."""
 from __future__ import annotations
 
 import ctypes
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from llmpress.errors import LlmpressError
 from llmpress.formats import get_format
 from llmpress.io.hf import load_hf_dir
 from llmpress.kernels import cpu
+from llmpress.kernels.linear import kernel_weights
 from llmpress.models.llama import LlamaModel
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C kernel was not built")
@@ -189,3 +191,46 @@ def test_a_refused_step_raises_llmpress_error(model):
                                   torch.ones(1, model.cfg.rope_dim // 2, dtype=torch.complex64))
     finally:
         model.decoder.layers[0].n_kv = model.cfg.layers[0].n_kv_heads
+
+
+@pytest.mark.parametrize("case, code", [("not Q4_K", -1), ("rows not whole groups", -1),
+                                        ("short source", -3), ("short destination", -3),
+                                        ("no threads", -4)])
+def test_repack_refuses(case, code):
+    t, n, k = GGMLQuantizationType.Q4_K, 16, 256
+    rows = packed_weights(t, n, k)
+    size = cpu._library().llmpress_repacked_bytes(int(t), n, k)
+    assert size > 0
+    out = torch.empty(size, dtype=torch.uint8)
+    src_bytes, dst_bytes, threads = rows.numel(), out.numel(), 1
+    if case == "not Q4_K":
+        t = GGMLQuantizationType.Q4_0
+    elif case == "rows not whole groups":
+        n = 12
+    elif case == "short source":
+        src_bytes -= 1
+    elif case == "short destination":
+        dst_bytes -= 1
+    elif case == "no threads":
+        threads = 0
+    assert cpu._library().llmpress_repack(int(t), rows.data_ptr(), src_bytes, out.data_ptr(),
+                                          dst_bytes, n, k, threads) == code
+
+
+def test_repacked_rows_must_start_on_a_group():
+    """A fused call whose repacked weight would start mid-group is refused, and the
+    Python side never builds one: it keeps the file layout there."""
+    t = GGMLQuantizationType.Q4_K
+    first, second = packed_weights(t, 4, 256), packed_weights(t, 8, 256)
+    repacked = cpu.repacked(second, t, 256)
+    assert repacked is not None
+    weights = cpu.FusedWeights([(first, int(t)), repacked])
+    y = torch.empty(1, 12)
+    x = torch.randn(1, 256)
+    assert cpu._library().llmpress_qmatmul(
+        2, weights.types, weights.pointers, weights.sizes, weights.bytes, x.data_ptr(),
+        x.numel(), y.data_ptr(), y.numel(), 256, 1, 1) == -2
+    linears = [SimpleNamespace(rows=rows, ggml_type=t, out_features=rows.shape[0],
+                               repacked=cpu.repacked(rows, t, 256)) for rows in (first, second)]
+    assert [kind for _, kind in kernel_weights(linears)] == [int(t), int(t)]
+    assert [kind for _, kind in kernel_weights(linears[::-1])] == [repacked[1], int(t)]

@@ -68,19 +68,24 @@ def quantized_activations(x: np.ndarray, block: int) -> np.ndarray:
     return (codes * d).reshape(x.shape).astype(np.float64)
 
 
-def run_kernel(packed: torch.Tensor, ggml_type, n_rows: int, x: np.ndarray) -> np.ndarray:
+def run_kernel(packed: torch.Tensor, ggml_type, n_rows: int, x: np.ndarray,
+               repack: bool = False) -> np.ndarray:
     rows = packed.view(n_rows, -1)
-    weights = cpu.FusedWeights([(rows, ggml_type)])
+    weight = (rows, int(ggml_type))
+    if repack:  # the kernel's own layout (qdot.h: Q4_K_X8)
+        weight = cpu.repacked(rows, ggml_type, x.shape[1])
+        assert weight is not None, f"{ggml_type.name} has no repacked layout"
+    weights = cpu.FusedWeights([weight])
     return cpu.qmatmul(weights, torch.from_numpy(x.astype(np.float32))).double().numpy()
 
 
-def check_against_references(packed, ggml_type, shape, x):
+def check_against_references(packed, ggml_type, shape, x, repack=False):
     n, k = shape
     dense = get_format(ggml_type).dequantize(packed, shape).double().numpy()
     block = 256 if ggml_type.name in K_QUANTS else 32
     expected = quantized_activations(x, block) @ dense.T
     exact = x.astype(np.float64) @ dense.T
-    got = run_kernel(packed, ggml_type, n, x)
+    got = run_kernel(packed, ggml_type, n, x, repack)
     scale = np.abs(exact).max()
     assert np.abs(got - expected).max() <= 2e-5 * scale, np.abs(got - expected).max() / scale
     # activation rounding moves each x by at most half its block's code step
@@ -101,6 +106,27 @@ def test_random_blocks(isa, type_name):
         x = rng.standard_normal((n_rows, shape[1])).astype(np.float32) * rng.uniform(0.1, 10)
         x[0, :7] = 0  # an all-zero start must not divide by zero
         check_against_references(packed, ggml_type, shape, x)
+
+
+REPACKED = ["Q4_K", "Q6_K", "Q4_0", "Q4_1"]  # types with a repacked layout (groups of 8 rows)
+
+
+@pytest.mark.parametrize("type_name", REPACKED)
+def test_repacked_layout(isa, type_name):
+    """The repacked layout gives the file layout's sums: both references, any number of
+    activation rows, and the same results as the file layout to float rounding."""
+    rng = np.random.default_rng(4)
+    ggml_type = GGMLQuantizationType[type_name]
+    shape = (40, 768)  # five groups of 8 rows
+    weights = rng.standard_normal(shape).astype(np.float32)
+    packed = pack(ggml_type, weights)
+    for n_rows in (1, 3, 4, 9):
+        x = rng.standard_normal((n_rows, shape[1])).astype(np.float32) * 3
+        got = check_against_references(packed, ggml_type, shape, x, repack=True)
+        file_layout = run_kernel(packed, ggml_type, shape[0], x)
+        np.testing.assert_allclose(got, file_layout, rtol=1e-5, atol=1e-5 * np.abs(got).max())
+    # a row count that is not whole groups keeps the file layout
+    assert cpu.repacked(packed.view(40, -1)[:12], ggml_type, shape[1]) is None
 
 
 @pytest.mark.parametrize("type_name", TYPES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,6 +75,11 @@ def _library() -> ctypes.CDLL | None:
                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.llmpress_row_bytes.restype = ctypes.c_int64
     lib.llmpress_row_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.llmpress_repacked_bytes.restype = ctypes.c_int64
+    lib.llmpress_repacked_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    lib.llmpress_repack.restype = ctypes.c_int
+    lib.llmpress_repack.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     forced = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
     if forced not in ISAS:
         raise LlmpressError(f"{ISA_ENV}={forced!r}: expected one of {', '.join(ISAS)}")
@@ -138,10 +144,57 @@ def supports(ggml_type: GGMLQuantizationType) -> bool:
     return lib is not None and bool(lib.llmpress_qmatmul_supports(int(ggml_type)))
 
 
+REPACKED_GROUP_ROWS = 8  # qdot.h's X8_ROWS: repacked rows come in groups of 8
+REPACK_CHUNK_BYTES = 16 << 20
+_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages (file pages are re-read if needed)
+
+
+def _hand_back_pages(t: torch.Tensor) -> None:
+    """Ask the OS to reclaim the whole pages under t (best effort: older kernels refuse)."""
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def repacked(rows: torch.Tensor, ggml_type: GGMLQuantizationType, row_length: int
+             ) -> tuple[torch.Tensor, int] | None:
+    """These packed rows (out, row_bytes) in the kernel's faster layout, as (bytes, kernel
+    type id), or None where the type or shape has none (qdot.h: Q4_K_X8). A copy: the
+    file's bytes stay for the exact path, their pages handed back to the OS (a model in
+    fast mode then holds each weight once)."""
+    lib = _library()
+    n_rows = rows.shape[0]
+    size = lib.llmpress_repacked_bytes(int(ggml_type), n_rows, row_length)
+    if size == 0:
+        return None
+    out = torch.empty(n_rows, size // n_rows, dtype=torch.uint8)
+    # in chunks, each one's file pages handed back at once: the peak memory holds one
+    # chunk twice, not the whole tensor (Qwen's output matrix is 233 MB)
+    step = max(REPACKED_GROUP_ROWS, REPACK_CHUNK_BYTES // rows.shape[1]
+               // REPACKED_GROUP_ROWS * REPACKED_GROUP_ROWS)
+    for first in range(0, n_rows, step):
+        source, target = rows[first:first + step], out[first:first + step]
+        kernel_type = lib.llmpress_repack(int(ggml_type), source.data_ptr(), source.numel(),
+                                          target.data_ptr(), target.numel(), source.shape[0],
+                                          row_length, torch.get_num_threads())
+        check(min(kernel_type, 0), f"repacking {ggml_type.name} rows")
+        _hand_back_pages(source)
+    return out, kernel_type
+
+
 class FusedWeights:
     """The ctypes argument arrays for a fixed list of packed weights, built once."""
 
-    def __init__(self, weights: list[tuple[torch.Tensor, GGMLQuantizationType]]):
+    def __init__(self, weights: list[tuple[torch.Tensor, int]]):
         n = len(weights)
         assert 1 <= n <= MAX_WEIGHTS
         self.rows = [rows for rows, _ in weights]  # keeps the tensors alive

@@ -291,6 +291,9 @@ static int check_layer(const DecodeLayer *L, const DecodeShape *s) {
     for (int i = 0; i < N_WEIGHTS; i++)
         if (!L->weights[i] || L->weight_bytes[i] != rows[i] * row_bytes(L->types[i], cols[i]))
             return ERR_BUFFER;
+    if (!x8_aligned(3, L->types + W_Q, rows + W_Q) || !x8_aligned(1, L->types + W_O, rows + W_O)
+        || !x8_aligned(2, L->types + W_GATE, rows + W_GATE) || !x8_aligned(1, L->types + W_DOWN, rows + W_DOWN))
+        return ERR_SHAPE;
     if (!L->attn_norm || !L->ffn_norm || (!L->q_norm) != (!L->k_norm)) return ERR_BUFFER;
     return 0;
 }

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.kernels import cpu
-from llmpress.kernels.linear import QuantLinear
+from llmpress.kernels.linear import QuantLinear, kernel_weights
 
 N_WEIGHTS = 7  # q k v o gate up down
 
@@ -99,9 +99,12 @@ class FusedDecoder:
             c_layer.attn_norm, c_layer.ffn_norm = _pointer(layer.attn_norm), _pointer(layer.ffn_norm)
             c_layer.q_norm, c_layer.k_norm = _pointer(layer.q_norm), _pointer(layer.k_norm)
             c_layer.q_bias, c_layer.k_bias, c_layer.v_bias = (_pointer(b) for b in layer.biases)
-            for i, lin in enumerate(layer.weights):
-                c_layer.types[i], c_layer.weights[i] = int(lin.ggml_type), lin.rows.data_ptr()
-                c_layer.weight_bytes[i] = lin.rows.numel() * lin.rows.element_size()
+            # q k v | o | gate up | down: the weights of one matmul call each
+            kernel = [w for first, end in ((0, 3), (3, 4), (4, 6), (6, 7))
+                      for w in kernel_weights(layer.weights[first:end])]
+            for i, (rows, kernel_type) in enumerate(kernel):
+                c_layer.types[i], c_layer.weights[i] = kernel_type, rows.data_ptr()
+                c_layer.weight_bytes[i] = rows.numel() * rows.element_size()
         self.shape = DecodeShape(shape.dim, shape.head_dim, shape.rope_dim, int(shape.neox),
                                  shape.eps)
         self.views = weakref.WeakKeyDictionary()  # cache -> its LayerCache array

@@ -34,6 +34,18 @@ def _packed_rows(ref: TensorRef, device) -> torch.Tensor:
     return rows if device.type == "cpu" else rows.to(device)
 
 
+def kernel_weights(linears: list["QuantLinear"]) -> list[tuple[torch.Tensor, int]]:
+    """(bytes, kernel type) of linears that one kernel call computes side by side: each
+    one's repacked layout, unless its rows would not start on a whole repacked group of
+    the call's output (then the file's layout)."""
+    weights, start = [], 0
+    for lin in linears:
+        use_repacked = lin.repacked is not None and start % cpu.REPACKED_GROUP_ROWS == 0
+        weights.append(lin.repacked if use_repacked else (lin.rows, int(lin.ggml_type)))
+        start += lin.out_features
+    return weights
+
+
 class QuantLinear(nn.Module):
     def __init__(self, ref: TensorRef, mode: str, device: torch.device):
         super().__init__()
@@ -44,9 +56,12 @@ class QuantLinear(nn.Module):
         self.dense = None
         if ref.ggml_type == GGMLQuantizationType.F32:  # already float32: use the bytes as is
             self.dense = self.rows.view(torch.float32)
-        self.kernel = None
+        self.kernel = self.repacked = None
         if mode == "fast" and device.type == "cpu" and cpu.supports(self.ggml_type):
-            self.kernel = cpu.FusedWeights([(self.rows, self.ggml_type)])
+            # the kernel's own layout where it has a faster one (the file's bytes stay
+            # for the exact path, their pages handed back to the OS)
+            self.repacked = cpu.repacked(self.rows, self.ggml_type, self.in_features)
+            self.kernel = cpu.FusedWeights(kernel_weights([self]))
 
     def dequantized(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         rows = self.rows[start:end]
@@ -76,7 +91,7 @@ class FusedLinear(nn.Module):
         self.linears = nn.ModuleList(linears)
         self.kernel = None
         if all(lin.kernel is not None for lin in linears):
-            self.kernel = cpu.FusedWeights([(lin.rows, lin.ggml_type) for lin in linears])
+            self.kernel = cpu.FusedWeights(kernel_weights(linears))
         self.splits = [lin.out_features for lin in linears]
 
     def forward(self, x: torch.Tensor, biases=None) -> list[torch.Tensor]:

@@ -16,7 +16,10 @@
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
        Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20,
-       IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35, N_TYPES = 36 };
+       IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35,
+       /* llmpress's own: types repacked 8 rows at a time (below), never in a file */
+       Q4_K_X8 = 64, Q6_K_X8 = 65, Q4_0_X8 = 66, Q4_1_X8 = 67,
+       N_TYPES = 68 };
 
 /* The grids of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S and IQ1_S (IQ1_M's too): each entry's
  * 8 (IQ2, IQ1) or 4 (IQ3) values as consecutive bytes, IQ1's ternary -1/0/1 stored plus
@@ -72,6 +75,39 @@ typedef void (*tile_fn)(const uint8_t *rows, int64_t stride, int n_w, const QRow
         for (int r = 0; r < n_x; r++) out[r] = ONE(row, x[r], nb);                       \
     }
 
+/* Q4_K_X8: the blocks of 8 consecutive Q4_K rows interleaved, made once at load
+ * (repack_q4_k_x8) so that one 32-byte load holds codes of all 8 rows and each int32 lane
+ * of a sum is one weight row: no horizontal sums, and each activation byte is read once
+ * for 8 rows. Per 256-value block of the group (X8_BLOCK bytes = 8 x 148):
+ *   [0, 16)     d of rows 0..7 (f16)          [16, 32)  dmin of rows 0..7 (f16)
+ *   [32, 96)    scale of sub-block j, row i: byte 32 + 8 j + i (6 bits)
+ *   [96, 160)   min of sub-block j, row i:   byte 96 + 8 j + i (6 bits)
+ *   [160, 1184) codes: sub-block j (32 values), quarter v (8 values): 32 bytes at
+ *               160 + 128 j + 32 v; byte 4 i + c holds row i's code of value 8 v + c in
+ *               its low nibble and of value 8 v + 4 + c in its high nibble. */
+enum { X8_ROWS = 8, X8_BLOCK = 1184 };
+void repack_q4_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+
+/* Q6_K_X8: the same for Q6_K (value d * scale * (code - 32), 6-bit codes, a signed scale
+ * per 16 values). Per 256-value block of the group (X8_BLOCK_Q6 = 8 x 210 bytes):
+ *   [0, 16)       d of rows 0..7 (f16)
+ *   [16, 144)     scales: byte 16 + 16 j + 2 i + e = scale of 16-value sub-block 2 j + e
+ *                 of row i (int8)
+ *   [144, 1168)   the codes' low 4 bits, laid out as Q4_K_X8's codes
+ *   [1168, 1680)  their high 2 bits: 64 bytes per 32 values j at 1168 + 64 j; byte 4 i + c
+ *                 holds in bits 2 v, 2 v + 1 the high bits of value 8 v + c, byte
+ *                 32 + 4 i + c those of value 8 v + 4 + c. */
+enum { X8_BLOCK_Q6 = 1680 };
+
+/* Q4_0_X8, Q4_1_X8: the same for the 32-value legacy blocks. Per block of the group
+ * (8 x 18 or 8 x 20 bytes): d of rows 0..7 (f16), for Q4_1 then m of rows 0..7 (f16),
+ * then 128 bytes of codes laid out as one sub-block of Q4_K_X8's. */
+void repack_q4_0_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+void repack_q4_1_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+
+static inline int is_repacked(int type) { return type >= Q4_K_X8 && type <= Q4_1_X8; }
+void repack_q6_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+
 /* Bytes per block, values per block (0 for a type without a kernel). */
 int64_t qtype_block_bytes(int type);
 int64_t qtype_block_values(int type);
@@ -80,6 +116,7 @@ int64_t qtype_act_block(int type);
 
 /* The portable kernels, and the AVX2 ones (NULL entries where not compiled in). */
 extern const dot_fn portable_dots[N_TYPES];
+extern const tile_fn portable_tiles[N_TYPES];
 extern const dot_fn avx2_dots[N_TYPES];
 /* Tiles of several weight rows (NULL for types that only have dots). */
 extern const tile_fn avx2_tiles[N_TYPES];

@@ -26,6 +26,8 @@ int64_t qtype_block_bytes(int type) {
     case IQ3_XXS: return IQ_GRIDS.ready ? 98 : 0; case IQ3_S: return IQ_GRIDS.ready ? 110 : 0;
     case IQ2_S: return IQ_GRIDS.ready ? 82 : 0; case IQ1_S: return IQ_GRIDS.ready ? 50 : 0;
     case IQ1_M: return IQ_GRIDS.ready ? 56 : 0; case TQ1_0: return 54; case TQ2_0: return 66;
+    case Q4_K_X8: return X8_BLOCK / X8_ROWS; case Q6_K_X8: return X8_BLOCK_Q6 / X8_ROWS;
+    case Q4_0_X8: return 18; case Q4_1_X8: return 20;
     default: return 0;
     }
 }
@@ -33,7 +35,7 @@ int64_t qtype_block_bytes(int type) {
 static int is_k_quant(int type) {
     return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS || type == IQ2_XXS || type == IQ2_XS
         || type == IQ2_S || type == IQ3_XXS || type == IQ3_S || type == IQ1_S || type == IQ1_M
-        || type == TQ1_0 || type == TQ2_0;
+        || type == TQ1_0 || type == TQ2_0 || type == Q4_K_X8 || type == Q6_K_X8;
 }
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
 int64_t qtype_act_block(int type) { return qtype_block_values(type); }
@@ -347,6 +349,204 @@ PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5
 PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
 PORTABLE(Q6_K, k) PORTABLE(IQ2_XXS, iq) PORTABLE(IQ2_XS, iq) PORTABLE(IQ2_S, iq) PORTABLE(IQ3_XXS, iq)
 PORTABLE(IQ3_S, iq) PORTABLE(IQ1_S, iq) PORTABLE(IQ1_M, iq) PORTABLE(TQ1_0, iq) PORTABLE(TQ2_0, iq)
+
+/* --- Q4_K_X8 (qdot.h): the layout, and its tile in plain C --- */
+
+/* Row i's codes of one block into a group block: each (j, v) quarter's byte 4 i + c packs
+ * the codes of values 8 v + c and 8 v + 4 + c of sub-block j (qdot.h). */
+static void interleave_nibbles(const uint8_t codes[256], int i, uint8_t *out) {
+    for (int j = 0; j < 8; j++)
+        for (int v = 0; v < 4; v++)
+            for (int c = 0; c < 4; c++) {
+                const uint8_t *p = codes + 32 * j + 8 * v + c;
+                out[128 * j + 32 * v + 4 * i + c] = (uint8_t)((p[0] & 15) | (p[4] & 15) << 4);
+            }
+}
+
+void repack_q4_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) {
+    const int64_t nb = K / 256, row_bytes = nb * 144;
+    for (int64_t g = 0; g < n_rows / X8_ROWS; g++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *out = dst + (g * nb + b) * X8_BLOCK;
+            for (int i = 0; i < X8_ROWS; i++) {
+                const uint8_t *blk = src + (g * X8_ROWS + i) * row_bytes + b * 144, *qs = blk + 16;
+                memcpy(out + 2 * i, blk, 2);
+                memcpy(out + 16 + 2 * i, blk + 2, 2);
+                uint8_t codes[256];
+                for (int j = 0; j < 8; j++) {
+                    int scale, min;
+                    k4_scale_min(blk + 4, j, &scale, &min);
+                    out[32 + 8 * j + i] = (uint8_t)scale;
+                    out[96 + 8 * j + i] = (uint8_t)min;
+                    for (int l = 0; l < 32; l++) codes[32 * j + l] = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
+                }
+                interleave_nibbles(codes, i, out + 160);
+            }
+        }
+    }
+}
+
+/* One 8-row group against n_x activation rows; lane i's float steps are the AVX2 tile's. */
+static void tile_Q4_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
+                                  int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
+    for (int r = 0; r < n_x; r++) {
+        float acc[X8_ROWS] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = rows + b * X8_BLOCK;
+            const int8_t *q = x[r].q + 256 * b;
+            const int16_t *bsum = x[r].bsum + 16 * b;
+            for (int i = 0; i < X8_ROWS; i++) {
+                int32_t scaled = 0, mins = 0;
+                for (int j = 0; j < 8; j++) {
+                    int32_t sum = 0;
+                    for (int v = 0; v < 4; v++) {
+                        for (int c = 0; c < 4; c++) {
+                            const uint8_t byte = blk[160 + 128 * j + 32 * v + 4 * i + c];
+                            sum += (byte & 15) * q[32 * j + 8 * v + c] + (byte >> 4) * q[32 * j + 8 * v + 4 + c];
+                        }
+                    }
+                    scaled += blk[32 + 8 * j + i] * sum;
+                    mins += blk[96 + 8 * j + i] * (bsum[2 * j] + bsum[2 * j + 1]);
+                }
+                acc[i] += read_half(blk + 2 * i) * x[r].d[b] * (float)scaled;
+                acc[i] -= read_half(blk + 16 + 2 * i) * x[r].d[b] * (float)mins;
+            }
+        }
+        for (int i = 0; i < X8_ROWS; i++) out[r * out_stride + i] = acc[i];
+    }
+}
+
+void repack_q6_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) {
+    const int64_t nb = K / 256, row_bytes = nb * 210;
+    for (int64_t g = 0; g < n_rows / X8_ROWS; g++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *out = dst + (g * nb + b) * X8_BLOCK_Q6;
+            memset(out + 1168, 0, 512);
+            for (int i = 0; i < X8_ROWS; i++) {
+                const uint8_t *blk = src + (g * X8_ROWS + i) * row_bytes + b * 210;
+                memcpy(out + 2 * i, blk + 208, 2);
+                for (int j = 0; j < 8; j++) {
+                    out[16 + 16 * j + 2 * i] = blk[192 + 2 * j];
+                    out[16 + 16 * j + 2 * i + 1] = blk[192 + 2 * j + 1];
+                }
+                uint8_t codes[256];  /* ql's nibbles | qh's bit pairs, value i as in qdot.h */
+                for (int half = 0; half < 2; half++)
+                    for (int k = 0; k < 4; k++)
+                        for (int l = 0; l < 32; l++)
+                            codes[128 * half + 32 * k + l] = (uint8_t)(
+                                ((blk[64 * half + 32 * (k & 1) + l] >> (4 * (k >> 1))) & 15)
+                                | ((blk[128 + 32 * half + l] >> (2 * k)) & 3) << 4);
+                interleave_nibbles(codes, i, out + 144);
+                for (int j = 0; j < 8; j++)
+                    for (int v = 0; v < 4; v++)
+                        for (int c = 0; c < 4; c++) {
+                            const uint8_t *p = codes + 32 * j + 8 * v + c;
+                            out[1168 + 64 * j + 4 * i + c] |= (uint8_t)((p[0] >> 4) << (2 * v));
+                            out[1168 + 64 * j + 32 + 4 * i + c] |= (uint8_t)((p[4] >> 4) << (2 * v));
+                        }
+            }
+        }
+    }
+}
+
+static void tile_Q6_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
+                                  int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
+    for (int r = 0; r < n_x; r++) {
+        float acc[X8_ROWS] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = rows + b * X8_BLOCK_Q6;
+            const int8_t *q = x[r].q + 256 * b;
+            const int16_t *bsum = x[r].bsum + 16 * b;
+            for (int i = 0; i < X8_ROWS; i++) {
+                int32_t total = 0;
+                for (int j = 0; j < 8; j++) {
+                    for (int e = 0; e < 2; e++) {
+                        int32_t sum = 0;
+                        for (int v = 2 * e; v < 2 * e + 2; v++) {
+                            for (int c = 0; c < 4; c++) {
+                                const uint8_t low = blk[144 + 128 * j + 32 * v + 4 * i + c];
+                                const int high_a = (blk[1168 + 64 * j + 4 * i + c] >> (2 * v)) & 3;
+                                const int high_b = (blk[1168 + 64 * j + 32 + 4 * i + c] >> (2 * v)) & 3;
+                                sum += ((low & 15) | high_a << 4) * q[32 * j + 8 * v + c]
+                                     + ((low >> 4) | high_b << 4) * q[32 * j + 8 * v + 4 + c];
+                            }
+                        }
+                        const int scale = (int8_t)blk[16 + 16 * j + 2 * i + e];
+                        total += scale * (sum - 32 * bsum[2 * j + e]);
+                    }
+                }
+                acc[i] += read_half(blk + 2 * i) * x[r].d[b] * (float)total;
+            }
+        }
+        for (int i = 0; i < X8_ROWS; i++) out[r * out_stride + i] = acc[i];
+    }
+}
+
+/* Q4_0 / Q4_1 blocks: d (f16), for Q4_1 m (f16), 16 bytes of nibbles (value l low, l + 16 high). */
+static void repack_legacy4_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K, int affine) {
+    const int in_bytes = affine ? 20 : 18, head = affine ? 32 : 16;
+    const int64_t nb = K / 32, row_bytes = nb * in_bytes;
+    for (int64_t g = 0; g < n_rows / X8_ROWS; g++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *out = dst + (g * nb + b) * X8_ROWS * in_bytes;
+            for (int i = 0; i < X8_ROWS; i++) {
+                const uint8_t *blk = src + (g * X8_ROWS + i) * row_bytes + b * in_bytes;
+                const uint8_t *qs = blk + in_bytes - 16;
+                memcpy(out + 2 * i, blk, 2);
+                if (affine) memcpy(out + 16 + 2 * i, blk + 2, 2);
+                uint8_t codes[32];
+                for (int l = 0; l < 16; l++) { codes[l] = qs[l] & 15; codes[l + 16] = qs[l] >> 4; }
+                for (int v = 0; v < 4; v++)
+                    for (int c = 0; c < 4; c++)
+                        out[head + 32 * v + 4 * i + c] = (uint8_t)(codes[8 * v + c] | codes[8 * v + 4 + c] << 4);
+            }
+        }
+    }
+}
+void repack_q4_0_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_legacy4_x8(src, dst, n_rows, K, 0); }
+void repack_q4_1_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_legacy4_x8(src, dst, n_rows, K, 1); }
+
+/* value = d * code + m per block (Q4_0: m = -8 d); lane i's float steps are the AVX2 tile's */
+static void tile_legacy4_x8_portable(const uint8_t *rows, const QRow *x, int n_x, int64_t nb,
+                                     float *out, int64_t out_stride, int affine) {
+    const int bytes = affine ? 160 : 144, head = affine ? 32 : 16;
+    for (int r = 0; r < n_x; r++) {
+        float acc[X8_ROWS] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = rows + b * bytes;
+            const int8_t *q = x[r].q + 32 * b;
+            for (int i = 0; i < X8_ROWS; i++) {
+                int32_t sum = 0;
+                for (int v = 0; v < 4; v++)
+                    for (int c = 0; c < 4; c++) {
+                        const uint8_t byte = blk[head + 32 * v + 4 * i + c];
+                        sum += (byte & 15) * q[8 * v + c] + (byte >> 4) * q[8 * v + 4 + c];
+                    }
+                const float d = read_half(blk + 2 * i), m = affine ? read_half(blk + 16 + 2 * i) : d * -8.0f;
+                acc[i] += d * x[r].d[b] * (float)sum;
+                acc[i] += m * x[r].sum[b];
+            }
+        }
+        for (int i = 0; i < X8_ROWS; i++) out[r * out_stride + i] = acc[i];
+    }
+}
+static void tile_Q4_0_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
+                                  int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;
+    tile_legacy4_x8_portable(rows, x, n_x, nb, out, out_stride, 0);
+}
+static void tile_Q4_1_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
+                                  int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;
+    tile_legacy4_x8_portable(rows, x, n_x, nb, out, out_stride, 1);
+}
+
+const tile_fn portable_tiles[N_TYPES] = {
+    [Q4_K_X8] = tile_Q4_K_X8_portable, [Q6_K_X8] = tile_Q6_K_X8_portable,
+    [Q4_0_X8] = tile_Q4_0_X8_portable, [Q4_1_X8] = tile_Q4_1_X8_portable,
+};
 
 const dot_fn portable_dots[N_TYPES] = {
     [Q4_0] = dot_Q4_0_portable, [Q4_1] = dot_Q4_1_portable, [Q5_0] = dot_Q5_0_portable,

@@ -22,8 +22,7 @@
 /* --- the instruction set ---------------------------------------------------------- */
 
 static const dot_fn *dots = portable_dots;
-static const tile_fn no_tiles[N_TYPES];
-static const tile_fn *tiles = no_tiles;
+static const tile_fn *tiles = portable_tiles;
 static int current_isa = ISA_PORTABLE;
 
 static int cpu_has_avx2(void) {
@@ -40,7 +39,7 @@ static int cpu_has_avx2(void) {
 int llmpress_set_isa(int isa) {
     if (isa == ISA_AUTO) isa = cpu_has_avx2() ? ISA_AVX2 : ISA_PORTABLE;
     if (isa == ISA_AVX2 && cpu_has_avx2()) { dots = avx2_dots; tiles = avx2_tiles; }
-    else if (isa == ISA_PORTABLE) { dots = portable_dots; tiles = no_tiles; }
+    else if (isa == ISA_PORTABLE) { dots = portable_dots; tiles = portable_tiles; }
     else return ERR_ISA;
     current_isa = isa;
     return 0;
@@ -63,6 +62,18 @@ int qmatmul_check(int n_weights, const int *types, int64_t K, int64_t T) {
         if (K % qtype_block_values(types[i])) return ERR_SHAPE;
     }
     return 0;
+}
+
+/* A repacked weight's rows come in groups of X8_ROWS that a tile never splits: its row
+ * count and its first row in the call's concatenated output are multiples of X8_ROWS
+ * (so are the tiles of ROW_TILE rows). */
+int x8_aligned(int n_weights, const int *types, const int64_t *Ns) {
+    int64_t start = 0;
+    for (int i = 0; i < n_weights; i++) {
+        if (is_repacked(types[i]) && (start % X8_ROWS || Ns[i] % X8_ROWS)) return 0;
+        start += Ns[i];
+    }
+    return 1;
 }
 
 static int needs_block(int n_weights, const int *types, int64_t block) {
@@ -127,6 +138,7 @@ static QRow act_row(const Activations *a, int type, int64_t K, int64_t t) {
 /* --- the matmul ----------------------------------------------------------------------- */
 
 enum { ROW_TILE = 16 };  /* weight rows per tile: 16 rows of 8960 Q6_K values fit in L2 */
+_Static_assert(ROW_TILE % X8_ROWS == 0 && (int)TILE_ROWS == (int)X8_ROWS, "tiles hold whole repacked groups");
 
 /* y (T, N_1 + ... + N_W) = x (T, K) @ [W_1; ...; W_W]^T for a checked matmul whose
  * activations are quantized, called by every thread of an enclosing parallel region:
@@ -189,6 +201,7 @@ int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
         total += Ns[i];
     }
     if (!x || !y || x_floats != K * T || y_floats != total * T) return ERR_BUFFER;
+    if (!x8_aligned(n_weights, types, Ns)) return ERR_SHAPE;
     Activations a;
     if (acts_alloc(&a, K, T)) return ERR_MEMORY;
 #pragma omp parallel num_threads(n_threads)
@@ -200,7 +213,48 @@ int llmpress_qmatmul(int n_weights, const int *types, const uint8_t *const *ws,
     return 0;
 }
 
-int llmpress_qmatmul_supports(int type) { return type >= 0 && type < N_TYPES && qtype_block_bytes(type) != 0; }
+/* A GGUF type with a kernel (the repacked layouts are llmpress's own, never a file's). */
+int llmpress_qmatmul_supports(int type) {
+    return type >= 0 && type < Q4_K_X8 && qtype_block_bytes(type) != 0;
+}
+
+/* The repacked layouts (qdot.h): the file type each comes from, and its repacker. */
+static const struct {
+    int from, to;
+    void (*repack)(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+} REPACKS[] = {{Q4_K, Q4_K_X8, repack_q4_k_x8}, {Q6_K, Q6_K_X8, repack_q6_k_x8},
+               {Q4_0, Q4_0_X8, repack_q4_0_x8}, {Q4_1, Q4_1_X8, repack_q4_1_x8}};
+
+/* The index in REPACKS of this weight's layout, or -1 where it has none. */
+static int find_repack(int type, int64_t N, int64_t K) {
+    for (int i = 0; i < (int)(sizeof(REPACKS) / sizeof(REPACKS[0])); i++)
+        if (REPACKS[i].from == type)  /* a type with a kernel: its block size is not 0 */
+            return N >= X8_ROWS && N % X8_ROWS == 0 && K >= 1 && K % qtype_block_values(type) == 0 ? i : -1;
+    return -1;
+}
+
+/* Weights of `type` (N rows of K) can be rearranged for faster tiles: the bytes the new
+ * layout takes, or 0 where this type or shape has none. */
+int64_t llmpress_repacked_bytes(int type, int64_t N, int64_t K) {
+    const int i = find_repack(type, N, K);
+    return i < 0 ? 0 : N * row_bytes(REPACKS[i].to, K);
+}
+
+/* Rearranges them into dst (llmpress_repacked_bytes of them): returns the new layout's
+ * type id or a KernelError. */
+int llmpress_repack(int type, const uint8_t *src, int64_t src_bytes, uint8_t *dst,
+                    int64_t dst_bytes, int64_t N, int64_t K, int n_threads) {
+    const int i = find_repack(type, N, K);
+    if (i < 0) return ERR_TYPE;
+    const int to = REPACKS[i].to;
+    if (n_threads < 1) return ERR_THREADS;
+    if (!src || !dst || src_bytes != N * row_bytes(type, K) || dst_bytes != N * row_bytes(to, K))
+        return ERR_BUFFER;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t g = 0; g < N / X8_ROWS; g++)
+        REPACKS[i].repack(src + g * X8_ROWS * row_bytes(type, K), dst + g * X8_ROWS * row_bytes(to, K), X8_ROWS, K);
+    return to;
+}
 int64_t llmpress_row_bytes(int type, int64_t K) {
     return llmpress_qmatmul_supports(type) && K > 0 && K % qtype_block_values(type) == 0
         ? row_bytes(type, K) : -1;

@@ -25,6 +25,7 @@ typedef struct { ActBuffer by32, by256; } Activations;
 
 int64_t row_bytes(int type, int64_t K);
 int qmatmul_check(int n_weights, const int *types, int64_t K, int64_t T);
+int x8_aligned(int n_weights, const int *types, const int64_t *Ns);
 int acts_alloc(Activations *a, int64_t K, int64_t T);
 void acts_free(Activations *a);
 void acts_quantize(Activations *a, int n_weights, const int *types, const float *x, int64_t K,
