@@ -44,15 +44,33 @@ def _library() -> ctypes.CDLL | None:
     ]  # fmt: skip
     lib.llmpress_quantize_supports.restype = ctypes.c_int
     lib.llmpress_quantize_supports.argtypes = [ctypes.c_int]
+    _hand_over_iq3_grids(lib)
     return lib
+
+
+def _hand_over_iq3_grids(lib: ctypes.CDLL) -> None:
+    """Give quantize_iq3.c gguf-py's IQ3 grids (formats/iquants.py, the one copy), once,
+    before any quantize call; it builds its search tables from them."""
+    from llmpress.formats import iquants  # iquants imports base, which imports this module
+
+    lib.llmpress_quantize_set_iq3_grid.restype = ctypes.c_int
+    lib.llmpress_quantize_set_iq3_grid.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    for ggml_type in (GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S):
+        grid = np.ascontiguousarray(iquants.grid_values(ggml_type), dtype=np.uint8)
+        lib.llmpress_quantize_set_iq3_grid(grid.shape[0], grid.ctypes.data)
 
 
 def available() -> bool:
     return _library() is not None and os.environ.get(_DISABLE_ENV, "") in ("", "0")
 
 
+_NEEDS_IQ3_GRIDS = (GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S)
+
+
 def supports(ggml_type: GGMLQuantizationType) -> bool:
-    return available() and bool(_library().llmpress_quantize_supports(int(ggml_type)))
+    if not available() or not _library().llmpress_quantize_supports(int(ggml_type)):
+        return False
+    return ggml_type not in _NEEDS_IQ3_GRIDS or bool(_library().llmpress_quantize_iq3_ready())
 
 
 def quantize_rows(

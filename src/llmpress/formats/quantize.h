@@ -16,6 +16,7 @@ enum {
     T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
     T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
     T_IQ4_NL = 20, T_IQ4_XS = 23,
+    T_IQ3_XXS = 18, T_IQ3_S = 21, T_TQ1_0 = 34, T_TQ2_0 = 35,
 };
 
 /* status codes (mirrored in formats/cquant.py) */
@@ -118,5 +119,11 @@ static inline float sum_of_squares(int64_t n, const float *x) {
 }
 
 typedef void (*row_quantizer)(const float *x, uint8_t *y, int64_t n, const float *qw);
+
+/* quantize_iq3.c (the IQ3 grids must be handed over first: llmpress_quantize_set_iq3_grid) */
+void row_iq3_xxs(const float *x, uint8_t *y, int64_t n, const float *qw);
+void row_iq3_s(const float *x, uint8_t *y, int64_t n, const float *qw);
+void row_tq1_0(const float *x, uint8_t *y, int64_t n, const float *qw);
+void row_tq2_0(const float *x, uint8_t *y, int64_t n, const float *qw);
 
 #endif
