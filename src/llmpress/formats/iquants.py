@@ -1,5 +1,6 @@
 """The grid "i-quants" IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, and the
-ternary TQ1_0, TQ2_0: read-only formats (llama.cpp writes them; llmpress loads and runs them).
+ternary TQ1_0, TQ2_0. llmpress loads and runs them all; it writes IQ3_XXS, IQ3_S (C only,
+quantize_iq3.c) and TQ1_0, TQ2_0 (C, or the numpy ports below).
 
 An i-quant stores, per 4 or 8 weights, an index into a fixed grid of value patterns, plus
 sign bits and a small per-group scale. The grids are gguf-py's (`gguf.quants.<TYPE>.grid`,
@@ -18,7 +19,9 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from llmpress.errors import LlmpressError
 from llmpress.formats.base import BlockFormat, bit_shifts, read_f16
+from llmpress.formats.legacy import fp16_bytes
 
 T = GGMLQuantizationType
 
@@ -82,13 +85,26 @@ def half_scale(d: torch.Tensor, s: torch.Tensor, factor: float) -> torch.Tensor:
     return d * (s.float() + 0.5) * factor
 
 
-class _ReadOnly(BlockFormat):
+class _Named(BlockFormat):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "ggml_type" in cls.__dict__:
+            cls.name = cls.ggml_type.name
+
+
+class _ReadOnly(_Named):
     """A format llmpress reads but does not write (its quantizer is llama.cpp's)."""
     writable = False
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls.name = cls.ggml_type.name
+
+class _CQuantized(_Named):
+    """A grid type llmpress writes through its C quantizer only (quantize_iq3.c): the grid
+    search has no numpy port."""
+
+    def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        raise LlmpressError(f"quantizing to {self.name} needs llmpress's C quantizer library: "
+                            "it was not built (no C compiler at install) or "
+                            "LLMPRESS_NUMPY_QUANTIZE turns it off")
 
 
 class IQ2_XXS(_ReadOnly):
@@ -137,7 +153,7 @@ class IQ2_S(_ReadOnly):
         return (scale * grid * signs).reshape(n, 256)
 
 
-class IQ3_XXS(_ReadOnly):
+class IQ3_XXS(_CQuantized):
     """98 bytes: d, 64 grid indices (4 values each), then 8 u32: four 7-bit sign indices
     and a 4-bit scale per group of 32."""
     ggml_type = T.IQ3_XXS
@@ -153,7 +169,7 @@ class IQ3_XXS(_ReadOnly):
         return (scale * grid * signs_from_index(sign_index)).reshape(n, 256)
 
 
-class IQ3_S(_ReadOnly):
+class IQ3_S(_CQuantized):
     """110 bytes: d, 64 low bytes of 9-bit grid indices, 8 bytes of their top bits, 32
     sign bytes, 4 bytes of two 4-bit scales (one per 32 values, as d * (1 + 2 s))."""
     ggml_type = T.IQ3_S
@@ -224,9 +240,42 @@ def trits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return ((shifted * 3) >> 8).flatten(1)
 
 
-class TQ1_0(_ReadOnly):
+def ternary_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_tq*_ref's common part: float32 (n, 256) -> (d (n, 1) float32, codes
+    (n, 256) of 0, 1, 2 = round(x / max|x|) + 1, halves away from zero as lroundf)."""
+    d = np.abs(values).max(axis=1, keepdims=True).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        scaled = (values * inverse).astype(np.float64)  # float32 product, then exact
+        rounded = np.trunc(scaled + np.copysign(0.5, scaled))
+    # A subnormal max makes 1/d infinite: lroundf of inf or NaN is LONG_MIN on x86-64,
+    # and ggml's int of LONG_MIN + 1 is 1, the code of 0.
+    codes = np.where(np.isfinite(rounded), rounded + 1, 1).astype(np.int64)
+    return d, codes
+
+
+def pack_trits(codes: np.ndarray) -> np.ndarray:
+    """(n, m, k) codes, the first most significant, k <= 5 -> uint8 (n, m): the base-3
+    number padded to 5 digits, as a fraction of 243 rounded up to 256ths."""
+    value = np.zeros(codes.shape[:2], dtype=np.int64)
+    for k in range(5):
+        value = value * 3 + (codes[..., k] if k < codes.shape[2] else 0)
+    return ((value * 256 + 242) // 243).astype(np.uint8)
+
+
+class TQ1_0(_Named):
     """54 bytes: 48 bytes of five trits each, 4 bytes of four, d (f16) last."""
     ggml_type = T.TQ1_0
+
+    def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        n = values.shape[0]
+        d, codes = ternary_codes(values)
+        # byte m of a part holds values m, m + stride, ... of that part (trit-major)
+        parts = [(0, 160, 32), (160, 240, 16), (240, 256, 4)]
+        packed = [pack_trits(codes[:, a:b].reshape(n, -1, stride).transpose(0, 2, 1))
+                  for a, b, stride in parts]
+        return np.concatenate([*packed, fp16_bytes(d[:, 0])], axis=1)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = read_f16(blocks, 52)
@@ -235,9 +284,18 @@ class TQ1_0(_ReadOnly):
         return d * (q - 1).float()
 
 
-class TQ2_0(_ReadOnly):
+class TQ2_0(_Named):
     """66 bytes: 64 bytes of four 2-bit codes (value code - 1), d (f16) last."""
     ggml_type = T.TQ2_0
+
+    def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        n = values.shape[0]
+        d, codes = ternary_codes(values)
+        # byte 32 j + m holds values 128 j + m + 32 k in bits 2k
+        codes = codes.reshape(n, 2, 4, 32)
+        packed = sum(codes[:, :, k] << (2 * k) for k in range(4)).astype(np.uint8)
+        return np.concatenate([packed.reshape(n, 64), fp16_bytes(d[:, 0])],
+                              axis=1)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]

@@ -57,7 +57,7 @@ FILE_TYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 # Tensor types a user may name in an override: the formats llmpress can write.
 TENSOR_TYPES = (
     T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q5_1, T.Q5_0, T.Q4_K, T.Q4_1, T.Q4_0,
-    T.IQ4_XS, T.IQ4_NL, T.Q3_K, T.Q2_K,
+    T.IQ4_XS, T.IQ4_NL, T.Q3_K, T.Q2_K, T.IQ3_S, T.IQ3_XXS, T.TQ2_0, T.TQ1_0,
 )
 
 # tensor_type_fallback: a 256-block type whose row length does not divide falls back to a
@@ -66,6 +66,7 @@ FALLBACK = {
     T.IQ4_XS: T.IQ4_NL,
     T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0,
     T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+    T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
 }  # fmt: skip
 
 # llama_model's LLM_TYPE_70B, the one model size the rules look at: (architecture, layers).
