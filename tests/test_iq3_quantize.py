@@ -33,6 +33,7 @@ from test_iquants import (  # noqa: F401 (fixtures)
 
 from llmpress.errors import LlmpressError
 from llmpress.formats import cquant, get_format
+from llmpress.kernels import cpu
 
 T = GGMLQuantizationType
 TYPES = ["IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0"]
@@ -215,7 +216,8 @@ def test_llama_cpp_files_hold_our_bytes(quantized_file, tiny_f32, type_name):  #
 
 @pytest.mark.slow
 @pytest.mark.parametrize("type_name", TYPES)
-def test_llama_cpp_runs_the_file_llmpress_writes(tiny_f32, token_ids, tmp_path, type_name):  # noqa: F811
+def test_llama_cpp_runs_the_file_llmpress_writes(tiny_f32, token_ids, tmp_path,  # noqa: F811
+                                                  type_name):
     """`llmpress quantize --tensor-type` puts every layer matrix in type_name: the bytes are
     ggml's, llama.cpp loads the file, and its logits agree with ours on it."""
     from llmpress.quant.quantize import QuantizeConfig, quantize_model
@@ -231,9 +233,14 @@ def test_llama_cpp_runs_the_file_llmpress_writes(tiny_f32, token_ids, tmp_path, 
         values = np.asarray(source[t.name].data, dtype=np.float32).reshape(-1, int(t.shape[0]))
         theirs = ggml_quantize(type_name, values)
         assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(theirs.shape), theirs)
-    exact = our_logits(out, token_ids, "exact")
     theirs = llama_cpp_logits(out, token_ids)
-    kld = mean_kld(exact, theirs)
-    print(f"\n{type_name}: llmpress-written file, llama.cpp vs our exact mode KLD {kld:.3g} "
-          f"(top-1 {top1_agreement(exact, theirs):.3f})")
-    assert kld < 0.05 and top1_agreement(exact, theirs) >= 0.9
+    exact = our_logits(out, token_ids, "exact")
+    kld_exact = mean_kld(exact, theirs)  # llama.cpp rounds activations to 8 bits, exact not
+    print(f"\n{type_name}: llmpress-written file, llama.cpp vs our exact mode KLD "
+          f"{kld_exact:.3g} (top-1 {top1_agreement(exact, theirs):.3f})")
+    assert kld_exact < 0.01
+    if cpu.supports(T[type_name]):  # fast mode rounds activations as llama.cpp does
+        fast = our_logits(out, token_ids, "fast")
+        print(f"  vs our fast mode KLD {mean_kld(fast, theirs):.3g} "
+              f"(top-1 {top1_agreement(fast, theirs):.3f})")
+        assert mean_kld(fast, theirs) < 0.25 * kld_exact and top1_agreement(fast, theirs) >= 0.98

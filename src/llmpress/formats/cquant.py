@@ -16,6 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from llmpress.errors import LlmpressError
+from llmpress.formats import grids
 
 # quantize.c's status codes
 _ERRORS = {
@@ -49,14 +50,12 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _hand_over_iq3_grids(lib: ctypes.CDLL) -> None:
-    """Give quantize_iq3.c gguf-py's IQ3 grids (formats/iquants.py, the one copy), once,
+    """Give quantize_iq3.c gguf-py's IQ3 grids (formats/grids.py, the one copy), once,
     before any quantize call; it builds its search tables from them."""
-    from llmpress.formats import iquants  # iquants imports base, which imports this module
-
     lib.llmpress_quantize_set_iq3_grid.restype = ctypes.c_int
     lib.llmpress_quantize_set_iq3_grid.argtypes = [ctypes.c_int, ctypes.c_void_p]
     for ggml_type in (GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S):
-        grid = np.ascontiguousarray(iquants.grid_values(ggml_type), dtype=np.uint8)
+        grid = np.ascontiguousarray(grids.grid_values(ggml_type), dtype=np.uint8)
         lib.llmpress_quantize_set_iq3_grid(grid.shape[0], grid.ctypes.data)
 
 

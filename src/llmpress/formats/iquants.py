@@ -4,10 +4,11 @@ quantize_iq3.c) and TQ1_0, TQ2_0 (C, or the numpy ports below).
 
 An i-quant stores, per 4 or 8 weights, an index into a fixed grid of value patterns, plus
 sign bits and a small per-group scale. The grids are gguf-py's (`gguf.quants.<TYPE>.grid`,
-ggml's iq*_grid tables), read once per device: the one copy in the project, which the C
-kernels also receive (kernels/cpu.py). Dequantizers follow dequantize_row_iq* / tq*
-(ggml-quants.c) rounding for rounding: the group scale first (`d * (0.5 + s) * 0.25`,
-`d * (1 + 2 s)`, ...), then `scale * grid`, then the sign (exact).
+ggml's iq*_grid tables, formats/grids.py), read once per device: the one copy in the
+project, which the C kernels and quantizers also receive (kernels/cpu.py, cquant.py).
+Dequantizers follow dequantize_row_iq* / tq* (ggml-quants.c) rounding for rounding: the
+group scale first (`d * (0.5 + s) * 0.25`, `d * (1 + 2 s)`, ...), then `scale * grid`, then
+the sign (exact).
 """
 
 from __future__ import annotations
@@ -17,25 +18,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from gguf import quants as gguf_quants
 
 from llmpress.errors import LlmpressError
 from llmpress.formats.base import BlockFormat, bit_shifts, read_f16
+from llmpress.formats.grids import grid_values, sign_patterns
 from llmpress.formats.legacy import fp16_bytes
 
 T = GGMLQuantizationType
-
-
-def grid_values(ggml_type: GGMLQuantizationType) -> np.ndarray:
-    """gguf-py's grid of `ggml_type` as float32 (entries, values per entry)."""
-    quant = getattr(gguf_quants, ggml_type.name)
-    quant.init_grid()
-    return np.asarray(quant.grid, dtype=np.float32).reshape(quant.grid_shape)
-
-
-def sign_patterns() -> np.ndarray:
-    """ggml's ksigns_iq2xs: 128 bytes, each 7 sign bits plus an even-parity eighth."""
-    return np.frombuffer(gguf_quants.IQ2_XXS.ksigns, dtype=np.uint8)
 
 
 @lru_cache(maxsize=None)

@@ -437,7 +437,9 @@ void row_tq2_0(const float *x, uint8_t *y, int64_t n, const float *qw) {
         for (int j = 0; j < 2; ++j) {
             for (int m = 0; m < 32; ++m) {
                 uint8_t q = 0;
-                for (int k = 0; k < 4; ++k) q += (uint8_t)((trit(x[128 * j + m + 32 * k], id) & 3) << (2 * k));
+                for (int k = 0; k < 4; ++k) {
+                    q += (uint8_t)((trit(x[128 * j + m + 32 * k], id) & 3) << (2 * k));
+                }
                 y[32 * j + m] = q;
             }
         }
