@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import threading
 from functools import lru_cache
 
 import numpy as np
@@ -49,14 +50,19 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+_GRID_LOCK = threading.Lock()  # two threads loading the library at once build the grids once
+
+
 def _hand_over_iq3_grids(lib: ctypes.CDLL) -> None:
-    """Give quantize_iq3.c gguf-py's IQ3 grids (formats/grids.py, the one copy), once,
-    before any quantize call; it builds its search tables from them."""
+    """Give quantize_iq3.c gguf-py's IQ3 grids (formats/grids.py, the one copy), before
+    any quantize call; it builds its search tables from them (a built grid stays)."""
     lib.llmpress_quantize_set_iq3_grid.restype = ctypes.c_int
     lib.llmpress_quantize_set_iq3_grid.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    for ggml_type in (GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S):
-        grid = np.ascontiguousarray(grids.grid_values(ggml_type), dtype=np.uint8)
-        lib.llmpress_quantize_set_iq3_grid(grid.shape[0], grid.ctypes.data)
+    lib.llmpress_quantize_iq3_ready.restype = ctypes.c_int
+    with _GRID_LOCK:
+        for ggml_type in (GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S):
+            grid = np.ascontiguousarray(grids.grid_values(ggml_type), dtype=np.uint8)
+            lib.llmpress_quantize_set_iq3_grid(grid.shape[0], grid.ctypes.data)
 
 
 def available() -> bool:
