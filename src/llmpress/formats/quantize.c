@@ -979,8 +979,8 @@ static const format_t FORMATS[] = {
     {T_Q3_K, 256, 110, row_q3_k, 25},   {T_Q4_K, 256, 144, row_q4_k, 45},
     {T_Q5_K, 256, 176, row_q5_k, 45},   {T_Q6_K, 256, 210, row_q6_k, 35},
     {T_IQ4_NL, 32, 18, row_iq4_nl, 100}, {T_IQ4_XS, 256, 136, row_iq4_xs, 100},
-    {T_IQ3_XXS, 256, 98, row_iq3_xxs, 1300}, {T_IQ3_S, 256, 110, row_iq3_s, 900},
-    {T_TQ1_0, 256, 54, row_tq1_0, 17},     {T_TQ2_0, 256, 66, row_tq2_0, 17},
+    {T_IQ3_XXS, 256, 98, row_iq3_xxs, 600}, {T_IQ3_S, 256, 110, row_iq3_s, 400},
+    {T_TQ1_0, 256, 54, row_tq1_0, 6},      {T_TQ2_0, 256, 66, row_tq2_0, 6},
 };
 
 /* Threads for a call: starting and joining a parallel region costs tens of microseconds

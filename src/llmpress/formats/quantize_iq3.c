@@ -23,6 +23,7 @@ typedef struct {
     int ready;                          /* set last, after everything below is built */
     int size;                           /* 256 entries (IQ3_XXS) or 512 (IQ3_S) */
     uint8_t codes[512][4];              /* level code (0..7) of each entry's 4 values */
+    float odd[512][4];                  /* 2 * code + 1: the values ggml's search compares */
     int16_t entry_of[IQ3_PATTERNS];     /* pattern -> grid entry, -1 if off the grid */
     int32_t near_start[IQ3_PATTERNS];   /* off-grid pattern: its nearest entries are */
     uint16_t near_count[IQ3_PATTERNS];  /*   near_list[near_start ..+ near_count] */
@@ -43,7 +44,10 @@ static int grid_codes(iq3_grid_t *g, const uint8_t *values) {
     for (int v = 0; v < 256; ++v) rank[v] = seen[v] ? n_levels++ : -1;
     if (n_levels != IQ3_LEVELS) return ERR_ARGS;
     for (int j = 0; j < g->size; ++j) {
-        for (int i = 0; i < 4; ++i) g->codes[j][i] = (uint8_t)rank[values[4 * j + i]];
+        for (int i = 0; i < 4; ++i) {
+            g->codes[j][i] = (uint8_t)rank[values[4 * j + i]];
+            g->odd[j][i] = 2 * g->codes[j][i] + 1;
+        }
     }
     return OK;
 }
@@ -137,24 +141,33 @@ int llmpress_quantize_iq3_ready(void) { return IQ3_GRID_256.ready && IQ3_GRID_51
 
 #define IQ3_TOP 15 /* 2*8-1: the largest odd level */
 
+typedef float lanes_f __attribute__((vector_size(16))); /* 4 candidates side by side */
+
 /* ggml's iq3_find_best_neighbour: the nearest entry (weighted) among an off-grid
- * pattern's candidates at `scale`; writes its codes to L, returns the entry. */
+ * pattern's candidates at `scale`, the first one on ties; writes its codes to L, returns
+ * the entry. Four candidates are measured at once, each lane with ggml's own operations
+ * in ggml's order (elementwise float ops round as the scalar ones do). */
 static int best_near_entry(const iq3_grid_t *g, int pattern, const float *xval,
                            const float *weight, float scale, int8_t *L) {
     const uint16_t *candidates = g->near_list + g->near_start[pattern];
+    const int count = g->near_count[pattern];
     float best_d2 = FLT_MAX;
     int best = candidates[0];
-    for (int c = 0; c < g->near_count[pattern]; ++c) {
-        const uint8_t *codes = g->codes[candidates[c]];
-        float d2 = 0;
+    for (int c = 0; c < count; c += 4) {
+        int lane_entry[4];
+        for (int l = 0; l < 4; ++l) lane_entry[l] = candidates[MIN(c + l, count - 1)];
+        lanes_f d2 = {0, 0, 0, 0};
         for (int i = 0; i < 4; ++i) {
-            float q = 2 * codes[i] + 1;
-            float diff = scale * q - xval[i];
+            lanes_f q = {g->odd[lane_entry[0]][i], g->odd[lane_entry[1]][i],
+                         g->odd[lane_entry[2]][i], g->odd[lane_entry[3]][i]};
+            lanes_f diff = scale * q - xval[i];
             d2 += weight[i] * diff * diff;
         }
-        if (d2 < best_d2) {
-            best_d2 = d2;
-            best = candidates[c];
+        for (int l = 0; l < 4 && c + l < count; ++l) {
+            if (d2[l] < best_d2) {
+                best_d2 = d2[l];
+                best = lane_entry[l];
+            }
         }
     }
     for (int i = 0; i < 4; ++i) L[i] = (int8_t)g->codes[best][i];
