@@ -47,7 +47,8 @@ kernel = Extension(
 # change no result, they only let sqrtf inline and branches vectorize.
 quantizer = Extension(
     "llmpress.formats._quantize",
-    sources=["src/llmpress/formats/quantize.c", "src/llmpress/formats/quantize_iq2.c"],
+    sources=["src/llmpress/formats/" + name
+             for name in ("quantize.c", "quantize_iq2.c", "quantize_iq3.c")],
     depends=["src/llmpress/formats/quantize.h"],
     extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
                         "-fopenmp"],

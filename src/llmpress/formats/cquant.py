@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from llmpress.errors import LlmpressError
+from llmpress.formats import grids
 
 # quantize.c's status codes
 _ERRORS = {
@@ -49,10 +50,11 @@ def _library() -> ctypes.CDLL | None:
     lib.llmpress_quantize_supports.argtypes = [ctypes.c_int]
     lib.llmpress_quantize_set_iq2_grid.restype = ctypes.c_int
     lib.llmpress_quantize_set_iq2_grid.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    _hand_over_iq3_grids(lib)
     return lib
 
 
-_grid_lock = threading.Lock()
+_grid_lock = threading.Lock()  # each grid is built once, by one thread
 _grids_set: set[GGMLQuantizationType] = set()
 
 
@@ -72,12 +74,29 @@ def set_iq_grid(ggml_type: GGMLQuantizationType, levels: np.ndarray) -> None:
         _grids_set.add(ggml_type)
 
 
+def _hand_over_iq3_grids(lib: ctypes.CDLL) -> None:
+    """Give quantize_iq3.c gguf-py's IQ3 grids (formats/grids.py, the one copy), before
+    any quantize call; it builds its search tables from them (a built grid stays)."""
+    lib.llmpress_quantize_set_iq3_grid.restype = ctypes.c_int
+    lib.llmpress_quantize_set_iq3_grid.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    lib.llmpress_quantize_iq3_ready.restype = ctypes.c_int
+    with _grid_lock:
+        for ggml_type in (GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S):
+            grid = np.ascontiguousarray(grids.grid_values(ggml_type), dtype=np.uint8)
+            lib.llmpress_quantize_set_iq3_grid(grid.shape[0], grid.ctypes.data)
+
+
 def available() -> bool:
     return _library() is not None and os.environ.get(_DISABLE_ENV, "") in ("", "0")
 
 
+_NEEDS_IQ3_GRIDS = (GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S)
+
+
 def supports(ggml_type: GGMLQuantizationType) -> bool:
-    return available() and bool(_library().llmpress_quantize_supports(int(ggml_type)))
+    if not available() or not _library().llmpress_quantize_supports(int(ggml_type)):
+        return False
+    return ggml_type not in _NEEDS_IQ3_GRIDS or bool(_library().llmpress_quantize_iq3_ready())
 
 
 def quantize_rows(

@@ -1,13 +1,15 @@
 """The grid "i-quants" IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, and the
-ternary TQ1_0, TQ2_0. llmpress writes the IQ2_* and IQ1_* types through its C quantizers
-(quantize_iq2.c, byte-identical with ggml; no numpy port) and reads them all.
+ternary TQ1_0, TQ2_0. llmpress loads and runs them all, and writes them all: the
+IQ2_*, IQ1_* and IQ3_* types through its C quantizers only (quantize_iq2.c,
+quantize_iq3.c), TQ1_0 and TQ2_0 in C or the numpy ports below.
 
 An i-quant stores, per 4 or 8 weights, an index into a fixed grid of value patterns, plus
 sign bits and a small per-group scale. The grids are gguf-py's (`gguf.quants.<TYPE>.grid`,
-ggml's iq*_grid tables), read once per device: the one copy in the project, which the C
-kernels also receive (kernels/cpu.py). Dequantizers follow dequantize_row_iq* / tq*
-(ggml-quants.c) rounding for rounding: the group scale first (`d * (0.5 + s) * 0.25`,
-`d * (1 + 2 s)`, ...), then `scale * grid`, then the sign (exact).
+ggml's iq*_grid tables, formats/grids.py), read once per device: the one copy in the
+project, which the C kernels and quantizers also receive (kernels/cpu.py, cquant.py).
+Dequantizers follow dequantize_row_iq* / tq* (ggml-quants.c) rounding for rounding: the
+group scale first (`d * (0.5 + s) * 0.25`, `d * (1 + 2 s)`, ...), then `scale * grid`, then
+the sign (exact).
 """
 
 from __future__ import annotations
@@ -17,20 +19,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from gguf import quants as gguf_quants
 
 from llmpress.errors import LlmpressError
 from llmpress.formats import cquant
 from llmpress.formats.base import BlockFormat, bit_shifts, read_f16
+from llmpress.formats.grids import grid_values, sign_patterns
+from llmpress.formats.legacy import fp16_bytes
 
 T = GGMLQuantizationType
-
-
-def grid_values(ggml_type: GGMLQuantizationType) -> np.ndarray:
-    """gguf-py's grid of `ggml_type` as float32 (entries, values per entry)."""
-    quant = getattr(gguf_quants, ggml_type.name)
-    quant.init_grid()
-    return np.asarray(quant.grid, dtype=np.float32).reshape(quant.grid_shape)
 
 
 def grid_levels(ggml_type: GGMLQuantizationType) -> np.ndarray:
@@ -39,11 +35,6 @@ def grid_levels(ggml_type: GGMLQuantizationType) -> np.ndarray:
     grid = grid_values(ggml_type)
     _, ranks = np.unique(grid, return_inverse=True)
     return ranks.reshape(grid.shape).astype(np.uint8)
-
-
-def sign_patterns() -> np.ndarray:
-    """ggml's ksigns_iq2xs: 128 bytes, each 7 sign bits plus an even-parity eighth."""
-    return np.frombuffer(gguf_quants.IQ2_XXS.ksigns, dtype=np.uint8)
 
 
 @lru_cache(maxsize=None)
@@ -93,21 +84,26 @@ def half_scale(d: torch.Tensor, s: torch.Tensor, factor: float) -> torch.Tensor:
     return d * (s.float() + 0.5) * factor
 
 
-class _IQuant(BlockFormat):
+class _Named(BlockFormat):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "ggml_type" in cls.__dict__:
             cls.name = cls.ggml_type.name
 
 
-class _ReadOnly(_IQuant):
-    """A format llmpress reads but does not write (its quantizer is llama.cpp's)."""
-    writable = False
+class _CQuantized(_Named):
+    """A grid type llmpress writes through its C quantizers only (quantize_iq2.c,
+    quantize_iq3.c): the grid search has no numpy port."""
+
+    def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        raise LlmpressError(f"quantizing to {self.name} needs llmpress's C quantizer library: "
+                            "it was not built (no C compiler at install) or "
+                            "LLMPRESS_NUMPY_QUANTIZE turns it off")
 
 
-class _GridQuantized(_IQuant):
-    """An IQ2_*/IQ1_* format: quantized by the C library only (the neighbour search is too
-    slow for numpy), with ggml's rule on the importance matrix (ggml_quantize_requires_imatrix)."""
+class _GridQuantized(_CQuantized):
+    """An IQ2_*/IQ1_* format: its grid is handed to the C library on first use, and ggml's
+    rule on the importance matrix holds (ggml_quantize_requires_imatrix)."""
     needs_importance = True
 
     def quantize(self, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
@@ -117,11 +113,6 @@ class _GridQuantized(_IQuant):
         if cquant.supports(self.ggml_type):
             cquant.set_iq_grid(self.ggml_type, grid_levels(self.ggml_type))
         return super().quantize(values, importance)
-
-    def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        raise LlmpressError(f"quantizing to {self.name} needs llmpress's C quantizers "
-                            "(llmpress.formats._quantize), which are not built or are switched "
-                            "off (LLMPRESS_NUMPY_QUANTIZE)")
 
 
 class IQ2_XXS(_GridQuantized):
@@ -171,7 +162,7 @@ class IQ2_S(_GridQuantized):
         return (scale * grid * signs).reshape(n, 256)
 
 
-class IQ3_XXS(_ReadOnly):
+class IQ3_XXS(_CQuantized):
     """98 bytes: d, 64 grid indices (4 values each), then 8 u32: four 7-bit sign indices
     and a 4-bit scale per group of 32."""
     ggml_type = T.IQ3_XXS
@@ -187,7 +178,7 @@ class IQ3_XXS(_ReadOnly):
         return (scale * grid * signs_from_index(sign_index)).reshape(n, 256)
 
 
-class IQ3_S(_ReadOnly):
+class IQ3_S(_CQuantized):
     """110 bytes: d, 64 low bytes of 9-bit grid indices, 8 bytes of their top bits, 32
     sign bytes, 4 bytes of two 4-bit scales (one per 32 values, as d * (1 + 2 s))."""
     ggml_type = T.IQ3_S
@@ -259,9 +250,42 @@ def trits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return ((shifted * 3) >> 8).flatten(1)
 
 
-class TQ1_0(_ReadOnly):
+def ternary_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_tq*_ref's common part: float32 (n, 256) -> (d (n, 1) float32, codes
+    (n, 256) of 0, 1, 2 = round(x / max|x|) + 1, halves away from zero as lroundf)."""
+    d = np.abs(values).max(axis=1, keepdims=True).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        scaled = (values * inverse).astype(np.float64)  # float32 product, then exact
+        rounded = np.trunc(scaled + np.copysign(0.5, scaled))
+    # A subnormal max makes 1/d infinite: lroundf of inf or NaN is LONG_MIN on x86-64,
+    # and ggml's int of LONG_MIN + 1 is 1, the code of 0.
+    codes = np.where(np.isfinite(rounded), rounded + 1, 1).astype(np.int64)
+    return d, codes
+
+
+def pack_trits(codes: np.ndarray) -> np.ndarray:
+    """(n, m, k) codes, the first most significant, k <= 5 -> uint8 (n, m): the base-3
+    number padded to 5 digits, as a fraction of 243 rounded up to 256ths."""
+    value = np.zeros(codes.shape[:2], dtype=np.int64)
+    for k in range(5):
+        value = value * 3 + (codes[..., k] if k < codes.shape[2] else 0)
+    return ((value * 256 + 242) // 243).astype(np.uint8)
+
+
+class TQ1_0(_Named):
     """54 bytes: 48 bytes of five trits each, 4 bytes of four, d (f16) last."""
     ggml_type = T.TQ1_0
+
+    def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        n = values.shape[0]
+        d, codes = ternary_codes(values)
+        # byte m of a part holds values m, m + stride, ... of that part (trit-major)
+        parts = [(0, 160, 32), (160, 240, 16), (240, 256, 4)]
+        packed = [pack_trits(codes[:, a:b].reshape(n, -1, stride).transpose(0, 2, 1))
+                  for a, b, stride in parts]
+        return np.concatenate([*packed, fp16_bytes(d[:, 0])], axis=1)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = read_f16(blocks, 52)
@@ -270,9 +294,18 @@ class TQ1_0(_ReadOnly):
         return d * (q - 1).float()
 
 
-class TQ2_0(_ReadOnly):
+class TQ2_0(_Named):
     """66 bytes: 64 bytes of four 2-bit codes (value code - 1), d (f16) last."""
     ggml_type = T.TQ2_0
+
+    def quantize_blocks(self, values: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        n = values.shape[0]
+        d, codes = ternary_codes(values)
+        # byte 32 j + m holds values 128 j + m + 32 k in bits 2k
+        codes = codes.reshape(n, 2, 4, 32)
+        packed = sum(codes[:, :, k] << (2 * k) for k in range(4)).astype(np.uint8)
+        return np.concatenate([packed.reshape(n, 64), fp16_bytes(d[:, 0])],
+                              axis=1)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]

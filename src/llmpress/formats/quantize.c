@@ -985,6 +985,8 @@ static const format_t FORMATS[] = {
     {T_IQ2_S, 256, 82, row_iq2_s, 850, iq2_prepare},
     {T_IQ1_S, 256, 50, row_iq1_s, 500, iq2_prepare},
     {T_IQ1_M, 256, 56, row_iq1_m, 500, iq2_prepare},
+    {T_IQ3_XXS, 256, 98, row_iq3_xxs, 600, iq3_prepare}, {T_IQ3_S, 256, 110, row_iq3_s, 400, iq3_prepare},
+    {T_TQ1_0, 256, 54, row_tq1_0, 6},      {T_TQ2_0, 256, 66, row_tq2_0, 6},
 };
 
 /* Threads for a call: starting and joining a parallel region costs tens of microseconds

@@ -17,6 +17,7 @@ enum {
     T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
     T_IQ4_NL = 20, T_IQ4_XS = 23,
     T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ1_S = 19, T_IQ2_S = 22, T_IQ1_M = 29,
+    T_IQ3_XXS = 18, T_IQ3_S = 21, T_TQ1_0 = 34, T_TQ2_0 = 35,
 };
 
 /* status codes (mirrored in formats/cquant.py) */
@@ -134,5 +135,12 @@ void row_iq2_s(const float *x, uint8_t *y, int64_t n, const float *qw);
 void row_iq1_s(const float *x, uint8_t *y, int64_t n, const float *qw);
 void row_iq1_m(const float *x, uint8_t *y, int64_t n, const float *qw);
 int iq2_prepare(int type, const float *imatrix);
+
+/* quantize_iq3.c (the IQ3 grids must be handed over first: llmpress_quantize_set_iq3_grid) */
+void row_iq3_xxs(const float *x, uint8_t *y, int64_t n, const float *qw);
+void row_iq3_s(const float *x, uint8_t *y, int64_t n, const float *qw);
+void row_tq1_0(const float *x, uint8_t *y, int64_t n, const float *qw);
+void row_tq2_0(const float *x, uint8_t *y, int64_t n, const float *qw);
+int iq3_prepare(int type, const float *imatrix);
 
 #endif
