@@ -156,7 +156,7 @@ def test_without_the_c_library_it_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("LLMPRESS_NUMPY_QUANTIZE", "1")
     values = np.ones((2, 256), dtype=np.float32)
     for type_name in TYPES:
-        with pytest.raises(LlmpressError, match=f"{type_name} needs llmpress's C quantizers"):
+        with pytest.raises(LlmpressError, match=f"{type_name} needs llmpress's C quantizer library"):
             get_format(type_name).quantize(values, np.ones(256, dtype=np.float32))
 
 

@@ -214,8 +214,9 @@ def test_llama_cpp_files_hold_our_bytes(quantized_file, tiny_f32, type_name):  #
     assert checked >= 8, checked
 
 
+# IQ3_XXS needs an imatrix in a file, as in llama-quantize (tensor_requires_imatrix)
 @pytest.mark.slow
-@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("type_name", [t for t in TYPES if t != "IQ3_XXS"])
 def test_llama_cpp_runs_the_file_llmpress_writes(tiny_f32, token_ids, tmp_path,  # noqa: F811
                                                   type_name):
     """`llmpress quantize --tensor-type` puts every layer matrix in type_name: the bytes are
@@ -244,3 +245,15 @@ def test_llama_cpp_runs_the_file_llmpress_writes(tiny_f32, token_ids, tmp_path, 
         print(f"  vs our fast mode KLD {mean_kld(fast, theirs):.3g} "
               f"(top-1 {top1_agreement(fast, theirs):.3f})")
         assert mean_kld(fast, theirs) < 0.25 * kld_exact and top1_agreement(fast, theirs) >= 0.98
+
+
+def test_an_iq3_xxs_file_without_an_imatrix_is_refused(tiny_f32, tmp_path):  # noqa: F811
+    """llama-quantize refuses IQ3_XXS tensors without an importance matrix; so do we, in
+    one line naming the tensor, before anything is written."""
+    from llmpress.quant.quantize import QuantizeConfig, quantize_model
+
+    out = tmp_path / "IQ3_XXS.gguf"
+    with pytest.raises(LlmpressError, match=r"blk\.0\..*IQ3_XXS needs an importance matrix"):
+        quantize_model(QuantizeConfig(tiny_f32, out, "Q8_0",
+                                      tensor_types=((r"blk\..*_down\.weight", "IQ3_XXS"),)))
+    assert not out.exists()

@@ -428,3 +428,22 @@ def test_our_file_runs_in_llama_cpp_and_agrees_with_our_runtime(full_files, wiki
     # llama.cpp rounds activations to 8 bits: ~96-97% on this model (reference/README.md);
     # measured 97.2% over these 2,048 tokens
     assert agreement >= 0.95, f"top-1 agreement {agreement:.3f}"
+
+
+@pytest.mark.parametrize("type_name", ["IQ3_M", "IQ2_M"])
+def test_i_quant_preset_file_is_byte_identical_to_llama_quantize(f32_path, workdir, type_name):
+    """A very-low-bit preset end to end: llama-quantize's type mix (with its imatrix rules),
+    the grid quantizers and the writer, against llama-quantize's own file from the same
+    input in the same run. (The default model's 576-wide rows send most tensors to the
+    fallback types; its ffn_down rows take the grid types.)"""
+    ours, theirs = workdir / f"ours-{type_name}.gguf", workdir / f"llama-{type_name}.gguf"
+    cwd = os.getcwd()
+    os.chdir(REFERENCE_IMATRIX.parent)  # both write the imatrix's bare name
+    try:
+        quantize_model(QuantizeConfig(f32_path, ours, type_name, imatrix=IMATRIX_LABEL))
+        llama_quantize(f32_path, theirs, type_name, Path(IMATRIX_LABEL))
+    finally:
+        os.chdir(cwd)
+    assert ours.read_bytes() == theirs.read_bytes()
+    written = {ref.ggml_type.name for ref in load_gguf(ours).tensors.values()}
+    assert written & {"IQ3_XXS", "IQ3_S", "IQ2_S", "IQ2_XS"}, written
