@@ -97,7 +97,9 @@ def main() -> None:
                         help="llmpress modes to run (exact is slow on large models)")
     args = parser.parse_args()
     from llmpress import hub
-    model = args.model or str(hub.pull(hub.DEFAULT_MODEL))
+    model = args.model or hub.DEFAULT_MODEL
+    if not __import__("os").path.exists(model):  # a catalog name
+        model = str(hub.pull(model))
     size = __import__("os").path.getsize(model)
 
     console = Console()
