@@ -132,5 +132,7 @@ def matmul_path(model: nn.Module, mode: str) -> str:
         missing = sorted({m.ggml_type.name for m in linears if m.kernel is None})
         return (f"fast: C kernels ({isa}) for {packed} of {len(linears)} matmuls; "
                 f"{', '.join(missing)} dequantize + float32")
+    repacked = sum(m.repacked is not None for m in linears)
+    layouts = f"; {repacked} of {len(linears)} repacked in 8-row groups" if repacked else ""
     fused = " + all layers in one call" if getattr(model, "decoder", None) is not None else ""
-    return f"fast: C kernels ({isa}, 8-bit activations){fused}"
+    return f"fast: C kernels ({isa}, 8-bit activations{layouts}){fused}"
