@@ -18,8 +18,8 @@ enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q
        Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20,
        IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35,
        /* llmpress's own: types repacked 8 rows at a time (below), never in a file */
-       Q4_K_X8 = 64, Q6_K_X8 = 65, Q4_0_X8 = 66, Q4_1_X8 = 67,
-       N_TYPES = 68 };
+       Q4_K_X8 = 64, Q6_K_X8 = 65, Q4_0_X8 = 66, Q4_1_X8 = 67, Q5_K_X8 = 68,
+       N_TYPES = 69 };
 
 /* The grids of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S and IQ1_S (IQ1_M's too): each entry's
  * 8 (IQ2, IQ1) or 4 (IQ3) values as consecutive bytes, IQ1's ternary -1/0/1 stored plus
@@ -88,6 +88,12 @@ typedef void (*tile_fn)(const uint8_t *rows, int64_t stride, int n_w, const QRow
 enum { X8_ROWS = 8, X8_BLOCK = 1184 };
 void repack_q4_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
 
+/* Q5_K_X8: Q4_K_X8's block, then the codes' fifth bits: 32 bytes per sub-block j at
+ * 1184 + 32 j; byte 4 i + c holds in bit 2 v the fifth bit of value 8 v + c and in bit
+ * 2 v + 1 that of value 8 v + 4 + c (X8_BLOCK_Q5 = 8 x 180 bytes). */
+enum { X8_BLOCK_Q5 = 1440 };
+void repack_q5_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+
 /* Q6_K_X8: the same for Q6_K (value d * scale * (code - 32), 6-bit codes, a signed scale
  * per 16 values). Per 256-value block of the group (X8_BLOCK_Q6 = 8 x 210 bytes):
  *   [0, 16)       d of rows 0..7 (f16)
@@ -105,7 +111,7 @@ enum { X8_BLOCK_Q6 = 1680 };
 void repack_q4_0_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
 void repack_q4_1_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
 
-static inline int is_repacked(int type) { return type >= Q4_K_X8 && type <= Q4_1_X8; }
+static inline int is_repacked(int type) { return type >= Q4_K_X8 && type <= Q5_K_X8; }
 void repack_q6_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
 
 /* Bytes per block, values per block (0 for a type without a kernel). */

@@ -594,35 +594,51 @@ static inline void prefetch_block(const uint8_t *p, int bytes) {
     for (int line = 0; line < bytes; line += 64) _mm_prefetch((const char *)p + line, _MM_HINT_T0);
 }
 
+/* Q5_K_X8's fifth bits of quarter v (qdot.h) moved to bit 4 of each code byte: epi16
+ * shifts are safe, the mask keeps bits that came from the same byte. */
+static inline __m256i fifth_of(__m256i bits, int bit) {
+    const __m256i b4 = _mm256_set1_epi8(0x10);
+    return _mm256_and_si256(bit <= 4 ? _mm256_slli_epi16(bits, 4 - bit) : _mm256_srli_epi16(bits, bit - 4), b4);
+}
+
 /* Both repacked tiles keep few values live per step (codes of 8 values, one sum per
  * activation row), so that four activation rows fit the 16 vector registers. */
 static inline __attribute__((always_inline)) void tile_k4x8(
-    const uint8_t *rows, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride) {
+    const uint8_t *rows, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride,
+    const int fifth) {
     const __m256i low4 = _mm256_set1_epi8(15);
+    const int bytes = fifth ? X8_BLOCK_Q5 : X8_BLOCK;
     __m256 acc[DOT_ROWS];
     for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = rows + b * X8_BLOCK;
-        prefetch_block(blk + 2 * X8_BLOCK, X8_BLOCK);
+        const uint8_t *blk = rows + b * bytes;
+        prefetch_block(blk + 2 * bytes, bytes);
         __m256i sums[DOT_ROWS], mins[DOT_ROWS];
         for (int r = 0; r < DOT_ROWS; r++) sums[r] = mins[r] = _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
             const uint8_t *codes = blk + 160 + 128 * j;
+            const __m256i scale = per_row_pairs(blk + 32 + 8 * j);
+            const __m256i high = fifth ? load(blk + X8_BLOCK + 32 * j) : _mm256_setzero_si256();
             __m256i part[DOT_ROWS];
             for (int v = 0; v < 4; v++) {
-                const __m256i bytes = load(codes + 32 * v);
-                const __m256i lo = _mm256_and_si256(bytes, low4);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+                const __m256i packed = load(codes + 32 * v);
+                __m256i lo = _mm256_and_si256(packed, low4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+                if (fifth) {
+                    lo = _mm256_or_si256(lo, fifth_of(high, 2 * v));
+                    hi = _mm256_or_si256(hi, fifth_of(high, 2 * v + 1));
+                }
                 for (int r = 0; r < n_x; r++) {
-                    /* a sub-block's 8 products stay in int16: at most 8 * 2 * 15 * 127 */
+                    /* products summed in int16: 8 of at most 2 * 15 * 127 (4-bit codes), or
+                     * 4 of 2 * 31 * 127 (5-bit codes: two partial sums per sub-block) */
                     const int8_t *q = x[r].q + 256 * b + 32 * j + 8 * v;
                     const __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(q)),
                                                           _mm256_maddubs_epi16(hi, broadcast4(q + 4)));
-                    part[r] = v == 0 ? pair : _mm256_add_epi16(part[r], pair);
+                    part[r] = v == 0 || (fifth && v == 2) ? pair : _mm256_add_epi16(part[r], pair);
+                    if (v == 3 || (fifth && v == 1))
+                        sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(part[r], scale));
                 }
             }
-            const __m256i scale = per_row_pairs(blk + 32 + 8 * j);
-            for (int r = 0; r < n_x; r++) sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(part[r], scale));
         }
         for (int j = 0; j < 8; j++) {  /* the sub-blocks' two 16-value sums of x, times each row's min */
             const __m256i min = per_row_pairs(blk + 96 + 8 * j);
@@ -642,13 +658,15 @@ static inline __attribute__((always_inline)) void tile_k4x8(
     for (int r = 0; r < n_x; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-static void tile_Q4_K_X8_avx2(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
-                              int n_x, int64_t nb, float *out, int64_t out_stride) {
-    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
-    if (n_x == 1) tile_k4x8(rows, x, 1, nb, out, out_stride);
-    else if (n_x == DOT_ROWS) tile_k4x8(rows, x, DOT_ROWS, nb, out, out_stride);
-    else tile_k4x8(rows, x, n_x, nb, out, out_stride);
-}
+#define K4_X8_TILE(NAME, FIFTH)                                                                 \
+    static void NAME(const uint8_t *rows, int64_t stride, int n_w, const QRow *x, int n_x,      \
+                     int64_t nb, float *out, int64_t out_stride) {                              \
+        (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */                         \
+        if (n_x == 1) tile_k4x8(rows, x, 1, nb, out, out_stride, FIFTH);                        \
+        else if (n_x == DOT_ROWS) tile_k4x8(rows, x, DOT_ROWS, nb, out, out_stride, FIFTH);     \
+        else tile_k4x8(rows, x, n_x, nb, out, out_stride, FIFTH);                               \
+    }
+K4_X8_TILE(tile_Q4_K_X8_avx2, 0) K4_X8_TILE(tile_Q5_K_X8_avx2, 1)
 
 /* Q6_K_X8: codes = low nibbles | high bit pairs moved to bits 4-5 (epi16 shifts are safe:
  * the mask keeps each byte's own bits); two 16-value sub-blocks per 32 values, each with
@@ -763,7 +781,7 @@ const tile_fn avx2_tiles[N_TYPES] = {
     [Q4_0] = tile_Q4_0_avx2, [Q4_1] = tile_Q4_1_avx2, [Q5_0] = tile_Q5_0_avx2,
     [Q5_1] = tile_Q5_1_avx2, [Q8_0] = tile_Q8_0_avx2, [IQ4_NL] = tile_IQ4_NL_avx2,
     [Q4_K_X8] = tile_Q4_K_X8_avx2, [Q6_K_X8] = tile_Q6_K_X8_avx2,
-    [Q4_0_X8] = tile_Q4_0_X8_avx2, [Q4_1_X8] = tile_Q4_1_X8_avx2,
+    [Q4_0_X8] = tile_Q4_0_X8_avx2, [Q4_1_X8] = tile_Q4_1_X8_avx2, [Q5_K_X8] = tile_Q5_K_X8_avx2,
 };
 
 ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K) ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K)

@@ -27,7 +27,7 @@ int64_t qtype_block_bytes(int type) {
     case IQ2_S: return IQ_GRIDS.ready ? 82 : 0; case IQ1_S: return IQ_GRIDS.ready ? 50 : 0;
     case IQ1_M: return IQ_GRIDS.ready ? 56 : 0; case TQ1_0: return 54; case TQ2_0: return 66;
     case Q4_K_X8: return X8_BLOCK / X8_ROWS; case Q6_K_X8: return X8_BLOCK_Q6 / X8_ROWS;
-    case Q4_0_X8: return 18; case Q4_1_X8: return 20;
+    case Q4_0_X8: return 18; case Q4_1_X8: return 20; case Q5_K_X8: return X8_BLOCK_Q5 / X8_ROWS;
     default: return 0;
     }
 }
@@ -35,7 +35,7 @@ int64_t qtype_block_bytes(int type) {
 static int is_k_quant(int type) {
     return (type >= Q2_K && type <= Q6_K) || type == IQ4_XS || type == IQ2_XXS || type == IQ2_XS
         || type == IQ2_S || type == IQ3_XXS || type == IQ3_S || type == IQ1_S || type == IQ1_M
-        || type == TQ1_0 || type == TQ2_0 || type == Q4_K_X8 || type == Q6_K_X8;
+        || type == TQ1_0 || type == TQ2_0 || type == Q4_K_X8 || type == Q6_K_X8 || type == Q5_K_X8;
 }
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
 int64_t qtype_act_block(int type) { return qtype_block_values(type); }
@@ -363,13 +363,17 @@ static void interleave_nibbles(const uint8_t codes[256], int i, uint8_t *out) {
             }
 }
 
-void repack_q4_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) {
-    const int64_t nb = K / 256, row_bytes = nb * 144;
+/* Q4_K (144-byte blocks) or Q5_K (176: fifth bits in qh) rows into X8 groups. */
+static void repack_k4_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K, int fifth) {
+    const int in_bytes = fifth ? 176 : 144, out_bytes = fifth ? X8_BLOCK_Q5 : X8_BLOCK;
+    const int64_t nb = K / 256, row_bytes = nb * in_bytes;
     for (int64_t g = 0; g < n_rows / X8_ROWS; g++) {
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t *out = dst + (g * nb + b) * X8_BLOCK;
+            uint8_t *out = dst + (g * nb + b) * out_bytes;
+            if (fifth) memset(out + X8_BLOCK, 0, 256);
             for (int i = 0; i < X8_ROWS; i++) {
-                const uint8_t *blk = src + (g * X8_ROWS + i) * row_bytes + b * 144, *qs = blk + 16;
+                const uint8_t *blk = src + (g * X8_ROWS + i) * row_bytes + b * in_bytes;
+                const uint8_t *qh = blk + 16, *qs = blk + (fifth ? 48 : 16);
                 memcpy(out + 2 * i, blk, 2);
                 memcpy(out + 16 + 2 * i, blk + 2, 2);
                 uint8_t codes[256];
@@ -378,22 +382,32 @@ void repack_q4_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K)
                     k4_scale_min(blk + 4, j, &scale, &min);
                     out[32 + 8 * j + i] = (uint8_t)scale;
                     out[96 + 8 * j + i] = (uint8_t)min;
-                    for (int l = 0; l < 32; l++) codes[32 * j + l] = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
+                    for (int l = 0; l < 32; l++)
+                        codes[32 * j + l] = (uint8_t)(((qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15)
+                                                      | (fifth ? ((qh[l] >> j) & 1) << 4 : 0));
                 }
                 interleave_nibbles(codes, i, out + 160);
+                for (int j = 0; fifth && j < 8; j++)
+                    for (int v = 0; v < 4; v++)
+                        for (int c = 0; c < 4; c++) {
+                            const uint8_t *p = codes + 32 * j + 8 * v + c;
+                            out[X8_BLOCK + 32 * j + 4 * i + c] |= (uint8_t)((p[0] >> 4) << (2 * v) | (p[4] >> 4) << (2 * v + 1));
+                        }
             }
         }
     }
 }
+void repack_q4_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_k4_x8(src, dst, n_rows, K, 0); }
+void repack_q5_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_k4_x8(src, dst, n_rows, K, 1); }
 
 /* One 8-row group against n_x activation rows; lane i's float steps are the AVX2 tile's. */
-static void tile_Q4_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
-                                  int n_x, int64_t nb, float *out, int64_t out_stride) {
-    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
+static void tile_k4x8_portable(const uint8_t *rows, const QRow *x, int n_x, int64_t nb,
+                               float *out, int64_t out_stride, int fifth) {
+    const int bytes = fifth ? X8_BLOCK_Q5 : X8_BLOCK;
     for (int r = 0; r < n_x; r++) {
         float acc[X8_ROWS] = {0};
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = rows + b * X8_BLOCK;
+            const uint8_t *blk = rows + b * bytes;
             const int8_t *q = x[r].q + 256 * b;
             const int16_t *bsum = x[r].bsum + 16 * b;
             for (int i = 0; i < X8_ROWS; i++) {
@@ -403,7 +417,10 @@ static void tile_Q4_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, 
                     for (int v = 0; v < 4; v++) {
                         for (int c = 0; c < 4; c++) {
                             const uint8_t byte = blk[160 + 128 * j + 32 * v + 4 * i + c];
-                            sum += (byte & 15) * q[32 * j + 8 * v + c] + (byte >> 4) * q[32 * j + 8 * v + 4 + c];
+                            const uint8_t high = fifth ? blk[X8_BLOCK + 32 * j + 4 * i + c] : 0;
+                            const int first = (byte & 15) | ((high >> (2 * v)) & 1) << 4;
+                            const int second = (byte >> 4) | ((high >> (2 * v + 1)) & 1) << 4;
+                            sum += first * q[32 * j + 8 * v + c] + second * q[32 * j + 8 * v + 4 + c];
                         }
                     }
                     scaled += blk[32 + 8 * j + i] * sum;
@@ -415,6 +432,16 @@ static void tile_Q4_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, 
         }
         for (int i = 0; i < X8_ROWS; i++) out[r * out_stride + i] = acc[i];
     }
+}
+static void tile_Q4_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
+                                  int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
+    tile_k4x8_portable(rows, x, n_x, nb, out, out_stride, 0);
+}
+static void tile_Q5_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
+                                  int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;
+    tile_k4x8_portable(rows, x, n_x, nb, out, out_stride, 1);
 }
 
 void repack_q6_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) {
@@ -546,6 +573,7 @@ static void tile_Q4_1_X8_portable(const uint8_t *rows, int64_t stride, int n_w, 
 const tile_fn portable_tiles[N_TYPES] = {
     [Q4_K_X8] = tile_Q4_K_X8_portable, [Q6_K_X8] = tile_Q6_K_X8_portable,
     [Q4_0_X8] = tile_Q4_0_X8_portable, [Q4_1_X8] = tile_Q4_1_X8_portable,
+    [Q5_K_X8] = tile_Q5_K_X8_portable,
 };
 
 const dot_fn portable_dots[N_TYPES] = {
