@@ -121,6 +121,37 @@ static inline float sum_of_squares(int64_t n, const float *x) {
     return s;
 }
 
+/* The grid i-quants' signs of 8 values: |x| into xval, the sign bits returned. With
+ * parity (ggml's 7 stored bits, the 8th implied) an odd count of negatives flips the value
+ * of least w x^2 back: its sign is then wrong, and stored as such. */
+static inline uint8_t split_signs_8(const float *x, const float *weight, float *xval, int parity) {
+    int negatives = 0;
+    uint8_t s = 0;
+    for (int i = 0; i < 8; ++i) {
+        if (x[i] >= 0) {
+            xval[i] = x[i];
+        } else {
+            xval[i] = -x[i];
+            ++negatives;
+            s |= (uint8_t)(1 << i);
+        }
+    }
+    if (parity && negatives % 2) {
+        int cheapest = 0;
+        float least = weight[0] * x[0] * x[0];
+        for (int i = 1; i < 8; ++i) {
+            float cost = weight[i] * x[i] * x[i];
+            if (cost < least) {
+                least = cost;
+                cheapest = i;
+            }
+        }
+        xval[cheapest] = -xval[cheapest];
+        s ^= (uint8_t)(1 << cheapest);
+    }
+    return parity ? (uint8_t)(s & 127) : s;
+}
+
 typedef void (*row_quantizer)(const float *x, uint8_t *y, int64_t n, const float *qw);
 /* checked before quantizing rows of a type: OK, or why not (ERR_NEEDS_IMATRIX, ...) */
 typedef int (*quantize_check)(int type, const float *imatrix);

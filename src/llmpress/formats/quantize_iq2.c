@@ -215,38 +215,11 @@ static const iq2_variant IQ2_XXS_V = {32, GRID_XXS, GROUP_MAX_EPS, 1};
 static const iq2_variant IQ2_XS_V = {16, GRID_XS, GROUP_MAX_EPS, 1};
 static const iq2_variant IQ2_S_V = {16, GRID_S, 1e-8f, 0};
 
-/* |x| into xval and the sign bits of each 8; with parity signs an odd number of negatives
- * flips the value of least w x^2 back (its sign is then wrong, and stored as such). */
+/* |x| into xval and the sign bits of each 8 values (quantize.h: split_signs_8). */
 static void split_signs(const iq2_variant *v, const float *x, const float *weight, float *xval,
                         uint8_t *signs) {
-    for (int k = 0; k < v->group / 8; ++k) {
-        int negatives = 0;
-        uint8_t s = 0;
-        for (int i = 0; i < 8; ++i) {
-            float value = x[8 * k + i];
-            if (value >= 0) {
-                xval[8 * k + i] = value;
-            } else {
-                xval[8 * k + i] = -value;
-                ++negatives;
-                s |= (uint8_t)(1 << i);
-            }
-        }
-        if (v->parity_signs && negatives % 2) {
-            int cheapest = 0;
-            float least = weight[8 * k] * x[8 * k] * x[8 * k];
-            for (int i = 1; i < 8; ++i) {
-                float cost = weight[8 * k + i] * x[8 * k + i] * x[8 * k + i];
-                if (cost < least) {
-                    least = cost;
-                    cheapest = i;
-                }
-            }
-            xval[8 * k + cheapest] = -xval[8 * k + cheapest];
-            s ^= (uint8_t)(1 << cheapest);
-        }
-        signs[k] = v->parity_signs ? (uint8_t)(s & 127) : s;
-    }
+    for (int k = 0; k < v->group / 8; ++k)
+        signs[k] = split_signs_8(x + 8 * k, weight + 8 * k, xval + 8 * k, v->parity_signs);
 }
 
 /* Round 8 values to levels at inverse scale id (l = round((id x - 1) / 2) in 0..2) and snap

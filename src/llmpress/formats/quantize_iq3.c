@@ -220,37 +220,11 @@ typedef struct {
                        * ones that were off the grid */
 } iq3_variant_t;
 
-/* Values -> magnitudes and sign bytes (one per 8). With even_signs an odd count of
- * negatives flips the sign of the least important value, so the 8th bit is parity. */
+/* |x| into xval and the sign bits of each 8 values (quantize.h: split_signs_8). */
 static void split_signs(const iq3_variant_t *v, const float *x, const float *weight,
                         float *xval, uint8_t *signs) {
-    for (int k = 0; k < 4; ++k) {
-        int n_negative = 0;
-        uint8_t s = 0;
-        for (int i = 0; i < 8; ++i) {
-            if (x[8 * k + i] >= 0) {
-                xval[8 * k + i] = x[8 * k + i];
-            } else {
-                xval[8 * k + i] = -x[8 * k + i];
-                ++n_negative;
-                s |= (uint8_t)(1 << i);
-            }
-        }
-        if (v->even_signs && n_negative % 2) {
-            int least = 0;
-            float least_w = weight[8 * k] * x[8 * k] * x[8 * k];
-            for (int i = 1; i < 8; ++i) {
-                float w = weight[8 * k + i] * x[8 * k + i] * x[8 * k + i];
-                if (w < least_w) {
-                    least_w = w;
-                    least = i;
-                }
-            }
-            xval[8 * k + least] = -xval[8 * k + least];
-            s ^= (uint8_t)(1 << least);
-        }
-        signs[k] = v->even_signs ? s & 127 : s;
-    }
+    for (int k = 0; k < 4; ++k)
+        signs[k] = split_signs_8(x + 8 * k, weight + 8 * k, xval + 8 * k, v->even_signs);
 }
 
 /* One group of 32: returns 0 if it is stored as zero, else 1 with its scale, 4 sign
