@@ -113,6 +113,6 @@ def test_cli_info_json(default_model_path):
     assert types == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
     assert info["has_chat_template"] and info["context_length"] == 8192
     isa = cpu.kernel_info()["isa"]  # the kernel .so is built (CI checks it), so never None
-    # the Q4_1 matmuls (rows in multiples of 8) run repacked; the Q8_0 output head does not
-    assert info["matmul"] == (f"fast: C kernels ({isa}, 8-bit activations; 210 of 211 "
+    # every matmul (Q4_1 and the Q8_0 output head: rows in multiples of 8) runs repacked
+    assert info["matmul"] == (f"fast: C kernels ({isa}, 8-bit activations; 211 of 211 "
                               "repacked in 8-row groups) + all layers in one call")

@@ -204,7 +204,7 @@ def test_repack_refuses(case, code):
     out = torch.empty(size, dtype=torch.uint8)
     src_bytes, dst_bytes, threads = rows.numel(), out.numel(), 1
     if case == "a type without one":
-        t = GGMLQuantizationType.Q8_0
+        t = GGMLQuantizationType.Q2_K
     elif case == "rows not whole groups":
         n = 12
     elif case == "short source":

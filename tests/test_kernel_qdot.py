@@ -108,7 +108,7 @@ def test_random_blocks(isa, type_name):
         check_against_references(packed, ggml_type, shape, x)
 
 
-REPACKED = ["Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1"]  # types with a repacked layout (groups of 8 rows)
+REPACKED = ["Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]  # types with a repacked layout (groups of 8 rows)
 
 
 @pytest.mark.parametrize("type_name", REPACKED)

@@ -18,8 +18,9 @@ enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q
        Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20,
        IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35,
        /* llmpress's own: types repacked 8 rows at a time (below), never in a file */
-       Q4_K_X8 = 64, Q6_K_X8 = 65, Q4_0_X8 = 66, Q4_1_X8 = 67, Q5_K_X8 = 68,
-       N_TYPES = 69 };
+       Q4_K_X8 = 64, Q6_K_X8 = 65, Q4_0_X8 = 66, Q4_1_X8 = 67, Q5_K_X8 = 68, Q5_0_X8 = 69,
+       Q5_1_X8 = 70, Q8_0_X8 = 71,
+       N_TYPES = 72 };
 
 /* The grids of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S and IQ1_S (IQ1_M's too): each entry's
  * 8 (IQ2, IQ1) or 4 (IQ3) values as consecutive bytes, IQ1's ternary -1/0/1 stored plus
@@ -104,15 +105,22 @@ void repack_q5_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K)
  *                 holds in bits 2 v, 2 v + 1 the high bits of value 8 v + c, byte
  *                 32 + 4 i + c those of value 8 v + 4 + c. */
 enum { X8_BLOCK_Q6 = 1680 };
+void repack_q6_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
 
-/* Q4_0_X8, Q4_1_X8: the same for the 32-value legacy blocks. Per block of the group
- * (8 x 18 or 8 x 20 bytes): d of rows 0..7 (f16), for Q4_1 then m of rows 0..7 (f16),
- * then 128 bytes of codes laid out as one sub-block of Q4_K_X8's. */
+/* Q4_0_X8, Q4_1_X8, Q5_0_X8, Q5_1_X8: the same for the 32-value legacy blocks. Per block
+ * of the group (8 x the file's block bytes): d of rows 0..7 (f16); for Q4_1/Q5_1 then m of
+ * rows 0..7 (f16); then 128 bytes of codes laid out as one sub-block of Q4_K_X8's; for
+ * Q5_0/Q5_1 then 32 bytes of fifth bits laid out as one sub-block of Q5_K_X8's. */
 void repack_q4_0_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
 void repack_q4_1_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+void repack_q5_0_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+void repack_q5_1_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
 
-static inline int is_repacked(int type) { return type >= Q4_K_X8 && type <= Q5_K_X8; }
-void repack_q6_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+/* Q8_0_X8: per block of the group (8 x 34 bytes): d of rows 0..7 (f16), then the signed
+ * codes: 32 bytes at 16 + 32 v (v = 0..7), byte 4 i + c = row i's code of value 4 v + c. */
+void repack_q8_0_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
+
+static inline int is_repacked(int type) { return type >= Q4_K_X8 && type <= Q8_0_X8; }
 
 /* Bytes per block, values per block (0 for a type without a kernel). */
 int64_t qtype_block_bytes(int type);

@@ -731,35 +731,44 @@ static void tile_Q6_K_X8_avx2(const uint8_t *rows, int64_t stride, int n_w, cons
     else tile_q6x8(rows, x, n_x, nb, out, out_stride);
 }
 
-/* Q4_0_X8 / Q4_1_X8: a 32-value block is one sub-block of Q4_K_X8's layout, with the
- * legacy types' float steps (value = d * code + m, Q4_0's m = -8 d). */
+/* Q4_0_X8 / Q4_1_X8 / Q5_0_X8 / Q5_1_X8: a 32-value block is one sub-block of Q4_K_X8's
+ * (Q5_K_X8's) layout, with the legacy types' float steps (value = d * code + m, Q4_0's
+ * m = -8 d, Q5_0's -16 d). */
 static inline __attribute__((always_inline)) void tile_l4x8(
     const uint8_t *rows, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride,
-    const int affine) {
+    const int affine, const int fifth) {
     const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const int bytes = affine ? 160 : 144, head = affine ? 32 : 16;
+    const int bytes = 8 * (18 + 2 * affine + 4 * fifth), head = affine ? 32 : 16;
     __m256 acc[DOT_ROWS];
     for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = rows + b * bytes;
         prefetch_block(blk + 4 * bytes, bytes);
-        __m256i part[DOT_ROWS];
+        const __m256i high = fifth ? load(blk + head + 128) : _mm256_setzero_si256();
+        __m256i part[DOT_ROWS], sums[DOT_ROWS];
         for (int v = 0; v < 4; v++) {
             const __m256i codes = load(blk + head + 32 * v);
-            const __m256i lo = _mm256_and_si256(codes, low4);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+            __m256i lo = _mm256_and_si256(codes, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+            if (fifth) {
+                lo = _mm256_or_si256(lo, fifth_of(high, 2 * v));
+                hi = _mm256_or_si256(hi, fifth_of(high, 2 * v + 1));
+            }
             for (int r = 0; r < n_x; r++) {
+                /* int16 sums of 8 products of 4-bit codes, or 4 of 5-bit ones (tile_k4x8) */
                 const int8_t *q = x[r].q + 32 * b + 8 * v;
                 const __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(q)),
                                                       _mm256_maddubs_epi16(hi, broadcast4(q + 4)));
-                part[r] = v == 0 ? pair : _mm256_add_epi16(part[r], pair);
+                part[r] = v == 0 || (fifth && v == 2) ? pair : _mm256_add_epi16(part[r], pair);
+                if (fifth && v == 1) sums[r] = _mm256_madd_epi16(part[r], ones);
             }
         }
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
         const __m256 m = affine ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))
-                                : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+                                : _mm256_mul_ps(d, _mm256_set1_ps(fifth ? -16.0f : -8.0f));
         for (int r = 0; r < n_x; r++) {
-            const __m256i sum = _mm256_madd_epi16(part[r], ones);
+            __m256i sum = _mm256_madd_epi16(part[r], ones);
+            if (fifth) sum = _mm256_add_epi32(sums[r], sum);
             acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x[r].d[b])), _mm256_cvtepi32_ps(sum), acc[r]);
             acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[r].sum[b]), acc[r]);
         }
@@ -767,21 +776,59 @@ static inline __attribute__((always_inline)) void tile_l4x8(
     for (int r = 0; r < n_x; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-#define LEGACY4_X8_TILE(NAME, AFFINE)                                                           \
+#define LEGACY_X8_TILE(NAME, AFFINE, FIFTH)                                                     \
     static void NAME(const uint8_t *rows, int64_t stride, int n_w, const QRow *x, int n_x,      \
                      int64_t nb, float *out, int64_t out_stride) {                              \
         (void)stride; (void)n_w;                                                                \
-        if (n_x == 1) tile_l4x8(rows, x, 1, nb, out, out_stride, AFFINE);                       \
-        else if (n_x == DOT_ROWS) tile_l4x8(rows, x, DOT_ROWS, nb, out, out_stride, AFFINE);    \
-        else tile_l4x8(rows, x, n_x, nb, out, out_stride, AFFINE);                              \
+        if (n_x == 1) tile_l4x8(rows, x, 1, nb, out, out_stride, AFFINE, FIFTH);                \
+        else if (n_x == DOT_ROWS) tile_l4x8(rows, x, DOT_ROWS, nb, out, out_stride, AFFINE, FIFTH); \
+        else tile_l4x8(rows, x, n_x, nb, out, out_stride, AFFINE, FIFTH);                       \
     }
-LEGACY4_X8_TILE(tile_Q4_0_X8_avx2, 0) LEGACY4_X8_TILE(tile_Q4_1_X8_avx2, 1)
+LEGACY_X8_TILE(tile_Q4_0_X8_avx2, 0, 0) LEGACY_X8_TILE(tile_Q4_1_X8_avx2, 1, 0)
+LEGACY_X8_TILE(tile_Q5_0_X8_avx2, 0, 1) LEGACY_X8_TILE(tile_Q5_1_X8_avx2, 1, 1)
+
+/* Q8_0_X8: signed codes times signed activations through maddubs' unsigned operand:
+ * |w| * (x with w's sign); each pair of products (at most 2 * 127 * 127) goes to int32 at
+ * once. */
+static inline __attribute__((always_inline)) void tile_q8x8(
+    const uint8_t *rows, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    enum { BYTES = 8 * 34 };
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = rows + b * BYTES;
+        prefetch_block(blk + 3 * BYTES, BYTES);
+        __m256i sums[DOT_ROWS];
+        for (int v = 0; v < 8; v++) {
+            const __m256i codes = load(blk + 16 + 32 * v), magnitudes = _mm256_abs_epi8(codes);
+            for (int r = 0; r < n_x; r++) {
+                const __m256i signed_x = _mm256_sign_epi8(broadcast4(x[r].q + 32 * b + 4 * v), codes);
+                const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, signed_x), ones);
+                sums[r] = v == 0 ? sum : _mm256_add_epi32(sums[r], sum);
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        for (int r = 0; r < n_x; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x[r].d[b])), _mm256_cvtepi32_ps(sums[r]), acc[r]);
+    }
+    for (int r = 0; r < n_x; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
+}
+
+static void tile_Q8_0_X8_avx2(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
+                              int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;
+    if (n_x == 1) tile_q8x8(rows, x, 1, nb, out, out_stride);
+    else if (n_x == DOT_ROWS) tile_q8x8(rows, x, DOT_ROWS, nb, out, out_stride);
+    else tile_q8x8(rows, x, n_x, nb, out, out_stride);
+}
 
 const tile_fn avx2_tiles[N_TYPES] = {
     [Q4_0] = tile_Q4_0_avx2, [Q4_1] = tile_Q4_1_avx2, [Q5_0] = tile_Q5_0_avx2,
     [Q5_1] = tile_Q5_1_avx2, [Q8_0] = tile_Q8_0_avx2, [IQ4_NL] = tile_IQ4_NL_avx2,
     [Q4_K_X8] = tile_Q4_K_X8_avx2, [Q6_K_X8] = tile_Q6_K_X8_avx2,
     [Q4_0_X8] = tile_Q4_0_X8_avx2, [Q4_1_X8] = tile_Q4_1_X8_avx2, [Q5_K_X8] = tile_Q5_K_X8_avx2,
+    [Q5_0_X8] = tile_Q5_0_X8_avx2, [Q5_1_X8] = tile_Q5_1_X8_avx2, [Q8_0_X8] = tile_Q8_0_X8_avx2,
 };
 
 ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K) ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K)

@@ -28,6 +28,7 @@ int64_t qtype_block_bytes(int type) {
     case IQ1_M: return IQ_GRIDS.ready ? 56 : 0; case TQ1_0: return 54; case TQ2_0: return 66;
     case Q4_K_X8: return X8_BLOCK / X8_ROWS; case Q6_K_X8: return X8_BLOCK_Q6 / X8_ROWS;
     case Q4_0_X8: return 18; case Q4_1_X8: return 20; case Q5_K_X8: return X8_BLOCK_Q5 / X8_ROWS;
+    case Q5_0_X8: return 22; case Q5_1_X8: return 24; case Q8_0_X8: return 34;
     default: return 0;
     }
 }
@@ -511,34 +512,47 @@ static void tile_Q6_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, 
     }
 }
 
-/* Q4_0 / Q4_1 blocks: d (f16), for Q4_1 m (f16), 16 bytes of nibbles (value l low, l + 16 high). */
-static void repack_legacy4_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K, int affine) {
-    const int in_bytes = affine ? 20 : 18, head = affine ? 32 : 16;
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks: d (f16), for the affine ones m (f16), for Q5 the fifth
+ * bits (u32, bit l of value l), then 16 bytes of nibbles (value l low, l + 16 high). */
+static void repack_legacy_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K,
+                             int affine, int fifth) {
+    const int in_bytes = 18 + 2 * affine + 4 * fifth, head = affine ? 32 : 16;
     const int64_t nb = K / 32, row_bytes = nb * in_bytes;
     for (int64_t g = 0; g < n_rows / X8_ROWS; g++) {
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *out = dst + (g * nb + b) * X8_ROWS * in_bytes;
+            if (fifth) memset(out + head + 128, 0, 32);
             for (int i = 0; i < X8_ROWS; i++) {
                 const uint8_t *blk = src + (g * X8_ROWS + i) * row_bytes + b * in_bytes;
                 const uint8_t *qs = blk + in_bytes - 16;
+                uint32_t qh = 0;
+                if (fifth) memcpy(&qh, blk + 2 + 2 * affine, 4);
                 memcpy(out + 2 * i, blk, 2);
                 if (affine) memcpy(out + 16 + 2 * i, blk + 2, 2);
                 uint8_t codes[32];
                 for (int l = 0; l < 16; l++) { codes[l] = qs[l] & 15; codes[l + 16] = qs[l] >> 4; }
                 for (int v = 0; v < 4; v++)
-                    for (int c = 0; c < 4; c++)
-                        out[head + 32 * v + 4 * i + c] = (uint8_t)(codes[8 * v + c] | codes[8 * v + 4 + c] << 4);
+                    for (int c = 0; c < 4; c++) {
+                        const int first = 8 * v + c, second = 8 * v + 4 + c;
+                        out[head + 32 * v + 4 * i + c] = (uint8_t)(codes[first] | codes[second] << 4);
+                        if (fifth)
+                            out[head + 128 + 4 * i + c] |= (uint8_t)(((qh >> first) & 1) << (2 * v)
+                                                                     | ((qh >> second) & 1) << (2 * v + 1));
+                    }
             }
         }
     }
 }
-void repack_q4_0_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_legacy4_x8(src, dst, n_rows, K, 0); }
-void repack_q4_1_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_legacy4_x8(src, dst, n_rows, K, 1); }
+void repack_q4_0_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_legacy_x8(src, dst, n_rows, K, 0, 0); }
+void repack_q4_1_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_legacy_x8(src, dst, n_rows, K, 1, 0); }
+void repack_q5_0_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_legacy_x8(src, dst, n_rows, K, 0, 1); }
+void repack_q5_1_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_legacy_x8(src, dst, n_rows, K, 1, 1); }
 
-/* value = d * code + m per block (Q4_0: m = -8 d); lane i's float steps are the AVX2 tile's */
-static void tile_legacy4_x8_portable(const uint8_t *rows, const QRow *x, int n_x, int64_t nb,
-                                     float *out, int64_t out_stride, int affine) {
-    const int bytes = affine ? 160 : 144, head = affine ? 32 : 16;
+/* value = d * code + m per block (Q4_0: m = -8 d, Q5_0: m = -16 d); lane i's float steps
+ * are the AVX2 tile's */
+static void tile_legacy_x8_portable(const uint8_t *rows, const QRow *x, int n_x, int64_t nb,
+                                    float *out, int64_t out_stride, int affine, int fifth) {
+    const int bytes = 8 * (18 + 2 * affine + 4 * fifth), head = affine ? 32 : 16;
     for (int r = 0; r < n_x; r++) {
         float acc[X8_ROWS] = {0};
         for (int64_t b = 0; b < nb; b++) {
@@ -549,9 +563,13 @@ static void tile_legacy4_x8_portable(const uint8_t *rows, const QRow *x, int n_x
                 for (int v = 0; v < 4; v++)
                     for (int c = 0; c < 4; c++) {
                         const uint8_t byte = blk[head + 32 * v + 4 * i + c];
-                        sum += (byte & 15) * q[8 * v + c] + (byte >> 4) * q[8 * v + 4 + c];
+                        const uint8_t high = fifth ? blk[head + 128 + 4 * i + c] : 0;
+                        const int first = (byte & 15) | ((high >> (2 * v)) & 1) << 4;
+                        const int second = (byte >> 4) | ((high >> (2 * v + 1)) & 1) << 4;
+                        sum += first * q[8 * v + c] + second * q[8 * v + 4 + c];
                     }
-                const float d = read_half(blk + 2 * i), m = affine ? read_half(blk + 16 + 2 * i) : d * -8.0f;
+                const float d = read_half(blk + 2 * i);
+                const float m = affine ? read_half(blk + 16 + 2 * i) : d * (fifth ? -16.0f : -8.0f);
                 acc[i] += d * x[r].d[b] * (float)sum;
                 acc[i] += m * x[r].sum[b];
             }
@@ -559,21 +577,53 @@ static void tile_legacy4_x8_portable(const uint8_t *rows, const QRow *x, int n_x
         for (int i = 0; i < X8_ROWS; i++) out[r * out_stride + i] = acc[i];
     }
 }
-static void tile_Q4_0_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
-                                  int n_x, int64_t nb, float *out, int64_t out_stride) {
-    (void)stride; (void)n_w;
-    tile_legacy4_x8_portable(rows, x, n_x, nb, out, out_stride, 0);
+#define LEGACY_X8_PORTABLE(NAME, AFFINE, FIFTH)                                                  \
+    static void NAME(const uint8_t *rows, int64_t stride, int n_w, const QRow *x, int n_x,      \
+                     int64_t nb, float *out, int64_t out_stride) {                              \
+        (void)stride; (void)n_w;                                                                \
+        tile_legacy_x8_portable(rows, x, n_x, nb, out, out_stride, AFFINE, FIFTH);              \
+    }
+LEGACY_X8_PORTABLE(tile_Q4_0_X8_portable, 0, 0) LEGACY_X8_PORTABLE(tile_Q4_1_X8_portable, 1, 0)
+LEGACY_X8_PORTABLE(tile_Q5_0_X8_portable, 0, 1) LEGACY_X8_PORTABLE(tile_Q5_1_X8_portable, 1, 1)
+
+/* Q8_0 blocks: d (f16), 32 signed codes. */
+void repack_q8_0_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) {
+    const int64_t nb = K / 32, row_bytes = nb * 34;
+    for (int64_t g = 0; g < n_rows / X8_ROWS; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *out = dst + (g * nb + b) * X8_ROWS * 34;
+            for (int i = 0; i < X8_ROWS; i++) {
+                const uint8_t *blk = src + (g * X8_ROWS + i) * row_bytes + b * 34;
+                memcpy(out + 2 * i, blk, 2);
+                for (int v = 0; v < 8; v++) memcpy(out + 16 + 32 * v + 4 * i, blk + 2 + 4 * v, 4);
+            }
+        }
 }
-static void tile_Q4_1_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
+
+static void tile_Q8_0_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
                                   int n_x, int64_t nb, float *out, int64_t out_stride) {
     (void)stride; (void)n_w;
-    tile_legacy4_x8_portable(rows, x, n_x, nb, out, out_stride, 1);
+    for (int r = 0; r < n_x; r++) {
+        float acc[X8_ROWS] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = rows + b * X8_ROWS * 34;
+            const int8_t *q = x[r].q + 32 * b;
+            for (int i = 0; i < X8_ROWS; i++) {
+                int32_t sum = 0;
+                for (int v = 0; v < 8; v++)
+                    for (int c = 0; c < 4; c++) sum += (int8_t)blk[16 + 32 * v + 4 * i + c] * q[4 * v + c];
+                acc[i] += read_half(blk + 2 * i) * x[r].d[b] * (float)sum;
+            }
+        }
+        for (int i = 0; i < X8_ROWS; i++) out[r * out_stride + i] = acc[i];
+    }
 }
 
 const tile_fn portable_tiles[N_TYPES] = {
     [Q4_K_X8] = tile_Q4_K_X8_portable, [Q6_K_X8] = tile_Q6_K_X8_portable,
     [Q4_0_X8] = tile_Q4_0_X8_portable, [Q4_1_X8] = tile_Q4_1_X8_portable,
-    [Q5_K_X8] = tile_Q5_K_X8_portable,
+    [Q5_K_X8] = tile_Q5_K_X8_portable, [Q5_0_X8] = tile_Q5_0_X8_portable,
+    [Q5_1_X8] = tile_Q5_1_X8_portable, [Q8_0_X8] = tile_Q8_0_X8_portable,
 };
 
 const dot_fn portable_dots[N_TYPES] = {

@@ -224,7 +224,8 @@ static const struct {
     void (*repack)(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K);
 } REPACKS[] = {{Q4_K, Q4_K_X8, repack_q4_k_x8}, {Q6_K, Q6_K_X8, repack_q6_k_x8},
                {Q4_0, Q4_0_X8, repack_q4_0_x8}, {Q4_1, Q4_1_X8, repack_q4_1_x8},
-               {Q5_K, Q5_K_X8, repack_q5_k_x8}};
+               {Q5_K, Q5_K_X8, repack_q5_k_x8}, {Q5_0, Q5_0_X8, repack_q5_0_x8},
+               {Q5_1, Q5_1_X8, repack_q5_1_x8}, {Q8_0, Q8_0_X8, repack_q8_0_x8}};
 
 /* The index in REPACKS of this weight's layout, or -1 where it has none. */
 static int find_repack(int type, int64_t N, int64_t K) {
