@@ -142,3 +142,18 @@ def test_bad_arguments_exit_nonzero():
     done = subprocess.run([sys.executable, "-m", "llmpress.cli", "run"], capture_output=True,
                           text=True)
     assert done.returncode == 2 and "usage:" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "smollm2", "-t", "0"], "argument -t/--threads: 0 is below 1"),
+    (["run", "smollm2", "-p", "hi", "--threads", "-2"], "argument -t/--threads: -2 is below 1"),
+    (["bench", "smollm2", "-d", "-5"], "argument -d/--depth: -5 is below 0"),
+    (["bench", "smollm2", "-t", "two"], "argument -t/--threads: 'two' is not an integer"),
+])
+def test_bad_counts_are_refused_before_loading(args, message, capsys):
+    """A thread count below 1 or a negative depth: the option named, exit status 2, and
+    no model is loaded (the check is argparse's)."""
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)

@@ -272,3 +272,20 @@ def test_base_with_another_vocabulary_is_a_clear_error(default_model_path, workd
     assert cli_main(["eval", str(default_model_path),
                      "--base-logits", str(workdir / "other-vocab.safetensors")]) == 1
     assert "vocabulary of 1000 tokens" in _error_line(capsys)
+
+
+def test_bench_at_depth(default_model_path, capsys):
+    """`bench -d N` (llama-bench's depth): each test starts from a context of N tokens,
+    filled once; every run leaves the cache at N again."""
+    from llmpress.api import load
+    from llmpress.eval.speed import filled_cache, time_generation, time_prompt
+    model = load(default_model_path).model
+    cache = filled_cache(model, 40, 8)
+    assert cache.length == 40
+    time_generation(model, 4, seed=0, cache=cache)
+    time_prompt(model, 8, seed=0, cache=cache)
+    assert cache.length == 40
+    assert cli_main(["bench", str(default_model_path), "-p", "8", "-n", "4", "-r", "1",
+                     "-d", "40", "--json"]) in (0, None)
+    result = json.loads(capsys.readouterr().out)
+    assert result["depth"] == 40 and len(result["gen_runs"]) == 1 and result["gen_tok_s"] > 0

@@ -60,6 +60,20 @@ def _chat_template(args) -> str | None:
         raise LlmpressError(f"the chat template {path} is not UTF-8 text") from None
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer no smaller than `minimum` (a thread count of 0 or a
+    negative depth is refused at once, with the option's name)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
 def _use_threads(args) -> None:
     if args.threads:
         import torch
@@ -99,7 +113,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_chat_args(p: argparse.ArgumentParser) -> None:
     """What run, chat and serve share beyond the model: threads and the chat template."""
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: "
+    p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads (default: "
                    "torch's choice)")
     p.add_argument("--chat-template", metavar="FILE", default=None, help="a Jinja chat "
                    "template used instead of the model's own")

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from llmpress.cli.common import at_least
 from llmpress.errors import LlmpressError
 from llmpress.eval.compare import DEFAULT_CTX, CompareConfig, compare_models
 from llmpress.eval.speed import BenchSettings
@@ -306,7 +307,7 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench-gen", type=int, default=BenchSettings.gen_tokens,
                    help="generated tokens of the speed run")
     p.add_argument("--bench-reps", type=int, default=BenchSettings.repetitions)
-    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("-t", "--threads", type=at_least(1), default=None)
 
 
 def add_eval_parsers(sub) -> None:

@@ -23,6 +23,7 @@ from llmpress.cli.common import (
     _print_stream,
     _speculative,
     _sampling,
+    at_least,
     _use_threads,
     console,
 )
@@ -100,8 +101,10 @@ def cmd_bench(args) -> None:
         def step(description: str) -> None:
             bar.update(task, description=description, advance=1)
 
+        if args.depth:
+            bar.update(task, description=f"filling the context with {args.depth} tokens")
         result = measure_speed(lm.model, args.prompt_tokens, args.gen_tokens,
-                               args.repetitions, args.threads, step)
+                               args.repetitions, args.threads, step, args.depth)
     info = lm.info()
     if args.json:
         print(json.dumps(asdict(result) | {"model": info.path, "mode": lm.mode}, indent=2))
@@ -110,11 +113,12 @@ def cmd_bench(args) -> None:
                         f"{lm.mode} mode, {result.threads} threads")
     for col in ("test", "tok/s (median)", "runs"):
         table.add_column(col, justify="right")
+    at = f" @ d{result.depth}" if result.depth else ""  # llama-bench's name for a test at depth
     if result.prompt_tokens:
-        table.add_row(f"pp{result.prompt_tokens}", f"{result.prompt_tok_s:.1f}",
+        table.add_row(f"pp{result.prompt_tokens}{at}", f"{result.prompt_tok_s:.1f}",
                       " ".join(f"{r:.1f}" for r in result.prompt_runs))
     if result.gen_tokens:
-        table.add_row(f"tg{result.gen_tokens}", f"{result.gen_tok_s:.1f}",
+        table.add_row(f"tg{result.gen_tokens}{at}", f"{result.gen_tok_s:.1f}",
                       " ".join(f"{r:.1f}" for r in result.gen_runs))
     console.print(table)
     console.print(f"peak RSS: {_mib(result.peak_rss_bytes)}")
@@ -171,7 +175,9 @@ def add_run_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--prompt-tokens", type=int, default=512)
     p.add_argument("-n", "--gen-tokens", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3)
-    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("-t", "--threads", type=at_least(1), default=None)
+    p.add_argument("-d", "--depth", type=at_least(0), default=0,
+                   help="tokens already in the context when each test starts (llama-bench's -d)")
     p.add_argument("--json", action="store_true")
     _add_speculative_args(p)
     p.set_defaults(func=cmd_bench)

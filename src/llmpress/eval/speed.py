@@ -27,49 +27,72 @@ class SpeedResult:
     prompt_runs: tuple[float, ...]
     gen_runs: tuple[float, ...]
     peak_rss_bytes: int
+    depth: int = 0  # tokens already in the context when each test starts
 
 
 def _random_tokens(n: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def time_prompt(model, n_tokens: int, seed: int) -> float:
+def filled_cache(model, depth: int, room: int, seed: int = 12345):
+    """A KV cache holding `depth` random tokens with room for `room` more (llama-bench's
+    -d: the context a test starts from), filled in prompt-sized chunks."""
+    cache = model.new_cache(depth + room)
+    tokens = _random_tokens(depth, model.cfg.vocab_size, seed)
+    for start in range(0, depth, 512):
+        model(tokens[:, start:start + 512], cache, last_only=True)
+    return cache
+
+
+def time_prompt(model, n_tokens: int, seed: int, cache=None) -> float:
+    """One pass over n_tokens random tokens, after what `cache` holds (else from empty);
+    the cache is left as it was."""
     tokens = _random_tokens(n_tokens, model.cfg.vocab_size, seed)
-    cache = model.new_cache(n_tokens)
+    cache = cache or model.new_cache(n_tokens)
+    depth = cache.length
     start = time.perf_counter()
     model(tokens, cache, last_only=True)
-    return n_tokens / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    cache.length = depth
+    return n_tokens / elapsed
 
 
-def time_generation(model, n_tokens: int, seed: int) -> float:
-    """Decode n_tokens one at a time from an empty cache (llama-bench's tg test)."""
+def time_generation(model, n_tokens: int, seed: int, cache=None) -> float:
+    """Decode n_tokens one at a time after what `cache` holds (else from empty: llama-bench's
+    tg test); the cache is left as it was."""
     tokens = _random_tokens(n_tokens, model.cfg.vocab_size, seed)
-    cache = model.new_cache(n_tokens)
+    cache = cache or model.new_cache(n_tokens)
+    depth = cache.length
     start = time.perf_counter()
     for i in range(n_tokens):
         model(tokens[:, i:i + 1], cache)
-    return n_tokens / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    cache.length = depth
+    return n_tokens / elapsed
 
 
 def measure_speed(model, prompt_tokens: int = 512, gen_tokens: int = 128,
-                  repetitions: int = 3, threads: int | None = None, progress=None) -> SpeedResult:
-    """`model` is a LlamaModel. `progress(step_description)` is called before each run."""
+                  repetitions: int = 3, threads: int | None = None, progress=None,
+                  depth: int = 0) -> SpeedResult:
+    """`model` is a LlamaModel. `progress(step_description)` is called before each run.
+    depth > 0: each test starts after that many tokens in the context (filled once)."""
     if threads:
         torch.set_num_threads(threads)
     time_generation(model, 4, seed=0)  # warm-up: page in weights, build kernels' state
+    cache = filled_cache(model, depth, max(prompt_tokens, gen_tokens)) if depth else None
     prompt_runs, gen_runs = [], []
     for r in range(repetitions):
         if prompt_tokens:
             progress and progress(f"pp{prompt_tokens} run {r + 1}/{repetitions}")
-            prompt_runs.append(time_prompt(model, prompt_tokens, seed=r))
+            prompt_runs.append(time_prompt(model, prompt_tokens, seed=r, cache=cache))
         if gen_tokens:
             progress and progress(f"tg{gen_tokens} run {r + 1}/{repetitions}")
-            gen_runs.append(time_generation(model, gen_tokens, seed=r))
+            gen_runs.append(time_generation(model, gen_tokens, seed=r, cache=cache))
     return SpeedResult(
         prompt_tokens, gen_tokens, torch.get_num_threads(),
         statistics.median(prompt_runs) if prompt_runs else 0.0,
         statistics.median(gen_runs) if gen_runs else 0.0,
-        tuple(prompt_runs), tuple(gen_runs), peak_rss_bytes(),
+        tuple(prompt_runs), tuple(gen_runs), peak_rss_bytes(), depth,
     )
 
 
