@@ -54,7 +54,7 @@ def test_qmatmul_refuses(case, code):
     rows, x = packed_weights(t, 8, 256), torch.randn(2, 256)
     kwargs = {}
     if case == "unsupported type":
-        rows, t = packed_weights(GGMLQuantizationType.F16, 8, 256), GGMLQuantizationType.F16
+        rows, t = packed_weights(GGMLQuantizationType.F32, 8, 256), GGMLQuantizationType.F32
     elif case == "K not a multiple of the block":
         rows, t, x = packed_weights(GGMLQuantizationType.Q4_0, 8, 96), GGMLQuantizationType.Q4_0, torch.randn(2, 96)
         kwargs["k"] = 80

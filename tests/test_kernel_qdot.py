@@ -174,3 +174,22 @@ def test_forcing_an_unknown_isa_is_a_clear_error():
 def test_kernel_info_names_the_path():
     info = cpu.kernel_info()
     assert info["isa"] in info["available"] and "portable" in info["available"]
+
+
+@pytest.mark.parametrize("type_name", ["F16", "BF16"])
+def test_float_weights(isa, type_name):
+    """F16 and BF16 weights take the activations as floats, unrounded: the kernel equals
+    the float64 product with the dequantized weights to float32 summation rounding, for
+    one row and for prompt-sized groups."""
+    rng = np.random.default_rng(5)
+    ggml_type = GGMLQuantizationType[type_name]
+    shape = (37, 544)  # rows of 17 blocks of 32 values
+    packed = pack(ggml_type, rng.standard_normal(shape).astype(np.float32))
+    dense = get_format(ggml_type).dequantize(packed, shape).double().numpy()
+    for n_rows in (1, 3, 9):
+        x = rng.standard_normal((n_rows, shape[1])).astype(np.float32) * 3
+        got = run_kernel(packed, ggml_type, shape[0], x)
+        exact = x.astype(np.float64) @ dense.T
+        assert np.abs(got - exact).max() <= 1e-6 * (np.abs(x) @ np.abs(dense).T).max()
+    # rows that are not whole blocks of 32 stay with exact mode's GEMM
+    assert cpu.supports(ggml_type, 544) and not cpu.supports(ggml_type, 40)

@@ -139,9 +139,13 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(ggml_type: GGMLQuantizationType) -> bool:
+def supports(ggml_type: GGMLQuantizationType, row_length: int | None = None) -> bool:
+    """The kernel runs this type (and rows of this length: F16/BF16 rows are read in
+    blocks of 32 values)."""
     lib = _library()
-    return lib is not None and bool(lib.llmpress_qmatmul_supports(int(ggml_type)))
+    if lib is None or not lib.llmpress_qmatmul_supports(int(ggml_type)):
+        return False
+    return row_length is None or lib.llmpress_row_bytes(int(ggml_type), row_length) > 0
 
 
 REPACKED_GROUP_ROWS = 8  # qdot.h's X8_ROWS: repacked rows come in groups of 8

@@ -57,7 +57,7 @@ class QuantLinear(nn.Module):
         if ref.ggml_type == GGMLQuantizationType.F32:  # already float32: use the bytes as is
             self.dense = self.rows.view(torch.float32)
         self.kernel = self.repacked = None
-        if mode == "fast" and device.type == "cpu" and cpu.supports(self.ggml_type):
+        if mode == "fast" and device.type == "cpu" and cpu.supports(self.ggml_type, self.in_features):
             # the kernel's own layout where it has a faster one (the file's bytes stay
             # for the exact path, their pages handed back to the OS)
             self.repacked = cpu.repacked(self.rows, self.ggml_type, self.in_features)

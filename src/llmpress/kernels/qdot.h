@@ -14,9 +14,9 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
+enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
        Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20,
-       IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, TQ1_0 = 34, TQ2_0 = 35,
+       IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, BF16 = 30, TQ1_0 = 34, TQ2_0 = 35,
        /* llmpress's own: types repacked 8 rows at a time (below), never in a file */
        Q4_K_X8 = 64, Q6_K_X8 = 65, Q4_0_X8 = 66, Q4_1_X8 = 67, Q5_K_X8 = 68, Q5_0_X8 = 69,
        Q5_1_X8 = 70, Q8_0_X8 = 71,
@@ -50,12 +50,15 @@ static inline int iq4_xs_scale(const uint8_t *blk, int j) {
 }
 
 /* One quantized activation row: K codes, K / block scales, K / 16 sums of codes, and for
- * blocks of 32 each block's value sum d * (sum of codes) as a float (NULL for 256). */
+ * blocks of 32 each block's value sum d * (sum of codes) as a float (NULL for 256). F16
+ * and BF16 weights read the row's K floats `f` instead (the other fields NULL): their
+ * values are not integer codes. */
 typedef struct {
     const int8_t *q;
     const float *d;
     const int16_t *bsum;
     const float *sum;
+    const float *f;
 } QRow;
 
 /* out[r] = sum_k W[k] * x[r][k] for one weight row of nb blocks and n_x <= DOT_ROWS
@@ -125,7 +128,7 @@ static inline int is_repacked(int type) { return type >= Q4_K_X8 && type <= Q8_0
 /* Bytes per block, values per block (0 for a type without a kernel). */
 int64_t qtype_block_bytes(int type);
 int64_t qtype_block_values(int type);
-/* Activation block size this type's kernel wants (256 or 32). */
+/* Activation block size this type's kernel wants (256 or 32; 1: the floats, unquantized). */
 int64_t qtype_act_block(int type);
 
 /* The portable kernels, and the AVX2 ones (NULL entries where not compiled in). */

@@ -831,12 +831,38 @@ const tile_fn avx2_tiles[N_TYPES] = {
     [Q5_0_X8] = tile_Q5_0_X8_avx2, [Q5_1_X8] = tile_Q5_1_X8_avx2, [Q8_0_X8] = tile_Q8_0_X8_avx2,
 };
 
+/* --- F16 / BF16: 8 weights at a time widened to floats, times the float activations --- */
+static inline __m256 widened(const uint8_t *p, const int type) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return type == F16 ? _mm256_cvtph_ps(h)
+                       : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline __attribute__((always_inline)) void rows_float(
+    const uint8_t *row, const QRow *x, const int n_x, int64_t nb, float *out, const int type) {
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < nb * 32; k += 8) {
+        const __m256 w = widened(row + 2 * k, type);
+        for (int r = 0; r < n_x; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[r].f + k), acc[r]);
+    }
+    for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]);
+}
+
+#define FLOAT_DOT(T)                                                                            \
+    static void dot_##T##_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) { \
+        if (n_x == 1) rows_float(row, x, 1, nb, out, T);                                        \
+        else if (n_x == DOT_ROWS) rows_float(row, x, DOT_ROWS, nb, out, T);                     \
+        else rows_float(row, x, n_x, nb, out, T);                                               \
+    }
+FLOAT_DOT(F16) FLOAT_DOT(BF16)
+
 ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K) ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K)
 ROWS_FROM_ONE(dot_IQ4_XS_avx2, one_IQ4_XS)
 
 /* The legacy types and IQ4_NL have tiles instead. */
 const dot_fn avx2_dots[N_TYPES] = {
-    [Q2_K] = dot_Q2_K_avx2, [Q3_K] = dot_Q3_K_avx2, [Q4_K] = dot_Q4_K_avx2,
+    [F16] = dot_F16_avx2, [BF16] = dot_BF16_avx2, [Q2_K] = dot_Q2_K_avx2, [Q3_K] = dot_Q3_K_avx2, [Q4_K] = dot_Q4_K_avx2,
     [Q5_K] = dot_Q5_K_avx2, [Q6_K] = dot_Q6_K_avx2, [IQ4_XS] = dot_IQ4_XS_avx2,
     [IQ2_XXS] = dot_IQ2_XXS_avx2, [IQ2_XS] = dot_IQ2_XS_avx2, [IQ3_XXS] = dot_IQ3_XXS_avx2,
     [IQ3_S] = dot_IQ3_S_avx2, [IQ2_S] = dot_IQ2_S_avx2, [IQ1_S] = dot_IQ1_S_avx2,

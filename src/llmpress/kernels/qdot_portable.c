@@ -18,6 +18,7 @@ float half_to_float(uint16_t h) {
 
 int64_t qtype_block_bytes(int type) {
     switch (type) {
+    case F16: case BF16: return 64;  /* counted in blocks of 32 values, as the legacy types */
     case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22;
     case Q5_1: return 24; case Q8_0: return 34;
     case Q2_K: return 84; case Q3_K: return 110; case Q4_K: return 144; case Q5_K: return 176; case Q6_K: return 210;
@@ -39,7 +40,7 @@ static int is_k_quant(int type) {
         || type == TQ1_0 || type == TQ2_0 || type == Q4_K_X8 || type == Q6_K_X8 || type == Q5_K_X8;
 }
 int64_t qtype_block_values(int type) { return qtype_block_bytes(type) ? (is_k_quant(type) ? 256 : 32) : 0; }
-int64_t qtype_act_block(int type) { return qtype_block_values(type); }
+int64_t qtype_act_block(int type) { return type == F16 || type == BF16 ? 1 : qtype_block_values(type); }
 
 /* Symmetric 8-bit blocks: d = max|x| / 127, code = round(x / d). */
 void quantize_rows(const float *x, int64_t K, int64_t T, int64_t block, int8_t *q, float *d,
@@ -342,11 +343,24 @@ static float dot_iq_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
     return total;
 }
 
+/* F16 / BF16 rows times float activations; in 8 lanes, summed as the AVX2 kernel sums
+ * them, so the two paths differ only by fused multiply-add rounding. */
+static float bf16_to_float(uint16_t h) { uint32_t bits = (uint32_t)h << 16; float f; memcpy(&f, &bits, 4); return f; }
+static float dot_float_portable(int type, const uint8_t *row, QRow x, int64_t nb) {
+    float lanes[8] = {0};
+    for (int64_t k = 0; k < nb * 32; k++) {
+        uint16_t h;
+        memcpy(&h, row + 2 * k, 2);
+        lanes[k % 8] += (type == F16 ? half_to_float(h) : bf16_to_float(h)) * x.f[k];
+    }
+    return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+}
+
 #define PORTABLE(T, KIND) \
     static float one_##T(const uint8_t *row, QRow x, int64_t nb) { \
         return dot_##KIND##_portable(T, row, x, nb); } \
     ROWS_FROM_ONE(dot_##T##_portable, one_##T)
-PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5_1, legacy)
+PORTABLE(F16, float) PORTABLE(BF16, float) PORTABLE(Q4_0, legacy) PORTABLE(Q4_1, legacy) PORTABLE(Q5_0, legacy) PORTABLE(Q5_1, legacy)
 PORTABLE(Q8_0, legacy) PORTABLE(Q2_K, k) PORTABLE(Q3_K, k) PORTABLE(Q4_K, k) PORTABLE(Q5_K, k)
 PORTABLE(Q6_K, k) PORTABLE(IQ2_XXS, iq) PORTABLE(IQ2_XS, iq) PORTABLE(IQ2_S, iq) PORTABLE(IQ3_XXS, iq)
 PORTABLE(IQ3_S, iq) PORTABLE(IQ1_S, iq) PORTABLE(IQ1_M, iq) PORTABLE(TQ1_0, iq) PORTABLE(TQ2_0, iq)
@@ -627,6 +641,7 @@ const tile_fn portable_tiles[N_TYPES] = {
 };
 
 const dot_fn portable_dots[N_TYPES] = {
+    [F16] = dot_F16_portable, [BF16] = dot_BF16_portable,
     [Q4_0] = dot_Q4_0_portable, [Q4_1] = dot_Q4_1_portable, [Q5_0] = dot_Q5_0_portable,
     [Q5_1] = dot_Q5_1_portable, [Q8_0] = dot_Q8_0_portable, [Q2_K] = dot_Q2_K_portable,
     [Q3_K] = dot_Q3_K_portable, [Q4_K] = dot_Q4_K_portable, [Q5_K] = dot_Q5_K_portable,

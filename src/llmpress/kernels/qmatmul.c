@@ -92,7 +92,9 @@ int acts_alloc(Activations *a, int64_t K, int64_t T) {
     a->by256.q = malloc((size_t)(K * T));
     a->by256.d = malloc(sizeof(float) * (size_t)(K * T / 32));  /* K may not divide by 256 */
     a->by256.bsum = malloc(sizeof(int16_t) * (size_t)(K * T / 16));
-    if (!a->by32.q || !a->by32.d || !a->by32.bsum || !a->by32.sum || !a->by256.q || !a->by256.d || !a->by256.bsum) {
+    a->floats = malloc(sizeof(float) * (size_t)(K * T));
+    if (!a->by32.q || !a->by32.d || !a->by32.bsum || !a->by32.sum || !a->by256.q || !a->by256.d
+        || !a->by256.bsum || !a->floats) {
         acts_free(a);
         return ERR_MEMORY;
     }
@@ -101,7 +103,7 @@ int acts_alloc(Activations *a, int64_t K, int64_t T) {
 
 void acts_free(Activations *a) {
     free(a->by32.q); free(a->by32.d); free(a->by32.bsum); free(a->by32.sum);
-    free(a->by256.q); free(a->by256.d); free(a->by256.bsum);
+    free(a->by256.q); free(a->by256.d); free(a->by256.bsum); free(a->floats);
     memset(a, 0, sizeof(*a));
 }
 
@@ -112,8 +114,10 @@ void acts_free(Activations *a) {
 void acts_quantize(Activations *a, int n_weights, const int *types, const float *x, int64_t K,
                    int64_t T) {
     const int by32 = needs_block(n_weights, types, 32), by256 = needs_block(n_weights, types, 256);
+    const int floats = needs_block(n_weights, types, 1);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
+        if (floats) memcpy(a->floats + t * K, x + t * K, sizeof(float) * (size_t)K);
         if (by32) {
             const int64_t first = t * (K / 32);
             quantize_rows(x + t * K, K, 1, 32, a->by32.q + t * K, a->by32.d + first,
@@ -129,9 +133,13 @@ void acts_quantize(Activations *a, int n_weights, const int *types, const float 
 
 static QRow act_row(const Activations *a, int type, int64_t K, int64_t t) {
     const int64_t block = qtype_act_block(type);
+    if (block == 1) {
+        QRow r = {NULL, NULL, NULL, NULL, a->floats + t * K};
+        return r;
+    }
     const ActBuffer *buf = block == 256 ? &a->by256 : &a->by32;
     QRow r = {buf->q + t * K, buf->d + t * (K / block), buf->bsum + t * (K / 16),
-              block == 32 ? buf->sum + t * (K / 32) : NULL};
+              block == 32 ? buf->sum + t * (K / 32) : NULL, NULL};
     return r;
 }
 

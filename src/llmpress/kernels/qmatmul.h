@@ -20,8 +20,9 @@ enum KernelError {
 };
 
 typedef struct { int8_t *q; float *d; int16_t *bsum; float *sum; } ActBuffer;
-/* Quantized activation rows, in the two block sizes the kernels read. */
-typedef struct { ActBuffer by32, by256; } Activations;
+/* Quantized activation rows, in the two block sizes the kernels read, and a copy of the
+ * float rows for F16/BF16 weights. */
+typedef struct { ActBuffer by32, by256; float *floats; } Activations;
 
 int64_t row_bytes(int type, int64_t K);
 int qmatmul_check(int n_weights, const int *types, int64_t K, int64_t T);
