@@ -32,6 +32,16 @@ static inline int hsum_i32(__m256i v) {
 
 static inline __m256i load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
+/* A dot_fn from a kernel written for n_x activation rows (plus constant arguments),
+ * specialized for one row (decode) and for a full group (prompts): each weight block is
+ * unpacked once for all the rows. */
+#define ROWS_DOT(NAME, ROWS, ...)                                                               \
+    static void NAME(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {    \
+        if (n_x == 1) ROWS(row, x, 1, nb, out, ##__VA_ARGS__);                                  \
+        else if (n_x == DOT_ROWS) ROWS(row, x, DOT_ROWS, nb, out, ##__VA_ARGS__);               \
+        else ROWS(row, x, n_x, nb, out, ##__VA_ARGS__);                                         \
+    }
+
 /* 32 codes times 32 activation codes, each 16-value half times its own integer scale. */
 static inline __m256i dot32(__m256i codes, const int8_t *x, int scale_a, int scale_b) {
     const __m256i scales = _mm256_set_m128i(_mm_set1_epi16((short)scale_b), _mm_set1_epi16((short)scale_a));
@@ -110,17 +120,7 @@ static inline __attribute__((always_inline)) void rows_k4(const uint8_t *row, co
     for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]);
 }
 
-static void dot_Q4_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
-    if (n_x == 1) rows_k4(row, x, 1, nb, out, 0);
-    else if (n_x == DOT_ROWS) rows_k4(row, x, DOT_ROWS, nb, out, 0);
-    else rows_k4(row, x, n_x, nb, out, 0);
-}
-
-static void dot_Q5_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
-    if (n_x == 1) rows_k4(row, x, 1, nb, out, 1);
-    else if (n_x == DOT_ROWS) rows_k4(row, x, DOT_ROWS, nb, out, 1);
-    else rows_k4(row, x, n_x, nb, out, 1);
-}
+ROWS_DOT(dot_Q4_K_avx2, rows_k4, 0) ROWS_DOT(dot_Q5_K_avx2, rows_k4, 1)
 
 /* Q6_K: codes 0..63 = 4 low bits (ql) | 2 high bits (qh), value d * scale * (code - 32).
  * Rows as Q4_K's: one row alone, or several sharing each unpacked block, with the same
@@ -164,59 +164,83 @@ static inline __attribute__((always_inline)) void rows_Q6_K(const uint8_t *row, 
     for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]);
 }
 
-static void dot_Q6_K_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) {
-    if (n_x == 1) rows_Q6_K(row, x, 1, nb, out);
-    else if (n_x == DOT_ROWS) rows_Q6_K(row, x, DOT_ROWS, nb, out);
-    else rows_Q6_K(row, x, n_x, nb, out);
+ROWS_DOT(dot_Q6_K_avx2, rows_Q6_K)
+
+/* Q3_K's 16 scales (qdot.h q3_k_scale) as int16, unpacked with vector shifts: the low
+ * nibbles of bytes 0..7 are scales 0..7, their high nibbles 8..15; byte 8 + i % 4 holds
+ * scale i's top two bits at bit 2 (i / 4). */
+static inline __m256i q3_k_scales(const uint8_t *s) {
+    uint32_t top;
+    memcpy(&top, s + 8, 4);
+    const __m128i packed = _mm_loadl_epi64((const __m128i *)s), low4 = _mm_set1_epi8(15);
+    const __m128i low = _mm_unpacklo_epi64(_mm_and_si128(packed, low4),
+                                           _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
+    const __m128i high = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)top), _mm_setr_epi32(0, 2, 4, 6)),
+                                       _mm_set1_epi8(3));
+    const __m128i scales = _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi16(high, 4)), _mm_set1_epi8(32));
+    return _mm256_cvtepi8_epi16(scales);
 }
 
 /* Q3_K: codes 0..7 = 2 low bits (qs) | 1 high bit (hmask), value d * scale * (code - 4). */
-static float one_Q3_K(const uint8_t *row, QRow x, int64_t nb) {
+static inline __attribute__((always_inline)) void rows_Q3_K(const uint8_t *row, const QRow *x,
+                                                            const int n_x, int64_t nb, float *out) {
     const __m256i low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 110;
-        const int8_t *q = x.q + b * 256;
         int16_t sc[16];
-        for (int g = 0; g < 16; g++) sc[g] = (int16_t)q3_k_scale(blk + 96, g);
+        const __m256i scales = q3_k_scales(blk + 96);
+        _mm256_storeu_si256((__m256i *)sc, scales);
         const __m256i hmask = load(blk);
-        __m256i sum = _mm256_setzero_si256();
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < DOT_ROWS; r++) sum[r] = _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
             const __m256i qs = load(blk + 32 + 32 * (j / 4));
             const __m256i low = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * (j % 4)), low2);
             const __m256i high = _mm256_and_si256(_mm256_srli_epi16(hmask, j), one);
             const __m256i codes = _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
-            sum = _mm256_add_epi32(sum, dot32(codes, q + 32 * j, sc[2 * j], sc[2 * j + 1]));
+            for (int r = 0; r < n_x; r++)
+                sum[r] = _mm256_add_epi32(sum[r], dot32(codes, x[r].q + b * 256 + 32 * j, sc[2 * j], sc[2 * j + 1]));
         }
-        const int offset = 4 * weighted_bsums(x.bsum + b * 16, load(sc));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk + 108) * x.d[b]),
-                              _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0))),
-                              acc);
+        for (int r = 0; r < n_x; r++) {
+            const int offset = 4 * weighted_bsums(x[r].bsum + b * 16, scales);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(half(blk + 108) * x[r].d[b]),
+                                     _mm256_cvtepi32_ps(_mm256_sub_epi32(sum[r], _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0))),
+                                     acc[r]);
+        }
     }
-    return hsum(acc);
+    for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]);
 }
+ROWS_DOT(dot_Q3_K_avx2, rows_Q3_K)
 
 /* Q2_K: 2-bit codes, value d * (sc & 15) * code - dmin * (sc >> 4), per 16 values. */
-static float one_Q2_K(const uint8_t *row, QRow x, int64_t nb) {
+static inline __attribute__((always_inline)) void rows_Q2_K(const uint8_t *row, const QRow *x,
+                                                            const int n_x, int64_t nb, float *out) {
     const __m256i low2 = _mm256_set1_epi8(3);
-    __m256 acc = _mm256_setzero_ps();
-    float mins_total = 0;
+    __m256 acc[DOT_ROWS];
+    float mins_total[DOT_ROWS] = {0};
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 84;
-        const int8_t *q = x.q + b * 256;
         const __m256i packed = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)blk));
         const __m256i mins16 = _mm256_srli_epi16(packed, 4);
-        __m256i sum = _mm256_setzero_si256();
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < DOT_ROWS; r++) sum[r] = _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
             const __m256i qs = load(blk + 16 + 32 * (j / 4));
             const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * (j % 4)), low2);
-            sum = _mm256_add_epi32(sum, dot32(codes, q + 32 * j, blk[2 * j] & 15, blk[2 * j + 1] & 15));
+            for (int r = 0; r < n_x; r++)
+                sum[r] = _mm256_add_epi32(sum[r], dot32(codes, x[r].q + b * 256 + 32 * j, blk[2 * j] & 15, blk[2 * j + 1] & 15));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk + 80) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
-        mins_total += half(blk + 82) * x.d[b] * (float)weighted_bsums(x.bsum + b * 16, mins16);
+        for (int r = 0; r < n_x; r++) {
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(half(blk + 80) * x[r].d[b]), _mm256_cvtepi32_ps(sum[r]), acc[r]);
+            mins_total[r] += half(blk + 82) * x[r].d[b] * (float)weighted_bsums(x[r].bsum + b * 16, mins16);
+        }
     }
-    return hsum(acc) - mins_total;
+    for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]) - mins_total[r];
 }
+ROWS_DOT(dot_Q2_K_avx2, rows_Q2_K)
 
 /* --- legacy types (activation blocks of 32): value = d * code + m --- */
 
@@ -248,20 +272,25 @@ static inline __m256i signed_dot32(__m256i w, const int8_t *x) {  /* 8 int32 par
                              _mm256_set1_epi16(1));
 }
 
-static float one_IQ4_XS(const uint8_t *row, QRow x, int64_t nb) {
-    __m256 acc = _mm256_setzero_ps();
+static inline __attribute__((always_inline)) void rows_IQ4_XS(const uint8_t *row, const QRow *x,
+                                                              const int n_x, int64_t nb, float *out) {
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 136;
-        const int8_t *q = x.q + b * 256;
-        __m256i sum = _mm256_setzero_si256();
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < DOT_ROWS; r++) sum[r] = _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
-            const __m256i part = signed_dot32(iq4_values(blk + 8 + 16 * j), q + 32 * j);
-            sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(part, _mm256_set1_epi32(iq4_xs_scale(blk, j))));
+            const __m256i values = iq4_values(blk + 8 + 16 * j), scale = _mm256_set1_epi32(iq4_xs_scale(blk, j));
+            for (int r = 0; r < n_x; r++)
+                sum[r] = _mm256_add_epi32(sum[r], _mm256_mullo_epi32(signed_dot32(values, x[r].q + b * 256 + 32 * j), scale));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x.d[b]), _mm256_cvtepi32_ps(sum), acc);
+        for (int r = 0; r < n_x; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(half(blk) * x[r].d[b]), _mm256_cvtepi32_ps(sum[r]), acc[r]);
     }
-    return hsum(acc);
+    for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]);
 }
+ROWS_DOT(dot_IQ4_XS_avx2, rows_IQ4_XS)
 
 /* --- the grid i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S (qdot.h's IQ_GRIDS) ---
  * 32 values at a time: the grid entries gathered into one vector (unsigned, at most 62),
@@ -566,16 +595,18 @@ static inline __attribute__((always_inline)) void tile_legacy(
     }
 }
 
-/* Specialized for one activation row (decode) and for a full group (prompts). */
-#define LEGACY_TILE(T)                                                                          \
-    static void tile_##T##_avx2(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,    \
-                                int n_x, int64_t nb, float *out, int64_t out_stride) {          \
-        if (n_x == 1) tile_legacy(rows, stride, n_w, x, 1, nb, out, out_stride, T);             \
-        else if (n_x == DOT_ROWS) tile_legacy(rows, stride, n_w, x, DOT_ROWS, nb, out, out_stride, T); \
-        else tile_legacy(rows, stride, n_w, x, n_x, nb, out, out_stride, T);                    \
+/* A tile_fn from a kernel written for n_x activation rows (plus constant arguments),
+ * specialized for one row (decode) and for a full group (prompts). */
+#define ROWS_TILE(NAME, KERNEL, ...)                                                            \
+    static void NAME(const uint8_t *rows, int64_t stride, int n_w, const QRow *x, int n_x,      \
+                     int64_t nb, float *out, int64_t out_stride) {                              \
+        if (n_x == 1) KERNEL(rows, stride, n_w, x, 1, nb, out, out_stride, ##__VA_ARGS__);      \
+        else if (n_x == DOT_ROWS) KERNEL(rows, stride, n_w, x, DOT_ROWS, nb, out, out_stride, ##__VA_ARGS__); \
+        else KERNEL(rows, stride, n_w, x, n_x, nb, out, out_stride, ##__VA_ARGS__);             \
     }
-LEGACY_TILE(Q4_0) LEGACY_TILE(Q4_1) LEGACY_TILE(Q5_0) LEGACY_TILE(Q5_1) LEGACY_TILE(Q8_0)
-LEGACY_TILE(IQ4_NL)
+ROWS_TILE(tile_Q4_0_avx2, tile_legacy, Q4_0) ROWS_TILE(tile_Q4_1_avx2, tile_legacy, Q4_1)
+ROWS_TILE(tile_Q5_0_avx2, tile_legacy, Q5_0) ROWS_TILE(tile_Q5_1_avx2, tile_legacy, Q5_1)
+ROWS_TILE(tile_Q8_0_avx2, tile_legacy, Q8_0) ROWS_TILE(tile_IQ4_NL_avx2, tile_legacy, IQ4_NL)
 
 /* --- Q4_K_X8 (qdot.h): 8 weight rows repacked, lane i of every sum is row i --- */
 
@@ -604,8 +635,9 @@ static inline __m256i fifth_of(__m256i bits, int bit) {
 /* Both repacked tiles keep few values live per step (codes of 8 values, one sum per
  * activation row), so that four activation rows fit the 16 vector registers. */
 static inline __attribute__((always_inline)) void tile_k4x8(
-    const uint8_t *rows, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride,
+    const uint8_t *rows, int64_t stride, int n_w, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride,
     const int fifth) {
+    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
     const __m256i low4 = _mm256_set1_epi8(15);
     const int bytes = fifth ? X8_BLOCK_Q5 : X8_BLOCK;
     __m256 acc[DOT_ROWS];
@@ -658,15 +690,7 @@ static inline __attribute__((always_inline)) void tile_k4x8(
     for (int r = 0; r < n_x; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-#define K4_X8_TILE(NAME, FIFTH)                                                                 \
-    static void NAME(const uint8_t *rows, int64_t stride, int n_w, const QRow *x, int n_x,      \
-                     int64_t nb, float *out, int64_t out_stride) {                              \
-        (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */                         \
-        if (n_x == 1) tile_k4x8(rows, x, 1, nb, out, out_stride, FIFTH);                        \
-        else if (n_x == DOT_ROWS) tile_k4x8(rows, x, DOT_ROWS, nb, out, out_stride, FIFTH);     \
-        else tile_k4x8(rows, x, n_x, nb, out, out_stride, FIFTH);                               \
-    }
-K4_X8_TILE(tile_Q4_K_X8_avx2, 0) K4_X8_TILE(tile_Q5_K_X8_avx2, 1)
+ROWS_TILE(tile_Q4_K_X8_avx2, tile_k4x8, 0) ROWS_TILE(tile_Q5_K_X8_avx2, tile_k4x8, 1)
 
 /* Q6_K_X8: codes = low nibbles | high bit pairs moved to bits 4-5 (epi16 shifts are safe:
  * the mask keeps each byte's own bits); two 16-value sub-blocks per 32 values, each with
@@ -677,7 +701,8 @@ static inline __m256i q6_high(__m256i bits, int v) {
 }
 
 static inline __attribute__((always_inline)) void tile_q6x8(
-    const uint8_t *rows, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride) {
+    const uint8_t *rows, int64_t stride, int n_w, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
     const __m256i low4 = _mm256_set1_epi8(15);
     __m256 acc[DOT_ROWS];
     for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm256_setzero_ps();
@@ -723,20 +748,15 @@ static inline __attribute__((always_inline)) void tile_q6x8(
     for (int r = 0; r < n_x; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-static void tile_Q6_K_X8_avx2(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
-                              int n_x, int64_t nb, float *out, int64_t out_stride) {
-    (void)stride; (void)n_w;
-    if (n_x == 1) tile_q6x8(rows, x, 1, nb, out, out_stride);
-    else if (n_x == DOT_ROWS) tile_q6x8(rows, x, DOT_ROWS, nb, out, out_stride);
-    else tile_q6x8(rows, x, n_x, nb, out, out_stride);
-}
+ROWS_TILE(tile_Q6_K_X8_avx2, tile_q6x8)
 
 /* Q4_0_X8 / Q4_1_X8 / Q5_0_X8 / Q5_1_X8: a 32-value block is one sub-block of Q4_K_X8's
  * (Q5_K_X8's) layout, with the legacy types' float steps (value = d * code + m, Q4_0's
  * m = -8 d, Q5_0's -16 d). */
 static inline __attribute__((always_inline)) void tile_l4x8(
-    const uint8_t *rows, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride,
+    const uint8_t *rows, int64_t stride, int n_w, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride,
     const int affine, const int fifth) {
+    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
     const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     const int bytes = 8 * (18 + 2 * affine + 4 * fifth), head = affine ? 32 : 16;
     __m256 acc[DOT_ROWS];
@@ -776,22 +796,15 @@ static inline __attribute__((always_inline)) void tile_l4x8(
     for (int r = 0; r < n_x; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-#define LEGACY_X8_TILE(NAME, AFFINE, FIFTH)                                                     \
-    static void NAME(const uint8_t *rows, int64_t stride, int n_w, const QRow *x, int n_x,      \
-                     int64_t nb, float *out, int64_t out_stride) {                              \
-        (void)stride; (void)n_w;                                                                \
-        if (n_x == 1) tile_l4x8(rows, x, 1, nb, out, out_stride, AFFINE, FIFTH);                \
-        else if (n_x == DOT_ROWS) tile_l4x8(rows, x, DOT_ROWS, nb, out, out_stride, AFFINE, FIFTH); \
-        else tile_l4x8(rows, x, n_x, nb, out, out_stride, AFFINE, FIFTH);                       \
-    }
-LEGACY_X8_TILE(tile_Q4_0_X8_avx2, 0, 0) LEGACY_X8_TILE(tile_Q4_1_X8_avx2, 1, 0)
-LEGACY_X8_TILE(tile_Q5_0_X8_avx2, 0, 1) LEGACY_X8_TILE(tile_Q5_1_X8_avx2, 1, 1)
+ROWS_TILE(tile_Q4_0_X8_avx2, tile_l4x8, 0, 0) ROWS_TILE(tile_Q4_1_X8_avx2, tile_l4x8, 1, 0)
+ROWS_TILE(tile_Q5_0_X8_avx2, tile_l4x8, 0, 1) ROWS_TILE(tile_Q5_1_X8_avx2, tile_l4x8, 1, 1)
 
 /* Q8_0_X8: signed codes times signed activations through maddubs' unsigned operand:
  * |w| * (x with w's sign); each pair of products (at most 2 * 127 * 127) goes to int32 at
  * once. */
 static inline __attribute__((always_inline)) void tile_q8x8(
-    const uint8_t *rows, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride) {
+    const uint8_t *rows, int64_t stride, int n_w, const QRow *x, const int n_x, int64_t nb, float *out, int64_t out_stride) {
+    (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
     const __m256i ones = _mm256_set1_epi16(1);
     enum { BYTES = 8 * 34 };
     __m256 acc[DOT_ROWS];
@@ -815,13 +828,7 @@ static inline __attribute__((always_inline)) void tile_q8x8(
     for (int r = 0; r < n_x; r++) _mm256_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-static void tile_Q8_0_X8_avx2(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
-                              int n_x, int64_t nb, float *out, int64_t out_stride) {
-    (void)stride; (void)n_w;
-    if (n_x == 1) tile_q8x8(rows, x, 1, nb, out, out_stride);
-    else if (n_x == DOT_ROWS) tile_q8x8(rows, x, DOT_ROWS, nb, out, out_stride);
-    else tile_q8x8(rows, x, n_x, nb, out, out_stride);
-}
+ROWS_TILE(tile_Q8_0_X8_avx2, tile_q8x8)
 
 const tile_fn avx2_tiles[N_TYPES] = {
     [Q4_0] = tile_Q4_0_avx2, [Q4_1] = tile_Q4_1_avx2, [Q5_0] = tile_Q5_0_avx2,
@@ -849,16 +856,7 @@ static inline __attribute__((always_inline)) void rows_float(
     for (int r = 0; r < n_x; r++) out[r] = hsum(acc[r]);
 }
 
-#define FLOAT_DOT(T)                                                                            \
-    static void dot_##T##_avx2(const uint8_t *row, const QRow *x, int n_x, int64_t nb, float *out) { \
-        if (n_x == 1) rows_float(row, x, 1, nb, out, T);                                        \
-        else if (n_x == DOT_ROWS) rows_float(row, x, DOT_ROWS, nb, out, T);                     \
-        else rows_float(row, x, n_x, nb, out, T);                                               \
-    }
-FLOAT_DOT(F16) FLOAT_DOT(BF16)
-
-ROWS_FROM_ONE(dot_Q2_K_avx2, one_Q2_K) ROWS_FROM_ONE(dot_Q3_K_avx2, one_Q3_K)
-ROWS_FROM_ONE(dot_IQ4_XS_avx2, one_IQ4_XS)
+ROWS_DOT(dot_F16_avx2, rows_float, F16) ROWS_DOT(dot_BF16_avx2, rows_float, BF16)
 
 /* The legacy types and IQ4_NL have tiles instead. */
 const dot_fn avx2_dots[N_TYPES] = {
