@@ -20,7 +20,13 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from ggml_ref import _ggml, ggml_quantize
-from test_cquant import assert_identical, awkward_tensor, importances, real_rows  # noqa: F401
+from test_cquant import (  # noqa: F401 (real_rows: a fixture)
+    assert_identical,
+    assert_thread_count_does_not_matter,
+    awkward_tensor,
+    importances,
+    real_rows,
+)
 from test_iquants import (  # noqa: F401 (fixtures)
     llama_cpp_logits,
     mean_kld,
@@ -108,14 +114,8 @@ def test_real_model_rows_match_ggml(type_name: str, real_rows) -> None:  # noqa:
 
 @pytest.mark.parametrize("type_name", ["IQ3_XXS", "IQ3_S"])
 def test_bytes_do_not_depend_on_the_thread_count(type_name: str) -> None:
-    fmt = get_format(type_name)
     values = awkward_iq3_tensor(seed=3)
-    importance = importances(values.shape[1])["decades"]
-    row_bytes = fmt.row_bytes(values.shape[1])
-    results = [cquant.quantize_rows(fmt.ggml_type, values, importance, row_bytes, threads=n)
-               for n in (1, 2, 3, 0)]
-    for other in results[1:]:
-        assert np.array_equal(results[0], other)
+    assert_thread_count_does_not_matter(type_name, values, importances(values.shape[1])["decades"])
 
 
 @pytest.mark.parametrize("type_name", ["IQ3_XXS", "IQ3_S"])
