@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import REFERENCE_IMATRIX
-from ggml_ref import ggml_requires_imatrix
+from ggml_ref import first_call_marked, ggml_requires_imatrix
 from test_cquant import (  # noqa: F401 (real_rows: a fixture)
     assert_matches_ggml,
     assert_thread_count_does_not_matter,
@@ -73,14 +73,14 @@ def test_the_c_quantizers_are_built() -> None:
         assert cquant.supports(get_format(name).ggml_type), name
 
 
-@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("type_name", first_call_marked(TYPES))
 def test_hard_tensors_match_ggml(type_name: str) -> None:
     values = hard_tensor(rows=14, row_length=512, seed=0)
     for label, importance in importance_cases(type_name, 512, seed=1).items():
         assert_matches_ggml(type_name, values, importance, f"{type_name} imatrix={label}")
 
 
-@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("type_name", first_call_marked(TYPES))
 def test_row_counts_and_lengths_match_ggml(type_name: str) -> None:
     rng = np.random.default_rng(2)
     for rows, blocks in ((1, 1), (3, 3), (7, 2)):
