@@ -56,6 +56,30 @@ def f32_gguf(default_model_path, tmp_path_factory) -> Path:
     return write_f32_gguf(default_model_path, path)
 
 
+@pytest.fixture(scope="session")
+def tiny_f32(default_model_path, tmp_path_factory) -> Path:
+    """iquant_files.py's random two-layer Llama, F32."""
+    from iquant_files import write_tiny_llama
+
+    return write_tiny_llama(default_model_path, tmp_path_factory.mktemp("tiny") / "tiny.F32.gguf")
+
+
+@pytest.fixture(scope="session")
+def quantized_file(tiny_f32):
+    """type name -> the file llama.cpp's quantizer writes from tiny_f32 in that type, made
+    once for all the modules that use it (llama.cpp's very-low-bit quantizers are slow)."""
+    from iquant_files import llama_quantize
+
+    made: dict[str, Path] = {}
+
+    def make(type_name: str) -> Path:
+        if type_name not in made:
+            made[type_name] = llama_quantize(tiny_f32, tiny_f32.parent / f"{type_name}.gguf",
+                                             type_name)
+        return made[type_name]
+    return make
+
+
 def copy_metadata(reader, writer, skip=()) -> None:
     """Every metadata field of a GGUFReader into a GGUFWriter, but those in `skip`, the
     header's and the architecture (the writer writes those itself)."""

@@ -13,7 +13,14 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 from gguf import GGMLQuantizationType
+
+# ggml builds a grid type's search tables on the type's first call in a process: 15 s of
+# CPU for IQ1_S (IQ1_M shares them), 7 s for IQ2_S, 3.5 s for IQ2_XS; IQ2_XXS 1.7 s, the
+# IQ3 types under 0.4 s. A test that has ggml quantize these types is `slow`, so that
+# the fast set never pays for the tables; IQ2_XXS stands for the IQ2 code there.
+SLOW_FIRST_CALL = {"IQ1_S", "IQ1_M", "IQ2_S", "IQ2_XS"}
 
 
 def _library_dir() -> Path:
@@ -48,6 +55,12 @@ def _ggml() -> ctypes.CDLL:
     lib.ggml_quantize_init.restype = None
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     return lib
+
+
+def first_call_marked(type_names) -> list:
+    """pytest parameters for type_names, the SLOW_FIRST_CALL ones marked slow."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_FIRST_CALL else name
+            for name in type_names]
 
 
 def ggml_row_size(type_name: str, n_per_row: int) -> int:

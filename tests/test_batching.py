@@ -13,18 +13,34 @@ import pytest
 import torch
 
 import llmpress
+from gguf import GGMLQuantizationType
+from llmpress.api import LanguageModel
+from llmpress.io.loader import load_source
 from llmpress.runtime.batching import BatchedModel
 from llmpress.runtime.generate import GenerationConfig, stream
 from llmpress.runtime.sampling import SamplingConfig
+from test_hf_parity import VOCAB, write_byte_level_tokenizer
 from test_server import ServerProcess, ask_concurrently
+from tiny import quantized, save_tiny_hf_model
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return",
            "Once upon a time, a little girl", "Water is made of"]
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return llmpress.load("smollm2")
+def lm(tmp_path_factory):
+    """A tiny random Llama with a byte-level tokenizer, its matmuls in Q4_0 so that fast
+    mode runs them in the C kernels (the batched rows); what a batched pass must give is
+    the same for any model (the real one is batched in the server test below)."""
+    path = save_tiny_hf_model(tmp_path_factory.mktemp("tiny_batching"), "llama",
+                              vocab_size=VOCAB)
+    write_byte_level_tokenizer(path)
+    return LanguageModel(quantized(load_source(path), GGMLQuantizationType.Q4_0), mode="fast")
+
+
+@pytest.fixture(scope="module")
+def real_lm(default_model_path):
+    return llmpress.load(default_model_path)
 
 
 def greedy_rows(model, prompt_ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -138,8 +154,9 @@ def parallel_server(default_model_path, tmp_path_factory):
     proc.close()
 
 
-def test_parallel_server_batches_concurrent_clients(parallel_server, lm):
-    expected = [greedy_text(lm.model, lm.tokenizer, lm.encode(p), 10) for p in PROMPTS]
+def test_parallel_server_batches_concurrent_clients(parallel_server, real_lm):
+    expected = [greedy_text(real_lm.model, real_lm.tokenizer, real_lm.encode(p), 10)
+                for p in PROMPTS]
 
     assert ask_concurrently(parallel_server.base, PROMPTS, 10, ignore_eos=True) == expected
     metrics = httpx.get(parallel_server.base + "/metrics").text

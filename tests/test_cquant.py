@@ -66,6 +66,25 @@ def assert_identical(ours: np.ndarray, reference: np.ndarray, type_size: int, wh
     )
 
 
+def assert_matches_ggml(type_name: str, values: np.ndarray, importance: np.ndarray | None,
+                        what: str) -> None:
+    """Our quantizer's bytes for `values` are ggml_quantize_chunk's, block for block."""
+    fmt = get_format(type_name)
+    assert_identical(fmt.quantize(values, importance), ggml_quantize(type_name, values, importance),
+                     fmt.type_size, what)
+
+
+def assert_thread_count_does_not_matter(type_name: str, values: np.ndarray,
+                                        importance: np.ndarray | None) -> None:
+    """The C library's bytes with 1, 2, 3 threads and OpenMP's default are the same."""
+    fmt = get_format(type_name)
+    row_bytes = fmt.row_bytes(values.shape[1])
+    results = [cquant.quantize_rows(fmt.ggml_type, values, importance, row_bytes, threads=n)
+               for n in (1, 2, 3, 0)]
+    for other in results[1:]:
+        assert np.array_equal(results[0], other)
+
+
 def test_the_c_quantizers_are_built() -> None:
     """The build must not silently drop the C library (it would fall back to numpy)."""
     assert cquant.available()
@@ -100,14 +119,8 @@ def test_row_lengths_that_leave_partial_lane_groups(type_name: str) -> None:
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K", "Q6_K", "IQ4_XS"])
 def test_bytes_do_not_depend_on_the_thread_count(type_name: str) -> None:
-    fmt = get_format(type_name)
     values = awkward_tensor(rows=64, seed=3)
-    importance = importances(values.shape[1])["decades"]
-    row_bytes = fmt.row_bytes(values.shape[1])
-    results = [cquant.quantize_rows(fmt.ggml_type, values, importance, row_bytes, threads=n)
-               for n in (1, 2, 3, 0)]
-    for other in results[1:]:
-        assert np.array_equal(results[0], other)
+    assert_thread_count_does_not_matter(type_name, values, importances(values.shape[1])["decades"])
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import REFERENCE_IMATRIX
-from ggml_ref import ggml_quantize, ggml_requires_imatrix
-from test_cquant import assert_identical
+from ggml_ref import first_call_marked, ggml_requires_imatrix
+from test_cquant import (  # noqa: F401 (real_rows: a fixture)
+    assert_matches_ggml,
+    assert_thread_count_does_not_matter,
+    real_rows,
+)
 
 from llmpress.errors import LlmpressError
-from llmpress.formats import cquant, dequantize_tensor, get_format
-from llmpress.io.gguf import read_gguf_header, tensor_nbytes
+from llmpress.formats import cquant, get_format
 from llmpress.quant.quantize import load_imatrix
 
 TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
@@ -71,64 +73,42 @@ def test_the_c_quantizers_are_built() -> None:
         assert cquant.supports(get_format(name).ggml_type), name
 
 
-@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("type_name", first_call_marked(TYPES))
 def test_hard_tensors_match_ggml(type_name: str) -> None:
-    fmt = get_format(type_name)
     values = hard_tensor(rows=14, row_length=512, seed=0)
     for label, importance in importance_cases(type_name, 512, seed=1).items():
-        ours = fmt.quantize(values, importance)
-        assert_identical(ours, ggml_quantize(type_name, values, importance), fmt.type_size,
-                         f"{type_name} imatrix={label}")
+        assert_matches_ggml(type_name, values, importance, f"{type_name} imatrix={label}")
 
 
-@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("type_name", first_call_marked(TYPES))
 def test_row_counts_and_lengths_match_ggml(type_name: str) -> None:
-    fmt = get_format(type_name)
     rng = np.random.default_rng(2)
     for rows, blocks in ((1, 1), (3, 3), (7, 2)):
         values = rng.standard_normal((rows, 256 * blocks)).astype(np.float32)
         for label, importance in importance_cases(type_name, 256 * blocks, seed=blocks).items():
-            assert_identical(fmt.quantize(values, importance),
-                             ggml_quantize(type_name, values, importance), fmt.type_size,
-                             f"{type_name} {rows}x{256 * blocks} imatrix={label}")
-
-
-@pytest.fixture(scope="module")
-def real_ffn_down(default_model_path) -> tuple[np.ndarray, np.ndarray]:
-    """48 dequantized rows of the default model's blk.5.ffn_down (rows of 1536) and the
-    tensor's entry of the model's real importance matrix (made with llama-imatrix)."""
-    name = "blk.5.ffn_down.weight"
-    _, infos, data_start, mapped = read_gguf_header(default_model_path)
-    ggml_type, dims, offset = next((t, d, o) for n, t, d, o in infos if n == name)
-    n_bytes = tensor_nbytes(ggml_type, dims, name)
-    raw = torch.from_numpy(np.array(mapped[data_start + offset: data_start + offset + n_bytes]))
-    shape = tuple(int(d) for d in reversed(dims))
-    rows = dequantize_tensor(raw, ggml_type, shape).numpy()[:48]
-    return rows, load_imatrix(REFERENCE_IMATRIX).entries[name]
+            assert_matches_ggml(type_name, values, importance,
+                                f"{type_name} {rows}x{256 * blocks} imatrix={label}")
 
 
 @pytest.mark.parametrize("type_name", TYPES)
-def test_real_model_rows_match_ggml(type_name: str, real_ffn_down) -> None:
-    fmt = get_format(type_name)
-    values, imatrix = real_ffn_down
+def test_real_model_rows_match_ggml(type_name: str, real_rows) -> None:  # noqa: F811
+    """48 rows of the default model's blk.5.ffn_down (rows of 1536) with the tensor's entry
+    of the model's real importance matrix (made with llama-imatrix), a random one, none."""
+    values = real_rows["ffn_down"][:48]
+    imatrix = load_imatrix(REFERENCE_IMATRIX).entries["blk.5.ffn_down.weight"]
     cases = {"real": imatrix, "random": importances(values.shape[1], seed=3)["decades"]}
     if not ggml_requires_imatrix(type_name):
         cases["none"] = None
     for label, importance in cases.items():
-        ours = fmt.quantize(values, importance)
-        assert_identical(ours, ggml_quantize(type_name, values, importance), fmt.type_size,
-                         f"{type_name} ffn_down imatrix={label}")
+        assert_matches_ggml(type_name, values, importance, f"{type_name} ffn_down imatrix={label}")
 
 
 @pytest.mark.parametrize("type_name", TYPES)
 def test_bytes_do_not_depend_on_the_thread_count(type_name: str) -> None:
-    fmt = get_format(type_name)
     values = hard_tensor(rows=24, row_length=256, seed=4)
     importance = importances(256, seed=5)["decades"]
-    fmt.quantize(values[:1], importance)  # hands the grid to the C library
-    results = [cquant.quantize_rows(fmt.ggml_type, values, importance, fmt.row_bytes(256),
-                                    threads=n) for n in (1, 2, 3)]
-    assert all(np.array_equal(results[0], other) for other in results[1:])
+    get_format(type_name).quantize(values[:1], importance)  # hands the grid to the C library
+    assert_thread_count_does_not_matter(type_name, values, importance)
 
 
 # --- the importance matrix rule and bad input ---------------------------------------------

@@ -13,20 +13,24 @@ References, all independent of our code:
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from ggml_ref import _ggml, ggml_quantize
-from test_cquant import assert_identical, awkward_tensor, importances, real_rows  # noqa: F401
-from test_iquants import (  # noqa: F401 (fixtures)
+from test_cquant import (  # noqa: F401 (real_rows: a fixture)
+    assert_identical,
+    assert_thread_count_does_not_matter,
+    awkward_tensor,
+    importances,
+    real_rows,
+)
+from iquant_files import random_importance
+from test_iquants import (  # noqa: F401 (token_ids: a fixture)
     llama_cpp_logits,
     mean_kld,
     our_logits,
-    quantized_file,
-    tiny_f32,
     token_ids,
     top1_agreement,
 )
@@ -108,14 +112,8 @@ def test_real_model_rows_match_ggml(type_name: str, real_rows) -> None:  # noqa:
 
 @pytest.mark.parametrize("type_name", ["IQ3_XXS", "IQ3_S"])
 def test_bytes_do_not_depend_on_the_thread_count(type_name: str) -> None:
-    fmt = get_format(type_name)
     values = awkward_iq3_tensor(seed=3)
-    importance = importances(values.shape[1])["decades"]
-    row_bytes = fmt.row_bytes(values.shape[1])
-    results = [cquant.quantize_rows(fmt.ggml_type, values, importance, row_bytes, threads=n)
-               for n in (1, 2, 3, 0)]
-    for other in results[1:]:
-        assert np.array_equal(results[0], other)
+    assert_thread_count_does_not_matter(type_name, values, importances(values.shape[1])["decades"])
 
 
 @pytest.mark.parametrize("type_name", ["IQ3_XXS", "IQ3_S"])
@@ -184,23 +182,14 @@ def test_the_grids_are_handed_to_the_c_library() -> None:
 
 
 # --- files ----------------------------------------------------------------------------
-def llama_quantize_importance(source: Path) -> dict[str, np.ndarray]:
-    """The importance matrix test_iquants.llama_quantize hands llama.cpp (same seed, same
-    order): per matrix but the embedding, uniform in [0.1, 2)."""
-    rng = np.random.default_rng(1)
-    matrices = [t for t in GGUFReader(source).tensors
-                if len(t.shape) == 2 and t.name != "token_embd.weight"]
-    return {t.name: rng.uniform(0.1, 2.0, int(t.shape[0])).astype(np.float32) for t in matrices}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("type_name", TYPES)
-def test_llama_cpp_files_hold_our_bytes(quantized_file, tiny_f32, type_name):  # noqa: F811
+def test_llama_cpp_files_hold_our_bytes(quantized_file, tiny_f32, type_name):
     """Every tensor of type_name in the file llama.cpp's quantizer writes (its own mix, its
     own imatrix handling) is what our quantizer writes from the F32 source."""
     path = quantized_file(type_name)
     source = {t.name: t for t in GGUFReader(tiny_f32).tensors}
-    importance = llama_quantize_importance(tiny_f32)
+    importance = random_importance(tiny_f32)
     checked = 0
     for t in GGUFReader(path).tensors:
         if T(t.tensor_type).name != type_name:
@@ -217,7 +206,7 @@ def test_llama_cpp_files_hold_our_bytes(quantized_file, tiny_f32, type_name):  #
 # IQ3_XXS needs an imatrix in a file, as in llama-quantize (tensor_requires_imatrix)
 @pytest.mark.slow
 @pytest.mark.parametrize("type_name", [t for t in TYPES if t != "IQ3_XXS"])
-def test_llama_cpp_runs_the_file_llmpress_writes(tiny_f32, token_ids, tmp_path,  # noqa: F811
+def test_llama_cpp_runs_the_file_llmpress_writes(tiny_f32, token_ids, tmp_path,
                                                   type_name):
     """`llmpress quantize --tensor-type` puts every layer matrix in type_name: the bytes are
     ggml's, llama.cpp loads the file, and its logits agree with ours on it."""
@@ -247,7 +236,7 @@ def test_llama_cpp_runs_the_file_llmpress_writes(tiny_f32, token_ids, tmp_path, 
         assert mean_kld(fast, theirs) < 0.25 * kld_exact and top1_agreement(fast, theirs) >= 0.98
 
 
-def test_an_iq3_xxs_file_without_an_imatrix_is_refused(tiny_f32, tmp_path):  # noqa: F811
+def test_an_iq3_xxs_file_without_an_imatrix_is_refused(tiny_f32, tmp_path):
     """llama-quantize refuses IQ3_XXS tensors without an importance matrix; so do we, in
     one line naming the tensor, before anything is written."""
     from llmpress.quant.quantize import QuantizeConfig, quantize_model

@@ -3,9 +3,10 @@ TQ2_0: they load, dequantize exactly and run like llama.cpp runs them.
 
 The files are made by llama.cpp's own quantizer (llama_model_quantize, with a random
 importance matrix: the very-low-bit types refuse to work without one) from a random
-two-layer Llama whose widths are multiples of 256, so that every matmul gets the type
-asked for (in the default model only the 1536-wide ffn_down rows could: llama.cpp gives
-its 576-wide rows other types). References, all independent of our code:
+two-layer Llama whose widths are multiples of 256 (iquant_files.py; conftest makes each
+file once per session), so that every matmul gets the type asked for (in the default
+model only the 1536-wide ffn_down rows could: llama.cpp gives its 576-wide rows other
+types). References, all independent of our code:
 - gguf-py's dequantize, bit for bit, on every tensor of every file;
 - llama.cpp's logits on the F32 file gguf-py dequantizes the quantized file to: our exact
   mode on the quantized file must give the same logits (float rounding only);
@@ -17,7 +18,6 @@ its 576-wide rows other types). References, all independent of our code:
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import gguf
@@ -36,13 +36,7 @@ from llmpress.models.llama import LlamaModel
 
 T = GGMLQuantizationType
 TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0"]
-# A two-layer Llama on the default model's tokenizer, every width a multiple of 256.
-TINY = {"llama.block_count": 2, "llama.embedding_length": 256, "llama.feed_forward_length": 512,
-        "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
-        "llama.rope.dimension_count": 64, "llama.context_length": 512}
 N_TOKENS = 128
-# llama.cpp's file type for each tensor type: its IQ2_S mix stores IQ2_XS, IQ2_M stores IQ2_S.
-FILE_TYPE = {name: name for name in TYPES} | {"IQ2_S": "IQ2_M"}
 
 
 def mean_kld(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
@@ -53,59 +47,6 @@ def mean_kld(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.argmax(-1) == b.argmax(-1)).double().mean().item()
-
-
-def write_tiny_llama(default_model_path: Path, path: Path) -> Path:
-    """Random weights (seeded), F32, the default model's tokenizer and vocabulary."""
-    reader = GGUFReader(default_model_path)
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    dim, ffn, kv = 256, 512, 128
-    writer = gguf.GGUFWriter(path, "llama")
-    copy_metadata(reader, writer, skip=tuple(TINY))
-    for key, value in TINY.items():
-        writer.add_uint32(key, value)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    rng = np.random.default_rng(0)
-
-    def add(name: str, rows: int, cols: int, std: float) -> None:
-        writer.add_tensor(name, (rng.standard_normal((rows, cols)) * std).astype(np.float32))
-
-    add("token_embd.weight", vocab, dim, 0.15)  # tied output: logits of a few units
-    writer.add_tensor("output_norm.weight", np.ones(dim, np.float32))
-    for i in range(TINY["llama.block_count"]):
-        for norm in ("attn_norm", "ffn_norm"):
-            writer.add_tensor(f"blk.{i}.{norm}.weight",
-                              (1 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
-        for name, rows, cols in (("attn_q", dim, dim), ("attn_k", kv, dim), ("attn_v", kv, dim),
-                                 ("attn_output", dim, dim), ("ffn_gate", ffn, dim),
-                                 ("ffn_up", ffn, dim), ("ffn_down", dim, ffn)):
-            add(f"blk.{i}.{name}.weight", rows, cols, 1 / np.sqrt(cols))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def llama_quantize(source: Path, out: Path, file_type: str) -> Path:
-    """llama.cpp's quantizer, with a random importance matrix for every matrix but the
-    embedding (as llama-quantize passes one from llama-imatrix)."""
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type}")
-    params.nthread = 2
-    rng = np.random.default_rng(1)
-    matrices = [t for t in GGUFReader(source).tensors
-                if len(t.shape) == 2 and t.name != "token_embd.weight"]
-    keep_alive = [rng.uniform(0.1, 2.0, int(t.shape[0])).astype(np.float32) for t in matrices]
-    entries = (llama_cpp.llama_model_imatrix_data * (len(matrices) + 1))()
-    for entry, t, values in zip(entries, matrices, keep_alive):
-        entry.name = t.name.encode()
-        entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        entry.size = values.size
-    params.imatrix = entries
-    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(),
-                                          ctypes.byref(params)) == 0
-    return out
 
 
 def write_dequantized(source: Path, path: Path) -> Path:
@@ -134,23 +75,6 @@ def our_logits(path: Path, ids: list[int], mode: str) -> torch.Tensor:
     model = LlamaModel(load_gguf(path), mode=mode)
     tokens = torch.tensor([ids])
     return model(tokens, model.new_cache(len(ids)))[0].float()
-
-
-@pytest.fixture(scope="module")
-def tiny_f32(default_model_path, tmp_path_factory) -> Path:
-    return write_tiny_llama(default_model_path, tmp_path_factory.mktemp("tiny") / "tiny.F32.gguf")
-
-
-@pytest.fixture(scope="module")
-def quantized_file(tiny_f32):
-    made: dict[str, Path] = {}
-
-    def make(type_name: str) -> Path:
-        if type_name not in made:
-            made[type_name] = llama_quantize(tiny_f32, tiny_f32.parent / f"{type_name}.gguf",
-                                             FILE_TYPE[type_name])
-        return made[type_name]
-    return make
 
 
 @pytest.fixture(scope="module")

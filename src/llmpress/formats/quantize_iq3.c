@@ -300,39 +300,53 @@ static inline void put_u32_le(uint8_t *p, uint32_t v) {
     for (int i = 0; i < 4; ++i) p[i] = (uint8_t)(v >> (8 * i));
 }
 
+/* One block of 256 through the group search: per group whether it is stored, its scale,
+ * 4 sign bytes and 8 grid entries. */
+typedef struct {
+    int stored[8];
+    float scale[8];
+    uint8_t signs[8][4];
+    int entries[8][8];
+} iq3_block_t;
+
+/* Fills `out` for the block at xb (importance qwb or NULL); returns the largest group
+ * scale, 0 when no group is stored. */
+static float iq3_block(const iq3_variant_t *v, const float *xb, const float *qwb,
+                       iq3_block_t *out) {
+    float sigma2 = 2 * sum_of_squares(QK_K, xb) / QK_K;
+    float max_scale = 0;
+    for (int ib = 0; ib < 8; ++ib) {
+        float weight[32];
+        iq3_weights(xb + 32 * ib, qwb ? qwb + 32 * ib : NULL, sigma2, weight);
+        out->scale[ib] = 0;
+        out->stored[ib] = iq3_group(v, xb + 32 * ib, weight, &out->scale[ib], out->signs[ib],
+                                    out->entries[ib]);
+        if (out->stored[ib]) max_scale = MAX(max_scale, out->scale[ib]);
+    }
+    return max_scale;
+}
+
 /* IQ3_XXS, 98 bytes per 256: d, 64 entries (8 bits), 8 u32 of four 7-bit sign indices
  * and the group's 4-bit scale. */
 void row_iq3_xxs(const float *x, uint8_t *y, int64_t n, const float *qw) {
     const iq3_variant_t v = {&IQ3_GRID_256, 15, 1, 1e-8f, 0};
     for (int64_t b = 0; b < n / QK_K; ++b, y += 98) {
-        const float *xb = x + b * QK_K;
-        const float *qwb = qw ? qw + b * QK_K : NULL;
+        iq3_block_t block;
+        float max_scale = iq3_block(&v, x + b * QK_K, qw ? qw + b * QK_K : NULL, &block);
         memset(y, 0, 98);
-        if (!v.grid->ready) continue;
-        float sigma2 = 2 * sum_of_squares(QK_K, xb) / QK_K;
-        float scales[8], max_scale = 0;
-        uint32_t words[8] = {0};
-        for (int ib = 0; ib < 8; ++ib) {
-            float weight[32];
-            uint8_t signs[4];
-            int entries[8];
-            iq3_weights(xb + 32 * ib, qwb ? qwb + 32 * ib : NULL, sigma2, weight);
-            scales[ib] = 0;
-            if (!iq3_group(&v, xb + 32 * ib, weight, &scales[ib], signs, entries)) continue;
-            for (int k = 0; k < 8; ++k) y[2 + 8 * ib + k] = (uint8_t)entries[k];
-            words[ib] = signs[0] | signs[1] << 7 | signs[2] << 14 | (uint32_t)signs[3] << 21;
-            max_scale = MAX(max_scale, scales[ib]);
-        }
-        if (!max_scale) { /* ggml clears the whole block then */
-            memset(y, 0, 98);
-            continue;
-        }
+        if (!max_scale) continue; /* ggml clears the whole block then */
         float d = max_scale / 31;
         store_fp16(y, d * 1.0125f); /* ggml's fudge factor */
         float id = 1 / d;
         for (int ib = 0; ib < 8; ++ib) {
-            words[ib] |= (uint32_t)group_scale_code(id, scales[ib]) << 28;
-            put_u32_le(y + 66 + 4 * ib, words[ib]);
+            uint32_t word = 0;
+            if (block.stored[ib]) {
+                const uint8_t *signs = block.signs[ib];
+                for (int k = 0; k < 8; ++k) y[2 + 8 * ib + k] = (uint8_t)block.entries[ib][k];
+                word = signs[0] | signs[1] << 7 | signs[2] << 14 | (uint32_t)signs[3] << 21;
+            }
+            word |= (uint32_t)group_scale_code(id, block.scale[ib]) << 28;
+            put_u32_le(y + 66 + 4 * ib, word);
         }
     }
 }
@@ -342,39 +356,30 @@ void row_iq3_xxs(const float *x, uint8_t *y, int64_t n, const float *qw) {
 void row_iq3_s(const float *x, uint8_t *y, int64_t n, const float *qw) {
     const iq3_variant_t v = {&IQ3_GRID_512, 9, 0, 0.0f, 1};
     for (int64_t b = 0; b < n / QK_K; ++b, y += 110) {
-        const float *xb = x + b * QK_K;
-        const float *qwb = qw ? qw + b * QK_K : NULL;
+        iq3_block_t block;
+        float max_scale = iq3_block(&v, x + b * QK_K, qw ? qw + b * QK_K : NULL, &block);
         memset(y, 0, 110);
-        if (!v.grid->ready) continue;
-        float sigma2 = 2 * sum_of_squares(QK_K, xb) / QK_K;
-        float scales[8], max_scale = 0;
         /* ggml advances its entry and sign cursors only past groups it stores, so a zero
          * group shifts the later groups' bytes down (their top bits and scales stay in
-         * place); kept for byte-identity. */
+         * place); kept for byte-identity. Unlike IQ3_XXS, the bytes stay when d is 0. */
         uint8_t *low = y + 2, *top = y + 66, *sign_bytes = y + 74;
         for (int ib = 0; ib < 8; ++ib) {
-            float weight[32];
-            uint8_t signs[4];
-            int entries[8];
-            iq3_weights(xb + 32 * ib, qwb ? qwb + 32 * ib : NULL, sigma2, weight);
-            scales[ib] = 0;
-            if (!iq3_group(&v, xb + 32 * ib, weight, &scales[ib], signs, entries)) continue;
+            if (!block.stored[ib]) continue;
             for (int k = 0; k < 8; ++k) {
-                low[k] = (uint8_t)(entries[k] & 255);
-                top[ib] |= (uint8_t)((entries[k] >> 8) << k);
+                low[k] = (uint8_t)(block.entries[ib][k] & 255);
+                top[ib] |= (uint8_t)((block.entries[ib][k] >> 8) << k);
             }
-            memcpy(sign_bytes, signs, 4);
+            memcpy(sign_bytes, block.signs[ib], 4);
             low += 8;
             sign_bytes += 4;
-            max_scale = MAX(max_scale, scales[ib]);
         }
         if (!max_scale) continue;
         float d = max_scale / 31;
         store_fp16(y, d * 1.033f); /* ggml's fudge factor */
         float id = 1 / d;
         for (int ib = 0; ib < 8; ib += 2) {
-            y[106 + ib / 2] = (uint8_t)(group_scale_code(id, scales[ib]) |
-                                        group_scale_code(id, scales[ib + 1]) << 4);
+            y[106 + ib / 2] = (uint8_t)(group_scale_code(id, block.scale[ib]) |
+                                        group_scale_code(id, block.scale[ib + 1]) << 4);
         }
     }
 }

@@ -415,48 +415,63 @@ static void repack_k4_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64
 void repack_q4_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_k4_x8(src, dst, n_rows, K, 0); }
 void repack_q5_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) { repack_k4_x8(src, dst, n_rows, K, 1); }
 
-/* One 8-row group against n_x activation rows; lane i's float steps are the AVX2 tile's. */
-static void tile_k4x8_portable(const uint8_t *rows, const QRow *x, int n_x, int64_t nb,
-                               float *out, int64_t out_stride, int fifth) {
-    const int bytes = fifth ? X8_BLOCK_Q5 : X8_BLOCK;
+/* The repacked tiles' outer loop: every activation row against the 8 lanes of each block.
+ * lane_sums gives lane i's integer sums over one block: sums[0] goes with the lane's d
+ * (the f16 at blk + 2 i), sums[1] with its dmin (at blk + 16 + 2 i) when the type has one.
+ * Lane i's float steps are the AVX2 tile's. Inlined, so each tile's lane_sums is too. */
+typedef void x8_lane_sums_fn(const uint8_t *blk, int i, const int8_t *q, const int16_t *bsum,
+                             int fifth, int32_t sums[2]);
+static inline __attribute__((always_inline)) void tile_x8_portable(
+        const uint8_t *rows, int block_bytes, const QRow *x, int n_x, int64_t nb, float *out,
+        int64_t out_stride, x8_lane_sums_fn *lane_sums, int fifth, int has_dmin) {
     for (int r = 0; r < n_x; r++) {
         float acc[X8_ROWS] = {0};
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = rows + b * bytes;
+            const uint8_t *blk = rows + b * block_bytes;
             const int8_t *q = x[r].q + 256 * b;
             const int16_t *bsum = x[r].bsum + 16 * b;
             for (int i = 0; i < X8_ROWS; i++) {
-                int32_t scaled = 0, mins = 0;
-                for (int j = 0; j < 8; j++) {
-                    int32_t sum = 0;
-                    for (int v = 0; v < 4; v++) {
-                        for (int c = 0; c < 4; c++) {
-                            const uint8_t byte = blk[160 + 128 * j + 32 * v + 4 * i + c];
-                            const uint8_t high = fifth ? blk[X8_BLOCK + 32 * j + 4 * i + c] : 0;
-                            const int first = (byte & 15) | ((high >> (2 * v)) & 1) << 4;
-                            const int second = (byte >> 4) | ((high >> (2 * v + 1)) & 1) << 4;
-                            sum += first * q[32 * j + 8 * v + c] + second * q[32 * j + 8 * v + 4 + c];
-                        }
-                    }
-                    scaled += blk[32 + 8 * j + i] * sum;
-                    mins += blk[96 + 8 * j + i] * (bsum[2 * j] + bsum[2 * j + 1]);
-                }
-                acc[i] += read_half(blk + 2 * i) * x[r].d[b] * (float)scaled;
-                acc[i] -= read_half(blk + 16 + 2 * i) * x[r].d[b] * (float)mins;
+                int32_t sums[2];
+                lane_sums(blk, i, q, bsum, fifth, sums);
+                acc[i] += read_half(blk + 2 * i) * x[r].d[b] * (float)sums[0];
+                if (has_dmin) acc[i] -= read_half(blk + 16 + 2 * i) * x[r].d[b] * (float)sums[1];
             }
         }
         for (int i = 0; i < X8_ROWS; i++) out[r * out_stride + i] = acc[i];
     }
 }
+
+/* Q4_K / Q5_K (fifth): the scaled code sums and the min-weighted block sums. */
+static inline void lane_sums_k4(const uint8_t *blk, int i, const int8_t *q, const int16_t *bsum,
+                                int fifth, int32_t sums[2]) {
+    int32_t scaled = 0, mins = 0;
+    for (int j = 0; j < 8; j++) {
+        int32_t sum = 0;
+        for (int v = 0; v < 4; v++) {
+            for (int c = 0; c < 4; c++) {
+                const uint8_t byte = blk[160 + 128 * j + 32 * v + 4 * i + c];
+                const uint8_t high = fifth ? blk[X8_BLOCK + 32 * j + 4 * i + c] : 0;
+                const int first = (byte & 15) | ((high >> (2 * v)) & 1) << 4;
+                const int second = (byte >> 4) | ((high >> (2 * v + 1)) & 1) << 4;
+                sum += first * q[32 * j + 8 * v + c] + second * q[32 * j + 8 * v + 4 + c];
+            }
+        }
+        scaled += blk[32 + 8 * j + i] * sum;
+        mins += blk[96 + 8 * j + i] * (bsum[2 * j] + bsum[2 * j + 1]);
+    }
+    sums[0] = scaled;
+    sums[1] = mins;
+}
+
 static void tile_Q4_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
                                   int n_x, int64_t nb, float *out, int64_t out_stride) {
     (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
-    tile_k4x8_portable(rows, x, n_x, nb, out, out_stride, 0);
+    tile_x8_portable(rows, X8_BLOCK, x, n_x, nb, out, out_stride, lane_sums_k4, 0, 1);
 }
 static void tile_Q5_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
                                   int n_x, int64_t nb, float *out, int64_t out_stride) {
     (void)stride; (void)n_w;
-    tile_k4x8_portable(rows, x, n_x, nb, out, out_stride, 1);
+    tile_x8_portable(rows, X8_BLOCK_Q5, x, n_x, nb, out, out_stride, lane_sums_k4, 1, 1);
 }
 
 void repack_q6_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K) {
@@ -492,38 +507,35 @@ void repack_q6_k_x8(const uint8_t *src, uint8_t *dst, int64_t n_rows, int64_t K)
     }
 }
 
+/* Q6_K: the signed-scale sums of the codes less 32 (bsum carries the 32s). */
+static inline void lane_sums_q6(const uint8_t *blk, int i, const int8_t *q, const int16_t *bsum,
+                                int fifth, int32_t sums[2]) {
+    (void)fifth;
+    int32_t total = 0;
+    for (int j = 0; j < 8; j++) {
+        for (int e = 0; e < 2; e++) {
+            int32_t sum = 0;
+            for (int v = 2 * e; v < 2 * e + 2; v++) {
+                for (int c = 0; c < 4; c++) {
+                    const uint8_t low = blk[144 + 128 * j + 32 * v + 4 * i + c];
+                    const int high_a = (blk[1168 + 64 * j + 4 * i + c] >> (2 * v)) & 3;
+                    const int high_b = (blk[1168 + 64 * j + 32 + 4 * i + c] >> (2 * v)) & 3;
+                    sum += ((low & 15) | high_a << 4) * q[32 * j + 8 * v + c]
+                         + ((low >> 4) | high_b << 4) * q[32 * j + 8 * v + 4 + c];
+                }
+            }
+            const int scale = (int8_t)blk[16 + 16 * j + 2 * i + e];
+            total += scale * (sum - 32 * bsum[2 * j + e]);
+        }
+    }
+    sums[0] = total;
+    sums[1] = 0;
+}
+
 static void tile_Q6_K_X8_portable(const uint8_t *rows, int64_t stride, int n_w, const QRow *x,
                                   int n_x, int64_t nb, float *out, int64_t out_stride) {
     (void)stride; (void)n_w;  /* always a whole group of X8_ROWS */
-    for (int r = 0; r < n_x; r++) {
-        float acc[X8_ROWS] = {0};
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = rows + b * X8_BLOCK_Q6;
-            const int8_t *q = x[r].q + 256 * b;
-            const int16_t *bsum = x[r].bsum + 16 * b;
-            for (int i = 0; i < X8_ROWS; i++) {
-                int32_t total = 0;
-                for (int j = 0; j < 8; j++) {
-                    for (int e = 0; e < 2; e++) {
-                        int32_t sum = 0;
-                        for (int v = 2 * e; v < 2 * e + 2; v++) {
-                            for (int c = 0; c < 4; c++) {
-                                const uint8_t low = blk[144 + 128 * j + 32 * v + 4 * i + c];
-                                const int high_a = (blk[1168 + 64 * j + 4 * i + c] >> (2 * v)) & 3;
-                                const int high_b = (blk[1168 + 64 * j + 32 + 4 * i + c] >> (2 * v)) & 3;
-                                sum += ((low & 15) | high_a << 4) * q[32 * j + 8 * v + c]
-                                     + ((low >> 4) | high_b << 4) * q[32 * j + 8 * v + 4 + c];
-                            }
-                        }
-                        const int scale = (int8_t)blk[16 + 16 * j + 2 * i + e];
-                        total += scale * (sum - 32 * bsum[2 * j + e]);
-                    }
-                }
-                acc[i] += read_half(blk + 2 * i) * x[r].d[b] * (float)total;
-            }
-        }
-        for (int i = 0; i < X8_ROWS; i++) out[r * out_stride + i] = acc[i];
-    }
+    tile_x8_portable(rows, X8_BLOCK_Q6, x, n_x, nb, out, out_stride, lane_sums_q6, 0, 0);
 }
 
 /* Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks: d (f16), for the affine ones m (f16), for Q5 the fifth
