@@ -54,7 +54,7 @@ typedef struct {
     int64_t neox;  /* RoPE pairs (i, i + d/2) instead of (2i, 2i + 1) */
     float eps;
     int64_t key_half, value_half;  /* the cache keeps keys / values as f16, else f32 */
-    float query_scale;  /* multiplies q.k (Gemma: query_pre_attn_scalar^-0.5); 0: 1/sqrt(head_dim) */
+    float query_scale;  /* multiplies q.k; 0: 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar^-0.5) */
     float softcap;      /* attention scores become cap * tanh(score / cap) (Gemma 2); 0: none */
     int64_t gelu;       /* FFN gate: 1 GELU (tanh approximation, Gemma), 0 SiLU */
 } DecodeShape;
@@ -305,8 +305,10 @@ static void layer_rows(const DecodeLayer *L, int64_t l, const DecodeShape *s, fl
     const int64_t sizes_ffn[2] = {ffn, ffn};
     qmatmul_rows(2, L->types + W_GATE, L->weights + W_GATE, sizes_ffn, &w->acts, w->ffn, dim, T);
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; t++)
-        gated(w->ffn + t * 2 * ffn, w->ffn + t * 2 * ffn + ffn, ffn, (int)s->gelu, w->hidden + t * ffn);
+    for (int64_t t = 0; t < T; t++) {
+        const float *gate = w->ffn + t * 2 * ffn, *up = gate + ffn;
+        gated(gate, up, ffn, (int)s->gelu, w->hidden + t * ffn);
+    }
     acts_quantize(&w->acts, 1, L->types + W_DOWN, w->hidden, ffn, T);
     qmatmul_rows(1, L->types + W_DOWN, L->weights + W_DOWN, &dim, &w->acts, w->xn, ffn, T);
     add_rows(x, w->xn, T, dim, L->ffn_post_norm, NULL, s->eps);
@@ -355,8 +357,8 @@ static int is_finite_bits(float v) {
 static int check_shape(const DecodeShape *s) {
     if (s->dim < 1 || s->head_dim < 1) return ERR_SHAPE;
     if (s->rope_dim < 2 || s->rope_dim > s->head_dim || s->rope_dim % 2) return ERR_HEADS;
-    if (!is_finite_bits(s->query_scale) || s->query_scale < 0 || !is_finite_bits(s->softcap) || s->softcap < 0
-        || (s->gelu != 0 && s->gelu != 1))
+    if (!is_finite_bits(s->query_scale) || s->query_scale < 0 || !is_finite_bits(s->softcap)
+        || s->softcap < 0 || (s->gelu != 0 && s->gelu != 1))
         return ERR_ATTENTION;
     return 0;
 }

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmpress.io.source import ModelSource
+from llmpress.kernels.decode import LayerDescription, ShapeDescription
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
 from llmpress.models.config import GEMMA_ARCHITECTURES, LayerConfig, LlamaConfig, config_from_source
-from llmpress.kernels.decode import LayerDescription, ShapeDescription
 from llmpress.models.llama import (KV_F32, DecoderModel, FeedForward, KVCache, KVDtypes,
                                    RotaryEmbedding, rms_norm)
 

@@ -274,7 +274,8 @@ class DecoderModel(nn.Module):
             cache.length = start + len(tokens)
             end += len(tokens)
             rows.append(range(end - len(tokens) if every else end - 1, end))
-        logits = self.logits(rms_norm(x[[i for r in rows for i in r]], self.norm, self.cfg.norm_eps))
+        x = rms_norm(x[[i for r in rows for i in r]], self.norm, self.cfg.norm_eps)
+        logits = self.logits(x)
         return list(logits.split([len(r) for r in rows]))
 
 
