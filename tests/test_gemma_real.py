@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 WINDOW, N_WINDOWS, CHUNK = 1024, 2, 256  # 2,048 WikiText tokens, fed 256 at a time
 FAST_TOKENS, GREEDY_PROMPT, GREEDY_STEPS = 64, 32, 32
+FUSED_TOKENS = 640  # past the 512-position sliding window
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,11 @@ def windows(reference_tokenizer, wikitext_bytes) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def exact(gemma_path):
     return load(gemma_path, mode="exact", device="cpu", ctx=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def fast(gemma_path):
+    return load(gemma_path, mode="fast", device="cpu", ctx=WINDOW)
 
 
 def kl_top1_sums(base_logits: torch.Tensor, logits: torch.Tensor, rows: int = 64):
@@ -114,15 +120,21 @@ def test_exact_matches_llama_cpp(llama_f32, exact, windows):
     assert kld <= 1e-4
 
 
-def test_fast_mode_costs_no_more_than_llama_cpp(gemma_path, exact, windows):
-    """Fast mode (8-bit activations into the packed kernels, as llama.cpp's) against exact
-    mode on a 1,024-token window, next to llama.cpp on the same Q4_K_M file against the
-    same exact logits: the price of the integer kernels, ours beside theirs."""
-    ids = windows[0]
-    base = chunked_logits(exact.model, ids, CHUNK)
-    fast = load(gemma_path, mode="fast", device="cpu", ctx=WINDOW).model
-    kld, top1 = kl_top1_sums(base, chunked_logits(fast, ids, CHUNK))
-    steps = chunked_logits(fast, ids[:FAST_TOKENS], 1)  # the decode path: one token per call
+@pytest.fixture(scope="module")
+def exact_logits(exact, windows) -> torch.Tensor:
+    """Exact mode's logits over the first window, fed CHUNK tokens at a time."""
+    return chunked_logits(exact.model, windows[0], CHUNK)
+
+
+def test_fast_mode_costs_no_more_than_llama_cpp(gemma_path, fast, exact_logits, windows):
+    """Fast mode (8-bit activations into the packed kernels, as llama.cpp's; the fused C
+    decoder layers) against exact mode on a 1,024-token window, next to llama.cpp on the
+    same Q4_K_M file against the same exact logits: the price of the integer kernels,
+    ours beside theirs."""
+    ids, base, model = windows[0], exact_logits, fast.model
+    assert model.decoder is not None
+    kld, top1 = kl_top1_sums(base, chunked_logits(model, ids, CHUNK))
+    steps = chunked_logits(model, ids[:FAST_TOKENS], 1)  # the decode path: one token per call
     kld_steps, top1_steps = kl_top1_sums(base[:FAST_TOKENS], steps)
     llm = llama_cpp.Llama(str(gemma_path), logits_all=True, n_ctx=WINDOW, n_batch=WINDOW,
                           n_threads=2, verbose=False)
@@ -151,3 +163,44 @@ def test_greedy_decoding_matches_llama_cpp(exact, llama_f32, windows):
     print(f"\ngreedy: {sum(a == b for a, b in zip(ours, theirs))} of {GREEDY_STEPS} tokens as "
           "llama.cpp (F32) picks them")
     assert ours == theirs
+
+
+def test_fused_layers_cost_no_more_than_the_torch_layers(fast, exact_logits, windows):
+    """The fused C decoder layers against Gemma's torch layers running the same packed
+    kernels (fast mode without the fused path), both against exact mode, over 640 tokens
+    fed 256 at a time: past the sliding window, so the local layers' window and RoPE table
+    decide the last rows. The two differ only in float order (an activation on a rounding
+    boundary takes another 8-bit code), so they cost exact mode the same."""
+    ids, base = windows[0][:FUSED_TOKENS], exact_logits[:FUSED_TOKENS]
+    fused = chunked_logits(fast.model, ids, CHUNK)
+    decoder, fast.model.decoder = fast.model.decoder, None
+    try:
+        layers = chunked_logits(fast.model, ids, CHUNK)
+    finally:
+        fast.model.decoder = decoder
+    (kld_fused, top1_fused), (kld_layers, top1_layers) = (kl_top1_sums(base, x)
+                                                          for x in (fused, layers))
+    late = slice(512, FUSED_TOKENS)  # rows whose local layers drop keys
+    kld_late = [kl_top1_sums(base[late], x[late])[0] for x in (fused, layers)]
+    n, n_late = len(ids), FUSED_TOKENS - 512
+    print(f"\nGemma 3 270M, {n} tokens, KL to exact: fused {kld_fused / n:.3g} (top-1 "
+          f"{top1_fused / n:.2%}), torch layers {kld_layers / n:.3g} (top-1 "
+          f"{top1_layers / n:.2%}); rows past the window: {kld_late[0] / n_late:.3g}, "
+          f"{kld_late[1] / n_late:.3g}")
+    assert kld_fused <= 1.2 * kld_layers and kld_late[0] <= 1.3 * kld_late[1]
+    assert top1_fused >= top1_layers - 0.01 * n
+
+
+def test_batched_sequences_get_the_bits_of_their_own_passes(fast, windows):
+    """Three sequences in forward_batch passes (prompt rows and one-token rows sharing a
+    pass) against each run alone, on the real model's fused layers."""
+    model = fast.model
+    prompts = [windows[1][:n] for n in (40, 17, 29)]
+    caches = [model.new_cache(64) for _ in prompts]
+    batched = [model.forward_batch([(p, c) for p, c in zip(prompts, caches)])]
+    batched.append(model.forward_batch([([p[-1]], c) for p, c in zip(prompts, caches)]))
+    for i, prompt in enumerate(prompts):
+        cache = model.new_cache(64)
+        alone = [model(torch.tensor([prompt]), cache, last_only=True)[0],
+                 model(torch.tensor([[prompt[-1]]]), cache)[0]]
+        assert all(torch.equal(rows[i], mine) for rows, mine in zip(batched, alone)), i

@@ -114,7 +114,7 @@ def model(tmp_path_factory):
 
 
 def decode_status(model, cache, pos=None, n_threads=1, x=None, n_tokens=1, angle_floats=None,
-                  seq=0):
+                  seq=0, n_rotations=1):
     decoder = model.decoder
     views = decoder._views(cache)
     x = torch.zeros(model.cfg.dim * n_tokens) if x is None else x
@@ -125,7 +125,7 @@ def decode_status(model, cache, pos=None, n_threads=1, x=None, n_tokens=1, angle
     return cpu._library().llmpress_forward(
         ctypes.byref(decoder.shape), decoder.layers, len(decoder.layers), views, 1,
         x.data_ptr(), x.numel(), n_tokens, rows_seq.data_ptr(), rows_pos.data_ptr(),
-        angles.data_ptr(), angles.data_ptr(),
+        angles.data_ptr(), angles.data_ptr(), n_rotations,
         angles.numel() if angle_floats is None else angle_floats, n_threads)
 
 
@@ -135,12 +135,18 @@ def decode_status(model, cache, pos=None, n_threads=1, x=None, n_tokens=1, angle
     ("negative position", -8), ("tokens past the cache", -8), ("no tokens", -3),
     ("angles for fewer tokens", -3), ("no threads", -4), ("weights too short", -3),
     ("cache smaller than said", -3), ("layers' caches of different lengths", -3),
-    ("a row of a sequence not given", -3), ("x not dim long", -3), ("zero dim", -2)])
+    ("a row of a sequence not given", -3), ("x not dim long", -3), ("zero dim", -2),
+    # the attention settings Gemma's layers add
+    ("negative window", -9), ("a RoPE table not given", -9), ("negative RoPE table", -9),
+    ("no RoPE tables", -3), ("angles for fewer tables", -3), ("negative query scale", -9),
+    ("NaN query scale", -9), ("infinite soft-cap", -9), ("negative soft-cap", -9),
+    ("gate activation neither SiLU nor GELU", -9)])
 def test_decode_refuses(model, case, code):
     cache = model.new_cache(8)
     shape, layer = model.decoder.shape, model.decoder.layers[0]
     view = model.decoder._views(cache)[1]
-    saved = (shape.dim, shape.rope_dim, layer.n_kv, layer.n_heads, layer.weight_bytes[0],
+    saved = (shape.dim, shape.rope_dim, shape.query_scale, shape.softcap, shape.gelu, layer.n_kv,
+             layer.n_heads, layer.weight_bytes[0], layer.window, layer.rotation,
              view.cache_values, view.max_tokens)
     kwargs = {}
     if case == "no KV heads":
@@ -175,10 +181,31 @@ def test_decode_refuses(model, case, code):
         kwargs["x"] = torch.zeros(model.cfg.dim - 1)
     elif case == "zero dim":
         shape.dim = 0
+    elif case == "negative window":
+        layer.window = -1
+    elif case == "a RoPE table not given":  # the call passes one
+        layer.rotation = 1
+    elif case == "negative RoPE table":
+        layer.rotation = -1
+    elif case == "no RoPE tables":
+        kwargs.update(n_rotations=0, angle_floats=0)
+    elif case == "angles for fewer tables":  # two tables named, one table's angles given
+        kwargs["n_rotations"] = 2
+    elif case == "negative query scale":
+        shape.query_scale = -0.5
+    elif case == "NaN query scale":
+        shape.query_scale = float("nan")
+    elif case == "infinite soft-cap":
+        shape.softcap = float("inf")
+    elif case == "negative soft-cap":
+        shape.softcap = -1.0
+    elif case == "gate activation neither SiLU nor GELU":
+        shape.gelu = 2
     try:
         assert decode_status(model, cache, **kwargs) == code
     finally:
-        (shape.dim, shape.rope_dim, layer.n_kv, layer.n_heads, layer.weight_bytes[0],
+        (shape.dim, shape.rope_dim, shape.query_scale, shape.softcap, shape.gelu, layer.n_kv,
+         layer.n_heads, layer.weight_bytes[0], layer.window, layer.rotation,
          view.cache_values, view.max_tokens) = saved
 
 
@@ -188,7 +215,7 @@ def test_a_refused_step_raises_llmpress_error(model):
     try:
         with pytest.raises(LlmpressError, match="fused decoder layers: inconsistent head counts"):
             model.decoder.forward(torch.zeros(1, model.cfg.dim), [(cache, 1)],
-                                  torch.ones(1, model.cfg.rope_dim // 2, dtype=torch.complex64))
+                                  [torch.ones(1, model.cfg.rope_dim // 2, dtype=torch.complex64)])
     finally:
         model.decoder.layers[0].n_kv = model.cfg.layers[0].n_kv_heads
 

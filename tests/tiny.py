@@ -34,12 +34,15 @@ def save_tiny_hf_model(directory: Path, model_type: str = "llama", seed: int = 0
     return directory
 
 
-def quantized(src: ModelSource, ggml_type: GGMLQuantizationType) -> ModelSource:
-    """Every matmul weight of src (not the embedding) requantized to ggml_type, in memory."""
+def quantized(src: ModelSource, ggml_type: GGMLQuantizationType,
+              embedding: bool = False) -> ModelSource:
+    """Every matmul weight of src requantized to ggml_type, in memory; the token embedding
+    too where asked (a head tied to it then runs a kernel, whose rows do not depend on
+    how many are multiplied at once, as torch's float matmul's can)."""
     fmt = get_format(ggml_type)
     tensors = dict(src.tensors)
     for name, ref in src.tensors.items():
-        if len(ref.shape) != 2 or name == "token_embd.weight":
+        if len(ref.shape) != 2 or (name == "token_embd.weight" and not embedding):
             continue
         values = get_format(ref.ggml_type).dequantize(ref.read_bytes(), ref.shape).numpy()
         packed = torch.from_numpy(fmt.quantize(values).reshape(-1))

@@ -31,7 +31,9 @@ ERRORS = {-1: "a weight type without a kernel", -2: "a dimension that is not pos
           -4: "fewer than one thread", -5: "out of memory for the kernel's scratch space",
           -6: "this CPU or build lacks the instruction set asked for",
           -7: "inconsistent head counts or head/rope dimensions",
-          -8: "a position outside the KV cache"}
+          -8: "a position outside the KV cache",
+          -9: "an attention setting out of range (query scale, soft-cap, sliding window or "
+          "RoPE table)"}
 
 
 def check(status: int, what: str) -> None:

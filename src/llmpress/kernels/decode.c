@@ -5,7 +5,10 @@
  *
  * Mirrors LlamaModel's layer (models/llama.py) operation for operation: RMSNorm, fused
  * q/k/v matmul (+ Qwen2 biases, Qwen3 q/k norms), RoPE, KV-cache append, grouped-query
- * attention, output projection, RMSNorm, SiLU-gated FFN. One call from Python instead of
+ * attention, output projection, RMSNorm, SiLU-gated FFN; and GemmaModel's
+ * (models/gemma.py) with the optional pieces its block adds: RMSNorms after attention and
+ * after the FFN, a GELU-gated FFN, sliding-window layers with their own RoPE table, the
+ * query scale and soft-capped attention scores. One call from Python instead of
  * ~30 small torch operations per layer, whose fixed overheads otherwise exceed the
  * matmuls on a small model. Matmuls use qmatmul.c's integer kernels on activations
  * quantized once per row and group (q/k/v share one, gate/up share one). The whole call
@@ -33,6 +36,11 @@ typedef struct {  /* one decoder layer, filled in from Python (kernels/decode.py
     int types[N_WEIGHTS];                   /* ggml type ids */
     const uint8_t *weights[N_WEIGHTS];
     int64_t weight_bytes[N_WEIGHTS];        /* each buffer's size, checked against the shapes */
+    /* Gemma */
+    const float *attn_post_norm, *ffn_post_norm;  /* norm attention's / the FFN's output
+                                                     before the residual add; else NULL */
+    int64_t window;    /* sliding window: a query sees its last `window` positions; 0 = all */
+    int64_t rotation;  /* which of the call's RoPE tables this layer rotates by */
 } DecodeLayer;
 
 typedef struct {  /* one layer's KV cache of one sequence, (n_kv, max_tokens, head_dim) */
@@ -46,6 +54,9 @@ typedef struct {
     int64_t neox;  /* RoPE pairs (i, i + d/2) instead of (2i, 2i + 1) */
     float eps;
     int64_t key_half, value_half;  /* the cache keeps keys / values as f16, else f32 */
+    float query_scale;  /* multiplies q.k; 0: 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar^-0.5) */
+    float softcap;      /* attention scores become cap * tanh(score / cap) (Gemma 2); 0: none */
+    int64_t gelu;       /* FFN gate: 1 GELU (tanh approximation, Gemma), 0 SiLU */
 } DecodeShape;
 
 /* An f16 KV cache: _Float16 converts with round-to-nearest-even, as torch's .half() does,
@@ -121,16 +132,20 @@ static void rope(float *v, int64_t n_heads, const DecodeShape *s, const float *c
     }
 }
 
-/* Softmax attention of one query head h over the first n_pos positions of its KV head
+static float soft_cap(float score, float cap) {
+    return cap > 0 ? cap * tanhf(score / cap) : score;
+}
+
+/* Softmax attention of one query head h over positions from .. n_pos - 1 of its KV head
  * in cache C. scores: room for n_pos floats. */
 VECTOR_CLONES static void attend_one(const float *qh, const DecodeLayer *L, const LayerCache *C,
-                                     const DecodeShape *s, int64_t h, int64_t n_pos, float *oh,
-                                     float *scores) {
+                                     const DecodeShape *s, int64_t h, int64_t from, int64_t n_pos,
+                                     float *oh, float *scores) {
     const int64_t hd = s->head_dim, kv = h / (L->n_heads / L->n_kv);
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float scale = s->query_scale > 0 ? s->query_scale : 1.0f / sqrtf((float)hd);
     const int64_t first = kv * C->max_tokens * hd;  /* this KV head's first element */
     float best = -INFINITY, total = 0;
-    for (int64_t t = 0; t < n_pos; t++) {
+    for (int64_t t = from; t < n_pos; t++) {
         float dot = 0;
         if (s->key_half) {
             const half_t *key = (const half_t *)C->keys + first + t * hd;
@@ -142,12 +157,12 @@ VECTOR_CLONES static void attend_one(const float *qh, const DecodeLayer *L, cons
             const float *key = (const float *)C->keys + first + t * hd;
             for (int64_t j = 0; j < hd; j++) dot += qh[j] * key[j];
         }
-        scores[t] = dot * scale;
+        scores[t] = soft_cap(dot * scale, s->softcap);
         best = scores[t] > best ? scores[t] : best;
     }
-    for (int64_t t = 0; t < n_pos; t++) total += (scores[t] = expf(scores[t] - best));
+    for (int64_t t = from; t < n_pos; t++) total += (scores[t] = expf(scores[t] - best));
     memset(oh, 0, sizeof(float) * (size_t)hd);
-    for (int64_t t = 0; t < n_pos; t++) {
+    for (int64_t t = from; t < n_pos; t++) {
         const float w = scores[t] / total;
         if (s->value_half) {
             const half_t *value = (const half_t *)C->values + first + t * hd;
@@ -168,6 +183,20 @@ static void store(void *cache, int half, int64_t at, const float *v, int64_t n) 
         for (int64_t j = 0; j < n; j++) ((half_t *)cache)[at + j] = (half_t)v[j];
     else
         memcpy((float *)cache + at, v, sizeof(float) * (size_t)n);
+}
+
+/* The FFN's gated hidden values: act(gate) * up, act SiLU or GELU's tanh approximation
+ * in torch's formula (F.gelu(approximate="tanh")). */
+static void gated(const float *gate, const float *up, int64_t n, int gelu, float *out) {
+    if (gelu) {
+        const float beta = 0.7978845608f, kappa = 0.044715f;  /* sqrt(2 / pi), as torch's */
+        for (int64_t i = 0; i < n; i++) {
+            const float g = gate[i], inner = beta * (g + kappa * (g * g * g));
+            out[i] = 0.5f * g * (1.0f + tanhf(inner)) * up[i];
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
 }
 
 static void add_bias(float *v, const float *bias, int64_t n) {
@@ -207,11 +236,14 @@ static void place_qkv(const DecodeLayer *L, const LayerCache *C, const DecodeSha
     }
 }
 
-/* x += out, row by row (the residual); with a norm weight, out then holds the normed x. */
-static void add_rows(float *x, float *out, int64_t T, int64_t dim, const float *norm, float eps) {
+/* x += out, row by row (the residual), out first normed by `post` where given (Gemma);
+ * with a norm weight, out then holds the normed x. */
+static void add_rows(float *x, float *out, int64_t T, int64_t dim, const float *post,
+                     const float *norm, float eps) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         float *xt = x + t * dim, *ot = out + t * dim;
+        if (post) rms_norm(ot, post, dim, eps, ot);
         for (int64_t i = 0; i < dim; i++) xt[i] += ot[i];
         if (norm) rms_norm(xt, norm, dim, eps, ot);
     }
@@ -228,6 +260,12 @@ static const LayerCache *row_cache(const Rows *R, int64_t l, int64_t t) {
     return R->caches + R->seq[t] * R->n_layers + l;
 }
 
+/* The first position a query at `pos` sees: 0, or in a sliding-window layer the earliest
+ * of its last `window` positions (llama.cpp masks p1 - p0 >= n_swa). */
+static int64_t first_visible(const DecodeLayer *L, int64_t pos) {
+    return L->window && pos >= L->window ? pos - L->window + 1 : 0;
+}
+
 /* Layer l for T token rows, run by every thread of the region. Every row goes through
  * the same operations in the same order whatever T is, whichever rows share the call and
  * whichever thread takes it, so a token's result does not depend on how a prompt was
@@ -238,6 +276,8 @@ static void layer_rows(const DecodeLayer *L, int64_t l, const DecodeShape *s, fl
     const int64_t dim = s->dim, hd = s->head_dim, half = s->rope_dim / 2;
     const int64_t nq = L->n_heads * hd, nkv = L->n_kv * hd, nqkv = nq + 2 * nkv;
     const int64_t ffn = L->ffn_dim;
+    cos += L->rotation * T * half;  /* this layer's table: (T, half) of the (tables, T, half) */
+    sin += L->rotation * T * half;
 
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) rms_norm(x + t * dim, L->attn_norm, dim, s->eps, w->xn + t * dim);
@@ -255,29 +295,30 @@ static void layer_rows(const DecodeLayer *L, int64_t l, const DecodeShape *s, fl
 #pragma omp for collapse(2) schedule(static)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < L->n_heads; h++)
-            attend_one(w->qkv + t * nqkv + h * hd, L, row_cache(R, l, t), s, h, R->pos[t] + 1,
-                       w->attn + t * nq + h * hd, w->scores + thread_index() * w->scores_per_thread);
+            attend_one(w->qkv + t * nqkv + h * hd, L, row_cache(R, l, t), s, h,
+                       first_visible(L, R->pos[t]), R->pos[t] + 1, w->attn + t * nq + h * hd,
+                       w->scores + thread_index() * w->scores_per_thread);
     acts_quantize(&w->acts, 1, L->types + W_O, w->attn, nq, T);
     qmatmul_rows(1, L->types + W_O, L->weights + W_O, &dim, &w->acts, w->xn, nq, T);
-    add_rows(x, w->xn, T, dim, L->ffn_norm, s->eps);
+    add_rows(x, w->xn, T, dim, L->attn_post_norm, L->ffn_norm, s->eps);
     acts_quantize(&w->acts, 2, L->types + W_GATE, w->xn, dim, T);
     const int64_t sizes_ffn[2] = {ffn, ffn};
     qmatmul_rows(2, L->types + W_GATE, L->weights + W_GATE, sizes_ffn, &w->acts, w->ffn, dim, T);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const float *gate = w->ffn + t * 2 * ffn, *up = gate + ffn;
-        float *h = w->hidden + t * ffn;
-        for (int64_t i = 0; i < ffn; i++) h[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        gated(gate, up, ffn, (int)s->gelu, w->hidden + t * ffn);
     }
     acts_quantize(&w->acts, 1, L->types + W_DOWN, w->hidden, ffn, T);
     qmatmul_rows(1, L->types + W_DOWN, L->weights + W_DOWN, &dim, &w->acts, w->xn, ffn, T);
-    add_rows(x, w->xn, T, dim, NULL, 0);
+    add_rows(x, w->xn, T, dim, L->ffn_post_norm, NULL, s->eps);
 }
 
 /* 0 when the layer's description is consistent and its buffers are as large as its shapes
  * say, else a KernelError. */
-static int check_layer(const DecodeLayer *L, const DecodeShape *s) {
+static int check_layer(const DecodeLayer *L, const DecodeShape *s, int64_t n_rotations) {
     if (L->n_kv < 1 || L->n_heads < 1 || L->n_heads % L->n_kv || L->ffn_dim < 1) return ERR_HEADS;
+    if (L->window < 0 || L->rotation < 0 || L->rotation >= n_rotations) return ERR_ATTENTION;
     const int64_t nq = L->n_heads * s->head_dim, nkv = L->n_kv * s->head_dim;
     int status;
     if ((status = qmatmul_check(3, L->types + W_Q, s->dim, 1))
@@ -305,33 +346,47 @@ static int check_cache(const LayerCache *C, const DecodeLayer *L, const DecodeSh
     return 0;
 }
 
+/* Whether v is a finite number, by its bits: -ffast-math lets the compiler assume
+ * isfinite() and NaN comparisons away. */
+static int is_finite_bits(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return (bits & 0x7f800000u) != 0x7f800000u;
+}
+
 static int check_shape(const DecodeShape *s) {
     if (s->dim < 1 || s->head_dim < 1) return ERR_SHAPE;
     if (s->rope_dim < 2 || s->rope_dim > s->head_dim || s->rope_dim % 2) return ERR_HEADS;
+    if (!is_finite_bits(s->query_scale) || s->query_scale < 0 || !is_finite_bits(s->softcap)
+        || s->softcap < 0 || (s->gelu != 0 && s->gelu != 1))
+        return ERR_ATTENTION;
     return 0;
 }
 
 /* x (T, dim): the new tokens' embeddings, updated in place to the last layer's output.
  * caches: n_seqs x n_layers KV caches (sequence-major); row t belongs to sequence
  * row_seq[t] at position row_pos[t] (the rows of one sequence in increasing positions,
- * the positions before its first row already in its cache). cos/sin: (T, rope_dim/2)
- * angles for the rows' positions. Returns 0, or a KernelError if the description is
- * inconsistent (checked before any work, so x and the caches are then unchanged). */
+ * the positions before its first row already in its cache). cos/sin: n_rotations RoPE
+ * tables (n_rotations, T, rope_dim/2) of angles for the rows' positions, each layer
+ * rotating by the one it names (Gemma's local layers have a base of their own). Returns
+ * 0, or a KernelError if the description is inconsistent (checked before any work, so x
+ * and the caches are then unchanged). */
 int llmpress_forward(const DecodeShape *s, const DecodeLayer *layers, int64_t n_layers,
                      const LayerCache *caches, int64_t n_seqs, float *x, int64_t x_floats,
                      int64_t T, const int64_t *row_seq, const int64_t *row_pos, const float *cos,
-                     const float *sin, int64_t angle_floats, int n_threads) {
+                     const float *sin, int64_t n_rotations, int64_t angle_floats, int n_threads) {
     int status;
     if (!s || !layers || !caches || !x || !row_seq || !row_pos || !cos || !sin || n_layers < 1
-        || n_seqs < 1)
+        || n_seqs < 1 || n_rotations < 1)
         return ERR_BUFFER;
     if ((status = check_shape(s))) return status;
-    if (T < 1 || x_floats != s->dim * T || angle_floats != s->rope_dim / 2 * T) return ERR_BUFFER;
+    if (T < 1 || x_floats != s->dim * T || angle_floats != n_rotations * (s->rope_dim / 2) * T)
+        return ERR_BUFFER;
     if (n_threads < 1) return ERR_THREADS;
     int64_t widest_q = 0, widest_kv = 0, widest_ffn = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const DecodeLayer *L = layers + l;
-        if ((status = check_layer(L, s))) return status;
+        if ((status = check_layer(L, s, n_rotations))) return status;
         widest_q = L->n_heads * s->head_dim > widest_q ? L->n_heads * s->head_dim : widest_q;
         widest_kv = L->n_kv * s->head_dim > widest_kv ? L->n_kv * s->head_dim : widest_kv;
         widest_ffn = L->ffn_dim > widest_ffn ? L->ffn_dim : widest_ffn;

@@ -27,7 +27,9 @@ class DecodeLayer(ctypes.Structure):
                 ("q_bias", ctypes.c_void_p), ("k_bias", ctypes.c_void_p),
                 ("v_bias", ctypes.c_void_p),
                 ("types", ctypes.c_int * N_WEIGHTS), ("weights", ctypes.c_void_p * N_WEIGHTS),
-                ("weight_bytes", ctypes.c_int64 * N_WEIGHTS)]
+                ("weight_bytes", ctypes.c_int64 * N_WEIGHTS),
+                ("attn_post_norm", ctypes.c_void_p), ("ffn_post_norm", ctypes.c_void_p),
+                ("window", ctypes.c_int64), ("rotation", ctypes.c_int64)]
 
 
 class LayerCache(ctypes.Structure):
@@ -38,7 +40,9 @@ class LayerCache(ctypes.Structure):
 class DecodeShape(ctypes.Structure):
     _fields_ = [("dim", ctypes.c_int64), ("head_dim", ctypes.c_int64),
                 ("rope_dim", ctypes.c_int64), ("neox", ctypes.c_int64), ("eps", ctypes.c_float),
-                ("key_half", ctypes.c_int64), ("value_half", ctypes.c_int64)]
+                ("key_half", ctypes.c_int64), ("value_half", ctypes.c_int64),
+                ("query_scale", ctypes.c_float), ("softcap", ctypes.c_float),
+                ("gelu", ctypes.c_int64)]
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -54,7 +58,7 @@ def _library():
         ctypes.POINTER(DecodeShape), ctypes.POINTER(DecodeLayer), ctypes.c_int64,
         ctypes.POINTER(LayerCache), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int]
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     return lib
 
 
@@ -67,6 +71,9 @@ class ShapeDescription:
     rope_dim: int
     neox: bool  # RoPE pairs (i, i + d/2) instead of (2i, 2i + 1)
     eps: float
+    query_scale: float = 0.0  # multiplies q.k; 0: 1 / sqrt(head_dim)
+    softcap: float = 0.0  # attention scores become cap * tanh(score / cap); 0: none
+    gelu: bool = False  # the FFN gate's activation: GELU (tanh approximation), else SiLU
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,10 @@ class LayerDescription:
     q_norm: torch.Tensor | None = None  # Qwen3
     k_norm: torch.Tensor | None = None
     biases: tuple[torch.Tensor | None, ...] = (None, None, None)  # Qwen2: q, k, v
+    attn_post_norm: torch.Tensor | None = None  # Gemma: norms attention's output
+    ffn_post_norm: torch.Tensor | None = None  # Gemma: norms the FFN's output
+    window: int = 0  # sliding window: a query sees its last `window` positions; 0: all
+    rotation: int = 0  # which of the forward pass's RoPE tables the layer rotates by
 
 
 def can_decode(layers: list[LayerDescription]) -> bool:
@@ -99,14 +110,19 @@ class FusedDecoder:
             c_layer.attn_norm, c_layer.ffn_norm = _pointer(layer.attn_norm), _pointer(layer.ffn_norm)
             c_layer.q_norm, c_layer.k_norm = _pointer(layer.q_norm), _pointer(layer.k_norm)
             c_layer.q_bias, c_layer.k_bias, c_layer.v_bias = (_pointer(b) for b in layer.biases)
+            c_layer.attn_post_norm = _pointer(layer.attn_post_norm)
+            c_layer.ffn_post_norm = _pointer(layer.ffn_post_norm)
+            c_layer.window, c_layer.rotation = layer.window, layer.rotation
             # q k v | o | gate up | down: the weights of one matmul call each
             kernel = [w for first, end in ((0, 3), (3, 4), (4, 6), (6, 7))
                       for w in kernel_weights(layer.weights[first:end])]
             for i, (rows, kernel_type) in enumerate(kernel):
                 c_layer.types[i], c_layer.weights[i] = kernel_type, rows.data_ptr()
                 c_layer.weight_bytes[i] = rows.numel() * rows.element_size()
-        self.shape = DecodeShape(shape.dim, shape.head_dim, shape.rope_dim, int(shape.neox),
-                                 shape.eps)
+        self.shape = DecodeShape(dim=shape.dim, head_dim=shape.head_dim, rope_dim=shape.rope_dim,
+                                 neox=int(shape.neox), eps=shape.eps,
+                                 query_scale=shape.query_scale, softcap=shape.softcap,
+                                 gelu=int(shape.gelu))
         self.views = weakref.WeakKeyDictionary()  # cache -> its LayerCache array
 
     def _views(self, cache) -> ctypes.Array:
@@ -122,11 +138,12 @@ class FusedDecoder:
         return views
 
     def forward(self, x: torch.Tensor, segments: list[tuple[object, int]],
-                rotation: torch.Tensor) -> torch.Tensor:
+                rotations: list[torch.Tensor]) -> torch.Tensor:
         """x: (T, dim) float32 embeddings of new tokens, segments: (cache, n) for each
         sequence in row order, whose n rows go at positions cache.length onwards;
-        rotation: (T, rope_dim/2) the rows' RoPE angles. -> (T, dim) the last layer's
-        output. The caches' lengths are the caller's to advance."""
+        rotations: RoPE tables, each (T, rope_dim/2) complex, the rows' angles (a layer
+        rotates by the one its description names). -> (T, dim) the last layer's output.
+        The caches' lengths are the caller's to advance."""
         dtypes = {cache.dtypes for cache, _ in segments}
         if len(dtypes) != 1:
             raise ValueError("the caches decoded together must share their element types")
@@ -141,10 +158,11 @@ class FusedDecoder:
             row_pos += range(cache.length, cache.length + n)
         seq, pos = torch.tensor(row_seq, dtype=torch.int64), torch.tensor(row_pos, dtype=torch.int64)
         x = x.contiguous().clone()
-        cos, sin = rotation.real.contiguous(), rotation.imag.contiguous()
+        tables = torch.stack(rotations)  # (tables, T, rope_dim/2)
+        cos, sin = tables.real.contiguous(), tables.imag.contiguous()
         status = _library().llmpress_forward(
             ctypes.byref(self.shape), self.layers, n_layers, caches, len(segments),
             x.data_ptr(), x.numel(), x.shape[0], seq.data_ptr(), pos.data_ptr(),
-            cos.data_ptr(), sin.data_ptr(), cos.numel(), torch.get_num_threads())
+            cos.data_ptr(), sin.data_ptr(), len(rotations), cos.numel(), torch.get_num_threads())
         cpu.check(status, "fused decoder layers")
         return x

@@ -17,6 +17,8 @@ enum KernelError {
     ERR_ISA = -6,      /* this CPU or build lacks the instruction set asked for */
     ERR_HEADS = -7,    /* head counts or dims inconsistent */
     ERR_POSITION = -8, /* the position is outside the KV cache */
+    ERR_ATTENTION = -9,  /* an attention setting out of range (query scale, soft-cap, window,
+                            RoPE table) */
 };
 
 typedef struct { int8_t *q; float *d; int16_t *bsum; float *sum; } ActBuffer;

@@ -12,8 +12,10 @@ Gemma's block is the Llama block (models/llama.py) with these changes:
   sees only the last `sliding_window` positions and rotates with its own RoPE base;
 - soft-capping `cap * tanh(x / cap)` of the attention scores (Gemma 2) and of the final
   logits, where the file asks for it.
-The fused C decode step (kernels/decode.c) does not cover Gemma yet: fast mode runs the
-packed per-Linear kernels with torch around them.
+GemmaModel shares LlamaModel's forward passes (models/llama.py DecoderModel): in fast mode
+the fused C decoder layers (kernels/decode.c) run every block, their Gemma pieces (the
+post-norms, GeGLU, window, local RoPE table, query scale, score soft-cap) named in the
+layer and shape descriptions; the embedding scale and the final soft-cap stay here.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmpress.io.source import ModelSource
+from llmpress.kernels.decode import LayerDescription, ShapeDescription
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
 from llmpress.models.config import GEMMA_ARCHITECTURES, LayerConfig, LlamaConfig, config_from_source
-from llmpress.models.llama import (KV_F32, FeedForward, KVCache, KVDtypes, RotaryEmbedding,
-                                   forward_each, rms_norm)
+from llmpress.models.llama import (KV_F32, DecoderModel, FeedForward, KVCache, KVDtypes,
+                                   RotaryEmbedding, rms_norm)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ def attention_mask(start: int, end: int, first_key: int, window: int, device) ->
 
 
 class GemmaAttention(nn.Module):
+    biases = None  # no q/k/v biases in Gemma
+
     def __init__(self, src: ModelSource, cfg: GemmaConfig, lc: LayerConfig, local: bool,
                  mode, device):
         super().__init__()
@@ -164,7 +169,8 @@ class GemmaBlock(nn.Module):
         self.ffn_norm, self.ffn_post_norm = norm("ffn_norm"), norm("post_ffw_norm")
         self.attn = GemmaAttention(src, cfg, lc, local, mode, device)
         self.ffn = GeGLU(src, lc, mode, device)
-        self.local, self.eps = local, cfg.norm_eps
+        self.rotation = int(local)  # GemmaModel.ropes: global, local
+        self.eps = cfg.norm_eps
 
     def forward(self, x, rope, rotation, cache_k, cache_v, start):
         attn = self.attn(rms_norm(x, self.attn_norm, self.eps), rope, rotation,
@@ -174,7 +180,7 @@ class GemmaBlock(nn.Module):
         return x + rms_norm(ffn, self.ffn_post_norm, self.eps)
 
 
-class GemmaModel(nn.Module):
+class GemmaModel(DecoderModel):
     """forward(tokens (B, T), cache) -> logits (B, T', vocab), as LlamaModel."""
 
     def __init__(self, src: ModelSource, mode: str = "fast", device: str | torch.device = "cpu",
@@ -189,36 +195,27 @@ class GemmaModel(nn.Module):
         self.norm = dense_tensor(src.tensors["output_norm.weight"], self.device)
         head = src.tensors["token_embd.weight" if cfg.tied_output else "output.weight"]
         self.output = QuantLinear(head, mode, self.device)
-        self.decoder = None  # the fused C decode step does not cover Gemma's block yet
         # global layers use the file's RoPE base and scaling; local ones their own base
-        self.ropes = {False: RotaryEmbedding(cfg, None, self.device),
-                      True: RotaryEmbedding(replace(cfg, rope_base=cfg.local_rope_base,
-                                                    rope_scale=1.0), None, self.device)}
+        self.ropes = [RotaryEmbedding(cfg, None, self.device),
+                      RotaryEmbedding(replace(cfg, rope_base=cfg.local_rope_base, rope_scale=1.0),
+                                      None, self.device)]
         self.kv_dtypes = kv_dtypes  # (k, v) of the caches new_cache makes
+        self.use_fused_decoder(mode)
 
-    def new_cache(self, max_tokens: int, batch: int = 1) -> KVCache:
-        return KVCache(self.cfg, max_tokens, batch, self.kv_dtypes, self.device)
+    def shape_description(self) -> ShapeDescription:
+        return replace(super().shape_description(), query_scale=self.cfg.query_scale,
+                       softcap=self.cfg.attn_softcap, gelu=True)
 
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
-                hidden: bool = False):
-        B, T = tokens.shape
-        start = cache.first_free(T)
-        x = self.embed(tokens.to(self.device)) * self.embed_scale  # (B, T, dim)
-        positions = torch.arange(start, start + T, device=self.device)
-        rotations = {local: rope.rotation(positions) for local, rope in self.ropes.items()}
-        for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
-            x = block(x, self.ropes[block.local], rotations[block.local], ck, cv, start)
-        cache.length = start + T
-        if last_only:
-            x = x[:, -1:]
-        x = rms_norm(x, self.norm, self.cfg.norm_eps)
-        if hidden:  # the embeddings, as LlamaModel's
-            return x
-        logits = self.output(x)  # (B, T', vocab)
-        return soft_cap(logits, self.cfg.final_softcap)
+    def layer_descriptions(self) -> list[LayerDescription]:
+        return [replace(layer, attn_post_norm=block.attn_post_norm,
+                        ffn_post_norm=block.ffn_post_norm, window=block.attn.window)
+                for layer, block in zip(super().layer_descriptions(), self.blocks)]
 
-    def forward_batch(self, segments: list[tuple[list[int], KVCache]],
-                      all_rows: list[bool] | None = None) -> list[torch.Tensor]:
-        # no fused C path for Gemma's block yet: one pass per sequence
-        return forward_each(self, segments, all_rows or [False] * len(segments))
+    def ropes_for(self, cache: KVCache) -> list[RotaryEmbedding]:
+        return self.ropes
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens) * self.embed_scale
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return soft_cap(self.output(x), self.cfg.final_softcap)

@@ -159,6 +159,8 @@ class FeedForward(GatedFFN):
 
 
 class Block(nn.Module):
+    rotation = 0  # which of the model's RoPE tables (DecoderModel.ropes_for) it rotates by
+
     def __init__(self, src: ModelSource, cfg: LlamaConfig, lc: LayerConfig, mode, device):
         super().__init__()
         p = f"blk.{lc.index}."
@@ -175,7 +177,109 @@ class Block(nn.Module):
         return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
 
 
-class LlamaModel(nn.Module):
+class DecoderModel(nn.Module):
+    """forward(tokens (B, T), cache) -> logits (B, T', vocab) and advances the cache.
+
+    What the families here share (LlamaModel, GemmaModel): the forward passes, through the
+    fused C decoder layers (kernels/decode.py) where they cover the model, else block by
+    block. A family's __init__ sets cfg, device, embed, blocks, norm, output and kv_dtypes,
+    then calls use_fused_decoder; it names its RoPE tables (ropes_for, each block's
+    `rotation` picks one) and may add to the layer and shape descriptions, the embedding
+    (embed_tokens) and the head (logits).
+    """
+
+    def use_fused_decoder(self, mode: str) -> None:
+        """Fast mode on the CPU: one C call per forward pass when every type has a kernel
+        (the C path has no expert routing: a mixture of experts runs block by block)."""
+        self.decoder = None
+        if mode == "fast" and self.device.type == "cpu" and not self.cfg.n_experts:
+            layers = self.layer_descriptions()
+            if can_decode(layers):
+                self.decoder = FusedDecoder(self.shape_description(), layers)
+
+    def new_cache(self, max_tokens: int, batch: int = 1) -> KVCache:
+        return KVCache(self.cfg, max_tokens, batch, self.kv_dtypes, self.device)
+
+    def shape_description(self) -> ShapeDescription:
+        cfg = self.cfg
+        return ShapeDescription(cfg.dim, cfg.head_dim, cfg.rope_dim, cfg.rope_style == "neox",
+                                cfg.norm_eps)
+
+    def layer_descriptions(self) -> list[LayerDescription]:
+        """Each block as the fused decoder takes it (plain tensors, no modules)."""
+        return [LayerDescription(
+            lc.n_heads, lc.n_kv_heads, lc.ffn_dim, block.attn_norm, block.ffn_norm,
+            [*block.attn.qkv.linears, block.attn.wo, *block.ffn.gate_up.linears, block.ffn.down],
+            block.attn.q_norm, block.attn.k_norm, tuple(block.attn.biases or (None, None, None)),
+            rotation=block.rotation)
+            for block, lc in zip(self.blocks, self.cfg.layers)]
+
+    def ropes_for(self, cache: KVCache) -> list[RotaryEmbedding]:
+        """The RoPE tables for a cache, indexed by the blocks' `rotation`."""
+        raise NotImplementedError
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head on final normalized hidden states."""
+        return self.output(x)
+
+    def _rotations(self, segments: list[tuple[int, KVCache]]) -> list[torch.Tensor]:
+        """Per RoPE table, the angles of n rows from `start` of each (start, cache), in row
+        order: [(rows, rope_dim/2)]."""
+        per_segment = [[rope.rotation(torch.arange(start, start + n, device=self.device))
+                        for rope in self.ropes_for(cache)] for start, n, cache in segments]
+        return [torch.cat(tables) for tables in zip(*per_segment)]
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
+                hidden: bool = False):
+        """hidden: return the final normalized hidden states (B, T', dim), the embeddings,
+        instead of the logits."""
+        B, T = tokens.shape
+        start = cache.first_free(T)
+        x = self.embed_tokens(tokens.to(self.device))  # (B, T, dim)
+        rotations = self._rotations([(start, T, cache)])
+        if self.decoder is not None and B == 1:
+            x = self.decoder.forward(x[0], [(cache, T)], rotations).view(1, T, -1)
+        else:
+            ropes = self.ropes_for(cache)
+            for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
+                x = block(x, ropes[block.rotation], rotations[block.rotation], ck, cv, start)
+        cache.length = start + T
+        if last_only:
+            x = x[:, -1:]
+        x = rms_norm(x, self.norm, self.cfg.norm_eps)
+        return x if hidden else self.logits(x)  # (B, T', vocab)
+
+    @torch.inference_mode()
+    def forward_batch(self, segments: list[tuple[list[int], KVCache]],
+                      all_rows: list[bool] | None = None) -> list[torch.Tensor]:
+        """Append each sequence's new tokens to its own cache -> per sequence, the logits
+        (rows, vocab) of its last token, or of every token where all_rows says so. The
+        fused C path runs all the rows in one pass, reading the weights once; each row's
+        result is the same bits as in a pass of its own."""
+        all_rows = all_rows or [False] * len(segments)
+        if self.decoder is None:
+            return forward_each(self, segments, all_rows)
+        ids = torch.tensor([[t for tokens, _ in segments for t in tokens]], device=self.device)
+        starts = [cache.first_free(len(tokens)) for tokens, cache in segments]
+        rotations = self._rotations([(start, len(tokens), cache)
+                                     for (tokens, cache), start in zip(segments, starts)])
+        x = self.decoder.forward(self.embed_tokens(ids)[0],
+                                 [(cache, len(tokens)) for tokens, cache in segments], rotations)
+        rows, end = [], 0
+        for (tokens, cache), start, every in zip(segments, starts, all_rows):
+            cache.length = start + len(tokens)
+            end += len(tokens)
+            rows.append(range(end - len(tokens) if every else end - 1, end))
+        x = rms_norm(x[[i for r in rows for i in r]], self.norm, self.cfg.norm_eps)
+        logits = self.logits(x)
+        return list(logits.split([len(r) for r in rows]))
+
+
+class LlamaModel(DecoderModel):
     """forward(tokens (B, T), cache) -> logits (B, T', vocab) and advances the cache.
 
     `mode` picks the matmul path of every Linear: "exact" dequantizes weights exactly and
@@ -193,79 +297,14 @@ class LlamaModel(nn.Module):
         self.norm = dense_tensor(src.tensors["output_norm.weight"], self.device)
         head = src.tensors["token_embd.weight" if cfg.tied_output else "output.weight"]
         self.output = QuantLinear(head, mode, self.device)
-        # fast mode on the CPU: one C call per forward pass when every type has a kernel
-        # (the C path has no expert routing: a mixture of experts runs block by block)
-        self.decoder = None
-        if mode == "fast" and self.device.type == "cpu" and not cfg.n_experts:
-            layers = self.layer_descriptions()
-            if can_decode(layers):
-                self.decoder = FusedDecoder(ShapeDescription(cfg.dim, cfg.head_dim, cfg.rope_dim,
-                                                             cfg.rope_style == "neox", cfg.norm_eps),
-                                            layers)
+        self.use_fused_decoder(mode)
         freqs = src.tensors.get("rope_freqs.weight")
         self.rope = RotaryEmbedding(cfg, dense_tensor(freqs, self.device) if freqs else None,
                                     self.device)
         self.kv_dtypes = kv_dtypes  # (k, v) of the caches new_cache makes
 
-    def new_cache(self, max_tokens: int, batch: int = 1) -> KVCache:
-        return KVCache(self.cfg, max_tokens, batch, self.kv_dtypes, self.device)
-
-    def layer_descriptions(self) -> list[LayerDescription]:
-        """Each block as the fused decoder takes it (plain tensors, no modules)."""
-        return [LayerDescription(
-            lc.n_heads, lc.n_kv_heads, lc.ffn_dim, block.attn_norm, block.ffn_norm,
-            [*block.attn.qkv.linears, block.attn.wo, *block.ffn.gate_up.linears, block.ffn.down],
-            block.attn.q_norm, block.attn.k_norm, tuple(block.attn.biases or (None, None, None)))
-            for block, lc in zip(self.blocks, self.cfg.layers)]
-
-    def rope_for(self, cache: KVCache) -> RotaryEmbedding:
-        """The RoPE tables for a cache (Phi-3's depend on the context size)."""
-        return self.rope
-
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
-                hidden: bool = False):
-        """hidden: return the final normalized hidden states (B, T', dim), the embeddings,
-        instead of the logits."""
-        B, T = tokens.shape
-        start = cache.first_free(T)
-        x = self.embed(tokens.to(self.device))  # (B, T, dim)
-        rope = self.rope_for(cache)
-        rotation = rope.rotation(torch.arange(start, start + T, device=self.device))
-        if self.decoder is not None and B == 1:
-            x = self.decoder.forward(x[0], [(cache, T)], rotation).view(1, T, -1)
-        else:
-            for block, ck, cv in zip(self.blocks, cache.keys, cache.values):
-                x = block(x, rope, rotation, ck, cv, start)
-        cache.length = start + T
-        if last_only:
-            x = x[:, -1:]
-        x = rms_norm(x, self.norm, self.cfg.norm_eps)
-        return x if hidden else self.output(x)  # (B, T', vocab)
-
-    @torch.inference_mode()
-    def forward_batch(self, segments: list[tuple[list[int], KVCache]],
-                      all_rows: list[bool] | None = None) -> list[torch.Tensor]:
-        """Append each sequence's new tokens to its own cache -> per sequence, the logits
-        (rows, vocab) of its last token, or of every token where all_rows says so. The
-        fused C path runs all the rows in one pass, reading the weights once; each row's
-        result is the same bits as in a pass of its own."""
-        all_rows = all_rows or [False] * len(segments)
-        if self.decoder is None:
-            return forward_each(self, segments, all_rows)
-        ids = torch.tensor([[t for tokens, _ in segments for t in tokens]], device=self.device)
-        starts = [cache.first_free(len(tokens)) for tokens, cache in segments]
-        rotation = torch.cat([self.rope_for(cache).rotation(torch.arange(start, start + len(tokens)))
-                              for (tokens, cache), start in zip(segments, starts)])
-        x = self.decoder.forward(self.embed(ids)[0], [(cache, len(tokens)) for tokens, cache in segments],
-                                 rotation)
-        rows, end = [], 0
-        for (tokens, cache), start, every in zip(segments, starts, all_rows):
-            cache.length = start + len(tokens)
-            end += len(tokens)
-            rows.append(range(end - len(tokens) if every else end - 1, end))
-        logits = self.output(rms_norm(x[[i for r in rows for i in r]], self.norm, self.cfg.norm_eps))
-        return list(logits.split([len(r) for r in rows]))
+    def ropes_for(self, cache: KVCache) -> list[RotaryEmbedding]:
+        return [self.rope]
 
 
 def forward_each(model, segments: list[tuple[list[int], KVCache]],

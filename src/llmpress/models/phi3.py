@@ -71,5 +71,5 @@ class Phi3Model(LlamaModel):
         self.ropes = {False: rope("short"), True: rope("long")}  # by: context > training
         self.rope = self.ropes[False]
 
-    def rope_for(self, cache: KVCache) -> RotaryEmbedding:
-        return self.ropes[cache.max_tokens > self.training_context]
+    def ropes_for(self, cache: KVCache) -> list[RotaryEmbedding]:
+        return [self.ropes[cache.max_tokens > self.training_context]]
