@@ -58,9 +58,9 @@ def test_fused_decode_equals_layers(tiny_dirs, arch, type_name):
 
 
 @pytest.mark.parametrize("isa", cpu.isas_here())
-@pytest.mark.parametrize("arch, type_name, cache", [("llama", "Q4_K", "f32"), ("qwen2", "Q4_0", "f32"),
-                                                    ("qwen3", "Q6_K", "f32"), ("llama", "Q8_0", "q4_0"),
-                                                    ("qwen2", "Q4_K", "q8_0")])
+@pytest.mark.parametrize("arch, type_name, cache", [
+    ("llama", "Q4_K", "f32"), ("qwen2", "Q4_0", "f32"), ("qwen3", "Q6_K", "f32"),
+    ("llama", "Q8_0", "q4_0"), ("qwen2", "Q4_K", "q8_0")])
 def test_logits_do_not_depend_on_how_the_prompt_is_split(tiny_dirs, arch, type_name, cache, isa):
     model = LlamaModel(quantized(load_hf_dir(tiny_dirs[arch]), GGMLQuantizationType[type_name]),
                        "fast", kv_dtypes=(KV_TYPES[cache],) * 2)

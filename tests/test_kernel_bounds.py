@@ -182,7 +182,8 @@ def test_decode_refuses(model, case, code):
     elif case == "cache smaller than said":
         view.key_bytes += 1
     elif case == "layers' caches of different lengths":  # each consistent on its own
-        view.max_tokens, view.key_bytes, view.value_bytes = 4, view.key_bytes // 2, view.value_bytes // 2
+        view.max_tokens, view.key_bytes, view.value_bytes = (4, view.key_bytes // 2,
+                                                             view.value_bytes // 2)
     elif case == "a row of a sequence not given":
         kwargs["seq"] = 1
     elif case == "x not dim long":

@@ -148,7 +148,8 @@ class CacheRows:
             return q
         q8_0 = get_format(GGMLQuantizationType.Q8_0)
         blocks = q8_0.quantize(self.rotate(q).detach().float().cpu().numpy())
-        return q8_0.dequantize(torch.from_numpy(blocks).view(-1), tuple(q.shape)).to(q.device, q.dtype)
+        rounded = q8_0.dequantize(torch.from_numpy(blocks).view(-1), tuple(q.shape))
+        return rounded.to(q.device, q.dtype)
 
 
 class KVCache:
