@@ -163,6 +163,19 @@ static void rotate_runs(float *x, int64_t len, int64_t n) {
     }
 }
 
+/* The f16 scales of Q8_0 / Q4_0 blocks as floats, by table: read for every key and value
+ * row, where a call to a conversion function would cost more than the row's dot. */
+static float half_table[1 << 16];
+__attribute__((constructor)) static void fill_half_table(void) {
+    for (uint32_t h = 0; h < (1u << 16); h++) half_table[h] = half_to_float((uint16_t)h);
+}
+
+static inline float block_scale(const uint8_t *block) {
+    uint16_t h;
+    memcpy(&h, block, sizeof h);
+    return half_table[h];
+}
+
 /* Integer dots of a Q8_0 query with one Q8_0 / Q4_0 key row of nb blocks, scaled per
  * block by both blocks' scales: ggml's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0 (the dot of
  * llama.cpp's flash attention with a quantized K cache). */
@@ -172,7 +185,7 @@ VECTOR_CLONES static float dot_q8_0(const uint8_t *key, const uint8_t *query, in
         const int8_t *k = (const int8_t *)(key + 2), *q = (const int8_t *)(query + 2);
         int32_t isum = 0;
         for (int j = 0; j < 32; j++) isum += k[j] * q[j];
-        sum += read_half(key) * read_half(query) * (float)isum;
+        sum += block_scale(key) * block_scale(query) * (float)isum;
     }
     return sum;
 }
@@ -185,7 +198,7 @@ VECTOR_CLONES static float dot_q4_0(const uint8_t *key, const uint8_t *query, in
         int32_t isum = 0;
         for (int j = 0; j < 16; j++)
             isum += ((k[j] & 15) - 8) * q[j] + ((k[j] >> 4) - 8) * q[j + 16];
-        sum += read_half(key) * read_half(query) * (float)isum;
+        sum += block_scale(key) * block_scale(query) * (float)isum;
     }
     return sum;
 }
@@ -221,14 +234,14 @@ VECTOR_CLONES static void add_value(float w, const LayerCache *C, const DecodeSh
     switch (s->value_type) {
     case CACHE_Q8_0:
         for (int64_t b = 0; b < hd / 32; b++, value += 34, out += 32) {
-            const float d = read_half(value);
+            const float d = block_scale(value);
             const int8_t *q = (const int8_t *)(value + 2);
             for (int j = 0; j < 32; j++) out[j] += w * (d * (float)q[j]);
         }
         return;
     case CACHE_Q4_0:
         for (int64_t b = 0; b < hd / 32; b++, value += 18, out += 32) {
-            const float d = read_half(value);
+            const float d = block_scale(value);
             const uint8_t *q = value + 2;
             for (int j = 0; j < 16; j++) {
                 out[j] += w * (d * (float)((q[j] & 15) - 8));
