@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource
 from llmpress.kernels.decode import FusedDecoder, LayerDescription, ShapeDescription, can_decode
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
