@@ -35,22 +35,45 @@ def test_serve_takes_the_options_of_run(monkeypatch, tmp_path):
 
 
 def test_kv_cache_types(default_model_path, capsys):
-    """f16 by default in fast mode (as llama.cpp), f32 in exact mode; each half as large as
-    the other; a type llmpress does not keep is one error line."""
-    import torch
-
+    """f16 by default in fast mode (as llama.cpp), f32 in exact mode, and llama.cpp's q8_0
+    and q4_0 blocks (34 and 18 bytes per 32 values); keys and values each their own type;
+    a type llmpress does not keep is one error line, from the CLI and the API."""
     import llmpress
+    from llmpress.errors import LlmpressError
+    from llmpress.models.kv_cache import KV_TYPES
 
     fast, exact = llmpress.load(default_model_path), llmpress.load(default_model_path, mode="exact")
     caches = [lm.model.new_cache(64) for lm in (fast, exact)]
-    assert [c.dtypes for c in caches] == [(torch.float16,) * 2, (torch.float32,) * 2]
+    assert [c.dtypes for c in caches] == [(KV_TYPES["f16"],) * 2, (KV_TYPES["f32"],) * 2]
     assert caches[0].bytes() * 2 == caches[1].bytes()
     mixed = llmpress.load(default_model_path, cache_type_k="f32", cache_type_v="f16")
-    assert mixed.model.new_cache(8).dtypes == (torch.float32, torch.float16)
-    assert cli.main(["run", str(default_model_path), "-p", "Hi", "-n", "1", "-ctv", "q4_0"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err == ("error: unknown KV cache type 'q4_0': llmpress keeps keys and values as f32 "
-                   "or f16 (llama.cpp's q8_0/q4_0 caches are not implemented yet)")
+    assert mixed.model.new_cache(8).dtypes == (KV_TYPES["f32"], KV_TYPES["f16"])
+    f16_bytes = caches[0].bytes()
+    for name, block_bytes in (("q8_0", 34), ("q4_0", 18)):
+        lm = llmpress.load(default_model_path, cache_type_k=name, cache_type_v=name)
+        assert lm.model.new_cache(64).bytes() * 64 == f16_bytes * block_bytes
+        assert lm.generate("The capital of France is", max_tokens=4, temperature=0).text
+    for bad in (["-ctv", "q5_1"], ["-ctk", "Q8_0"], ["-ctk", "bf16"]):
+        assert cli.main(["run", str(default_model_path), "-p", "Hi", "-n", "1", *bad]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: unknown KV cache type {bad[1]!r}; valid: f32, f16, q8_0, q4_0")
+    with pytest.raises(LlmpressError, match="unknown KV cache type 'q5_1'; valid: f32, f16"):
+        llmpress.load(default_model_path, cache_type_v="q5_1")
+
+
+def test_a_quantized_cache_needs_whole_blocks_per_head(default_model_path):
+    from dataclasses import replace
+
+    import llmpress
+    from llmpress.errors import LlmpressError
+    from llmpress.models.kv_cache import KV_TYPES, KVCache
+
+    cfg = llmpress.load(default_model_path).model.cfg
+    odd = replace(cfg, head_dim=48)
+    assert KVCache(odd, 4, dtypes=(KV_TYPES["f16"],) * 2).bytes() > 0
+    with pytest.raises(LlmpressError, match="a q4_0 KV cache needs heads of a multiple of 32 "
+                                            "values; this model's have 48: use f16 or f32"):
+        KVCache(odd, 4, dtypes=(KV_TYPES["f16"], KV_TYPES["q4_0"]))
 
 
 def test_a_chat_template_file_replaces_the_models(default_model_path, tmp_path, capsys):

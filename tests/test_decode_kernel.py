@@ -14,6 +14,7 @@ from tiny import quantized, save_tiny_hf_model
 
 from llmpress.io.hf import load_hf_dir
 from llmpress.kernels import cpu
+from llmpress.models.kv_cache import KV_TYPES, CacheRows
 from llmpress.models.llama import LlamaModel
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C kernel was not built")
@@ -57,10 +58,12 @@ def test_fused_decode_equals_layers(tiny_dirs, arch, type_name):
 
 
 @pytest.mark.parametrize("isa", cpu.isas_here())
-@pytest.mark.parametrize("arch, type_name", [("llama", "Q4_K"), ("qwen2", "Q4_0"), ("qwen3", "Q6_K")])
-def test_logits_do_not_depend_on_how_the_prompt_is_split(tiny_dirs, arch, type_name, isa):
+@pytest.mark.parametrize("arch, type_name, cache", [
+    ("llama", "Q4_K", "f32"), ("qwen2", "Q4_0", "f32"), ("qwen3", "Q6_K", "f32"),
+    ("llama", "Q8_0", "q4_0"), ("qwen2", "Q4_K", "q8_0")])
+def test_logits_do_not_depend_on_how_the_prompt_is_split(tiny_dirs, arch, type_name, cache, isa):
     model = LlamaModel(quantized(load_hf_dir(tiny_dirs[arch]), GGMLQuantizationType[type_name]),
-                       "fast")
+                       "fast", kv_dtypes=(KV_TYPES[cache],) * 2)
     tokens = torch.randint(0, 512, (1, 37), generator=torch.Generator().manual_seed(5))
     splits = [[37], [1] * 37, [20, 1, 16], [5, 3, 29]]
     previous_threads = torch.get_num_threads()
@@ -84,3 +87,31 @@ def test_logits_do_not_depend_on_how_the_prompt_is_split(tiny_dirs, arch, type_n
 def test_types_without_a_kernel_fall_back_to_the_layers(tiny_dirs):
     src = quantized(load_hf_dir(tiny_dirs["llama"]), GGMLQuantizationType.F32)  # torch's own GEMM
     assert LlamaModel(src, "fast").decoder is None
+
+
+@pytest.mark.parametrize("key_type, value_type", [("q8_0", "q8_0"), ("q4_0", "q4_0"),
+                                                  ("q8_0", "f16"), ("f32", "q4_0")])
+def test_quantized_cache_fused_equals_layers(tiny_dirs, key_type, value_type):
+    """The C path stores the same bytes as the torch layers for the same key and value
+    rows (layer 0's, which no cache type changes: the f32 cache's run gives them), over a
+    prefill and single steps; and the two paths' logits agree as with float caches."""
+    src = quantized(load_hf_dir(tiny_dirs["llama"]), GGMLQuantizationType.Q4_K)
+    fused, layers, plain = (LlamaModel(src, "fast") for _ in range(3))
+    layers.decoder = None
+    types = (KV_TYPES[key_type], KV_TYPES[value_type])
+    fused.kv_dtypes = layers.kv_dtypes = types
+    prompt = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(6))
+    steps = torch.randint(0, 512, (6, 1, 1), generator=torch.Generator().manual_seed(7))
+    caches = [m.new_cache(40) for m in (fused, layers, plain)]
+    for tokens in [prompt, *steps]:
+        a, b, _ = (m(tokens, cache) for m, cache in zip((fused, layers, plain), caches))
+        assert relative_diff(a, b) <= 3e-2, relative_diff(a, b)
+    n = caches[0].length
+    for stored, plain_rows in ((caches[0].keys[0], caches[2].keys[0]),
+                               (caches[0].values[0], caches[2].values[0])):
+        expected = CacheRows(stored.type, 1, plain_rows.data.shape[1], n, plain_rows.head_dim,
+                             rotation=stored.rotation)
+        expected.write(0, plain_rows.read(0, n))
+        assert torch.equal(stored.data[:, :, :n], expected.data)
+    assert caches[0].bytes() == caches[1].bytes() < caches[2].bytes()
+

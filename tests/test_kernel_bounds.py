@@ -18,6 +18,7 @@ from llmpress.formats import get_format
 from llmpress.io.hf import load_hf_dir
 from llmpress.kernels import cpu
 from llmpress.kernels.linear import kernel_weights
+from llmpress.models.kv_cache import KV_TYPES
 from llmpress.models.llama import LlamaModel
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C kernel was not built")
@@ -140,14 +141,27 @@ def decode_status(model, cache, pos=None, n_threads=1, x=None, n_tokens=1, angle
     ("negative window", -9), ("a RoPE table not given", -9), ("negative RoPE table", -9),
     ("no RoPE tables", -3), ("angles for fewer tables", -3), ("negative query scale", -9),
     ("NaN query scale", -9), ("infinite soft-cap", -9), ("negative soft-cap", -9),
-    ("gate activation neither SiLU nor GELU", -9)])
+    ("gate activation neither SiLU nor GELU", -9),
+    ("a consistent q4_0 cache", 0), ("keys said q8_0 in an f32 buffer", -3),
+    ("values said q4_0 in an f32 buffer", -3), ("q8_0 values in a q4_0 buffer", -3),
+    ("an unknown cache type", -1), ("q8_0 keys without the quantizer", -1),
+    ("q4_0 values without their quantizer", -1), ("a rotation not a power of two", -2),
+    ("a rotation wider than a head", -2), ("a rotated f32 cache", -2)])
 def test_decode_refuses(model, case, code):
+    quantized_cache = case in ("a consistent q4_0 cache", "q8_0 values in a q4_0 buffer",
+                               "a rotation not a power of two", "a rotation wider than a head")
+    model.kv_dtypes = (KV_TYPES["q4_0"],) * 2 if quantized_cache else (KV_TYPES["f32"],) * 2
     cache = model.new_cache(8)
+    model.kv_dtypes = (KV_TYPES["f32"],) * 2
     shape, layer = model.decoder.shape, model.decoder.layers[0]
     view = model.decoder._views(cache)[1]
     saved = (shape.dim, shape.rope_dim, shape.query_scale, shape.softcap, shape.gelu, layer.n_kv,
              layer.n_heads, layer.weight_bytes[0], layer.window, layer.rotation,
-             view.cache_values, view.max_tokens)
+             view.key_bytes, view.value_bytes, view.max_tokens, shape.key_type, shape.value_type,
+             shape.quantize_q8_0, shape.quantize_q4_0, shape.key_rotation, shape.value_rotation)
+    if quantized_cache:  # the C description of the cache's types, as forward sets it
+        shape.key_type = shape.value_type = int(GGMLQuantizationType.Q4_0)
+        shape.key_rotation = shape.value_rotation = 64
     kwargs = {}
     if case == "no KV heads":
         layer.n_kv = 0
@@ -172,9 +186,10 @@ def test_decode_refuses(model, case, code):
     elif case == "weights too short":
         layer.weight_bytes[0] -= 1
     elif case == "cache smaller than said":
-        view.cache_values += 1
+        view.key_bytes += 1
     elif case == "layers' caches of different lengths":  # each consistent on its own
-        view.max_tokens, view.cache_values = 4, view.cache_values // 2
+        view.max_tokens, view.key_bytes, view.value_bytes = (4, view.key_bytes // 2,
+                                                             view.value_bytes // 2)
     elif case == "a row of a sequence not given":
         kwargs["seq"] = 1
     elif case == "x not dim long":
@@ -201,12 +216,33 @@ def test_decode_refuses(model, case, code):
         shape.softcap = -1.0
     elif case == "gate activation neither SiLU nor GELU":
         shape.gelu = 2
+    elif case == "keys said q8_0 in an f32 buffer":
+        shape.key_type = int(GGMLQuantizationType.Q8_0)
+    elif case == "values said q4_0 in an f32 buffer":
+        shape.value_type = int(GGMLQuantizationType.Q4_0)
+    elif case == "q8_0 values in a q4_0 buffer":
+        shape.value_type = int(GGMLQuantizationType.Q8_0)
+    elif case == "an unknown cache type":
+        shape.value_type = int(GGMLQuantizationType.Q5_0)
+    elif case == "q8_0 keys without the quantizer":
+        shape.key_type, shape.quantize_q8_0 = int(GGMLQuantizationType.Q8_0), None
+        view.key_bytes = view.key_bytes // (4 * 32) * 34  # the size a q8_0 cache has
+    elif case == "q4_0 values without their quantizer":
+        shape.value_type, shape.quantize_q4_0 = int(GGMLQuantizationType.Q4_0), None
+        view.value_bytes = view.value_bytes // (4 * 32) * 18
+    elif case == "a rotation not a power of two":
+        shape.key_rotation = 48
+    elif case == "a rotation wider than a head":
+        shape.value_rotation = 2 * shape.head_dim
+    elif case == "a rotated f32 cache":
+        shape.key_rotation = 64
     try:
         assert decode_status(model, cache, **kwargs) == code
     finally:
         (shape.dim, shape.rope_dim, shape.query_scale, shape.softcap, shape.gelu, layer.n_kv,
          layer.n_heads, layer.weight_bytes[0], layer.window, layer.rotation,
-         view.cache_values, view.max_tokens) = saved
+         view.key_bytes, view.value_bytes, view.max_tokens, shape.key_type, shape.value_type,
+         shape.quantize_q8_0, shape.quantize_q4_0, shape.key_rotation, shape.value_rotation) = saved
 
 
 def test_a_refused_step_raises_llmpress_error(model):

@@ -23,6 +23,7 @@ import torch
 from conftest import TENSOR_HASHES
 
 from llmpress.io.gguf import load_gguf
+from llmpress.models.kv_cache import KV_TYPES
 from llmpress.models.llama import LlamaModel
 
 transformers = pytest.importorskip("transformers")
@@ -197,9 +198,48 @@ def test_f16_kv_cache_matches_llama_cpp_with_the_same_cache(f32_gguf, wikitext_i
     ref = torch.from_numpy(np.array(llm.scores[:WINDOW], dtype=np.float32))
     model = LlamaModel(load_gguf(f32_gguf), mode="exact")
     klds = {}
-    for name, dtype in (("f32", torch.float32), ("f16", torch.float16)):
-        model.kv_dtypes = (dtype, dtype)
+    for name in ("f32", "f16"):
+        model.kv_dtypes = (KV_TYPES[name], KV_TYPES[name])
         klds[name], _ = kl_and_top1(ref, model(torch.tensor([ids]), model.new_cache(WINDOW))[0])
     print(f"\nllama.cpp with an f16 cache vs ours: mean KLD {klds['f16']:.3g} with the same "
           f"cache, {klds['f32']:.3g} with f32")
     assert klds["f16"] < klds["f32"] and klds["f16"] <= 1e-5
+
+
+def test_quantized_kv_cache_matches_llama_cpp_with_the_same_cache(f32_gguf, wikitext_ids):
+    """q8_0 and q4_0 KV caches (stored Hadamard-rotated, the query rounded to Q8_0, as
+    llama.cpp's flash attention does) against llama.cpp's own, on the F32 file.
+
+    Bounds, from measurement (512 tokens): a quantized cache is chaotic, a 1e-6 relative
+    nudge of the embeddings moves our own q8_0 logits by a KLD of 2.1e-4 and q4_0's by
+    1.3e-2, so two correct implementations land about as far from each other as from the
+    f16 cache. Measured, ours vs llama.cpp with the same cache: q8_0 2.4e-4, q4_0 2.4e-2;
+    llama.cpp's own f16 vs that cache: 2.5e-4 and 3.3e-2; ours vs llama.cpp's f16: 2.4e-4
+    and 3.4e-2. Without the rotation ours were 9.4e-4 and 0.13 off llama.cpp's (about 4x
+    its own loss), which the 1.5x bounds refuse; the 0.5x floor refuses a cache that does
+    not quantize at all."""
+    ids = wikitext_ids[:WINDOW]
+    ref = {}
+    for name, ggml_type in (("f16", 1), ("q8_0", 8), ("q4_0", 2)):  # GGML_TYPE_*
+        llm = llama_cpp.Llama(str(f32_gguf), logits_all=True, n_ctx=WINDOW, n_batch=WINDOW,
+                              n_threads=2, verbose=False, type_k=ggml_type, type_v=ggml_type,
+                              flash_attn=True)  # a quantized V cache needs flash attention
+        llm.eval(ids)
+        ref[name] = torch.from_numpy(np.array(llm.scores[:WINDOW], dtype=np.float32))
+        del llm
+    model = LlamaModel(load_gguf(f32_gguf), mode="exact")
+    ours = {}
+    for name in ("f16", "q8_0", "q4_0"):
+        model.kv_dtypes = (KV_TYPES[name], KV_TYPES[name])
+        ours[name] = model(torch.tensor([ids]), model.new_cache(WINDOW))[0]
+    f16_kld, _ = kl_and_top1(ref["f16"], ours["f16"])
+    print(f"\nf16 cache: ours vs llama.cpp's mean KLD {f16_kld:.3g}")
+    assert f16_kld <= 1e-5
+    for name in ("q8_0", "q4_0"):
+        same, _ = kl_and_top1(ref[name], ours[name])
+        llama_loss, _ = kl_and_top1(ref["f16"], ref[name])
+        our_loss, _ = kl_and_top1(ref["f16"], ours[name])
+        print(f"{name} cache: ours vs llama.cpp's {same:.3g}; vs llama.cpp's f16: ours "
+              f"{our_loss:.3g}, llama.cpp's {llama_loss:.3g}")
+        assert same <= 1.5 * llama_loss
+        assert 0.5 * llama_loss <= our_loss <= 1.5 * llama_loss

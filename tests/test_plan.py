@@ -122,6 +122,22 @@ def test_kv_cache_and_compute_buffer_match_llama_cpp(spec, default_model_path, c
 
 
 # --- our runtime -------------------------------------------------------------------------
+@pytest.mark.parametrize("cache", ["f32", "f16", "q8_0", "q4_0", "bf16"])
+def test_llmpress_kv_cache_estimate_is_the_cache_it_allocates(spec, default_model_path, cache):
+    """fit counts the bytes llmpress's cache really takes: q8_0 34 and q4_0 18 bytes per 32
+    values (f16: 64); bf16, which llmpress does not keep, as its f16."""
+    import llmpress
+
+    kept = "f16" if cache == "bf16" else cache
+    lm = llmpress.load(default_model_path, cache_type_k=kept, cache_type_v=kept)
+    tokens = 1000
+    assert estimate.llmpress_kv_bytes(spec, tokens, cache) == lm.model.new_cache(tokens).bytes()
+    f16 = estimate.estimate(spec, "file", 4096, "f16").llmpress.kv_cache
+    sized = estimate.estimate(spec, "file", 4096, cache).llmpress.kv_cache
+    per_32 = {"f32": 128, "f16": 64, "q8_0": 34, "q4_0": 18, "bf16": 64}[cache]
+    assert sized * 64 == f16 * per_32
+
+
 @pytest.mark.slow
 def test_peak_rss_of_a_child_is_its_own():
     """A small child of a big parent reports its own peak, not the parent's (ru_maxrss is

@@ -24,7 +24,7 @@ from llmpress.io.source import ModelSource
 from llmpress.kernels.device import default_device
 from llmpress.kernels.linear import matmul_path
 from llmpress.models.family import build_model
-from llmpress.models.llama import kv_dtype
+from llmpress.models.kv_cache import check_head_dim, kv_dtype
 from llmpress.models.moe import active_parameters
 from llmpress.runtime.embedding import POOLINGS, embed_tokens
 from llmpress.runtime.generate import PREFILL_CHUNK, Chunk, GenerationConfig, stream
@@ -95,8 +95,8 @@ class LanguageModel:
                  cache_type_k: str | None = None, cache_type_v: str | None = None,
                  draft: ModelSource | None = None,
                  speculative: SpeculativeConfig = SpeculativeConfig()):
-        """cache_type_k/_v: "f16" (fast mode's default, as llama.cpp's) or "f32" (exact
-        mode's: float32 everywhere). draft: a smaller model with the same vocabulary for
+        """cache_type_k/_v: "f16" (fast mode's default, as llama.cpp's), "f32" (exact
+        mode's: float32 everywhere), or llama.cpp's quantized "q8_0" / "q4_0". draft: a smaller model with the same vocabulary for
         speculative decoding; speculative: its options and prompt lookup's."""
         if mode not in ("fast", "exact"):
             raise LlmpressError(f"mode must be 'fast' or 'exact', not {mode!r}")
@@ -106,6 +106,7 @@ class LanguageModel:
         self.mode = mode
         self.device = device or default_device()
         self.model = build_model(source, mode=mode, device=self.device, kv_dtypes=kv_dtypes)
+        check_head_dim(kv_dtypes, self.model.cfg.head_dim)  # refused at load, not first use
         self.tokenizer = load_tokenizer(source)
         if chat_template is not None:  # the caller's template replaces the model's
             self.tokenizer.chat_template = chat_template
@@ -127,6 +128,7 @@ class LanguageModel:
         check_same_vocabulary(self.tokenizer, load_tokenizer(draft), self.model.cfg.vocab_size,
                               int(draft.tensors["token_embd.weight"].shape[0]), draft.path.name)
         model = build_model(draft, mode=mode, device=self.device)
+        check_head_dim(kv_dtypes, model.cfg.head_dim)
         model.kv_dtypes = kv_dtypes
         return model
 
@@ -241,7 +243,8 @@ def load(model: str | os.PathLike, *, mode: str = "fast", device: str | None = N
          draft_p_min: float = 0.75, lookup_ngram: int = 0) -> LanguageModel:
     """Load a GGUF file, a Hugging Face directory, or a pulled name ("smollm2").
     chat_template: Jinja text used instead of the model's own template. cache_type_k/_v:
-    the KV cache's element types, "f16" or "f32" (default: f16 in fast mode).
+    the KV cache's element types, "f16", "f32", "q8_0" or "q4_0" (default: f16 in fast
+    mode, f32 in exact mode).
     Speculative decoding (same output, fewer forward passes): draft, a smaller model with
     the same vocabulary, and/or lookup_ngram=N, guesses copied from earlier text that
     follows the last N tokens; draft_max/_min/_p_min as llama.cpp's --draft-* options."""

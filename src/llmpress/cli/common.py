@@ -106,9 +106,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "or the model's limit if smaller)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("-ctk", "--cache-type-k", default=None, metavar="TYPE", help="KV cache "
-                   "type of the keys: f16 (fast mode's default) or f32 (exact mode's)")
+                   "type of the keys: f16 (fast mode's default), f32 (exact mode's), q8_0 or q4_0")
     p.add_argument("-ctv", "--cache-type-v", default=None, metavar="TYPE", help="KV cache "
-                   "type of the values: f16 or f32")
+                   "type of the values: f16, f32, q8_0 or q4_0")
 
 
 def _add_chat_args(p: argparse.ArgumentParser) -> None:

@@ -290,9 +290,9 @@ def _add_quality_args(p: argparse.ArgumentParser, text_required: bool = False) -
                    help="exact (default): dequantized weights, float32 math; fast: packed kernels")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("-ctk", "--cache-type-k", default=None, metavar="TYPE",
-                   help="KV cache type of the keys: f16 or f32 (default: the mode's)")
+                   help="KV cache type of the keys: f16, f32, q8_0 or q4_0 (default: the mode's)")
     p.add_argument("-ctv", "--cache-type-v", default=None, metavar="TYPE",
-                   help="KV cache type of the values: f16 or f32")
+                   help="KV cache type of the values: f16, f32, q8_0 or q4_0")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 

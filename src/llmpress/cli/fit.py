@@ -43,7 +43,7 @@ def add_fit_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated file types (default {','.join(DEFAULT_TYPES)})")
     p.add_argument("--cache-type", default="f16", choices=[c for c in CACHE_TYPES
                                                            if c in ("f16", "q8_0", "q4_0")],
-                   help="llama.cpp's KV cache type (-ctk/-ctv); llmpress caches float32")
+                   help="the KV cache type (-ctk/-ctv), llama.cpp's and llmpress's")
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="which runtime to place and recommend for (default: llmpress when "
                    "it runs the architecture, else llama.cpp)")

@@ -48,6 +48,8 @@ def _library() -> ctypes.CDLL | None:
     ]  # fmt: skip
     lib.llmpress_quantize_supports.restype = ctypes.c_int
     lib.llmpress_quantize_supports.argtypes = [ctypes.c_int]
+    lib.llmpress_quantize_row_function.restype = ctypes.c_void_p
+    lib.llmpress_quantize_row_function.argtypes = [ctypes.c_int]
     lib.llmpress_quantize_set_iq2_grid.restype = ctypes.c_int
     lib.llmpress_quantize_set_iq2_grid.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     _hand_over_iq3_grids(lib)
@@ -97,6 +99,13 @@ def supports(ggml_type: GGMLQuantizationType) -> bool:
     if not available() or not _library().llmpress_quantize_supports(int(ggml_type)):
         return False
     return ggml_type not in _NEEDS_IQ3_GRIDS or bool(_library().llmpress_quantize_iq3_ready())
+
+
+def row_function(ggml_type: GGMLQuantizationType) -> int | None:
+    """The address of the C function that quantizes one row to ggml_type, for C code in
+    another library (kernels/decode.c's quantized KV cache); None without the library."""
+    lib = _library()
+    return None if lib is None else lib.llmpress_quantize_row_function(int(ggml_type))
 
 
 def quantize_rows(

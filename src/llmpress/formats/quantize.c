@@ -1007,6 +1007,14 @@ static const format_t *find_format(int type) {
 
 int llmpress_quantize_supports(int type) { return find_format(type) != NULL; }
 
+/* The row quantizer of a type (NULL if none), for C code in other libraries that stores
+ * ggml blocks itself: the fused decoder's quantized KV cache (kernels/decode.c). Called
+ * with the importance NULL; it checks nothing (the caller's rows are whole blocks). */
+row_quantizer llmpress_quantize_row_function(int type) {
+    const format_t *fmt = find_format(type);
+    return fmt ? fmt->quantize_row : NULL;
+}
+
 static int all_finite(const float *x, int64_t n) {
     int finite = 1;
     for (int64_t i = 0; i < n; ++i) finite &= isfinite(x[i]) != 0;

@@ -43,17 +43,30 @@ typedef struct {  /* one decoder layer, filled in from Python (kernels/decode.py
     int64_t rotation;  /* which of the call's RoPE tables this layer rotates by */
 } DecodeLayer;
 
-typedef struct {  /* one layer's KV cache of one sequence, (n_kv, max_tokens, head_dim) */
+typedef struct {  /* one layer's KV cache of one sequence: (n_kv, max_tokens) rows of a head */
     void *keys, *values;
     int64_t max_tokens;
-    int64_t cache_values;  /* elements in keys and in values */
+    int64_t key_bytes, value_bytes;  /* each buffer's size, checked against shape and type */
 } LayerCache;
+
+/* The KV cache's element types, ggml's ids: a row of head_dim values is head_dim floats or
+ * halves, or head_dim / 32 blocks of Q8_0 (34 bytes) or Q4_0 (18 bytes). */
+enum { CACHE_F32 = 0, CACHE_F16 = 1, CACHE_Q4_0 = 2, CACHE_Q8_0 = 8 };
+
+/* formats/quantize.c's row quantizers (byte-identical with ggml's), handed over from
+ * Python (formats/cquant.py) as that library is another one; importance is NULL here. */
+typedef void (*row_quantizer)(const float *x, uint8_t *y, int64_t n, const float *importance);
 
 typedef struct {
     int64_t dim, head_dim, rope_dim;
     int64_t neox;  /* RoPE pairs (i, i + d/2) instead of (2i, 2i + 1) */
     float eps;
-    int64_t key_half, value_half;  /* the cache keeps keys / values as f16, else f32 */
+    int64_t key_type, value_type;  /* CACHE_*: the cache's keys / values */
+    row_quantizer quantize_q8_0, quantize_q4_0;  /* needed for quantized caches */
+    /* A quantized cache keeps its rows rotated by the n x n Walsh-Hadamard matrix, in runs
+     * of n (llama.cpp's attn_rot_k/_v; models/kv_cache.py picks n): keys and queries, and
+     * values, the attention output rotated back. 0: not rotated. */
+    int64_t key_rotation, value_rotation;
     float query_scale;  /* multiplies q.k; 0: 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar^-0.5) */
     float softcap;      /* attention scores become cap * tanh(score / cap) (Gemma 2); 0: none */
     int64_t gelu;       /* FFN gate: 1 GELU (tanh approximation, Gemma), 0 SiLU */
@@ -136,6 +149,132 @@ static float soft_cap(float score, float cap) {
     return cap > 0 ? cap * tanhf(score / cap) : score;
 }
 
+/* Bytes of one cache row of n values (n a multiple of 32 for the block types), 0 for a
+ * type the cache cannot hold. */
+static int64_t cache_row_bytes(int64_t type, int64_t n) {
+    switch (type) {
+    case CACHE_F32: return 4 * n;
+    case CACHE_F16: return 2 * n;
+    case CACHE_Q8_0: return n / 32 * 34;
+    case CACHE_Q4_0: return n / 32 * 18;
+    default: return 0;
+    }
+}
+
+/* Each run of n values of x (n a power of two dividing len) times the orthonormal n x n
+ * Walsh-Hadamard matrix, as ggml's fast transform does it (scale, then butterflies); the
+ * matrix is its own inverse. */
+static void rotate_runs(float *x, int64_t len, int64_t n) {
+    const float scale = 1.0f / sqrtf((float)n);
+    for (float *run = x; run < x + len; run += n) {
+        for (int64_t j = 0; j < n; j++) run[j] *= scale;
+        for (int64_t half = 1; half < n; half *= 2)
+            for (int64_t i = 0; i < n; i += 2 * half)
+                for (int64_t j = i; j < i + half; j++) {
+                    const float u = run[j], v = run[j + half];
+                    run[j] = u + v;
+                    run[j + half] = u - v;
+                }
+    }
+}
+
+/* The f16 scales of Q8_0 / Q4_0 blocks as floats, by table: read for every key and value
+ * row, where a call to a conversion function would cost more than the row's dot. */
+static float half_table[1 << 16];
+__attribute__((constructor)) static void fill_half_table(void) {
+    for (uint32_t h = 0; h < (1u << 16); h++) half_table[h] = half_to_float((uint16_t)h);
+}
+
+static inline float block_scale(const uint8_t *block) {
+    uint16_t h;
+    memcpy(&h, block, sizeof h);
+    return half_table[h];
+}
+
+/* Integer dots of a Q8_0 query with one Q8_0 / Q4_0 key row of nb blocks, scaled per
+ * block by both blocks' scales: ggml's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0 (the dot of
+ * llama.cpp's flash attention with a quantized K cache). */
+VECTOR_CLONES static float dot_q8_0(const uint8_t *key, const uint8_t *query, int64_t nb) {
+    float sum = 0;
+    for (int64_t b = 0; b < nb; b++, key += 34, query += 34) {
+        const int8_t *k = (const int8_t *)(key + 2), *q = (const int8_t *)(query + 2);
+        int32_t isum = 0;
+        for (int j = 0; j < 32; j++) isum += k[j] * q[j];
+        sum += block_scale(key) * block_scale(query) * (float)isum;
+    }
+    return sum;
+}
+
+VECTOR_CLONES static float dot_q4_0(const uint8_t *key, const uint8_t *query, int64_t nb) {
+    float sum = 0;
+    for (int64_t b = 0; b < nb; b++, key += 18, query += 34) {
+        const uint8_t *k = key + 2;  /* value j in the low nibble of byte j, j + 16 high */
+        const int8_t *q = (const int8_t *)(query + 2);
+        int32_t isum = 0;
+        for (int j = 0; j < 16; j++)
+            isum += ((k[j] & 15) - 8) * q[j] + ((k[j] >> 4) - 8) * q[j + 16];
+        sum += block_scale(key) * block_scale(query) * (float)isum;
+    }
+    return sum;
+}
+
+/* The dot of query head qh with key row `row` of cache C; for a quantized K cache with
+ * the query's Q8_0 blocks qq instead (as llama.cpp rounds the query). */
+VECTOR_CLONES static float key_dot(const float *qh, const uint8_t *qq, const LayerCache *C,
+                                   const DecodeShape *s, int64_t row) {
+    const int64_t hd = s->head_dim;
+    const uint8_t *key = (const uint8_t *)C->keys + row * cache_row_bytes(s->key_type, hd);
+    float dot = 0;
+    switch (s->key_type) {
+    case CACHE_Q8_0: return dot_q8_0(key, qq, hd / 32);
+    case CACHE_Q4_0: return dot_q4_0(key, qq, hd / 32);
+    case CACHE_F16:
+#ifdef F16C_PATH
+        if (use_f16c) return dot_half_f16c(qh, (const half_t *)key, hd);
+#endif
+        for (int64_t j = 0; j < hd; j++) dot += qh[j] * (float)((const half_t *)key)[j];
+        return dot;
+    default:
+        for (int64_t j = 0; j < hd; j++) dot += qh[j] * ((const float *)key)[j];
+        return dot;
+    }
+}
+
+/* out += w * value row `row` of cache C; a quantized row is dequantized first (as ggml's
+ * flash attention does: d * code, then the multiply-add). */
+VECTOR_CLONES static void add_value(float w, const LayerCache *C, const DecodeShape *s,
+                                    int64_t row, float *out) {
+    const int64_t hd = s->head_dim;
+    const uint8_t *value = (const uint8_t *)C->values + row * cache_row_bytes(s->value_type, hd);
+    switch (s->value_type) {
+    case CACHE_Q8_0:
+        for (int64_t b = 0; b < hd / 32; b++, value += 34, out += 32) {
+            const float d = block_scale(value);
+            const int8_t *q = (const int8_t *)(value + 2);
+            for (int j = 0; j < 32; j++) out[j] += w * (d * (float)q[j]);
+        }
+        return;
+    case CACHE_Q4_0:
+        for (int64_t b = 0; b < hd / 32; b++, value += 18, out += 32) {
+            const float d = block_scale(value);
+            const uint8_t *q = value + 2;
+            for (int j = 0; j < 16; j++) {
+                out[j] += w * (d * (float)((q[j] & 15) - 8));
+                out[j + 16] += w * (d * (float)((q[j] >> 4) - 8));
+            }
+        }
+        return;
+    case CACHE_F16:
+#ifdef F16C_PATH
+        if (use_f16c) { add_scaled_half_f16c(w, (const half_t *)value, out, hd); return; }
+#endif
+        for (int64_t j = 0; j < hd; j++) out[j] += w * (float)((const half_t *)value)[j];
+        return;
+    default:
+        for (int64_t j = 0; j < hd; j++) out[j] += w * ((const float *)value)[j];
+    }
+}
+
 /* Softmax attention of one query head h over positions from .. n_pos - 1 of its KV head
  * in cache C. scores: room for n_pos floats. */
 VECTOR_CLONES static void attend_one(const float *qh, const DecodeLayer *L, const LayerCache *C,
@@ -143,46 +282,44 @@ VECTOR_CLONES static void attend_one(const float *qh, const DecodeLayer *L, cons
                                      float *oh, float *scores) {
     const int64_t hd = s->head_dim, kv = h / (L->n_heads / L->n_kv);
     const float scale = s->query_scale > 0 ? s->query_scale : 1.0f / sqrtf((float)hd);
-    const int64_t first = kv * C->max_tokens * hd;  /* this KV head's first element */
+    const int64_t first = kv * C->max_tokens;  /* this KV head's first row */
+    uint8_t qq[cache_row_bytes(CACHE_Q8_0, hd) + 1];  /* the query as Q8_0 blocks */
+    if (s->key_type == CACHE_Q8_0 || s->key_type == CACHE_Q4_0) {
+        float rotated[hd];
+        memcpy(rotated, qh, sizeof rotated);
+        if (s->key_rotation) rotate_runs(rotated, hd, s->key_rotation);
+        s->quantize_q8_0(rotated, qq, hd, NULL);
+    }
     float best = -INFINITY, total = 0;
     for (int64_t t = from; t < n_pos; t++) {
-        float dot = 0;
-        if (s->key_half) {
-            const half_t *key = (const half_t *)C->keys + first + t * hd;
-#ifdef F16C_PATH
-            if (use_f16c) dot = dot_half_f16c(qh, key, hd); else
-#endif
-            for (int64_t j = 0; j < hd; j++) dot += qh[j] * (float)key[j];
-        } else {
-            const float *key = (const float *)C->keys + first + t * hd;
-            for (int64_t j = 0; j < hd; j++) dot += qh[j] * key[j];
-        }
-        scores[t] = soft_cap(dot * scale, s->softcap);
+        scores[t] = soft_cap(key_dot(qh, qq, C, s, first + t) * scale, s->softcap);
         best = scores[t] > best ? scores[t] : best;
     }
     for (int64_t t = from; t < n_pos; t++) total += (scores[t] = expf(scores[t] - best));
     memset(oh, 0, sizeof(float) * (size_t)hd);
-    for (int64_t t = from; t < n_pos; t++) {
-        const float w = scores[t] / total;
-        if (s->value_half) {
-            const half_t *value = (const half_t *)C->values + first + t * hd;
-#ifdef F16C_PATH
-            if (use_f16c) add_scaled_half_f16c(w, value, oh, hd); else
-#endif
-            for (int64_t j = 0; j < hd; j++) oh[j] += w * (float)value[j];
-        } else {
-            const float *value = (const float *)C->values + first + t * hd;
-            for (int64_t j = 0; j < hd; j++) oh[j] += w * value[j];
-        }
-    }
+    for (int64_t t = from; t < n_pos; t++) add_value(scores[t] / total, C, s, first + t, oh);
+    if (s->value_rotation) rotate_runs(oh, hd, s->value_rotation);
 }
 
-/* Store n floats at element `at` of a cache buffer, as f16 or f32. */
-static void store(void *cache, int half, int64_t at, const float *v, int64_t n) {
-    if (half)
-        for (int64_t j = 0; j < n; j++) ((half_t *)cache)[at + j] = (half_t)v[j];
-    else
-        memcpy((float *)cache + at, v, sizeof(float) * (size_t)n);
+/* Store the n values of v as row `row` of a cache buffer of the given type, rotated in
+ * runs of `rotation` first if that is not 0. */
+static void store(void *cache, int64_t type, int64_t rotation, int64_t row, const float *v,
+                  int64_t n, const DecodeShape *s) {
+    uint8_t *at = (uint8_t *)cache + row * cache_row_bytes(type, n);
+    float rotated[rotation ? n : 1];
+    if (rotation) {
+        memcpy(rotated, v, sizeof(float) * (size_t)n);
+        rotate_runs(rotated, n, rotation);
+        v = rotated;
+    }
+    switch (type) {
+    case CACHE_Q8_0: s->quantize_q8_0(v, at, n, NULL); return;
+    case CACHE_Q4_0: s->quantize_q4_0(v, at, n, NULL); return;
+    case CACHE_F16:
+        for (int64_t j = 0; j < n; j++) ((half_t *)at)[j] = (half_t)v[j];
+        return;
+    default: memcpy(at, v, sizeof(float) * (size_t)n);
+    }
 }
 
 /* The FFN's gated hidden values: act(gate) * up, act SiLU or GELU's tanh approximation
@@ -231,8 +368,9 @@ static void place_qkv(const DecodeLayer *L, const LayerCache *C, const DecodeSha
     rope(q, L->n_heads, s, cos, sin);
     rope(k, L->n_kv, s, cos, sin);
     for (int64_t h = 0; h < L->n_kv; h++) {
-        store(C->keys, (int)s->key_half, (h * C->max_tokens + pos) * hd, k + h * hd, hd);
-        store(C->values, (int)s->value_half, (h * C->max_tokens + pos) * hd, v + h * hd, hd);
+        store(C->keys, s->key_type, s->key_rotation, h * C->max_tokens + pos, k + h * hd, hd, s);
+        store(C->values, s->value_type, s->value_rotation, h * C->max_tokens + pos, v + h * hd,
+              hd, s);
     }
 }
 
@@ -339,9 +477,32 @@ static int check_layer(const DecodeLayer *L, const DecodeShape *s, int64_t n_rot
     return 0;
 }
 
+/* The cache types: known, and a quantized one with whole blocks and its quantizers; the
+ * rotations: none, or for a quantized type a power of two that divides a head. */
+static int check_cache_types(const DecodeShape *s) {
+    const int64_t types[2] = {s->key_type, s->value_type};
+    const int64_t rotations[2] = {s->key_rotation, s->value_rotation};
+    for (int i = 0; i < 2; i++) {
+        const int64_t n = rotations[i];
+        const int quantized = types[i] == CACHE_Q8_0 || types[i] == CACHE_Q4_0;
+        if (!cache_row_bytes(types[i], s->head_dim)) return ERR_TYPE;
+        if (n < 0 || (n && (!quantized || n & (n - 1) || s->head_dim % n))) return ERR_SHAPE;
+        if (quantized) {
+            if (s->head_dim % 32) return ERR_SHAPE;
+            /* a quantized K cache quantizes the query to Q8_0 too */
+            if (!s->quantize_q8_0 || (types[i] == CACHE_Q4_0 && !s->quantize_q4_0)) return ERR_TYPE;
+        }
+    }
+    return 0;
+}
+
 static int check_cache(const LayerCache *C, const DecodeLayer *L, const DecodeShape *s) {
+    const int64_t rows = L->n_kv * C->max_tokens;
+    const int status = check_cache_types(s);
+    if (status) return status;
     if (C->max_tokens < 1 || !C->keys || !C->values
-        || C->cache_values != L->n_kv * s->head_dim * C->max_tokens)
+        || C->key_bytes != rows * cache_row_bytes(s->key_type, s->head_dim)
+        || C->value_bytes != rows * cache_row_bytes(s->value_type, s->head_dim))
         return ERR_BUFFER;
     return 0;
 }

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gguf import GGMLQuantizationType
+
+from llmpress.formats import cquant
 from llmpress.kernels import cpu
 from llmpress.kernels.linear import QuantLinear, kernel_weights
 
@@ -34,15 +37,24 @@ class DecodeLayer(ctypes.Structure):
 
 class LayerCache(ctypes.Structure):
     _fields_ = [("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
-                ("max_tokens", ctypes.c_int64), ("cache_values", ctypes.c_int64)]
+                ("max_tokens", ctypes.c_int64), ("key_bytes", ctypes.c_int64),
+                ("value_bytes", ctypes.c_int64)]
 
 
 class DecodeShape(ctypes.Structure):
     _fields_ = [("dim", ctypes.c_int64), ("head_dim", ctypes.c_int64),
                 ("rope_dim", ctypes.c_int64), ("neox", ctypes.c_int64), ("eps", ctypes.c_float),
-                ("key_half", ctypes.c_int64), ("value_half", ctypes.c_int64),
+                ("key_type", ctypes.c_int64), ("value_type", ctypes.c_int64),
+                ("quantize_q8_0", ctypes.c_void_p), ("quantize_q4_0", ctypes.c_void_p),
+                ("key_rotation", ctypes.c_int64), ("value_rotation", ctypes.c_int64),
                 ("query_scale", ctypes.c_float), ("softcap", ctypes.c_float),
                 ("gelu", ctypes.c_int64)]
+
+
+# The KV cache types decode.c keeps (ggml ids); the block ones are quantized on store by
+# formats/quantize.c's row functions, whose addresses the decoder hands over.
+CACHE_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0,
+               GGMLQuantizationType.Q4_0)
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -123,6 +135,8 @@ class FusedDecoder:
                                  neox=int(shape.neox), eps=shape.eps,
                                  query_scale=shape.query_scale, softcap=shape.softcap,
                                  gelu=int(shape.gelu))
+        self.shape.quantize_q8_0 = cquant.row_function(GGMLQuantizationType.Q8_0)
+        self.shape.quantize_q4_0 = cquant.row_function(GGMLQuantizationType.Q4_0)
         self.views = weakref.WeakKeyDictionary()  # cache -> its LayerCache array
 
     def _views(self, cache) -> ctypes.Array:
@@ -131,11 +145,22 @@ class FusedDecoder:
         if views is None:
             views = (LayerCache * len(self.layers))()
             for view, keys, values in zip(views, cache.keys, cache.values):
+                keys, values = keys.data, values.data  # CacheRows: values, or blocks' bytes
                 assert keys.is_contiguous() and values.is_contiguous() and keys.shape[0] == 1
                 view.keys, view.values = keys.data_ptr(), values.data_ptr()
-                view.max_tokens, view.cache_values = cache.max_tokens, keys[0].numel()
+                view.max_tokens = cache.max_tokens
+                view.key_bytes = keys.numel() * keys.element_size()
+                view.value_bytes = values.numel() * values.element_size()
             self.views[cache] = views
         return views
+
+    def handles(self, cache_types) -> bool:
+        """Whether the C path keeps caches of these (k, v) types (models.kv_cache's
+        CacheType): f32 and f16, and Q8_0 / Q4_0 when the C quantizers were built."""
+        quantizers = bool(self.shape.quantize_q8_0 and self.shape.quantize_q4_0)
+        floats = (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+        return all(t.ggml_type in floats or (t.ggml_type in CACHE_TYPES and quantizers)
+                   for t in cache_types)
 
     def forward(self, x: torch.Tensor, segments: list[tuple[object, int]],
                 rotations: list[torch.Tensor]) -> torch.Tensor:
@@ -147,7 +172,11 @@ class FusedDecoder:
         dtypes = {cache.dtypes for cache, _ in segments}
         if len(dtypes) != 1:
             raise ValueError("the caches decoded together must share their element types")
-        self.shape.key_half, self.shape.value_half = (int(t == torch.float16) for t in dtypes.pop())
+        self.shape.key_type, self.shape.value_type = (int(t.ggml_type) for t in dtypes.pop())
+        # the rows' rotations (models/kv_cache.py), the same for every cache of these types
+        first = segments[0][0]
+        self.shape.key_rotation = first.keys[0].rotation
+        self.shape.value_rotation = first.values[0].rotation
         n_layers = len(self.layers)
         caches = (LayerCache * (n_layers * len(segments)))()
         row_seq, row_pos = [], []

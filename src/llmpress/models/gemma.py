@@ -128,14 +128,15 @@ class GemmaAttention(nn.Module):
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
         q, k = rope.apply(q, rotation), rope.apply(k, rotation)
         end = start + T
-        cache_k[:, :, start:end] = k.transpose(1, 2)
-        cache_v[:, :, start:end] = v.transpose(1, 2)
+        cache_k.write(start, k.transpose(1, 2))
+        cache_v.write(start, v.transpose(1, 2))
         # a local layer's earliest visible key is window - 1 before the first query
         first = max(0, start - self.window + 1) if self.window else 0
-        keys = cache_k[:, :, first:end].to(q.dtype)  # (B, KV, S, hd)
-        values = cache_v[:, :, first:end].to(q.dtype)
+        keys = cache_k.read(first, end).to(q.dtype)  # (B, KV, S, hd)
+        values = cache_v.read(first, end).to(q.dtype)
         mask = attention_mask(start, end, first, self.window, x.device)  # (T, S)
-        out = self._attend(q.transpose(1, 2), keys, values, mask)  # (B, H, T, hd)
+        out = self._attend(cache_k.query(q).transpose(1, 2), keys, values, mask)  # (B, H, T, hd)
+        out = cache_v.rotate(out)  # back from the values' stored basis
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _attend(self, q, keys, values, mask):

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmpress.errors import LlmpressError
 from llmpress.io.source import ModelSource
 from llmpress.kernels.decode import FusedDecoder, LayerDescription, ShapeDescription, can_decode
 from llmpress.kernels.linear import FusedLinear, QuantEmbedding, QuantLinear, dense_tensor
 from llmpress.models.config import LayerConfig, LlamaConfig, config_from_source
+from llmpress.models.kv_cache import KV_F32, KVCache, KVDtypes
 from llmpress.models.moe import GatedFFN, MoeFeedForward
 
 
@@ -57,50 +57,6 @@ class RotaryEmbedding:
         return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
 
 
-# KV cache element types by llama.cpp's --cache-type names.
-KV_TYPES = {"f32": torch.float32, "f16": torch.float16}
-
-
-KVDtypes = tuple[torch.dtype, torch.dtype]  # (k cache, v cache)
-KV_F32: KVDtypes = (torch.float32, torch.float32)
-
-
-def kv_dtype(name: str) -> torch.dtype:
-    if name not in KV_TYPES:
-        raise LlmpressError(f"unknown KV cache type {name!r}: llmpress keeps keys and values "
-                            f"as {' or '.join(KV_TYPES)} (llama.cpp's q8_0/q4_0 caches are not "
-                            "implemented yet)")
-    return KV_TYPES[name]
-
-
-class KVCache:
-    """Per-layer key/value buffers, allocated for the whole context up front.
-
-    torch.empty only reserves address space: pages become resident as positions are
-    written, so memory grows with the tokens actually used, not with the context limit.
-    Keys and values each keep their own type (f32 or f16); attention computes in float32.
-    """
-
-    def __init__(self, cfg: LlamaConfig, max_tokens: int, batch: int = 1,
-                 dtypes: tuple[torch.dtype, torch.dtype] = (torch.float32, torch.float32),
-                 device=None):
-        self.max_tokens, self.dtypes = max_tokens, dtypes
-        self.keys = [torch.empty(batch, lc.n_kv_heads, max_tokens, cfg.head_dim,
-                                 dtype=dtypes[0], device=device) for lc in cfg.layers]
-        self.values = [torch.empty_like(k, dtype=dtypes[1]) for k in self.keys]
-        self.length = 0  # tokens stored so far
-
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-    def first_free(self, n_tokens: int) -> int:
-        """The position of the first of n_tokens new tokens, refused when they do not fit."""
-        if self.length + n_tokens > self.max_tokens:
-            raise ValueError(f"{self.length + n_tokens} tokens exceed the cache of "
-                             f"{self.max_tokens}")
-        return self.length
-
-
 class Attention(nn.Module):
     def __init__(self, src: ModelSource, cfg: LlamaConfig, lc: LayerConfig, mode, device):
         super().__init__()
@@ -129,11 +85,11 @@ class Attention(nn.Module):
             q, k = q.view(B, T, self.n_heads, -1), k.view(B, T, self.n_kv, -1)
         q, k = rope.apply(q, rotation), rope.apply(k, rotation)
         end = start + T
-        cache_k[:, :, start:end] = k.transpose(1, 2)
-        cache_v[:, :, start:end] = v.transpose(1, 2)
-        keys = cache_k[:, :, :end].to(q.dtype)  # (B, KV, S, hd)
-        values = cache_v[:, :, :end].to(q.dtype)
-        q = q.transpose(1, 2)  # (B, H, T, hd)
+        cache_k.write(start, k.transpose(1, 2))
+        cache_v.write(start, v.transpose(1, 2))
+        keys = cache_k.read(0, end).to(q.dtype)  # (B, KV, S, hd)
+        values = cache_v.read(0, end).to(q.dtype)
+        q = cache_k.query(q).transpose(1, 2)  # (B, H, T, hd)
         scale = 1.0 / math.sqrt(self.head_dim)
         if T == 1:  # decode: three small ops beat SDPA's parallel kernel for one query
             group = self.n_heads // self.n_kv
@@ -148,6 +104,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  is_causal=mask is None, scale=scale,
                                                  enable_gqa=self.n_heads != self.n_kv)
+        out = cache_v.rotate(out)  # back from the values' stored basis
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -241,7 +198,7 @@ class DecoderModel(nn.Module):
         start = cache.first_free(T)
         x = self.embed_tokens(tokens.to(self.device))  # (B, T, dim)
         rotations = self._rotations([(start, T, cache)])
-        if self.decoder is not None and B == 1:
+        if self.decoder is not None and B == 1 and self.decoder.handles(cache.dtypes):
             x = self.decoder.forward(x[0], [(cache, T)], rotations).view(1, T, -1)
         else:
             ropes = self.ropes_for(cache)
@@ -261,7 +218,7 @@ class DecoderModel(nn.Module):
         fused C path runs all the rows in one pass, reading the weights once; each row's
         result is the same bits as in a pass of its own."""
         all_rows = all_rows or [False] * len(segments)
-        if self.decoder is None:
+        if self.decoder is None or not all(self.decoder.handles(c.dtypes) for _, c in segments):
             return forward_each(self, segments, all_rows)
         ids = torch.tensor([[t for tokens, _ in segments for t in tokens]], device=self.device)
         starts = [cache.first_free(len(tokens)) for tokens, cache in segments]

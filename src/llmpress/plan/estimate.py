@@ -31,6 +31,7 @@ from gguf import GGMLQuantizationType as T
 
 from llmpress.errors import LlmpressError
 from llmpress.kernels.linear import CHUNK_VALUES  # weights dequantized at once
+from llmpress.models.kv_cache import KV_TYPES
 from llmpress.models.moe import active_parameters, active_share
 from llmpress.quant.mix import (
     FILE_TYPES,
@@ -562,7 +563,7 @@ class RuntimeMemory:
 class Estimate:
     ftype: str  # a file type ("Q4_K_M"), or "file": the GGUF as it is
     ctx: int
-    cache_type: str  # the KV type (llmpress: f16 for llama.cpp's quantized ones)
+    cache_type: str  # the KV type (llmpress: f16 for bf16)
     weights: Weights
     llama_cpp: RuntimeMemory  # on the CPU: what must fit in RAM
     llmpress: RuntimeMemory
@@ -596,9 +597,10 @@ def llama_cpp_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f16",
 
 
 def llmpress_cache_type(cache: str) -> T:
-    """llmpress keeps its KV cache in f16 (the default) or f32; for llama.cpp's quantized
-    cache types it has no counterpart yet and uses f16."""
-    return T.F32 if cache_type(cache) == T.F32 else T.F16
+    """llmpress keeps its KV cache as llama.cpp does in f32, f16 (the default), q8_0 and
+    q4_0 (models/kv_cache.py); bf16, which it does not keep, as f16."""
+    ggml_type = cache_type(cache)
+    return ggml_type if cache.strip().lower() in KV_TYPES else T.F16
 
 
 def llmpress_memory(spec: ModelSpec, w: Weights, ctx: int, cache: str = "f16") -> RuntimeMemory:

@@ -27,6 +27,7 @@ from llmpress.calib.runner import block_linears
 from llmpress.errors import LlmpressError
 from llmpress.io.files import replacing
 from llmpress.io.source import ModelSource
+from llmpress.models.kv_cache import KV_F32, CacheRows
 from llmpress.models.llama import LlamaModel, rms_norm
 
 
@@ -125,9 +126,9 @@ class Student(nn.Module):
             x = m.embed(tokens.to(m.device))
         rotation = m.rope.rotation(torch.arange(T, device=m.device))
         for lc, block in zip(cfg.layers, m.blocks):
-            # separate buffers: the block writes k and v into them in place
-            shape = (B, lc.n_kv_heads, T, cfg.head_dim)
-            cache_k, cache_v = (torch.zeros(shape, device=m.device) for _ in range(2))
+            # separate float32 buffers: the block writes k and v into them in place
+            cache_k, cache_v = (CacheRows(KV_F32[0], B, lc.n_kv_heads, T, cfg.head_dim, m.device)
+                                for _ in range(2))
             x = block(x, m.rope, rotation, cache_k, cache_v, 0)
         return m.output(rms_norm(x, m.norm, cfg.norm_eps))
 
