@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
-from tiny import quantized, save_tiny_hf_model
+from tiny import logits_by_split, quantized, save_tiny_hf_model
 
 from llmpress.io.hf import load_hf_dir
 from llmpress.kernels import cpu
@@ -69,14 +69,7 @@ def test_logits_do_not_depend_on_how_the_prompt_is_split(tiny_dirs, arch, type_n
     previous_threads = torch.get_num_threads()
     cpu.use_isa(isa)
     try:
-        results = []
-        for threads, split in zip([1, 2, 2, 1], splits):
-            torch.set_num_threads(threads)
-            cache, start, parts = model.new_cache(40), 0, []
-            for n in split:
-                parts.append(model(tokens[:, start:start + n], cache))
-                start += n
-            results.append(torch.cat(parts, dim=1))
+        results = logits_by_split(model, tokens, splits, [1, 2, 2, 1])
     finally:
         cpu.use_isa("auto")
         torch.set_num_threads(previous_threads)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
-from tiny import greedy, quantized
+from tiny import greedy, logits_by_split, quantized
 
 from llmpress.io.hf import load_hf_dir
 from llmpress.kernels import cpu
@@ -166,14 +166,7 @@ def test_fused_logits_do_not_depend_on_how_the_prompt_is_split_or_batched(q8_sou
     previous_threads = torch.get_num_threads()
     cpu.use_isa(isa)
     try:
-        results = []
-        for threads, split in zip([1, 2, 2, 1], splits):
-            torch.set_num_threads(threads)
-            cache, start, parts = model.new_cache(32), 0, []
-            for n in split:
-                parts.append(model(tokens[:, start:start + n], cache))
-                start += n
-            results.append(torch.cat(parts, dim=1)[0])
+        results = [logits[0] for logits in logits_by_split(model, tokens, splits, [1, 2, 2, 1])]
         # three sequences: the first alone, then batched, each joining one pass later
         prompts = [tokens[0, :n].tolist() for n in (30, 11, 17)]
         caches = [model.new_cache(32) for _ in prompts]

@@ -60,3 +60,18 @@ def greedy(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[
         tokens.append(int(logits[0, -1].argmax()))
         logits = model(torch.tensor([[tokens[-1]]]), cache)
     return first_logits, tokens
+
+
+def logits_by_split(model, tokens: torch.Tensor, splits: list[list[int]],
+                    threads: list[int]) -> list[torch.Tensor]:
+    """The logits (1, T, vocab) of a prompt fed in pieces of the given sizes, each split
+    with its own thread count and a fresh cache (the caller restores torch's threads)."""
+    results = []
+    for n_threads, split in zip(threads, splits):
+        torch.set_num_threads(n_threads)
+        cache, start, parts = model.new_cache(tokens.shape[1] + 2), 0, []
+        for n in split:
+            parts.append(model(tokens[:, start:start + n], cache))
+            start += n
+        results.append(torch.cat(parts, dim=1))
+    return results
