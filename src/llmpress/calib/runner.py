@@ -37,6 +37,7 @@ import torch
 from llmpress.errors import LlmpressError
 from llmpress.kernels.linear import QuantLinear
 from llmpress.models.llama import Block, LlamaModel
+from llmpress.models.kv_cache import KV_F32, CacheRows
 from llmpress.models.moe import MoeFeedForward
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -188,9 +189,9 @@ def forward_block(model: LlamaModel, index: int, inputs: torch.Tensor,
     lc = cfg.layers[index]
     for s in range(0, n_seq, batch_size):
         x = inputs[s:s + batch_size].to(model.device)
-        cache = torch.empty(2, x.shape[0], lc.n_kv_heads, seq_len, cfg.head_dim,
-                            device=model.device)
-        y = block(x, model.rope, rotation, cache[0], cache[1], 0)
+        keys, values = (CacheRows(KV_F32[0], x.shape[0], lc.n_kv_heads, seq_len, cfg.head_dim,
+                                  model.device) for _ in range(2))
+        y = block(x, model.rope, rotation, keys, values, 0)
         outputs[s:s + batch_size] = y.to(outputs.device)
     return outputs
 
